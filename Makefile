@@ -1,0 +1,23 @@
+# Two entry points, each creating and reusing its own virtual environment in .venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,train]"
+	touch $(STAMP)
+
+.PHONY: demo test lint bench
+demo: $(STAMP)
+	$(VENV)/bin/tts-jax demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check tts_jax tests benchmarks experiments
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all

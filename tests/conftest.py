@@ -1,0 +1,11 @@
+"""Test configuration: strict rank promotion so silent broadcasting bugs fail loudly."""
+
+import jax
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture
+def key():
+    return jax.random.key(0)

@@ -1,0 +1,323 @@
+"""The Feynman-Kac SMC engine every particle sampler shares (ALGORITHMS.md 0.5).
+
+For ``k = 0 .. K-1``:
+
+1. propagate ``x_k -> x_{k+1}`` with the caller's proposal, which may add a log-weight correction
+   (``log p/q`` when the proposal is not the model),
+2. reweight ``lw += log G_{k+1}(x_{k+1}) - log G_k(x_k) + correction``,
+3. resample when the schedule allows it at this step and ``ESS < threshold * N``.
+
+Weights are kept normalized; the log-evidence estimate ``log Z_hat`` is the sum of the log mean
+weight increments, so it stays unbiased in ``Z`` across resampling. The final potential
+must be exactly the target tilt (e.g. ``lambda * r(x0)``) for the particles to target
+``p(x0) exp(lambda r(x0)) / Z``.
+
+Two levels of API:
+
+* :func:`init` / :func:`step` are pure, un-jitted functions over :class:`SMCState` that samplers
+  compose inside their own jitted programs (optax / blackjax style);
+* :func:`run` jits the whole loop once (``lax.scan`` over steps), returns per-step
+  :class:`SMCInfo` as scan outputs, and performs the host-side checks (NaN potentials).
+
+Numeric hyper-parameters live in ``params`` (any pytree passed to ``propagate`` and
+``log_potential``) and in the :class:`ResampleSchedule` arrays, so sweeping them never recompiles.
+
+Reference: Chopin & Papaspiliopoulos (2020), "An Introduction to Sequential Monte Carlo", ch. 10.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import logsumexp
+
+from tts_jax.particles import Particles, ess, gather, make_particles, num_particles
+from tts_jax.resampling import get_resampler
+
+Array = jax.Array
+PyTree = Any
+# propagate(key, state, step, params) -> (new_state, log_weight_correction [N])
+Propagate = Callable[[Array, PyTree, Array, PyTree], tuple[PyTree, Array]]
+# log_potential(state, step, params) -> [N]
+LogPotential = Callable[[PyTree, Array, PyTree], Array]
+
+
+class ResampleSchedule(NamedTuple):
+    """When resampling may happen: at step ``k`` if ``mask[k]`` and ``ESS < ess_threshold * N``.
+
+    Both fields are arrays, so changing the schedule or the threshold never recompiles.
+    A threshold above 1 resamples at every masked step regardless of the ESS.
+
+    Attributes:
+        mask: ``Bool[K]``, one entry per propagation step (after the step's reweighting).
+        ess_threshold: scalar.
+    """
+
+    mask: Array
+    ess_threshold: Array
+
+
+def adaptive(num_steps: int, threshold: float = 0.5, resample_last: bool = False) -> ResampleSchedule:
+    """Resample whenever ``ESS < threshold * N`` (optionally never after the final step)."""
+    mask = np.ones(num_steps, bool)
+    mask[-1] = resample_last
+    return ResampleSchedule(jnp.asarray(mask), jnp.asarray(threshold, jnp.float32))
+
+
+def at_steps(num_steps: int, steps: Sequence[int]) -> ResampleSchedule:
+    """Resample unconditionally after each listed step index (0-based propagation steps)."""
+    mask = np.zeros(num_steps, bool)
+    for s in steps:
+        if not 0 <= s < num_steps:
+            raise ValueError(f"resampling step {s} is outside 0..{num_steps - 1}")
+        mask[s] = True
+    return ResampleSchedule(jnp.asarray(mask), jnp.asarray(2.0, jnp.float32))
+
+
+def every(
+    num_steps: int, interval: int, start: int = 0, end: int | None = None, include_last: bool = True
+) -> ResampleSchedule:
+    """Resample every ``interval`` steps in ``[start, end)``, plus the last step if asked."""
+    if interval < 1:
+        raise ValueError(f"resampling interval must be >= 1, got {interval}")
+    end = num_steps if end is None else end
+    steps = set(range(start + interval - 1, end, interval))
+    if include_last:
+        steps.add(num_steps - 1)
+    return at_steps(num_steps, sorted(steps))
+
+
+def never(num_steps: int) -> ResampleSchedule:
+    """No resampling: sequential importance sampling."""
+    return ResampleSchedule(jnp.zeros(num_steps, bool), jnp.asarray(0.0, jnp.float32))
+
+
+class SMCState(NamedTuple):
+    """Carry of the SMC loop.
+
+    Attributes:
+        particles: :class:`Particles` with normalized log-weights ``[N]``.
+        log_potential: ``[N]`` the current potential ``log G_k(x_k)`` (divided out next step).
+        log_evidence: scalar running ``log Z_hat``.
+        step: int32 scalar, number of propagation steps taken.
+    """
+
+    particles: Particles
+    log_potential: Array
+    log_evidence: Array
+    step: Array
+
+
+class SMCInfo(NamedTuple):
+    """Per-step diagnostics (scan outputs, leading axis K in :class:`SMCResult`).
+
+    Attributes:
+        ess: ESS after reweighting, before resampling.
+        resampled: whether this step resampled.
+        ancestors: ``Int[N]`` ancestor of each particle (identity when not resampled).
+        unique_ancestors: number of distinct ancestors.
+        log_evidence_increment: ``log sum_i W_i G_i`` of this step.
+        num_nan_potentials: potentials that were NaN and were dropped (weight -> 0).
+        all_dead: every weight is zero after this step.
+    """
+
+    ess: Array
+    resampled: Array
+    ancestors: Array
+    unique_ancestors: Array
+    log_evidence_increment: Array
+    num_nan_potentials: Array
+    all_dead: Array
+
+
+class SMCResult(NamedTuple):
+    """Output of :func:`run`.
+
+    Attributes:
+        particles: final weighted particles (normalized log-weights).
+        log_evidence: scalar ``log Z_hat`` (``-inf`` when every particle died).
+        info: :class:`SMCInfo` with a leading step axis ``K``.
+        all_dead: True when every particle had zero weight at the end.
+        num_nan_initial: NaN potentials of the initial particles (dropped).
+    """
+
+    particles: Particles
+    log_evidence: Array
+    info: SMCInfo
+    all_dead: Array
+    num_nan_initial: Array
+
+
+def _drop_nan(log_potential: Array) -> tuple[Array, Array]:
+    nan = jnp.isnan(log_potential)
+    return jnp.where(nan, -jnp.inf, log_potential), jnp.sum(nan).astype(jnp.int32)
+
+
+def _reweight(log_weights: Array, increment: Array) -> tuple[Array, Array]:
+    """Add ``increment`` to normalized ``log_weights``; return (normalized weights, log mass)."""
+    new = jnp.where(jnp.isneginf(log_weights), -jnp.inf, log_weights + increment)
+    new = jnp.where(jnp.isnan(new), -jnp.inf, new)
+    mass = logsumexp(new)
+    alive = jnp.isfinite(mass)
+    return jnp.where(alive, new - mass, new), mass
+
+
+def init(state: PyTree, log_potential: LogPotential, params: PyTree = None) -> SMCState:
+    """Start the loop: equal weights times the initial potential ``G_0(x_0)``.
+
+    Args:
+        state: pytree of ``[N, ...]`` leaves (the particles at step 0).
+        log_potential: ``(state, step, params) -> [N]``.
+        params: numeric hyper-parameters passed through to the callbacks.
+    """
+    return _init(state, log_potential, params)[0]
+
+
+def _init(state, log_potential, params) -> tuple[SMCState, Array]:
+    n = num_particles(state)
+    lp0, num_nan = _drop_nan(log_potential(state, jnp.int32(0), params))
+    lw, mass = _reweight(jnp.full((n,), -jnp.log(n), jnp.float32), lp0)
+    return SMCState(make_particles(state, lw), lp0, mass, jnp.int32(0)), num_nan
+
+
+def step(
+    key: Array,
+    smc_state: SMCState,
+    propagate: Propagate,
+    log_potential: LogPotential,
+    schedule: ResampleSchedule,
+    params: PyTree = None,
+    resampler: str | Callable = "systematic",
+) -> tuple[SMCState, SMCInfo]:
+    """One propagate / reweight / maybe-resample step (ALGORITHMS.md 0.5).
+
+    Args:
+        key: PRNG key for this step (split here for the proposal and the resampler).
+        smc_state: current :class:`SMCState`.
+        propagate: ``(key, state, step, params) -> (state, log_correction [N])``; ``step`` is the
+            index ``k`` of the transition ``x_k -> x_{k+1}``.
+        log_potential: ``(state, step, params) -> [N]``, called with ``step = k + 1``.
+        schedule: :class:`ResampleSchedule` indexed by ``k``.
+        params: numeric hyper-parameters (array leaves; never static).
+        resampler: name or function of :mod:`tts_jax.resampling`.
+    """
+    resample_fn = get_resampler(resampler)
+    k_prop, k_res = jax.random.split(key)
+    particles = smc_state.particles
+    n = particles.log_weights.shape[0]
+    k = smc_state.step
+
+    new_state, correction = propagate(k_prop, particles.state, k, params)
+    lp_new, num_nan = _drop_nan(log_potential(new_state, k + 1, params))
+    old = smc_state.log_potential
+    ratio = jnp.where(jnp.isneginf(lp_new), -jnp.inf, lp_new - jnp.where(jnp.isfinite(old), old, 0.0))
+    lw, mass = _reweight(particles.log_weights, ratio + correction)
+    alive = jnp.isfinite(mass)
+    ess_now = ess(lw)
+    do_resample = schedule.mask[k] & (ess_now < schedule.ess_threshold * n) & alive
+
+    def resample(_):
+        anc = resample_fn(k_res, lw, n).astype(jnp.int32)
+        return anc, jnp.full((n,), -jnp.log(n), lw.dtype)
+
+    def keep(_):
+        return jnp.arange(n, dtype=jnp.int32), lw
+
+    ancestors, lw_out = jax.lax.cond(do_resample, resample, keep, None)
+    new_state, lp_new = gather((new_state, lp_new), ancestors)
+    unique = jnp.sum(jnp.zeros((n,), jnp.int32).at[ancestors].set(1))
+    out = SMCState(
+        make_particles(new_state, lw_out),
+        lp_new,
+        smc_state.log_evidence + mass,
+        k + 1,
+    )
+    info = SMCInfo(ess_now, do_resample, ancestors, unique, mass, num_nan, ~alive)
+    return out, info
+
+
+def run_scan(
+    key: Array,
+    state: PyTree,
+    propagate: Propagate,
+    log_potential: LogPotential,
+    schedule: ResampleSchedule,
+    params: PyTree = None,
+    resampler: str | Callable = "systematic",
+) -> SMCResult:
+    """The whole loop as one ``lax.scan`` (un-jitted: call it inside your own jitted program).
+
+    The number of steps is the length of ``schedule.mask``. Step ``k`` uses
+    ``jax.random.fold_in(key, k)``.
+    """
+    num_steps = schedule.mask.shape[0]
+    smc_state, num_nan_initial = _init(state, log_potential, params)
+
+    def body(carry, k):
+        return step(
+            jax.random.fold_in(key, k), carry, propagate, log_potential, schedule, params, resampler
+        )
+
+    final, info = jax.lax.scan(body, smc_state, jnp.arange(num_steps))
+    all_dead = ~jnp.isfinite(final.log_evidence)
+    return SMCResult(final.particles, final.log_evidence, info, all_dead, num_nan_initial)
+
+
+@functools.partial(jax.jit, static_argnames=("propagate", "log_potential", "resampler"))
+def _run_jit(key, state, propagate, log_potential, schedule, params, resampler):
+    return run_scan(key, state, propagate, log_potential, schedule, params, resampler)
+
+
+def run(
+    key: Array,
+    state: PyTree,
+    propagate: Propagate,
+    log_potential: LogPotential,
+    schedule: ResampleSchedule,
+    params: PyTree = None,
+    resampler: str = "systematic",
+    nan_policy: str = "raise",
+) -> SMCResult:
+    """Jit and run the SMC loop, then check the result on the host.
+
+    ``propagate`` and ``log_potential`` are static (hashed by identity: define them once, at module
+    level or cached); every numeric hyper-parameter must travel in ``params`` or ``schedule`` so a
+    sweep compiles once.
+
+    Args:
+        key: PRNG key.
+        state: initial particle pytree ``[N, ...]``.
+        propagate: ``(key, state, step, params) -> (state, log_correction [N])``.
+        log_potential: ``(state, step, params) -> [N]``.
+        schedule: :class:`ResampleSchedule` (its length is the number of steps).
+        params: numeric hyper-parameters.
+        resampler: ``multinomial`` | ``stratified`` | ``systematic`` | ``residual``.
+        nan_policy: ``raise`` (NaN potentials are an error naming the steps) or ``drop``
+            (documented fallback: a particle with a NaN potential gets weight zero).
+
+    Returns:
+        :class:`SMCResult`. If every particle died, ``all_dead`` is True and ``log_evidence`` is
+        ``-inf``; the particles keep their last states and all-``-inf`` log-weights.
+    """
+    if nan_policy not in ("raise", "drop"):
+        raise ValueError(f"nan_policy must be 'raise' or 'drop', got {nan_policy!r}")
+    num_particles(state)
+    if schedule.mask.ndim != 1 or schedule.mask.shape[0] < 1:
+        raise ValueError(f"schedule.mask must be Bool[K] with K >= 1, got shape {schedule.mask.shape}")
+    result = _run_jit(key, state, propagate, log_potential, schedule, params, resampler)
+    if nan_policy == "raise":
+        nan_steps = np.flatnonzero(np.asarray(result.info.num_nan_potentials)) + 1
+        if int(result.num_nan_initial):
+            nan_steps = np.concatenate([[0], nan_steps])
+        if nan_steps.size:
+            raise ValueError(
+                f"log_potential returned NaN at steps {nan_steps.tolist()} "
+                "(pass nan_policy='drop' to give such particles zero weight instead)"
+            )
+    return result
+
