@@ -1,0 +1,370 @@
+"""DiT (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers") in Flax NNX.
+
+The network is diffusers' ``DiTTransformer2DModel`` (class-conditional, adaLN-Zero blocks) with the
+same parameter names, so checkpoints load from and save to the diffusers folder layout
+(``config.json`` + ``diffusion_pytorch_model.safetensors``).
+
+Layout: images are **NCHW** like diffusers, ``x [N, C, H, W]`` with the particle axis first; the
+output is ``[N, out_channels, H, W]`` (``out_channels = 2 C`` for learned-sigma checkpoints, where
+the first ``C`` channels are the prediction). ``timestep [N]`` is the diffusers timestep (float,
+e.g. 0..999) and ``class_labels [N]`` are ints in ``[0, num_classes]``, the index ``num_classes``
+(``= num_embeds_ada_norm``) being the null / unconditional label used for classifier-free guidance.
+
+Forward pass (per sample):
+    tokens = conv_patch(x) + sincos2d            [T, D], T = (H / p) (W / p)
+    c_l    = MLP_l(timestep_freqs(t)) + E_l[y]   one conditioning embedding per block l
+    block: h = LN(x) (1 + scale) + shift; x += gate * Attn(h); same for the MLP
+    out    = Linear(LN(x) (1 + scale) + shift) with (shift, scale) from c_0; unpatchify.
+Dropout (and the label dropout of training) is not applied: this is the inference network.
+
+Pure use inside ``jax.jit``: ``params = nnx.split(model)`` and ``dit_apply(params, x, t, y)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tts_jax.models import dit_checkpoint as ckpt
+
+Array = jax.Array
+CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")
+_TIME_FREQ_DIM = 256
+_ACTIVATIONS = {"gelu": False, "gelu-approximate": True}  # name -> tanh approximation
+_ZERO = nnx.initializers.zeros_init()  # adaLN-Zero: modulation and output layers start at zero
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiTConfig:
+    """``DiTTransformer2DModel`` config: diffusers field names, defaults of DiT-XL/2 (256 px)."""
+
+    num_attention_heads: int = 16
+    attention_head_dim: int = 72
+    in_channels: int = 4
+    out_channels: int | None = None
+    num_layers: int = 28
+    dropout: float = 0.0
+    norm_num_groups: int = 32
+    attention_bias: bool = True
+    sample_size: int = 32
+    patch_size: int = 2
+    activation_fn: str = "gelu-approximate"
+    num_embeds_ada_norm: int = 1000
+    upcast_attention: bool = False
+    norm_type: str = "ada_norm_zero"
+    norm_elementwise_affine: bool = False
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.norm_type != "ada_norm_zero":
+            raise ValueError(f"DiT needs norm_type 'ada_norm_zero', got {self.norm_type!r}")
+        if self.activation_fn not in _ACTIVATIONS:
+            raise ValueError(f"activation_fn must be one of {sorted(_ACTIVATIONS)}")
+        if self.sample_size % self.patch_size:
+            raise ValueError("sample_size must be a multiple of patch_size")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def output_channels(self) -> int:
+        return self.in_channels if self.out_channels is None else self.out_channels
+
+    @property
+    def learned_sigma(self) -> bool:
+        return self.output_channels == 2 * self.in_channels
+
+    @property
+    def null_class(self) -> int:
+        """The label index of the unconditional (dropped-label) embedding."""
+        return self.num_embeds_ada_norm
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DiTConfig:
+        """Parse a diffusers ``config.json`` dict (``DiTTransformer2DModel`` or the older
+        ``Transformer2DModel`` layout of the published DiT checkpoints); unrelated keys are ignored,
+        keys that would change the architecture are checked."""
+        name = raw.get("_class_name", CLASS_NAMES[0])
+        if name not in CLASS_NAMES:
+            raise ValueError(f"not a DiT config: _class_name {name!r}")
+        if raw.get("cross_attention_dim") is not None or raw.get("patch_size") is None:
+            raise ValueError("not a DiT config: needs patch_size and no cross_attention_dim")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in fields})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The diffusers ``config.json`` content of ``DiTTransformer2DModel``."""
+        return {"_class_name": CLASS_NAMES[0], **dataclasses.asdict(self)}
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def timestep_frequencies(timestep: Array, dim: int = _TIME_FREQ_DIM) -> Array:
+    """Sinusoidal timestep features ``[cos(t w_k), sin(t w_k)]``, ``w_k = 10^(-4 k / (dim/2 - 1))``.
+
+    Args:
+        timestep: ``[N]`` float timesteps (may be fractional).
+    Returns:
+        ``[N, dim]`` float32, as diffusers ``Timesteps(256, flip_sin_to_cos=True,
+        downscale_freq_shift=1)``.
+    """
+    half = dim // 2
+    freqs = np.exp(-math.log(10000.0) * np.arange(half) / (half - 1)).astype(np.float32)
+    args = timestep.astype(jnp.float32)[:, None] * jnp.asarray(freqs)[None, :]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+@functools.lru_cache(maxsize=16)
+def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """Fixed 2-D sine-cosine positional embedding ``[grid_h * grid_w, embed_dim]`` (row-major).
+
+    The first half of the channels encodes the column, the second half the row, each as
+    ``[sin(pos w_k), cos(pos w_k)]`` with ``w_k = 10^(-4 k / (D/4))`` (computed in float64).
+    """
+    if embed_dim % 4:
+        raise ValueError("the DiT hidden size must be a multiple of 4")
+
+    def one_axis(pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    emb = np.concatenate([one_axis(cols.astype(np.float64)), one_axis(rows.astype(np.float64))], 1)
+    return emb.astype(np.float32)
+
+
+def _layer_norm(x: Array, eps: float) -> Array:
+    """LayerNorm over the last axis without affine parameters."""
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def _modulate(x: Array, shift: Array, scale: Array) -> Array:
+    """adaLN modulation ``x (1 + scale) + shift``; ``x [N, T, D]``, ``shift, scale [N, D]``."""
+    return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+
+
+class TimestepEmbedder(nnx.Module):
+    """Two-layer SiLU MLP on the sinusoidal timestep features (``linear_1``, ``linear_2``)."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs):
+        self.linear_1 = nnx.Linear(_TIME_FREQ_DIM, dim, rngs=rngs)
+        self.linear_2 = nnx.Linear(dim, dim, rngs=rngs)
+
+    def __call__(self, timestep: Array) -> Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(timestep_frequencies(timestep))))
+
+
+class LabelEmbedder(nnx.Module):
+    """Class-label table with one extra (null) row for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, dim: int, *, rngs: nnx.Rngs):
+        self.embedding_table = nnx.Embed(
+            num_classes + 1, dim, embedding_init=nnx.initializers.normal(0.02), rngs=rngs
+        )
+
+    def __call__(self, labels: Array) -> Array:
+        return self.embedding_table(labels)
+
+
+class ConditionEmbedder(nnx.Module):
+    """``c = MLP(timestep) + E[label]`` (diffusers ``CombinedTimestepLabelEmbeddings``)."""
+
+    def __init__(self, num_classes: int, dim: int, *, rngs: nnx.Rngs):
+        self.timestep_embedder = TimestepEmbedder(dim, rngs=rngs)
+        self.class_embedder = LabelEmbedder(num_classes, dim, rngs=rngs)
+
+    def __call__(self, timestep: Array, labels: Array) -> Array:
+        return self.timestep_embedder(timestep) + self.class_embedder(labels)
+
+
+class AdaLayerNormZero(nnx.Module):
+    """Per-block conditioning -> six modulation vectors (shift/scale/gate for attention, MLP)."""
+
+    def __init__(self, num_classes: int, dim: int, *, rngs: nnx.Rngs):
+        self.emb = ConditionEmbedder(num_classes, dim, rngs=rngs)
+        self.linear = nnx.Linear(dim, 6 * dim, kernel_init=_ZERO, rngs=rngs)
+
+    def __call__(self, timestep: Array, labels: Array) -> list[Array]:
+        """Returns six ``[N, D]`` arrays: shift/scale/gate (attention), shift/scale/gate (MLP)."""
+        return jnp.split(self.linear(jax.nn.silu(self.emb(timestep, labels))), 6, axis=-1)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with separate q/k/v projections and an output projection."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, bias: bool, *, rngs: nnx.Rngs):
+        inner = heads * head_dim
+        self.heads, self.head_dim = heads, head_dim
+        self.to_q = nnx.Linear(dim, inner, use_bias=bias, rngs=rngs)
+        self.to_k = nnx.Linear(dim, inner, use_bias=bias, rngs=rngs)
+        self.to_v = nnx.Linear(dim, inner, use_bias=bias, rngs=rngs)
+        self.to_out = nnx.Linear(inner, dim, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        """``x [N, T, D] -> [N, T, D]``."""
+        n, t, _ = x.shape
+        split = (n, t, self.heads, self.head_dim)
+        q, k, v = (proj(x).reshape(split) for proj in (self.to_q, self.to_k, self.to_v))
+        out = jax.nn.dot_product_attention(q, k, v)
+        return self.to_out(out.reshape(n, t, self.heads * self.head_dim))
+
+
+class FeedForward(nnx.Module):
+    """``Linear(D, 4D) -> GELU -> Linear(4D, D)``."""
+
+    def __init__(self, dim: int, approximate: bool, *, rngs: nnx.Rngs):
+        self.approximate = approximate
+        self.proj_in = nnx.Linear(dim, 4 * dim, rngs=rngs)
+        self.proj_out = nnx.Linear(4 * dim, dim, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.proj_out(jax.nn.gelu(self.proj_in(x), approximate=self.approximate))
+
+
+class DiTBlock(nnx.Module):
+    """Transformer block with adaLN-Zero conditioning (diffusers ``BasicTransformerBlock``)."""
+
+    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
+        dim = config.inner_dim
+        self.norm1 = AdaLayerNormZero(config.num_embeds_ada_norm, dim, rngs=rngs)
+        self.attn1 = Attention(
+            dim,
+            config.num_attention_heads,
+            config.attention_head_dim,
+            config.attention_bias,
+            rngs=rngs,
+        )
+        affine = config.norm_elementwise_affine
+        self.norm3 = nnx.LayerNorm(
+            dim,
+            epsilon=config.norm_eps,
+            use_bias=affine,
+            use_scale=affine,
+            use_fast_variance=False,
+            rngs=rngs,
+        )
+        self.ff = FeedForward(dim, _ACTIVATIONS[config.activation_fn], rngs=rngs)
+
+    def __call__(self, x: Array, timestep: Array, labels: Array) -> Array:
+        """``x [N, T, D]``, ``timestep [N]``, ``labels [N]`` -> ``[N, T, D]``."""
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.norm1(timestep, labels)
+        x = x + gate_a[:, None, :] * self.attn1(_modulate(_layer_norm(x, 1e-6), shift_a, scale_a))
+        h = _modulate(self.norm3(x), shift_m, scale_m)
+        return x + gate_m[:, None, :] * self.ff(h)
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping ``p x p`` patch projection (a strided convolution) plus sincos positions."""
+
+    def __init__(self, in_channels: int, dim: int, patch: int, *, rngs: nnx.Rngs):
+        self.proj = nnx.Conv(
+            in_channels, dim, (patch, patch), strides=(patch, patch), padding="VALID", rngs=rngs
+        )
+
+    def __call__(self, x: Array) -> Array:
+        """``x [N, C, H, W] -> tokens [N, (H/p)(W/p), D]`` in row-major patch order."""
+        h = self.proj(jnp.transpose(x, (0, 2, 3, 1)))
+        n, gh, gw, d = h.shape
+        return h.reshape(n, gh * gw, d) + jnp.asarray(sincos_2d(d, gh, gw))[None]
+
+
+class DiT(nnx.Module):
+    """Class-conditional DiT (Peebles & Xie 2023) with diffusers ``DiTTransformer2DModel`` names."""
+
+    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dim = config.inner_dim
+        self.pos_embed = PatchEmbed(config.in_channels, dim, config.patch_size, rngs=rngs)
+        self.transformer_blocks = nnx.List(
+            [DiTBlock(config, rngs=rngs) for _ in range(config.num_layers)]
+        )
+        self.proj_out_1 = nnx.Linear(dim, 2 * dim, kernel_init=_ZERO, rngs=rngs)
+        patch_out = config.patch_size**2 * config.output_channels
+        self.proj_out_2 = nnx.Linear(dim, patch_out, kernel_init=_ZERO, rngs=rngs)
+
+    def __call__(self, x: Array, timestep: Array, class_labels: Array) -> Array:
+        """Predict from noisy images.
+
+        Args:
+            x: ``[N, C, H, W]`` float32 (H, W multiples of the patch size).
+            timestep: ``[N]`` (or scalar) diffusers timestep, float.
+            class_labels: ``[N]`` (or scalar) int labels; ``config.null_class`` = unconditional.
+
+        Returns:
+            ``[N, out_channels, H, W]``.
+        """
+        n, _, height, width = x.shape
+        p = self.config.patch_size
+        timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (n,))
+        labels = jnp.broadcast_to(jnp.asarray(class_labels, jnp.int32), (n,))
+        h = self.pos_embed(x)
+        for block in self.transformer_blocks:
+            h = block(h, timestep, labels)
+        cond = self.transformer_blocks[0].norm1.emb(timestep, labels)
+        shift, scale = jnp.split(self.proj_out_1(jax.nn.silu(cond)), 2, axis=-1)
+        h = self.proj_out_2(_modulate(_layer_norm(h, 1e-6), shift, scale))
+        return _unpatchify(h, height // p, width // p, p, self.config.output_channels)
+
+
+def _unpatchify(h: Array, grid_h: int, grid_w: int, p: int, channels: int) -> Array:
+    """``[N, gh * gw, p * p * C] -> [N, C, gh * p, gw * p]``."""
+    n = h.shape[0]
+    h = h.reshape(n, grid_h, grid_w, p, p, channels)
+    return jnp.einsum("nhwpqc->nchpwq", h).reshape(n, channels, grid_h * p, grid_w * p)
+
+
+# --------------------------------------------------------------------------- functional use
+
+
+def dit_apply(params: tuple[nnx.GraphDef, nnx.State], x: Array, timestep: Array, labels: Array):
+    """Pure forward pass for ``jax.jit``; ``params = nnx.split(model)`` (weights as an argument)."""
+    graphdef, state = params
+    return nnx.merge(graphdef, state)(x, timestep, labels)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _torch_key(dotted: str) -> str:
+    """Diffusers names for the parts our modules name differently."""
+    return (
+        dotted.replace(".ff.proj_in.", ".ff.net.0.proj.")
+        .replace(".ff.proj_out.", ".ff.net.2.")
+        .replace(".attn1.to_out.", ".attn1.to_out.0.")
+    )
+
+
+def init_dit(config: DiTConfig, key: Array | int = 0) -> DiT:
+    """A freshly initialised DiT for training: adaLN-Zero init as in Peebles & Xie 2023 (zero
+    modulation and output layers, so every block starts as the identity and the output is 0),
+    label table ~ N(0, 0.02^2), other kernels LeCun-normal."""
+    return DiT(config, rngs=nnx.Rngs(key))
+
+
+def load_dit(path: str | Path) -> tuple[DiTConfig, DiT]:
+    """Load a diffusers DiT folder (``config.json`` + ``diffusion_pytorch_model.safetensors``).
+
+    Raises:
+        ValueError: naming the tensor when the weights do not match the config.
+    """
+    config = DiTConfig.from_dict(ckpt.read_config(path))
+    abstract = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
+    return config, ckpt.load_state(abstract, ckpt.load_tensors(path), _torch_key)
+
+
+def save_dit(path: str | Path, config: DiTConfig, model: DiT) -> None:
+    """Write a diffusers folder that ``DiTTransformer2DModel.from_pretrained`` loads."""
+    ckpt.save_folder(path, config.to_dict(), ckpt.export_state(model, _torch_key))
