@@ -1,0 +1,236 @@
+"""Small image classifiers (Flax NNX) used as verifiers and evaluators, with a safetensors layout.
+
+Two architectures with deliberately different inductive biases, so that a held-out evaluator does
+not share the steering verifier's blind spots (Ma et al. 2025 report held-out verifiers for this
+reason):
+
+- ``"cnn"``: 3x3 convolutions (GELU), 2x2 average pooling after every stage but the first, a dense
+  feature layer, a linear head.
+- ``"mlp"``: flattened pixels through dense GELU layers, a dense feature layer, a linear head.
+
+Both return ``(logits [N, num_classes], features [N, features])``; ``features`` are the penultimate
+activations (used for Frechet distances). Inputs are NCHW ``[N, C, H, W]`` images.
+
+A checkpoint is a folder with ``config.json`` (the :class:`ClassifierConfig` fields) and
+``model.safetensors`` (one float32 tensor per parameter, named by its path, e.g.
+``convs.0.kernel``; kernels in Flax layout: conv ``[kh, kw, in, out]``, dense ``[in, out]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+from safetensors.numpy import load_file, save_file
+
+Array = jax.Array
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ARCHITECTURES = ("cnn", "mlp")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClassifierConfig:
+    """Architecture of a classifier (hashable: a static argument under jit).
+
+    Attributes:
+        architecture: ``"cnn"`` or ``"mlp"``.
+        hidden: ``"cnn"``: output channels of each conv stage; ``"mlp"``: widths of the hidden
+            dense layers before the feature layer.
+        features: width of the penultimate (feature) layer.
+        num_classes: number of logits.
+        image_shape: ``(C, H, W)`` of one input image.
+    """
+
+    architecture: str
+    hidden: tuple[int, ...]
+    features: int
+    num_classes: int = 10
+    image_shape: tuple[int, int, int] = (1, 8, 8)
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"unknown architecture {self.architecture!r}, expected one of {ARCHITECTURES}"
+            )
+        if not self.hidden or min(self.hidden) < 1 or self.features < 1 or self.num_classes < 2:
+            raise ValueError(f"layer widths must be positive (and num_classes >= 2): {self}")
+        if len(self.image_shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {self.image_shape}")
+        factor = 2 ** (len(self.hidden) - 1)
+        _, h, w = self.image_shape
+        if self.architecture == "cnn" and (h % factor or w % factor):
+            raise ValueError(
+                f"a cnn with {len(self.hidden)} stages pools by {factor}; image_shape "
+                f"{self.image_shape} is not divisible"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClassifierConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown classifier config keys {unknown}; expected {sorted(fields)}")
+        return cls(**d)
+
+
+class CNN(nnx.Module):
+    """Conv stages -> flatten -> dense features -> logits (see module docstring)."""
+
+    def __init__(self, config: ClassifierConfig, *, rngs: nnx.Rngs):
+        c, h, w = config.image_shape
+        widths = (c, *config.hidden)
+        pairs = zip(widths[:-1], widths[1:], strict=True)
+        self.convs = nnx.List([nnx.Conv(a, b, (3, 3), padding="SAME", rngs=rngs) for a, b in pairs])
+        factor = 2 ** (len(config.hidden) - 1)
+        pooled = (h // factor) * (w // factor)
+        self.feature = nnx.Linear(pooled * config.hidden[-1], config.features, rngs=rngs)
+        self.head = nnx.Linear(config.features, config.num_classes, rngs=rngs)
+
+    def __call__(self, x: Array) -> tuple[Array, Array]:
+        h = jnp.transpose(x, (0, 2, 3, 1))  # NCHW -> NHWC
+        for i, conv in enumerate(self.convs):
+            if i > 0:
+                h = nnx.avg_pool(h, (2, 2), strides=(2, 2))
+            h = nnx.gelu(conv(h))
+        features = nnx.gelu(self.feature(h.reshape(h.shape[0], -1)))
+        return self.head(features), features
+
+
+class MLP(nnx.Module):
+    """Flatten -> dense GELU layers -> dense features -> logits (see module docstring)."""
+
+    def __init__(self, config: ClassifierConfig, *, rngs: nnx.Rngs):
+        widths = (math.prod(config.image_shape), *config.hidden)
+        pairs = zip(widths[:-1], widths[1:], strict=True)
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in pairs])
+        self.feature = nnx.Linear(widths[-1], config.features, rngs=rngs)
+        self.head = nnx.Linear(config.features, config.num_classes, rngs=rngs)
+
+    def __call__(self, x: Array) -> tuple[Array, Array]:
+        h = x.reshape(x.shape[0], -1)
+        for layer in self.layers:
+            h = nnx.gelu(layer(h))
+        features = nnx.gelu(self.feature(h))
+        return self.head(features), features
+
+
+def build_module(config: ClassifierConfig, seed: int = 0) -> CNN | MLP:
+    """A freshly initialized NNX module for ``config``."""
+    cls = CNN if config.architecture == "cnn" else MLP
+    return cls(config, rngs=nnx.Rngs(seed))
+
+
+@struct.dataclass
+class Classifier:
+    """A classifier as a pytree: weights are dynamic leaves, architecture is static.
+
+    Pass it as an argument to jitted functions (never close over it), so one compiled program
+    serves any weights.
+
+    Attributes:
+        params: nested dict of float32 weight arrays (``nnx.to_pure_dict`` layout).
+        graphdef: the NNX graph definition (static).
+        config: the architecture (static).
+    """
+
+    params: dict
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+    config: ClassifierConfig = struct.field(pytree_node=False)
+
+    def __call__(self, x: Array) -> tuple[Array, Array]:
+        return apply_classifier(self.graphdef, self.params, x)
+
+
+def apply_classifier(graphdef: nnx.GraphDef, params: dict, x: Array) -> tuple[Array, Array]:
+    """Pure forward pass, jit-safe with ``params`` as an argument.
+
+    Args:
+        graphdef: from :func:`flax.nnx.split` of a :class:`CNN` / :class:`MLP` (static).
+        params: nested dict of weights.
+        x: ``Float[N, C, H, W]`` images.
+
+    Returns:
+        ``(logits [N, num_classes], features [N, features])``.
+    """
+    return nnx.merge(graphdef, params)(x)
+
+
+def to_classifier(config: ClassifierConfig, module: CNN | MLP) -> Classifier:
+    """Split an NNX module into a :class:`Classifier` pytree."""
+    graphdef, state = nnx.split(module)
+    return Classifier(nnx.to_pure_dict(state), graphdef, config)
+
+
+def _tensor_name(path: tuple) -> str:
+    """``"convs.0.kernel"`` for the key path of a leaf in a nested dict."""
+    return ".".join(str(k.key) for k in path)
+
+
+def _flatten(tree: Any) -> dict[str, Any]:
+    """``{tensor name: leaf}`` for a nested dict of leaves."""
+    return {_tensor_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def save_classifier(path: str | Path, config: ClassifierConfig, model: CNN | MLP) -> None:
+    """Write ``config.json`` and ``model.safetensors`` into the folder ``path`` (created)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tensors = {k: np.asarray(v, np.float32) for k, v in _flatten(params).items()}
+    save_file(tensors, path / WEIGHTS_NAME)
+
+
+def load_classifier(path: str | Path) -> Classifier:
+    """Load a folder written by :func:`save_classifier`.
+
+    Raises:
+        FileNotFoundError: the folder, its ``config.json`` or its ``model.safetensors`` is missing.
+        ValueError: the config is not valid JSON or names unknown fields; tensors are missing,
+            unexpected, of the wrong shape, or not float32.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"classifier folder {path} does not exist")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"classifier folder {path} has no {name}")
+    try:
+        config = ClassifierConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"invalid {path / CONFIG_NAME}: {e}") from e
+    abstract = nnx.eval_shape(lambda: build_module(config))
+    graphdef, state = nnx.split(abstract)
+    expected = _flatten(nnx.to_pure_dict(state))
+    tensors = load_file(path / WEIGHTS_NAME)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path / WEIGHTS_NAME} does not match {config.architecture} config: "
+            f"missing tensors {missing}, unexpected tensors {unexpected}"
+        )
+    for name, spec in expected.items():
+        t = tensors[name]
+        if t.shape != spec.shape or t.dtype != np.float32:
+            raise ValueError(
+                f"{path / WEIGHTS_NAME}: tensor {name!r} is {t.dtype}{list(t.shape)}, "
+                f"expected float32{list(spec.shape)}"
+            )
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, _: jnp.asarray(tensors[_tensor_name(p)]),
+        nnx.to_pure_dict(state),
+    )
+    return Classifier(params, graphdef, config)
