@@ -350,7 +350,12 @@ def _torch_key(dotted: str) -> str:
 def init_dit(config: DiTConfig, key: Array | int = 0) -> DiT:
     """A freshly initialised DiT for training: adaLN-Zero init as in Peebles & Xie 2023 (zero
     modulation and output layers, so every block starts as the identity and the output is 0),
-    label table ~ N(0, 0.02^2), other kernels LeCun-normal."""
+    label table ~ N(0, 0.02^2), other kernels LeCun-normal. Initialisation runs jitted."""
+    return _jit_init(config, jax.random.key(key) if isinstance(key, int) else key)
+
+
+@functools.partial(nnx.jit, static_argnums=0)
+def _jit_init(config: DiTConfig, key: Array) -> DiT:
     return DiT(config, rngs=nnx.Rngs(key))
 
 

@@ -78,12 +78,14 @@ def load_state(abstract_model: nnx.Module, tensors: dict[str, np.ndarray], key_f
     for path, var in nnx.to_flat_state(abstract_state):
         key = torch_key(path, key_fn)
         if key not in tensors:
-            raise ValueError(f"checkpoint is missing tensor {key!r} (shape {var.value.shape})")
+            raise ValueError(
+                f"checkpoint is missing tensor {key!r} (shape {var.get_value().shape})"
+            )
         value = _to_jax_layout(str(path[-1]), np.asarray(tensors[key]))
-        if value.shape != var.value.shape:
+        if value.shape != var.get_value().shape:
             raise ValueError(
                 f"tensor {key!r} has shape {tensors[key].shape}, the config expects the "
-                f"PyTorch-layout shape of {var.value.shape}"
+                f"PyTorch-layout shape of {var.get_value().shape}"
             )
         flat.append((path, var.replace(jnp.asarray(value, jnp.float32))))
         used.add(key)
@@ -97,7 +99,7 @@ def export_state(model: nnx.Module, key_fn: KeyFn) -> dict[str, np.ndarray]:
     """The PyTorch state dict (float32, contiguous numpy arrays) of ``model``."""
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        array = np.asarray(jax.device_get(var.value), np.float32)
+        array = np.asarray(jax.device_get(var.get_value()), np.float32)
         out[torch_key(path, key_fn)] = np.ascontiguousarray(_to_torch_layout(str(path[-1]), array))
     return out
 
