@@ -49,7 +49,7 @@ class _HostApply:
     def _host_call(self, call_ndim: int, x: np.ndarray) -> np.ndarray:
         """Run ``fn`` on ``x [*batch, N, ...]`` (``batch`` from vmap) in one call."""
         lead = x.shape[: x.ndim - call_ndim + 1]
-        flat = np.asarray(x).reshape(-1, *x.shape[len(lead) :])
+        flat = np.array(x).reshape(-1, *x.shape[len(lead) :])  # writable copy (torch-friendly)
         r = np.asarray(self.fn(flat))
         if r.shape != flat.shape[:1]:
             raise ValueError(
@@ -76,8 +76,9 @@ def host_reward(fn: HostFn, name: str = "host") -> Reward:
 
     Args:
         fn: ``f(x: np.ndarray [N, ...]) -> np.ndarray [N]``, higher is better. The input is a
-            NumPy array with ``x``'s dtype; e.g. for torch, ``lambda x: model(torch.from_numpy(x))
-            .detach().numpy()``. Pass the same function object to reuse compilations.
+            writable NumPy copy with ``x``'s dtype; for torch, e.g.
+            ``lambda x: model(torch.from_numpy(x)).detach().numpy()``. Pass the same function
+            object to reuse compilations.
         name: label in results and error messages.
 
     Returns:
