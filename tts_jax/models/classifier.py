@@ -210,7 +210,7 @@ def load_classifier(path: str | Path) -> Classifier:
             raise FileNotFoundError(f"classifier folder {path} has no {name}")
     try:
         config = ClassifierConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"invalid {path / CONFIG_NAME}: {e}") from e
     abstract = nnx.eval_shape(lambda: build_module(config))
     graphdef, state = nnx.split(abstract)

@@ -85,7 +85,8 @@ def class_log_prob_reward(
         name: label in results (static: keep it independent of the target class).
 
     Returns:
-        A :class:`Reward` mapping ``x [N, C, H, W] -> Float[N]`` in ``(-inf, 0]``.
+        A :class:`Reward` mapping ``x [N, C, H, W] -> Float[N]`` in ``(-inf, 0]`` (``cond`` is
+        ignored).
     """
     return Reward(_reward_params(classifier, target_class), _log_prob_apply, name)
 
@@ -102,7 +103,7 @@ def class_margin_reward(classifier: Classifier, target_class, name: str = "class
         name: label in results (static: keep it independent of the target class).
 
     Returns:
-        A :class:`Reward` mapping ``x [N, C, H, W] -> Float[N]``.
+        A :class:`Reward` mapping ``x [N, C, H, W] -> Float[N]`` (``cond`` is ignored).
     """
     return Reward(_reward_params(classifier, target_class), _margin_apply, name)
 
