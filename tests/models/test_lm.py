@@ -4,6 +4,7 @@ Parity references are transformers PyTorch models built from tiny random configs
 saved with ``save_pretrained(safe_serialization=True)``); nothing is downloaded.
 """
 
+import functools
 import json
 
 import jax
@@ -49,16 +50,11 @@ def _perturb_torch(module, seed):
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
 
 
-@pytest.fixture(scope="module", params=sorted(HF_CONFIGS))
-def hf_pair(request, tmp_path_factory):
-    """(torch model, folder, our config, our model) for one architecture."""
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[request.param]()).float().eval()
-    _perturb_torch(ref, 1)
-    path = tmp_path_factory.mktemp(request.param)
-    ref.save_pretrained(path, safe_serialization=True)
-    config, model = lm.load_lm(path)
-    return ref, path, config, model
+# Library functions are un-jitted; tests jit them as a sampler would (eager op-by-op is slow).
+# Shapes are shared across tests so that each program compiles once.
+forward = jax.jit(lm.forward)
+hidden_states = jax.jit(lm.hidden_states)
+decode_step = jax.jit(lm.decode_step, donate_argnames="cache")
 
 
 def _tokens(seed, n, t):
@@ -66,9 +62,10 @@ def _tokens(seed, n, t):
 
 
 def _full_logits(model, tokens):
+    """Logits of a whole batch without a prior cache (right padding is harmless: causal)."""
     n, t = tokens.shape
-    logits, _ = lm.forward(model, jnp.asarray(tokens), lm.init_cache(model.config, n, t))
-    return np.asarray(logits)
+    hidden, _ = hidden_states(model, jnp.asarray(tokens), lm.init_cache(model.config, n, t))
+    return np.asarray(lm.lm_logits(model, hidden))
 
 
 def _random_model(config, seed=0):
@@ -82,15 +79,38 @@ def _random_model(config, seed=0):
     return model
 
 
+@functools.cache
+def _build(kind, folder):
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[kind]()).float().eval()
+    _perturb_torch(ref, 1)
+    ref.save_pretrained(folder, safe_serialization=True)
+    config, model = lm.load_lm(folder)
+    return ref, folder, config, model
+
+
+@pytest.fixture(scope="module", params=sorted(HF_CONFIGS))
+def hf_pair(request, tmp_path_factory):
+    """(torch model, folder, our config, our model) for each architecture."""
+    return _build(request.param, tmp_path_factory.getbasetemp() / f"lm_{request.param}")
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    """The Qwen2 model of ``hf_pair`` (cache mechanics are architecture-independent)."""
+    return _build("qwen2", tmp_path_factory.getbasetemp() / "lm_qwen2")[2:]
+
+
 # ------------------------------------------------------------------ parity with transformers
 def test_logits_and_hidden_states_match_transformers(hf_pair):
     ref, _, config, model = hf_pair
     tokens = _tokens(0, 3, 11)
     with torch.no_grad():
         out = ref(torch.from_numpy(tokens).long(), output_hidden_states=True)
-    np.testing.assert_allclose(_full_logits(model, tokens), out.logits.numpy(), atol=1e-4, rtol=0)
-    hidden, _ = lm.hidden_states(model, jnp.asarray(tokens), lm.init_cache(config, 3, 11))
+    hidden, cache = hidden_states(model, jnp.asarray(tokens), lm.init_cache(config, 3, 11))
     np.testing.assert_allclose(hidden, out.hidden_states[-1].numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(lm.lm_logits(model, hidden), out.logits.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(cache.length, [11, 11, 11])
 
 
 def test_greedy_generation_matches_transformers(hf_pair):
@@ -105,107 +125,116 @@ def test_greedy_generation_matches_transformers(hf_pair):
     assert not out.finished.any()
 
 
-def test_save_lm_loads_in_transformers(tmp_path):
-    for kind, hf_config in HF_CONFIGS.items():
-        config = lm.LMConfig.from_hf_dict(hf_config().to_dict())
-        model = _random_model(config)
-        lm.save_lm(tmp_path / kind, config, model)
-        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / kind,
-                                                                dtype=torch.float32).eval()
-        tokens = _tokens(2, 2, 9)
-        with torch.no_grad():
-            expected = ref(torch.from_numpy(tokens).long()).logits.numpy()
-        np.testing.assert_allclose(_full_logits(model, tokens), expected, atol=1e-4, rtol=0)
-        assert lm.load_lm(tmp_path / kind)[0] == config
+def test_save_lm_loads_in_transformers(hf_pair, tmp_path):
+    _, _, config, _ = hf_pair
+    model = _random_model(config)
+    lm.save_lm(tmp_path, config, model)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    tokens = _tokens(2, 3, 11)
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(tokens).long()).logits.numpy()
+    np.testing.assert_allclose(_full_logits(model, tokens), expected, atol=1e-4, rtol=0)
+    assert lm.load_lm(tmp_path)[0] == config
 
 
 # ------------------------------------------------------------------------------ KV cache
-def test_incremental_decoding_equals_full_forward(hf_pair):
-    _, _, config, model = hf_pair
-    tokens = _tokens(3, 2, 12)
+def test_incremental_decoding_equals_full_forward_and_skips_inactive_rows(qwen):
+    config, model = qwen
+    tokens = _tokens(3, 3, 12)
     full = _full_logits(model, tokens)
-    cache = lm.init_cache(config, 2, 16)
-    chunk, cache = lm.forward(model, jnp.asarray(tokens[:, :4]), cache)
+    cache = lm.init_cache(config, 3, 16)
+    chunk, cache = forward(model, jnp.asarray(tokens[:, :4]), cache)
     steps = [chunk]
     for t in range(4, 12):
-        logits, cache = lm.decode_step(model, jnp.asarray(tokens[:, t]), cache,
-                                       jnp.ones((2,), bool))
+        logits, cache = decode_step(model, jnp.asarray(tokens[:, t]), cache,
+                                    jnp.ones((3,), bool))
         steps.append(logits[:, None])
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=0)
-    np.testing.assert_array_equal(cache.length, [12, 12])
+    before = jax.tree.map(np.asarray, cache)
+    _, cache = decode_step(model, jnp.zeros((3,), jnp.int32), cache, jnp.array([1, 0, 1], bool))
+    np.testing.assert_array_equal(cache.length, [13, 12, 13])
+    np.testing.assert_array_equal(cache.k[1], before.k[1])
+    np.testing.assert_array_equal(cache.v[1], before.v[1])
 
 
-def test_generate_log_probs_and_pending_token_agree_with_full_forward(hf_pair):
-    _, _, _, model = hf_pair
-    prompt = _tokens(4, 2, 6)
-    out = lm.generate(model, prompt, jax.random.key(1), max_new_tokens=10, temperature=1.0)
-    seq = np.concatenate([prompt, np.asarray(out.tokens)], axis=1)
-    logp = jax.nn.log_softmax(_full_logits(model, seq))
-    expected = np.take_along_axis(np.asarray(logp[:, 5:-1]), seq[:, 6:, None], axis=2)[..., 0]
-    np.testing.assert_allclose(out.log_probs, expected, atol=1e-5, rtol=0)
-    # The cache holds prompt + all but the pending last token.
-    np.testing.assert_array_equal(out.cache.length, [6 - 1 + 10] * 2)
-
-
-def test_gathered_row_continues_exactly_as_its_ancestor(hf_pair):
-    _, _, config, model = hf_pair
-    prompt = _tokens(5, 3, 7)
-    cache = lm.init_cache(config, 3, 20)
-    _, cache = lm.forward(model, jnp.asarray(prompt), cache, jnp.array([7, 4, 6]))
+def test_gathered_row_continues_exactly_as_its_ancestor(qwen):
+    config, model = qwen
+    prompt = _tokens(5, 3, 4)
+    _, cache = forward(model, jnp.asarray(prompt), lm.init_cache(config, 3, 16),
+                       jnp.array([4, 2, 3]))
     ancestors = jnp.array([2, 2, 0])
     gathered = jax.tree.map(lambda x: x[ancestors], cache)
-    cont = jnp.asarray(_tokens(6, 3, 5))
-    logits, _ = lm.forward(model, cont, cache)
-    logits_g, _ = lm.forward(model, cont[ancestors], gathered)
+    cont = jnp.asarray(_tokens(6, 3, 4))
+    logits, _ = forward(model, cont, cache)
+    logits_g, _ = forward(model, cont[ancestors], gathered)
     np.testing.assert_allclose(logits_g, logits[ancestors], atol=1e-6, rtol=0)
-    # And through generate (greedy), starting from the gathered caches.
-    last = prompt[[0, 1, 2], [6, 3, 5]][:, None]
+    # And through generate (greedy) from the gathered caches (both caches are donated).
+    last = jnp.asarray(prompt[[0, 1, 2], [3, 1, 2]][:, None])
     a = lm.generate(model, last, jax.random.key(0), max_new_tokens=6, temperature=0.0,
                     cache=jax.tree.map(jnp.copy, cache))
-    b = lm.generate(model, last[np.asarray(ancestors)], jax.random.key(0), max_new_tokens=6,
+    b = lm.generate(model, last[ancestors], jax.random.key(0), max_new_tokens=6,
                     temperature=0.0, cache=gathered)
     np.testing.assert_array_equal(b.tokens, np.asarray(a.tokens)[np.asarray(ancestors)])
 
 
-def test_ragged_num_new_matches_per_row_and_leaves_idle_rows_untouched(hf_pair):
-    _, _, config, model = hf_pair
-    prefix, chunk = _tokens(7, 3, 5), _tokens(8, 3, 4)
-    cache = lm.init_cache(config, 3, 12)
-    _, cache = lm.forward(model, jnp.asarray(prefix), cache, jnp.array([2, 5, 3]))
-    logits, new = lm.forward(model, jnp.asarray(chunk), cache, jnp.array([4, 2, 0]))
-    np.testing.assert_array_equal(new.length, [6, 7, 3])
+def test_ragged_num_new_matches_per_row_and_leaves_idle_rows_untouched(qwen):
+    config, model = qwen
+    prefix, chunk = _tokens(7, 3, 4), _tokens(8, 3, 4)
+    cache = lm.init_cache(config, 3, 16)
+    _, cache = forward(model, jnp.asarray(prefix), cache, jnp.array([2, 4, 3]))
+    logits, new = forward(model, jnp.asarray(chunk), cache, jnp.array([4, 2, 0]))
+    np.testing.assert_array_equal(new.length, [6, 6, 3])
     np.testing.assert_array_equal(new.k[2], cache.k[2])
     np.testing.assert_array_equal(new.v[2], cache.v[2])
-    for row, (p, c) in enumerate([(2, 4), (5, 2)]):
-        seq = np.concatenate([prefix[row, :p], chunk[row, :c]])[None]
-        np.testing.assert_allclose(logits[row, :c], _full_logits(model, seq)[0, p:],
-                                   atol=1e-5, rtol=0)
-
-
-def test_ragged_prompts_in_generate_match_unpadded_rows(hf_pair):
-    _, _, _, model = hf_pair
-    prompt = _tokens(9, 2, 6)
-    out = lm.generate(model, prompt, jax.random.key(0), max_new_tokens=5, temperature=0.0,
-                      prompt_lengths=jnp.array([6, 3]))
-    short = lm.generate(model, prompt[1:, :3], jax.random.key(0), max_new_tokens=5,
-                        temperature=0.0)
-    np.testing.assert_array_equal(out.tokens[1], short.tokens[0])
+    seqs = np.zeros((3, 12), np.int32)
+    for row, (p, c) in enumerate([(2, 4), (4, 2)]):
+        seqs[row, : p + c] = np.concatenate([prefix[row, :p], chunk[row, :c]])
+    full = _full_logits(model, seqs)
+    np.testing.assert_allclose(logits[0], full[0, 2:6], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(logits[1, :2], full[1, 4:6], atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------- generation
-def test_stop_token_pads_and_leaves_the_stop_token_pending(hf_pair):
-    _, _, _, model = hf_pair
-    prompt = _tokens(10, 2, 4)
-    free = np.asarray(lm.generate(model, prompt, jax.random.key(0), max_new_tokens=12,
-                                  temperature=0.0).tokens)
+def _generate(model, seed, **kwargs):
+    """Every generation test uses these shapes, so generate compiles once for all of them."""
+    kwargs = dict(max_new_tokens=16, prompt_lengths=jnp.array([6, 3, 1])) | kwargs
+    return lm.generate(model, _tokens(seed, 3, 6), jax.random.key(seed), **kwargs)
+
+
+def test_ragged_prompts_log_probs_and_pending_token(qwen):
+    _, model = qwen
+    out = _generate(model, 9, temperature=1.0)
+    prompt, lengths = _tokens(9, 3, 6), [6, 3, 1]
+    seqs = np.zeros((3, 22), np.int32)
+    for row, p in enumerate(lengths):
+        seqs[row, : p + 16] = np.concatenate([prompt[row, :p], np.asarray(out.tokens[row])])
+    logp = np.asarray(jax.nn.log_softmax(_full_logits(model, seqs)))
+    for row, p in enumerate(lengths):
+        expected = logp[row, np.arange(p - 1, p + 15), seqs[row, p : p + 16]]
+        np.testing.assert_allclose(out.log_probs[row], expected, atol=1e-5, rtol=0)
+    # The cache holds each prompt and all but the pending last token.
+    np.testing.assert_array_equal(out.cache.length, np.array(lengths) - 1 + 16)
+
+
+def test_stop_token_pads_and_leaves_the_stop_token_pending(qwen):
+    _, model = qwen
+    free = np.asarray(_generate(model, 10, temperature=0.0).tokens)
     # A token whose first occurrence in row 0 is at index k > 0 (tiny random models repeat).
-    k = next(i for i in range(1, 12) if free[0, i] not in free[0, :i])
-    out = lm.generate(model, prompt, jax.random.key(0), max_new_tokens=12, temperature=0.0,
-                      eos_id=int(free[0, k]), pad_id=-7)
+    k = next(i for i in range(1, 16) if free[0, i] not in free[0, :i])
+    out = _generate(model, 10, temperature=0.0, eos_id=int(free[0, k]), pad_id=-7)
     assert out.finished[0] and out.num_tokens[0] == k + 1
     np.testing.assert_array_equal(out.tokens[0, : k + 1], free[0, : k + 1])
     assert np.all(np.asarray(out.tokens[0, k + 1 :]) == -7)
-    assert out.cache.length[0] == 4 - 1 + k + 1
+    assert out.cache.length[0] == 6 - 1 + k + 1
+
+
+def test_new_temperature_key_or_eos_compiles_nothing(qwen):
+    _, model = qwen
+    _generate(model, 11, temperature=0.7, eos_id=3)
+    size = lm._generate_jit._cache_size()
+    _generate(model, 12, temperature=1.3, eos_id=5)
+    _generate(model, 13, temperature=0.0, eos_id=5).tokens.block_until_ready()
+    assert lm._generate_jit._cache_size() == size
 
 
 def test_sampling_matches_tempered_softmax():
@@ -222,32 +251,9 @@ def test_sampling_matches_tempered_softmax():
         assert np.all(np.abs(freq - probs) <= 5 * np.sqrt(probs * (1 - probs) / 4000) + 1e-3)
 
 
-def test_new_temperature_key_or_eos_compiles_nothing(hf_pair):
-    _, _, _, model = hf_pair
-    prompt = _tokens(11, 2, 4)
-    lm.generate(model, prompt, jax.random.key(0), max_new_tokens=7, temperature=0.7, eos_id=3)
-    size = lm._generate_jit._cache_size()
-    out = lm.generate(model, prompt, jax.random.key(1), max_new_tokens=7, temperature=1.3,
-                      eos_id=5)
-    lm.generate(model, prompt, jax.random.key(1), max_new_tokens=7, temperature=0.0, eos_id=5)
-    out.tokens.block_until_ready()
-    assert lm._generate_jit._cache_size() == size
-
-
-def test_forward_and_decode_step_run_under_jit_with_weights_as_argument(hf_pair):
-    _, _, config, model = hf_pair
-    tokens = jnp.asarray(_tokens(12, 2, 5))
-    step = jax.jit(lm.decode_step, donate_argnames="cache")
-    cache = lm.init_cache(config, 2, 8)
-    _, cache = jax.jit(lm.forward)(model, tokens[:, :4], cache)
-    logits, cache = step(model, tokens[:, 4], cache, jnp.array([True, False]))
-    np.testing.assert_allclose(logits[0], _full_logits(model, tokens)[0, 4], atol=1e-5, rtol=0)
-    np.testing.assert_array_equal(cache.length, [5, 4])
-
-
 # ---------------------------------------------------------------------------- bad inputs
-def test_bad_inputs_raise(hf_pair):
-    _, _, config, model = hf_pair
+def test_bad_inputs_raise(qwen):
+    config, model = qwen
     with pytest.raises(ValueError, match="do not fit"):
         lm.forward(model, jnp.zeros((1, 9), jnp.int32), lm.init_cache(config, 1, 8))
     cache = lm.init_cache(config, 2, 8)._replace(length=jnp.array([0, 6], jnp.int32))
@@ -264,7 +270,7 @@ def test_bad_inputs_raise(hf_pair):
 
 
 def test_missing_or_mismatched_tensor_is_named(hf_pair, tmp_path):
-    _, path, _, _ = hf_pair
+    path = hf_pair[1]
     tensors = load_file(path / "model.safetensors")
     config_json = (path / "config.json").read_text()
     name = "model.layers.1.mlp.up_proj.weight"
@@ -334,11 +340,11 @@ def test_reward_heads_match_a_torch_reference_and_round_trip(tmp_path, architect
         sep = np.zeros((2, 10), bool)
         sep[:, [3, 9]] = True
         expected = np.where(sep, torch.softmax(torch.from_numpy(ref), -1)[..., 1].numpy(), 0.0)
-        got = prm_scores(rm, jnp.asarray(tokens), jnp.asarray(sep))
+        got = jax.jit(prm_scores)(rm, jnp.asarray(tokens), jnp.asarray(sep))
     else:
         lengths = np.array([10, 6])
         expected = ref[[0, 1], lengths - 1, 0]
-        got = outcome_scores(rm, jnp.asarray(tokens), jnp.asarray(lengths))
+        got = jax.jit(outcome_scores)(rm, jnp.asarray(tokens), jnp.asarray(lengths))
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
     save_reward_model(tmp_path / "saved", config, rm)
