@@ -17,12 +17,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 Array = jax.Array
 # velocity(x [N, ...], t [N]) -> [N, ...]; any model parameters are bound by the caller.
 VelocityFn = Callable[[Array, Array], Array]
-# g(t [N]) -> [N]: the free diffusion coefficient of the reverse SDE.
-DiffusionFn = Callable[[Array], Array]
 
 
 def _per_particle(t: Array, x: Array) -> Array:
@@ -76,7 +75,8 @@ class Linear(Interpolant):
 class VP(Interpolant):
     """Variance-preserving path in continuous time (ALGORITHMS.md 0.3).
 
-    ``T(r) = 0.5 r^2 (b_max - b_min) + r b_min``, ``alpha = exp(-T/2)``, ``sigma = sqrt(1 - exp(-T))``.
+    ``T(r) = 0.5 r^2 (b_max - b_min) + r b_min``, ``alpha = exp(-T/2)``,
+    ``sigma = sqrt(1 - exp(-T))``.
     """
 
     b_min: float = 0.1
@@ -105,13 +105,19 @@ class VP(Interpolant):
 
 
 def velocity_to_x0(interp: Interpolant, u: Array, x: Array, t: Array) -> Array:
-    """Tweedie x0-estimate from a velocity: ``(sigma u - sigma_dot x) / (alpha_dot sigma - sigma_dot alpha)``."""
+    """Tweedie x0-estimate from a velocity.
+
+    ``x0 = (sigma u - sigma_dot x) / (alpha_dot sigma - sigma_dot alpha)``.
+    """
     a, s, ad, sd = interp.coefficients(t, x)
     return (s * u - sd * x) / (ad * s - sd * a)
 
 
 def velocity_to_eps(interp: Interpolant, u: Array, x: Array, t: Array) -> Array:
-    """eps-estimate from a velocity: ``(alpha u - alpha_dot x) / (alpha sigma_dot - alpha_dot sigma)``."""
+    """eps-estimate from a velocity.
+
+    ``eps = (alpha u - alpha_dot x) / (alpha sigma_dot - alpha_dot sigma)``.
+    """
     a, s, ad, sd = interp.coefficients(t, x)
     return (a * u - ad * x) / (a * sd - ad * s)
 
@@ -138,42 +144,45 @@ def eps_to_velocity(interp: Interpolant, eps: Array, x: Array, t: Array) -> Arra
 # --------------------------------------------------------------------------- ODE / SDE (0.2)
 
 
-def zero_diffusion() -> DiffusionFn:
-    """``g = 0``: the probability-flow ODE."""
-    return lambda t: jnp.zeros_like(t)
+@struct.dataclass
+class Diffusion:
+    """The free diffusion coefficient ``g(t)`` of the reverse SDE (ALGORITHMS.md 0.2).
+
+    ``kind`` is static, ``norm`` is an array leaf, so sweeping the noise level never recompiles.
+    Kinds: ``zero`` (the ODE), ``constant`` (``g = norm``), ``square`` (``g = norm t^2``, the
+    Kim et al. 2025 default with norm 3), ``sigma`` (``g = norm sigma(t)``).
+    """
+
+    norm: Array
+    kind: str = struct.field(pytree_node=False, default="square")
+
+    def __post_init__(self):
+        if self.kind not in DIFFUSION_KINDS:
+            raise ValueError(f"unknown diffusion kind {self.kind!r}; known: {DIFFUSION_KINDS}")
+
+    def __call__(self, t: Array, interp: Interpolant) -> Array:
+        """``g(t)`` with the shape of ``t``."""
+        t = jnp.asarray(t, jnp.float32)
+        if self.kind == "zero":
+            return jnp.zeros_like(t)
+        if self.kind == "constant":
+            return jnp.full_like(t, self.norm)
+        if self.kind == "square":
+            return self.norm * t**2
+        return self.norm * interp.sigma(t)
 
 
-def constant_diffusion(scale: float) -> DiffusionFn:
-    """``g(t) = scale``."""
-    return lambda t: jnp.full_like(t, scale)
+DIFFUSION_KINDS = ("zero", "constant", "square", "sigma")
 
 
-def square_diffusion(norm: float = 3.0) -> DiffusionFn:
-    """``g(t) = norm * t^2``: the Kim et al. 2025 reference default (norm = 3)."""
-    return lambda t: norm * t**2
+def ode() -> Diffusion:
+    """``g = 0``: deterministic probability-flow sampling."""
+    return Diffusion(jnp.float32(0.0), "zero")
 
 
-def sigma_diffusion(interp: Interpolant, norm: float = 1.0) -> DiffusionFn:
-    """``g(t) = norm * sigma(t)``."""
-    return lambda t: norm * interp.sigma(t)
-
-
-DIFFUSIONS = {"zero", "constant", "square", "sigma"}
-
-
-def make_diffusion(kind: str, norm: float, interp: Interpolant | None = None) -> DiffusionFn:
-    """Diffusion coefficient by name: ``zero``, ``constant``, ``square`` (norm t^2) or ``sigma``."""
-    if kind == "zero":
-        return zero_diffusion()
-    if kind == "constant":
-        return constant_diffusion(norm)
-    if kind == "square":
-        return square_diffusion(norm)
-    if kind == "sigma":
-        if interp is None:
-            raise ValueError("the 'sigma' diffusion coefficient needs the interpolant")
-        return sigma_diffusion(interp, norm)
-    raise ValueError(f"unknown diffusion coefficient {kind!r}; known: {sorted(DIFFUSIONS)}")
+def diffusion(kind: str = "square", norm: float = 3.0) -> Diffusion:
+    """Build a :class:`Diffusion` (``norm`` becomes a float32 array)."""
+    return Diffusion(jnp.asarray(norm, jnp.float32), kind)
 
 
 def sde_drift(interp: Interpolant, u: Array, x: Array, t: Array, g: Array) -> Array:

@@ -44,7 +44,9 @@ def num_particles(state: PyTree) -> int:
     """
     leaves = jax.tree_util.tree_leaves_with_path(state)
     if not leaves:
-        raise ValueError("particle state has no array leaves; it must hold at least one [N, ...] array")
+        raise ValueError(
+            "particle state has no array leaves; it must hold at least one [N, ...] array"
+        )
     sizes = {}
     for path, leaf in leaves:
         shape = np.shape(leaf)
@@ -77,7 +79,9 @@ def make_particles(state: PyTree, log_weights: Array | None = None) -> Particles
         log_weights = jnp.zeros((n,), jnp.float32)
     log_weights = jnp.asarray(log_weights)
     if log_weights.shape != (n,):
-        raise ValueError(f"log_weights has shape {log_weights.shape}, expected ({n},) to match the state")
+        raise ValueError(
+            f"log_weights has shape {log_weights.shape}, expected ({n},) to match the state"
+        )
     return Particles(state, log_weights)
 
 
@@ -95,7 +99,7 @@ def log_normalize(log_weights: Array) -> Array:
 
 
 def ess(log_weights: Array) -> Array:
-    """Effective sample size ``exp(2 logsumexp(lw) - logsumexp(2 lw))``.
+    """Effective sample size ``exp(2 logsumexp(lw) - logsumexp(2 lw)) = (sum w)^2 / sum w^2``.
 
     Stable for huge and ``-inf`` entries; invariant to adding a constant. Equals N for equal
     weights and 1 when a single weight is non-zero. Returns 0 when every weight is ``-inf``.
@@ -103,10 +107,12 @@ def ess(log_weights: Array) -> Array:
     Args:
         log_weights: ``Float[..., N]`` (reduces the last axis).
     """
-    lse = logsumexp(log_weights, axis=-1)
-    lse2 = logsumexp(2.0 * log_weights, axis=-1)
-    out = jnp.exp(2.0 * lse - lse2)
-    return jnp.where(jnp.isfinite(lse), out, 0.0)
+    # Subtract the max first (exact for nearby values) so huge offsets cost no precision.
+    top = jnp.max(log_weights, axis=-1, keepdims=True)
+    alive = jnp.isfinite(top)
+    w = jnp.exp(log_weights - jnp.where(alive, top, 0.0))
+    out = jnp.sum(w, axis=-1) ** 2 / jnp.sum(w**2, axis=-1)
+    return jnp.where(alive[..., 0], out, 0.0)
 
 
 def log_mean_exp(log_weights: Array, axis: int = -1) -> Array:
@@ -142,8 +148,12 @@ def check_log_weights(log_weights: Array, what: str = "log_weights") -> None:
     if lw.ndim != 1 or lw.shape[0] == 0:
         raise ValueError(f"{what} must be a non-empty vector [N], got shape {lw.shape}")
     if np.isnan(lw).any():
-        raise ValueError(f"{what} contains NaN at particles {np.flatnonzero(np.isnan(lw)).tolist()}")
+        raise ValueError(
+            f"{what} contains NaN at particles {np.flatnonzero(np.isnan(lw)).tolist()}"
+        )
     if np.isposinf(lw).any():
-        raise ValueError(f"{what} contains +inf at particles {np.flatnonzero(np.isposinf(lw)).tolist()}")
+        raise ValueError(
+            f"{what} contains +inf at particles {np.flatnonzero(np.isposinf(lw)).tolist()}"
+        )
     if np.isneginf(lw).all():
         raise ValueError(f"all particles are dead: every entry of {what} is -inf")

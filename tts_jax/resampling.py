@@ -45,7 +45,9 @@ def _search(cdf: Array, u: Array, valid: Array) -> Array:
     n = cdf.shape[0]
     # Clamp the cdf so rounding cannot push u past the last positive-weight particle.
     idx = jnp.searchsorted(cdf, u, side="right").astype(jnp.int32)
-    last_alive = jnp.max(jnp.where(jnp.diff(cdf, prepend=0.0) > 0, jnp.arange(n), -1)).astype(jnp.int32)
+    last_alive = jnp.max(jnp.where(jnp.diff(cdf, prepend=0.0) > 0, jnp.arange(n), -1)).astype(
+        jnp.int32
+    )
     idx = jnp.minimum(idx, last_alive)
     return jnp.where(valid, idx, jnp.int32(n))
 

@@ -62,7 +62,9 @@ class ResampleSchedule(NamedTuple):
     ess_threshold: Array
 
 
-def adaptive(num_steps: int, threshold: float = 0.5, resample_last: bool = False) -> ResampleSchedule:
+def adaptive(
+    num_steps: int, threshold: float = 0.5, resample_last: bool = False
+) -> ResampleSchedule:
     """Resample whenever ``ESS < threshold * N`` (optionally never after the final step)."""
     mask = np.ones(num_steps, bool)
     mask[-1] = resample_last
@@ -215,7 +217,9 @@ def step(
     new_state, correction = propagate(k_prop, particles.state, k, params)
     lp_new, num_nan = _drop_nan(log_potential(new_state, k + 1, params))
     old = smc_state.log_potential
-    ratio = jnp.where(jnp.isneginf(lp_new), -jnp.inf, lp_new - jnp.where(jnp.isfinite(old), old, 0.0))
+    ratio = jnp.where(
+        jnp.isneginf(lp_new), -jnp.inf, lp_new - jnp.where(jnp.isfinite(old), old, 0.0)
+    )
     lw, mass = _reweight(particles.log_weights, ratio + correction)
     alive = jnp.isfinite(mass)
     ess_now = ess(lw)
@@ -308,7 +312,9 @@ def run(
         raise ValueError(f"nan_policy must be 'raise' or 'drop', got {nan_policy!r}")
     num_particles(state)
     if schedule.mask.ndim != 1 or schedule.mask.shape[0] < 1:
-        raise ValueError(f"schedule.mask must be Bool[K] with K >= 1, got shape {schedule.mask.shape}")
+        raise ValueError(
+            f"schedule.mask must be Bool[K] with K >= 1, got shape {schedule.mask.shape}"
+        )
     result = _run_jit(key, state, propagate, log_potential, schedule, params, resampler)
     if nan_policy == "raise":
         nan_steps = np.flatnonzero(np.asarray(result.info.num_nan_potentials)) + 1
@@ -320,4 +326,3 @@ def run(
                 "(pass nan_policy='drop' to give such particles zero weight instead)"
             )
     return result
-

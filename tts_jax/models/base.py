@@ -6,13 +6,14 @@ any weights and they are never closed over), while ``apply`` and ``interpolant``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 from flax import struct
 
-from tts_jax.interpolants import Interpolant
+from tts_jax.interpolants import VP, Interpolant, Linear, LinearToVP
 
 Array = jax.Array
 PyTree = Any
@@ -41,3 +42,29 @@ class FlowModel:
         """``u(x, t)`` for ``x [N, ...]`` and a scalar or ``[N]`` time."""
         t = jax.numpy.broadcast_to(jax.numpy.asarray(t, x.dtype), x.shape[:1])
         return self.apply(self.params, x, t, cond)
+
+
+@dataclasses.dataclass(frozen=True)
+class _VPConvertedApply:
+    """Static, hashable apply of a linear-path model run as a VP model (same key -> same jit cache)."""
+
+    inner: ApplyFn
+    conversion: LinearToVP
+
+    def __call__(self, params, x, t, cond):
+        return self.conversion.velocity(lambda xl, tl: self.inner(params, xl, tl, cond), x, t)
+
+
+def linear_to_vp(model: FlowModel, vp: VP = VP()) -> FlowModel:
+    """Run a linear-path (rectified-flow) model on the VP path (Kim et al. 2025, ALGORITHMS.md 0.3).
+
+    The returned model's state ``xbar`` at VP time ``r`` is ``c(r) x`` of the linear model at
+    ``t(r)``; its velocity is ``ubar = (c_dot / c) xbar + c t_dot u(xbar / c, t(r))`` and its score,
+    Tweedie estimate and SDE all use the VP coefficients. Sampling starts from ``xbar ~ N(0, I)``.
+    """
+    if not isinstance(model.interpolant, Linear):
+        raise ValueError(
+            f"linear_to_vp needs a model on the Linear path, got {type(model.interpolant).__name__}"
+        )
+    apply = _VPConvertedApply(model.apply, LinearToVP(vp))
+    return FlowModel(model.params, apply, vp, model.sample_shape)

@@ -17,6 +17,7 @@ A linear reward ``r(x) = a.x`` tilts the mixture in closed form:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
 from tts_jax.interpolants import Interpolant, Linear
+from tts_jax.models.base import FlowModel
 
 Array = jax.Array
 
@@ -77,7 +79,7 @@ def asymmetric_gmm_2d() -> GMM:
 def _mvn_log_prob(x: Array, mean: Array, cov: Array) -> Array:
     """``log N(x; mean, cov)`` for ``x [N, D]``, one component."""
     chol = jnp.linalg.cholesky(cov)
-    z = jax.scipy.linalg.solve_triangular(chol, (x - mean).T, lower=True)
+    z = jax.scipy.linalg.solve_triangular(chol, (x - mean[None]).T, lower=True)
     d = x.shape[-1]
     return (
         -0.5 * jnp.sum(z**2, axis=0)
@@ -95,7 +97,7 @@ def log_prob(gmm: GMM, x: Array) -> Array:
 def component_log_posterior(gmm: GMM, x: Array) -> Array:
     """Responsibilities ``log p(k | x)`` -> ``[N, K]``."""
     comp = jax.vmap(lambda m, c: _mvn_log_prob(x, m, c))(gmm.means, gmm.covs).T
-    joint = comp + jnp.log(gmm.weights)
+    joint = comp + jnp.log(gmm.weights)[None]
     return joint - logsumexp(joint, axis=-1, keepdims=True)
 
 
@@ -111,26 +113,28 @@ def sample(gmm: GMM, key: Array, num: int) -> tuple[Array, Array]:
 def marginal(gmm: GMM, interp: Interpolant, t: Array) -> GMM:
     """The mixture ``p_t`` at scalar time ``t`` (means ``alpha mu``, covariances ``C_k``)."""
     a, s = interp.alpha(t), interp.sigma(t)
-    eye = jnp.eye(gmm.dim)
+    eye = jnp.eye(gmm.dim)[None]
     return GMM(gmm.weights, a * gmm.means, a**2 * gmm.covs + s**2 * eye)
 
 
 def posterior_means(gmm: GMM, interp: Interpolant, x: Array, t: Array) -> tuple[Array, Array]:
-    """Exact ``(E[x0 | x_t], E[eps | x_t])`` for ``x [N, D]`` and ``t`` scalar or ``[N]``."""
-    t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
+    """Exact ``(E[x0 | x_t], E[eps | x_t])`` for ``x [N, D]`` and ``t`` scalar or ``[N]``.
 
-    def one(xi, ti):
-        a, s = interp.alpha(ti), interp.sigma(ti)
-        cov_t = a**2 * gmm.covs + s**2 * jnp.eye(gmm.dim)  # [K, D, D]
-        resid = xi - a * gmm.means  # [K, D]
-        solved = jnp.linalg.solve(cov_t, resid[..., None])[..., 0]  # C^{-1}(x - a mu) [K, D]
-        comp_lp = jax.vmap(lambda m, c: _mvn_log_prob(xi[None], m, c)[0])(a * gmm.means, cov_t)
-        resp = jax.nn.softmax(comp_lp + jnp.log(gmm.weights))  # [K]
-        x0_k = gmm.means + a * jnp.einsum("kij,kj->ki", gmm.covs, solved)
-        eps_k = s * solved
-        return resp @ x0_k, resp @ eps_k
-
-    return jax.vmap(one)(x, t)
+    Uses the eigendecomposition ``Sigma_k = Q_k diag(lam_k) Q_k'`` so that
+    ``C_k^{-1} = Q_k diag(1 / (alpha^2 lam_k + sigma^2)) Q_k'`` needs no per-particle solve.
+    """
+    t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])[:, None, None]  # [N, 1, 1]
+    a, s = interp.alpha(t), interp.sigma(t)
+    lam, q = jnp.linalg.eigh(gmm.covs)  # [K, D], [K, D, D]
+    resid = x[:, None, :] - a * gmm.means[None]  # [N, K, D]
+    rotated = jnp.einsum("kdi,nkd->nki", q, resid)  # Q' (x - a mu)
+    var = a**2 * lam[None] + s**2  # [N, K, D] eigenvalues of C_k
+    solved = jnp.einsum("kdi,nki->nkd", q, rotated / var)  # C^{-1} (x - a mu)
+    comp_lp = -0.5 * jnp.sum(rotated**2 / var + jnp.log(2 * jnp.pi * var), axis=-1)  # [N, K]
+    resp = jax.nn.softmax(comp_lp + jnp.log(gmm.weights)[None], axis=-1)  # [N, K]
+    x0_k = gmm.means[None] + a * jnp.einsum("kij,nkj->nki", gmm.covs, solved)
+    eps_k = s * solved
+    return jnp.einsum("nk,nkd->nd", resp, x0_k), jnp.einsum("nk,nkd->nd", resp, eps_k)
 
 
 def velocity(gmm: GMM, x: Array, t: Array, interp: Interpolant = Linear()) -> Array:
@@ -169,7 +173,22 @@ def mean(gmm: GMM) -> Array:
 def covariance(gmm: GMM) -> Array:
     """Mixture covariance ``[D, D]``."""
     m = mean(gmm)
-    centered = gmm.means - m
+    centered = gmm.means - m[None]
     return jnp.einsum("k,kij->ij", gmm.weights, gmm.covs) + jnp.einsum(
         "k,ki,kj->ij", gmm.weights, centered, centered
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExactVelocity:
+    """Static apply of :func:`flow_model`: the exact velocity on a fixed interpolant."""
+
+    interp: Interpolant
+
+    def __call__(self, params: GMM, x: Array, t: Array, cond=None) -> Array:
+        return velocity(params, x, t, self.interp)
+
+
+def flow_model(gmm: GMM, interp: Interpolant = Linear()) -> FlowModel:
+    """The mixture as a :class:`~tts_jax.models.base.FlowModel` with its exact velocity field."""
+    return FlowModel(gmm, _ExactVelocity(interp), interp, (gmm.dim,))
