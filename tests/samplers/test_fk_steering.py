@@ -1,0 +1,99 @@
+"""FK steering beyond the engine tests: convergence in N, ODE vs SDE copies, recompiles, NaNs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tts_jax import interpolants as I
+from tts_jax import smc
+from tts_jax.models import gmm as G
+from tts_jax.rewards.analytic import linear_reward
+from tts_jax.rewards.base import Reward
+from tts_jax.samplers import fk_steering as fk
+
+DIRECTION = jnp.array([1.0, -0.5])
+GRID = I.uniform_grid(40)
+TRACES = {"reward": 0}
+
+
+def _counting_reward(params, x, cond=None):
+    TRACES["reward"] += 1
+    return x @ params["direction"]
+
+
+def _nan_reward(params, x, cond=None):
+    r = x @ params["direction"]
+    return jnp.where(jnp.arange(x.shape[0]) == 0, jnp.nan, r)
+
+
+def _run(seed, n, lam=1.2, diffusion=None, schedule=None, reward=None, **kw):
+    gmm = G.asymmetric_gmm_2d()
+    return fk.fk_steering(
+        jax.random.key(seed), G.flow_model(gmm), reward or linear_reward(DIRECTION), n, GRID,
+        diffusion or I.diffusion("square", 2.0), lam, schedule=schedule or smc.every(40, 10), **kw
+    )
+
+
+def test_error_shrinks_as_n_grows():
+    gmm = G.asymmetric_gmm_2d()
+    tilted, _ = G.tilt_linear(gmm, DIRECTION, 1.2)
+    target = np.asarray(G.mean(tilted))
+
+    def mean_sq_error(n):
+        errs = []
+        for seed in range(8):
+            out = _run(seed, n)
+            w = np.exp(np.asarray(out.log_weights, np.float64))
+            errs.append(np.sum((w @ np.asarray(out.samples) - target) ** 2))
+        return np.mean(errs)
+
+    small, large = mean_sq_error(32), mean_sq_error(1024)
+    # Monte Carlo error scales like 1/N: a 32x larger N must cut the squared error well below half.
+    assert large < 0.5 * small, (small, large)
+
+
+def test_ode_copies_stay_identical_while_sde_particles_diversify():
+    # Resample at steps 4, 9, ..., 29 but not at the end, so SDE copies have steps to diverge.
+    schedule = smc.every(40, 5, end=30, include_last=False)
+    ode = _run(0, 64, lam=3.0, diffusion=I.ode(), schedule=schedule)
+    sde = _run(0, 64, lam=3.0, schedule=schedule)
+    n_unique_ode = len(np.unique(np.round(np.asarray(ode.samples), 5), axis=0))
+    n_unique_sde = len(np.unique(np.round(np.asarray(sde.samples), 5), axis=0))
+    ancestors_ode = int(ode.info["unique_ancestors"][4])
+    assert ancestors_ode < 64  # resampling did duplicate particles
+    assert n_unique_ode < 64  # deterministic dynamics keep the duplicates identical
+    assert n_unique_sde == 64
+
+
+def test_sweeping_lambda_and_diffusion_norm_does_not_recompile():
+    reward = Reward({"direction": DIRECTION}, _counting_reward, "counting")
+    _run(0, 16, lam=1.0, reward=reward)
+    before = TRACES["reward"]
+    _run(1, 16, lam=0.3, reward=reward, diffusion=I.diffusion("square", 1.0))
+    _run(2, 16, lam=5.0, reward=reward, schedule=smc.every(40, 4))
+    assert TRACES["reward"] == before
+
+
+def test_nan_rewards_raise_by_default_and_drop_on_request():
+    reward = Reward({"direction": DIRECTION}, _nan_reward, "nan")
+    with pytest.raises(ValueError, match="NaN"):
+        _run(0, 16, reward=reward)
+    out = _run(0, 16, reward=reward, nan_policy="drop")
+    assert np.isfinite(np.asarray(out.samples)).all()
+    assert int(out.info["num_nan_rewards"]) > 0
+
+
+def test_budget_accounting():
+    out = _run(0, 16)
+    assert int(out.nfe) == 40 * 16
+    assert int(out.reward_calls) == 4 * 16  # every 10 of 40 steps, the last included
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="unknown potential"):
+        _run(0, 8, potential="cubic")
+    with pytest.raises(ValueError, match="schedule has 3 steps"):
+        _run(0, 8, schedule=smc.never(3))
+    with pytest.raises(ValueError, match="num_particles"):
+        _run(0, 0)
