@@ -30,8 +30,15 @@ def _nan_reward(params, x, cond=None):
 def _run(seed, n, lam=1.2, diffusion=None, schedule=None, reward=None, **kw):
     gmm = G.asymmetric_gmm_2d()
     return fk.fk_steering(
-        jax.random.key(seed), G.flow_model(gmm), reward or linear_reward(DIRECTION), n, GRID,
-        diffusion or I.diffusion("square", 2.0), lam, schedule=schedule or smc.every(40, 10), **kw
+        jax.random.key(seed),
+        G.flow_model(gmm),
+        reward or linear_reward(DIRECTION),
+        n,
+        GRID,
+        diffusion or I.diffusion("square", 2.0),
+        lam,
+        schedule=schedule or smc.every(40, 10),
+        **kw,
     )
 
 
