@@ -40,6 +40,7 @@ CAUSAL_LM_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausal
 _MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 # Non-parameter buffers some older checkpoints carry; they are recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+INIT_STD = 0.02  # transformers' default initializer_range
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,8 +217,8 @@ class Linear(nnx.Module):
     """``y = x W^T + b`` with ``W: [out, in]`` stored as in PyTorch."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, rngs: nnx.Rngs,
-                 dtype: Any = jnp.float32, init_std: float = 0.02):
-        w = init_std * jax.random.normal(rngs.params(), (out_features, in_features))
+                 dtype: Any = jnp.float32):
+        w = INIT_STD * jax.random.normal(rngs.params(), (out_features, in_features))
         self.weight = nnx.Param(w.astype(dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
@@ -230,9 +231,8 @@ class Linear(nnx.Module):
 class Embedding(nnx.Module):
     """Token embedding ``weight: [vocab, hidden]``."""
 
-    def __init__(self, num: int, features: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
-                 init_std: float = 0.02):
-        w = init_std * jax.random.normal(rngs.params(), (num, features))
+    def __init__(self, num: int, features: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        w = INIT_STD * jax.random.normal(rngs.params(), (num, features))
         self.weight = nnx.Param(w.astype(dtype))
 
     def __call__(self, tokens: Array) -> Array:
@@ -426,6 +426,11 @@ def hidden_states(model: nnx.Module, tokens: Array, cache: KVCache,
 
     Returns:
         ``(hidden [N, T, hidden_size], cache)`` with ``cache.length += num_new``.
+
+    Raises:
+        ValueError: ``T > max_len`` or mismatched shapes; when the lengths are concrete (outside
+            ``jit``) also ``num_new`` outside ``[0, T]`` or ``length + num_new > max_len``. Under
+            ``jit`` the caller guarantees capacity (overflowing writes would be dropped).
     """
     backbone: Backbone = model.model
     config = backbone.config
@@ -587,6 +592,11 @@ def generate(model: LM, prompt: Array, key: Array, *, max_new_tokens: int,
 
     Returns:
         :class:`GenerateOutput`.
+
+    Note:
+        For ``N`` samples of one prompt, prefill a 1-row cache with :func:`forward` on all but
+        the last prompt token, gather it to ``N`` rows (``x[jnp.zeros(N, int)]``) and call
+        ``generate`` with the last token as a 1-token prompt: the prompt is processed once.
     """
     prompt = jnp.asarray(prompt, jnp.int32)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
