@@ -22,6 +22,7 @@ The trained tokenizer ships in ``tts_jax/assets/arith-lm/`` and loads with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from collections.abc import Iterable, Sequence
 
@@ -114,7 +115,7 @@ class ArithTokenizer:
     def pad_id(self) -> int:
         return self.hf.pad_token_id
 
-    @property
+    @functools.cached_property
     def delimiter_id(self) -> int:
         """The id of the single token that ``STEP_DELIMITER`` encodes to."""
         (token_id,) = self.encode(STEP_DELIMITER)
