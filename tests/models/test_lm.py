@@ -115,10 +115,10 @@ def test_logits_and_hidden_states_match_transformers(hf_pair):
 
 def test_greedy_generation_matches_transformers(hf_pair):
     ref, _, _, model = hf_pair
-    prompt = _tokens(1, 3, 5)
+    prompt = _tokens(1, 3, 6)
     with torch.no_grad():
         expected = ref.generate(torch.from_numpy(prompt).long(), max_new_tokens=32,
-                                do_sample=False, pad_token_id=0)[:, 5:].numpy()
+                                do_sample=False, pad_token_id=0)[:, 6:].numpy()
     out = lm.generate(model, prompt, jax.random.key(0), max_new_tokens=32, temperature=0.0)
     np.testing.assert_array_equal(out.tokens, expected)
     np.testing.assert_array_equal(out.num_tokens, [32, 32, 32])
@@ -197,7 +197,7 @@ def test_ragged_num_new_matches_per_row_and_leaves_idle_rows_untouched(qwen):
 # ---------------------------------------------------------------------------- generation
 def _generate(model, seed, **kwargs):
     """Every generation test uses these shapes, so generate compiles once for all of them."""
-    kwargs = dict(max_new_tokens=16, prompt_lengths=jnp.array([6, 3, 1])) | kwargs
+    kwargs = dict(max_new_tokens=32, prompt_lengths=jnp.array([6, 3, 1])) | kwargs
     return lm.generate(model, _tokens(seed, 3, 6), jax.random.key(seed), **kwargs)
 
 
@@ -205,22 +205,22 @@ def test_ragged_prompts_log_probs_and_pending_token(qwen):
     _, model = qwen
     out = _generate(model, 9, temperature=1.0)
     prompt, lengths = _tokens(9, 3, 6), [6, 3, 1]
-    seqs = np.zeros((3, 22), np.int32)
+    seqs = np.zeros((3, 6 + 32), np.int32)
     for row, p in enumerate(lengths):
-        seqs[row, : p + 16] = np.concatenate([prompt[row, :p], np.asarray(out.tokens[row])])
+        seqs[row, : p + 32] = np.concatenate([prompt[row, :p], np.asarray(out.tokens[row])])
     logp = np.asarray(jax.nn.log_softmax(_full_logits(model, seqs)))
     for row, p in enumerate(lengths):
-        expected = logp[row, np.arange(p - 1, p + 15), seqs[row, p : p + 16]]
+        expected = logp[row, np.arange(p - 1, p + 31), seqs[row, p : p + 32]]
         np.testing.assert_allclose(out.log_probs[row], expected, atol=1e-5, rtol=0)
     # The cache holds each prompt and all but the pending last token.
-    np.testing.assert_array_equal(out.cache.length, np.array(lengths) - 1 + 16)
+    np.testing.assert_array_equal(out.cache.length, np.array(lengths) - 1 + 32)
 
 
 def test_stop_token_pads_and_leaves_the_stop_token_pending(qwen):
     _, model = qwen
     free = np.asarray(_generate(model, 10, temperature=0.0).tokens)
     # A token whose first occurrence in row 0 is at index k > 0 (tiny random models repeat).
-    k = next(i for i in range(1, 16) if free[0, i] not in free[0, :i])
+    k = next(i for i in range(1, 32) if free[0, i] not in free[0, :i])
     out = _generate(model, 10, temperature=0.0, eos_id=int(free[0, k]), pad_id=-7)
     assert out.finished[0] and out.num_tokens[0] == k + 1
     np.testing.assert_array_equal(out.tokens[0, : k + 1], free[0, : k + 1])
@@ -237,18 +237,19 @@ def test_new_temperature_key_or_eos_compiles_nothing(qwen):
     assert lm._generate_jit._cache_size() == size
 
 
-def test_sampling_matches_tempered_softmax():
-    config = lm.LMConfig(model_type="qwen2", vocab_size=8, hidden_size=16, intermediate_size=16,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
-    model = _random_model(config)
-    prompt = np.tile(np.array([[1, 2, 3]], np.int32), (4000, 1))
-    logits = _full_logits(model, prompt[:1])[0, -1]
-    for temperature in (0.05, 0.5):
-        out = lm.generate(model, prompt, jax.random.key(3), max_new_tokens=1,
-                          temperature=temperature)
-        freq = np.bincount(np.asarray(out.tokens[:, 0]), minlength=8) / 4000
+def test_sample_token_matches_tempered_softmax_and_is_greedy_at_zero():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=8) * 2.0, jnp.float32)
+    tiled = jnp.tile(logits[None], (4000, 1))
+    sample = jax.jit(lm.sample_token)
+    for temperature in (0.3, 1.0, 2.0):
+        tokens = sample(jax.random.key(3), tiled, jnp.float32(temperature))
+        freq = np.bincount(np.asarray(tokens), minlength=8) / 4000
         probs = np.asarray(jax.nn.softmax(logits / temperature))
         assert np.all(np.abs(freq - probs) <= 5 * np.sqrt(probs * (1 - probs) / 4000) + 1e-3)
+    per_row = jnp.where(jnp.arange(4000) < 2000, 0.0, 1.0)
+    tokens = np.asarray(sample(jax.random.key(4), tiled, per_row))
+    assert np.all(tokens[:2000] == int(jnp.argmax(logits)))
+    assert len(np.unique(tokens[2000:])) > 1
 
 
 # ---------------------------------------------------------------------------- bad inputs
