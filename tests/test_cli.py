@@ -38,3 +38,50 @@ def test_jsonl_survives_a_truncated_last_line(tmp_path):
         f.write('{"a": 3, "trunc')
     records = runs.read_jsonl(path)
     assert records == [{"a": 1, "x": 2.5}, {"a": 2, "arr": [0, 1, 2]}]
+
+
+def test_run_writes_a_reproducible_record(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["run", "gmm-fk", "--budget", "200", "--num-steps", "10", "--out-dir", str(out)]
+    main(argv)
+    first = json.loads((out / "result.json").read_text())
+    assert first["nfe"] <= 200 and first["seed"] == 0
+    assert json.loads((out / "config.json").read_text())["config"]["method"] == "fk"
+    main(argv)
+    assert json.loads((out / "result.json").read_text())["best_reward"] == first["best_reward"]
+
+
+def test_unknown_preset_lists_the_known_ones(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit, match="known presets: gmm-fk"):
+        main(["run", "gmm-nope"])
+    with pytest.raises(SystemExit, match="minimum budget is 20"):
+        main(["run", "gmm-fk", "--budget", "5", "--num-steps", "20"])
+
+
+def test_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = [
+        "sweep",
+        "gmm-fk",
+        "--budgets",
+        "20",
+        "40",
+        "--seeds",
+        "0",
+        "--num-steps",
+        "10",
+        "--out-dir",
+        str(out),
+    ]
+    main(argv)
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    # Simulate a run killed mid-write: a truncated line, then resume with one more seed.
+    with open(out / "runs.jsonl", "a") as f:
+        f.write('{"method": "fk", "bud')
+    main([*argv[:-4], "--seeds", "0", "1", "--out-dir", str(out)])
+    records = runs.read_jsonl(out / "runs.jsonl")
+    assert sorted((r["budget"], r["seed"]) for r in records) == [(20, 0), (20, 1), (40, 0), (40, 1)]
+    assert (out / "scaling.png").exists() and (out / "scaling.svg").exists()

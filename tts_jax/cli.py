@@ -1,13 +1,21 @@
-"""The ``tts-jax`` command line: ``demo`` runs the main job on the embedded default."""
+"""The ``tts-jax`` command line.
+
+* ``tts-jax demo``: the main job on the embedded defaults.
+* ``tts-jax run PRESET``: one steering run; ``PRESET`` is ``<model>-<method>`` (``gmm-fk``,
+  ``digits-rbf``, ...) or ``path/to/config.py:<method>`` for a user file defining ``make_bundle``.
+* ``tts-jax sweep PRESET --methods ... --budgets ... --seeds ...``: a resumable scaling study with
+  a plot.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
+import pathlib
 
 import tyro
 
+from tts_jax import experiment, plots
 from tts_jax.demos.gmm import GMMDemoConfig, format_table, run_gmm_demo
 
 log = logging.getLogger("tts_jax")
@@ -18,6 +26,97 @@ class Demo:
     """Run the main demo: steer the exact GMM and compare with the closed-form target."""
 
     gmm: GMMDemoConfig = GMMDemoConfig()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Run:
+    """One steering run of PRESET (``<model>-<method>`` or ``file.py:<method>``)."""
+
+    preset: tyro.conf.Positional[str]
+    budget: int = 2000
+    num_steps: int = 20
+    lam: float = 10.0
+    target_class: int = 3
+    diffusion_norm: float = 3.0
+    seed: int = 0
+    out_dir: str = ""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sweep:
+    """A scaling study: every method x budget x seed, resumable, with a plot."""
+
+    preset: tyro.conf.Positional[str]
+    methods: tuple[str, ...] = ()
+    budgets: tuple[int, ...] = (100, 200, 400, 800)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    num_steps: int = 20
+    lam: float = 10.0
+    target_class: int = 3
+    out_dir: str = ""
+
+
+def parse_preset(preset: str) -> tuple[str, str]:
+    """Split ``<model>-<method>`` or ``file.py:<method>`` into ``(model, method)``."""
+    if ".py:" in preset:
+        model, method = preset.rsplit(":", 1)
+    elif "-" in preset:
+        model, method = preset.split("-", 1)
+    else:
+        raise ValueError(f"preset {preset!r} must look like <model>-<method>; {known_presets()}")
+    if not model.endswith(".py") and model not in experiment.MODELS:
+        raise ValueError(f"unknown model in preset {preset!r}; {known_presets()}")
+    if method not in experiment.METHODS:
+        raise ValueError(f"unknown method in preset {preset!r}; {known_presets()}")
+    return model, method
+
+
+def known_presets() -> str:
+    names = [f"{m}-{k}" for m in experiment.MODELS for k in experiment.METHODS]
+    return "known presets: " + ", ".join(names) + " (or file.py:<method>)"
+
+
+def _run(cmd: Run) -> None:
+    model, method = parse_preset(cmd.preset)
+    out_dir = cmd.out_dir or f"outputs/{pathlib.Path(model).stem}-{method}-seed{cmd.seed}"
+    config = experiment.RunConfig(
+        model=model,
+        method=method,
+        budget=cmd.budget,
+        num_steps=cmd.num_steps,
+        lam=cmd.lam,
+        target_class=cmd.target_class,
+        diffusion_norm=cmd.diffusion_norm,
+        seed=cmd.seed,
+        out_dir=out_dir,
+    )
+    record = experiment.run_one(config)
+    for key, value in record.items():
+        print(f"{key:>24}: {value}")
+    print(f"wrote {out_dir}/config.json, result.json, samples.npz, diagnostics.npz")
+
+
+def _sweep(cmd: Sweep) -> None:
+    model, first_method = parse_preset(cmd.preset)
+    methods = list(cmd.methods) or [first_method]
+    for m in methods:
+        if m not in experiment.METHODS:
+            raise ValueError(f"unknown method {m!r}; known: {sorted(experiment.METHODS)}")
+    out_dir = cmd.out_dir or f"outputs/sweep-{pathlib.Path(model).stem}"
+    base = experiment.RunConfig(
+        model=model,
+        method=methods[0],
+        budget=max(cmd.budgets),
+        num_steps=cmd.num_steps,
+        lam=cmd.lam,
+        target_class=cmd.target_class,
+        out_dir=out_dir,
+    )
+    records = experiment.sweep(base, methods, list(cmd.budgets), list(cmd.seeds), out_dir)
+    held = sorted({k for r in records for k in r if k.endswith("_best") and k != "best_reward"})
+    paths = plots.scaling_plot(records, ["best_reward", *held], f"{out_dir}/scaling")
+    print(plots.markdown_table(records, "best_reward"))
+    print(f"{len(records)} runs in {out_dir}/runs.jsonl; plots: {', '.join(paths)}")
 
 
 def _demo(cmd: Demo) -> None:
@@ -31,15 +130,21 @@ def _demo(cmd: Demo) -> None:
     print(f"wrote {cmd.gmm.out_dir}/result.json, config.json, samples.npz, gmm_steering.png")
 
 
+COMMANDS = {"demo": (Demo, _demo), "run": (Run, _run), "sweep": (Sweep, _sweep)}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``tts-jax`` script."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
-    cmd = tyro.extras.subcommand_cli_from_dict({"demo": Demo}, args=argv, prog="tts-jax")
-    if isinstance(cmd, Demo):
-        _demo(cmd)
-    else:  # pragma: no cover - tyro only returns the registered subcommands
-        sys.exit(f"unknown command {cmd!r}")
+    cmd = tyro.extras.subcommand_cli_from_dict(
+        {name: cls for name, (cls, _) in COMMANDS.items()}, args=argv, prog="tts-jax"
+    )
+    handler = next(h for cls, h in COMMANDS.values() if isinstance(cmd, cls))
+    try:
+        handler(cmd)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"tts-jax: error: {err}") from None
 
 
 if __name__ == "__main__":
