@@ -68,7 +68,8 @@ def main() -> None:
                 )
             )
             print(
-                f"| {n} | {name} | {bare * 1e3:.2f} | {fk * 1e3:.2f} | {fk / bare:.2f} | {first:.1f} |"
+                f"| {n} | {name} | {bare * 1e3:.2f} | {fk * 1e3:.2f} | {fk / bare:.2f} "
+                f"| {first:.1f} |"
             )
 
 

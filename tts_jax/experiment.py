@@ -75,7 +75,7 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Bundle:
-    """What a run steers: a flow model, the steering reward and held-out rewards (never optimized)."""
+    """What a run steers: a flow model, the steering reward, held-out rewards (never optimized)."""
 
     model: FlowModel
     reward: Reward

@@ -135,7 +135,10 @@ def x0_eps_to_velocity(interp: Interpolant, x0: Array, eps: Array, t: Array) -> 
 
 
 def eps_to_velocity(interp: Interpolant, eps: Array, x: Array, t: Array) -> Array:
-    """Velocity of an eps-prediction model: ``x0 = (x - sigma eps) / alpha`` then ``alpha_dot x0 + sigma_dot eps``."""
+    """Velocity of an eps-prediction model.
+
+    ``x0 = (x - sigma eps) / alpha``, then ``u = alpha_dot x0 + sigma_dot eps``.
+    """
     a, s, ad, sd = interp.coefficients(t, x)
     x0 = (x - s * eps) / a
     return ad * x0 + sd * eps
@@ -188,8 +191,8 @@ def diffusion(kind: str = "square", norm: float = 3.0) -> Diffusion:
 def sde_drift(interp: Interpolant, u: Array, x: Array, t: Array, g: Array) -> Array:
     """Reverse-SDE drift ``u - 0.5 g^2 score`` that keeps the ODE's marginals.
 
-    ``g`` is ``[N]`` or a scalar; where ``g = 0`` the drift is exactly ``u`` (the score, which may be
-    infinite at ``sigma = 0``, is never evaluated into the result).
+    ``g`` is ``[N]`` or a scalar; where ``g = 0`` the drift is exactly ``u`` (the score,
+    which may be infinite at ``sigma = 0``, never enters the result).
     """
     gg = _per_particle(g, x) ** 2
     score = velocity_to_score(interp, u, x, t)
@@ -225,7 +228,7 @@ def sde_step(
 
 
 def gaussian_log_prob(x: Array, mean: Array, std: Array) -> Array:
-    """``log N(x; mean, std^2 I)`` summed over all but the particle axis; ``std`` is ``[N]`` or scalar."""
+    """``log N(x; mean, std^2 I)`` summed over non-particle axes; ``std`` is ``[N]`` or scalar."""
     std = _per_particle(std, x)
     z = (x - mean) / std
     per = -0.5 * z**2 - jnp.log(std) - 0.5 * jnp.log(2 * jnp.pi)
@@ -238,7 +241,8 @@ def gaussian_log_prob(x: Array, mean: Array, std: Array) -> Array:
 def forward_renoise(interp: Interpolant, key: Array, x: Array, s: Array, s_next: Array) -> Array:
     """Exact forward transition ``x_s -> x_{s'}`` (``s' > s``, towards noise).
 
-    ``x' = a x + b eps`` with ``a = alpha(s') / alpha(s)`` and ``b^2 = sigma(s')^2 - a^2 sigma(s)^2``
+    ``x' = a x + b eps`` with ``a = alpha(s') / alpha(s)``,
+    ``b^2 = sigma(s')^2 - a^2 sigma(s)^2``
     (linear: ``a = (1 - s')/(1 - s)``; VP: ``a = sqrt(abar'/abar)``), as used by search over paths
     (Ma et al. 2025).
     """
@@ -256,7 +260,8 @@ class LinearToVP:
     """Run a linear-path velocity model as a VP model (Kim et al. 2025, ALGORITHMS.md 0.3).
 
     A VP state ``xbar`` at VP time ``r`` corresponds to the linear state ``x = xbar / c(r)`` at time
-    ``t(r) = sbar / (abar + sbar)``, with ``c = abar + sbar`` (equal signal-to-noise ratios), and the
+    ``t(r) = sbar / (abar + sbar)``, with ``c = abar + sbar`` (equal signal-to-noise ratios), and
+    the
     VP velocity is ``ubar = (c_dot / c) xbar + c t_dot u(xbar / c, t(r))``.
     """
 

@@ -1,8 +1,8 @@
 """GMM steering demo: FK steering of an exact Gaussian mixture toward a linear reward.
 
-The target ``p(x) exp(lam a.x) / Z`` is known in closed form (:func:`tts_jax.models.gmm.tilt_linear`),
-so the demo prints the analytic statistics beside the sampled ones, writes a scatter plot and a
-JSON result with the seed, config and package versions.
+The target ``p(x) exp(lam a.x) / Z`` is known in closed form
+(:func:`tts_jax.models.gmm.tilt_linear`), so the demo prints the analytic statistics beside the
+sampled ones, writes a scatter plot and a JSON result with the seed, config and package versions.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ class FlowModel:
 
     Attributes:
         params: pytree of weights (dynamic).
-        apply: ``(params, x [N, ...], t [N], cond) -> u [N, ...]`` velocity on ``interpolant``'s path;
+        apply: ``(params, x [N, ...], t [N], cond) -> u [N, ...]``, the velocity on the path;
             a module-level function (hashed by identity as a static field).
         interpolant: the path the velocity refers to (t = 1 noise, t = 0 data).
         sample_shape: per-particle shape of ``x`` (without the particle axis).
@@ -46,7 +46,7 @@ class FlowModel:
 
 @dataclasses.dataclass(frozen=True)
 class _VPConvertedApply:
-    """Static, hashable apply of a linear-path model run as a VP model (same key -> same jit cache)."""
+    """Static, hashable apply of a linear-path model run on the VP path (stable jit cache key)."""
 
     inner: ApplyFn
     conversion: LinearToVP

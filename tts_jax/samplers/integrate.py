@@ -44,7 +44,7 @@ def step(
 def solve(
     key: Array, model: FlowModel, x: Array, grid: Array, diffusion: Diffusion, cond: Any = None
 ) -> Array:
-    """Integrate ``x`` along ``grid`` (``grid[0]`` -> ``grid[-1]``); ``len(grid) - 1`` NFE per particle.
+    """Integrate ``x`` along ``grid`` (``grid[0]`` -> ``grid[-1]``): ``len(grid) - 1`` NFE each.
 
     Args:
         key: PRNG key (step ``k`` uses ``fold_in(key, k)``).
