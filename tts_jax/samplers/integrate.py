@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tts_jax.interpolants import Diffusion, sde_step, velocity_to_x0
+from tts_jax.interpolants import Diffusion, euler_step, sde_step, velocity_to_x0
 from tts_jax.models.base import FlowModel
 
 Array = jax.Array
@@ -37,6 +37,8 @@ def step(
     t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
     t_next = jnp.broadcast_to(jnp.asarray(t_next, x.dtype), x.shape[:1])
     u = model.velocity(x, t, cond)
+    if diffusion.kind == "zero":  # the ODE: same result as g = 0, without drawing noise
+        return euler_step(u, x, t, t_next), u
     g = diffusion(t, model.interpolant)
     return sde_step(key, model.interpolant, u, x, t, t_next, g), u
 
