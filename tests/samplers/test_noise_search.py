@@ -1,0 +1,243 @@
+"""Noise search (Ma et al. 2025): order statistics of best-of-N, budgets counted by real model
+calls, growth with budget, sphere geometry, verifier ensembles, held-out verifiers, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tts_jax import interpolants as I
+from tts_jax.models import gmm as G
+from tts_jax.models.base import FlowModel
+from tts_jax.rewards.analytic import distance_reward, linear_reward
+from tts_jax.rewards.base import Reward
+from tts_jax.rewards.ensemble import mean_rank_ensemble
+from tts_jax.samplers import integrate
+from tts_jax.samplers import noise_search as ns
+
+K = 8
+GRID = I.uniform_grid(K)
+DIRECTION = jnp.array([1.0, -0.5])
+MIXTURE = G.asymmetric_gmm_2d()
+# search over paths: M = 2, start at grid index 4, delta_f = 1, delta_b = 2 grid steps
+PATHS = {"num_branches": 2, "start_step": 4, "forward_steps": 1, "backward_steps": 2}
+PATH_NFE = 4 + 2 * (2 + 1) * 3 + 2 * 2  # rounds at indices 4, 5, 6 (+ Tweedie), 7 (last)
+COUNTS = {"nfe": 0, "traces": 0}
+
+# Every run below uses the same model, verifier structure and held-out verifiers, so the whole
+# file compiles each search once per distinct static size (the machine is shared and slow).
+
+
+def _count(x):
+    COUNTS["nfe"] += x.shape[0]
+
+
+def _counted_velocity(params, x, t, cond=None):
+    """The exact mixture velocity, counting traces (Python) and forward passes (at run time)."""
+    COUNTS["traces"] += 1
+    jax.debug.callback(_count, x)
+    return G.velocity(params, x, t)
+
+
+def _linear_or_nan(params, x, cond=None):
+    """``direction . x``, or NaN where ``x[:, 0] > nan_above`` (``inf``: never)."""
+    return jnp.where(x[:, 0] > params["nan_above"], jnp.nan, x @ params["direction"])
+
+
+def _reward(direction, nan_above=np.inf) -> Reward:
+    params = {"direction": jnp.asarray(direction, jnp.float32), "nan_above": jnp.float32(nan_above)}
+    return Reward(params, _linear_or_nan, "linear")
+
+
+MODEL = FlowModel(MIXTURE, _counted_velocity, I.Linear(), (2,))
+REWARD = _reward(DIRECTION)
+HELD_OUT = {"distance": distance_reward([0.5, -2.0]), "negated": linear_reward(-DIRECTION)}
+
+
+def _best_of_n(key, budget, **kwargs):
+    return ns.best_of_n(
+        key, MODEL, kwargs.pop("reward", REWARD), budget, GRID, held_out=HELD_OUT, **kwargs
+    )
+
+
+def _zero_order(key, budget, **kwargs):
+    reward = kwargs.pop("reward", REWARD)
+    return ns.zero_order_search(key, MODEL, reward, budget, GRID, held_out=HELD_OUT, **kwargs)
+
+
+def _paths(key, budget, **kwargs):
+    reward = kwargs.pop("reward", REWARD)
+    return ns.search_over_paths(
+        key, MODEL, reward, budget, GRID, held_out=HELD_OUT, **PATHS, **kwargs
+    )
+
+
+def _run_counted(fn, *args, **kwargs):
+    """Run a search -> (result, model forward passes actually executed)."""
+    COUNTS["nfe"] = 0
+    out = fn(*args, **kwargs)
+    jax.block_until_ready(out)
+    jax.effects_barrier()
+    return out, COUNTS["nfe"]
+
+
+def _expected_max(rewards: np.ndarray, n: int) -> float:
+    """E[max of n draws with replacement] from the empirical distribution of ``rewards``."""
+    r = np.sort(rewards)
+    cdf = np.arange(1, len(r) + 1) / len(r)
+    return float(r @ (cdf**n - (cdf - 1 / len(r)) ** n))
+
+
+def test_best_of_n_matches_order_statistics_of_independent_samples():
+    num_ref = 20000
+    plain = G.flow_model(MIXTURE)
+    ref = jax.jit(
+        lambda k: integrate.solve(k, plain, jax.random.normal(k, (num_ref, 2)), GRID, I.ode())
+    )
+    ref_rewards = np.asarray(REWARD(ref(jax.random.key(123))), np.float64)
+    num_seeds = 100
+    best = []
+    for seed in range(num_seeds):
+        out, spent = _run_counted(_best_of_n, jax.random.key(seed), 16 * K + 3)
+        assert out.samples.shape == (16, 2) and spent == int(out.nfe) == 16 * K
+        assert int(out.reward_calls) == 16
+        assert float(out.best_reward) == float(out.rewards.max())
+        # candidate i uses fold_in(key, i): best_reward[n - 1] is exactly best-of-n at n K NFE
+        best.append(np.asarray(out.info["best_reward"]))
+    best = np.array(best)
+    for n in (1, 4, 16):
+        expected = _expected_max(ref_rewards, n)
+        got = best[:, n - 1]
+        # seed-to-seed standard error, plus the reference's own Monte Carlo error
+        se = got.std(ddof=1) / np.sqrt(num_seeds) + ref_rewards.std() / np.sqrt(num_ref)
+        assert abs(got.mean() - expected) < 4 * se, (n, got.mean(), expected, se)
+        print(f"best-of-{n}: {got.mean():.4f} +- {se:.4f}, order statistics {expected:.4f}")
+
+
+def test_best_of_n_prefix_held_out_and_batch_size():
+    full = _best_of_n(jax.random.key(5), 16 * K)
+    four = _best_of_n(jax.random.key(5), 4 * K)
+    # the same candidates (up to float reassociation in differently sized batches)
+    np.testing.assert_allclose(np.asarray(four.samples), np.asarray(full.samples[:4]), atol=1e-5)
+    assert int(four.best) == int(np.argmax(np.asarray(full.rewards[:4])))
+    chunked = _best_of_n(jax.random.key(5), 16 * K, batch_size=5)
+    np.testing.assert_allclose(np.asarray(chunked.samples), np.asarray(full.samples), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["zero_order", "paths"])
+def test_budget_is_never_exceeded_and_best_reward_grows(method):
+    if method == "zero_order":
+        budgets, run, slack = (50, 150), _zero_order, 32  # 1 and 4 iterations of M = 4
+    else:
+        budgets, run, slack = (PATH_NFE + 5, 4 * PATH_NFE + 3), _paths, PATH_NFE  # 1, 4 paths
+    best = np.zeros((len(budgets), 16))
+    for i, budget in enumerate(budgets):
+        for seed in range(best.shape[1]):
+            out, spent = _run_counted(run, jax.random.key(seed), budget)
+            assert spent == int(out.nfe) == int(out.info["nfe"][-1]) <= budget
+            assert budget - spent < slack
+            best[i, seed] = float(out.best_reward)
+    gain = best[1] - best[0]
+    se = gain.std(ddof=1) / np.sqrt(gain.size)
+    assert gain.mean() > -3 * se, (best.mean(1), se)
+    if method == "zero_order":  # iteration i uses fold_in(key, i): a larger budget continues
+        assert (gain >= 0).all()
+    print(f"{method}: mean best reward {best.mean(1)} at budgets {budgets}, gain se {se:.3f}")
+
+
+def test_zero_order_diagnostics_and_paths_plan():
+    out = _zero_order(jax.random.key(0), 150)
+    np.testing.assert_array_equal(np.asarray(out.info["nfe"]), K * (1 + 4 * np.arange(5)))
+    curve = np.asarray(out.info["best_reward"])
+    assert (np.diff(curve) >= 0).all() and curve[-1] == float(out.best_reward)
+    restarted = np.asarray(out.info["restarted"])
+    assert np.isneginf(np.asarray(out.info["pivot_reward"])[restarted]).all()
+    assert int(out.reward_calls) == 1 + 4 * (4 + 2)
+    plan = ns.paths_plan(K, **PATHS)
+    assert plan.levels == (4, 5, 6, 7) and plan.lengths == (2, 2, 2, 2)
+    assert plan.nfe_per_path == PATH_NFE
+
+
+def test_sphere_neighbours_keep_the_norm_and_the_cosine():
+    pivot = jax.random.normal(jax.random.key(0), (3, 4))
+    flat = np.asarray(pivot, np.float64).reshape(-1)
+    for lam in (0.95, 0.5, -0.3, 0.0):
+        nb = np.asarray(ns.sphere_neighbours(jax.random.key(1), pivot, lam, 64), np.float64)
+        assert nb.shape == (64, 3, 4)
+        nb = nb.reshape(64, -1)
+        norms = np.linalg.norm(nb, axis=1)
+        np.testing.assert_allclose(norms, np.linalg.norm(flat), rtol=1e-5)
+        np.testing.assert_allclose(nb @ flat / (norms * np.linalg.norm(flat)), lam, atol=1e-5)
+        assert np.linalg.matrix_rank(nb, tol=1e-3) == flat.size  # spread over all directions
+
+
+def test_sweeping_lambda_cos_does_not_recompile():
+    run = lambda lam: _zero_order(jax.random.key(0), 150, lambda_cos=lam)
+    first = run(0.9)
+    traces = COUNTS["traces"]
+    others = [run(lam) for lam in (0.5, jnp.float32(0.99))]
+    assert COUNTS["traces"] == traces
+    assert not np.array_equal(np.asarray(first.samples), np.asarray(others[0].samples))
+
+
+def test_held_out_rewards_are_reported_and_never_select():
+    runs = {
+        "best_of_n": _best_of_n(jax.random.key(5), 4 * K),
+        "zero_order": _zero_order(jax.random.key(5), 150),
+        "paths": _paths(jax.random.key(5), 4 * PATH_NFE + 3),
+    }
+    for name, out in runs.items():
+        assert set(out.info["held_out"]) == set(HELD_OUT), name
+        for held, reward in HELD_OUT.items():
+            np.testing.assert_allclose(
+                np.asarray(out.info["held_out"][held]), reward(out.samples), rtol=1e-6
+            )
+        # "negated" would pick the opposite sample: selection follows the steering reward only
+        np.testing.assert_allclose(out.info["held_out"]["negated"], -out.rewards, rtol=1e-6)
+        assert int(out.best) == int(np.argmax(np.asarray(out.rewards)))
+    without = ns.best_of_n(jax.random.key(5), MODEL, REWARD, 4 * K, GRID)
+    np.testing.assert_array_equal(np.asarray(without.samples), runs["best_of_n"].samples)
+    assert without.info["held_out"] == {}
+
+
+def test_rank_ensemble_of_monotone_transforms_selects_like_its_member():
+    # zero-order search compares the pivot and best-so-far with the neighbours in one batch,
+    # so a batch-relative verifier (ranks) selects exactly like the reward it ranks
+    ensemble = mean_rank_ensemble([REWARD, _reward(3.0 * DIRECTION)])
+    for seed in range(2):
+        a = _zero_order(jax.random.key(seed), 150)
+        b = _zero_order(jax.random.key(seed), 150, reward=ensemble)
+        np.testing.assert_array_equal(np.asarray(a.samples), np.asarray(b.samples))
+        np.testing.assert_array_equal(np.asarray(a.info["restarted"]), b.info["restarted"])
+
+
+def test_budget_below_one_trajectory_is_rejected_with_the_minimum():
+    with pytest.raises(ValueError, match="minimum of 8 NFE"):
+        ns.best_of_n(jax.random.key(0), MODEL, REWARD, K - 1, GRID)
+    with pytest.raises(ValueError, match="minimum of 8 NFE"):
+        ns.zero_order_search(jax.random.key(0), MODEL, REWARD, 3, GRID)
+    with pytest.raises(ValueError, match=f"minimum of {PATH_NFE} NFE"):
+        ns.search_over_paths(jax.random.key(0), MODEL, REWARD, PATH_NFE - 1, GRID, **PATHS)
+    with pytest.raises(ValueError, match="3 paths cost"):
+        ns.search_over_paths(
+            jax.random.key(0), MODEL, REWARD, 2 * PATH_NFE, GRID, num_paths=3, **PATHS
+        )
+    with pytest.raises(ValueError, match="lambda_cos"):
+        ns.zero_order_search(jax.random.key(0), MODEL, REWARD, 50, GRID, lambda_cos=1.5)
+    with pytest.raises(ValueError, match="leading axis of size 1"):
+        ns.best_of_n(jax.random.key(0), MODEL, REWARD, K, GRID, cond=jnp.zeros((3,)))
+
+
+@pytest.mark.parametrize(
+    "run, budget",
+    [(_best_of_n, 16 * K), (_zero_order, 150), (_paths, 4 * PATH_NFE + 3)],
+    ids=["best_of_n", "zero_order_search", "search_over_paths"],
+)
+def test_nan_rewards_raise_by_default_and_are_never_selected(run, budget):
+    nan_right = _reward(DIRECTION, nan_above=0.0)  # same structure as REWARD: no recompile
+    with pytest.raises(ValueError, match="the reward returned NaN"):
+        run(jax.random.key(0), budget, reward=nan_right)
+    out = run(jax.random.key(0), budget, reward=nan_right, nan_policy="drop")
+    assert int(out.info["num_nan_rewards"]) > 0
+    assert np.isfinite(float(out.best_reward))
+    assert float(out.best_sample[0]) <= 0
