@@ -1,0 +1,216 @@
+"""Train the embedded arithmetic process reward model; export it to ``tts_jax/assets/arith-prm/``.
+
+Data: the trained policy (``assets/arith-lm``) samples solutions of training problems (never the
+held-out split) at temperatures 0.8 and 1.2, so the PRM sees the policy's own mistakes. Every
+step end (newline or EOS) of a sample is labelled by the exact checker
+(:func:`tts_jax.tasks.arith_data.prm_step_labels` / ``make_prm_batch``): 1 iff the solution prefix
+up to it is still correct, so after the first wrong step every label is 0.
+
+Model: a ``Qwen2ForProcessRewardModel`` (:class:`tts_jax.models.lm_reward.RewardModel`, two
+classes) whose backbone starts from the policy's weights; all of it is trained with cross-entropy
+at the labelled step ends. Class 1's probability is the step score Puri et al. 2025 use for
+particle filtering. There is no separate ORM: the label at the EOS after the answer line is
+"every step and the final answer are correct", so the same PRM read at the EOS is the outcome
+reward of a finished solution.
+
+Sampled data and orbax checkpoints live in ``experiments/checkpoints/arith-prm-<hash>/``, so a
+killed run resumes (same optimizer recipe as the policy: AdamW, warmup + cosine).
+
+Run: ``python experiments/train_arith_prm.py`` after ``train_arith_lm.py`` (under 10 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import pathlib
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from train_arith_lm import CHECKPOINTS, loss_summary, make_optimizer, restore_or_init
+
+from tts_jax.models.arith import (
+    ARITH_LM_DIR,
+    ARITH_PRM_DIR,
+    ARITH_TASK,
+    N_EVAL_PROBLEMS,
+    load_arith_policy,
+    sample_solutions,
+)
+from tts_jax.models.lm import LM, init_cache
+from tts_jax.models.lm_reward import RewardModel, reward_logits, save_reward_model
+from tts_jax.runs import append_jsonl, environment, read_jsonl, to_jsonable, write_json
+from tts_jax.tasks.arith_data import PRMBatch, make_prm_batch, make_splits
+from tts_jax.tasks.arith_tokenizer import ArithTokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The PRM recipe (written to ``training.json``; its hash names the checkpoint folder)."""
+
+    seed: int = 0
+    num_problems: int = 1536
+    samples_per_problem: int = 2
+    temperatures: tuple[float, ...] = (0.8, 1.2)
+    sample_batch: int = 512
+    steps: int = 250
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_fraction: float = 0.05
+    end_lr_fraction: float = 0.05
+    weight_decay: float = 0.01
+    checkpoint_every: int = 50
+    log_every: int = 25
+
+    def __post_init__(self):
+        if min(self.num_problems, self.samples_per_problem, self.steps, self.batch_size) < 1:
+            raise ValueError(f"counts must be positive: {self}")
+        if (self.num_problems * self.samples_per_problem) % self.sample_batch:
+            raise ValueError("num_problems * samples_per_problem must be a multiple of "
+                             f"sample_batch: {self}")
+
+    def digest(self, policy_dir: pathlib.Path) -> str:
+        """Short hash of the recipe, the task and the policy weights it samples from."""
+        text = json.dumps(to_jsonable({"train": self, "task": ARITH_TASK}), sort_keys=True)
+        policy = (policy_dir / "model.safetensors").read_bytes()
+        return hashlib.sha256(text.encode() + policy).hexdigest()[:10]
+
+
+def sample_training_data(cfg: TrainConfig, policy: LM, tokenizer: ArithTokenizer) -> PRMBatch:
+    """Policy samples of training problems, labelled at every step end by the checker."""
+    train_problems, _ = make_splits(cfg.num_problems, N_EVAL_PROBLEMS, ARITH_TASK,
+                                    train_seed=cfg.seed + 100)
+    problems = [p for p in train_problems for _ in range(cfg.samples_per_problem)]
+    temps = np.resize(np.asarray(cfg.temperatures, np.float32), len(problems))
+    key = jax.random.key(cfg.seed)
+    chunks = []
+    for start in range(0, len(problems), cfg.sample_batch):
+        stop = start + cfg.sample_batch
+        chunks.append(sample_solutions(policy, tokenizer, problems[start:stop],
+                                       jax.random.fold_in(key, start),
+                                       temperature=temps[start:stop]))
+    completions = np.concatenate(chunks)
+    prompt_width = max(len(tokenizer.encode(p.prompt)) for p in problems)
+    return make_prm_batch(tokenizer, problems, completions, prompt_width + completions.shape[1])
+
+
+def load_or_sample(cfg: TrainConfig, policy: LM, tokenizer: ArithTokenizer,
+                   run_dir: pathlib.Path) -> PRMBatch:
+    """The labelled samples, cached in ``run_dir/samples.npz``."""
+    file = run_dir / "samples.npz"
+    if file.is_file():
+        with np.load(file) as f:
+            return PRMBatch(**{k: f[k] for k in PRMBatch._fields})
+    tic = time.perf_counter()
+    data = sample_training_data(cfg, policy, tokenizer)
+    np.savez(file, **data._asdict())
+    print(f"sampled {len(data.input_ids)} solutions in {time.perf_counter() - tic:.1f} s")
+    return data
+
+
+def step_loss(prm: RewardModel, input_ids: jax.Array, step_mask: jax.Array,
+              labels: jax.Array) -> jax.Array:
+    """Mean cross-entropy of the PRM's two-class head at the labelled step ends.
+
+    Args:
+        prm: :class:`RewardModel` with two labels.
+        input_ids: ``int32[B, L]``.
+        step_mask: ``bool[B, L]`` labelled positions.
+        labels: ``int32[B, L]`` 1 = prefix correct.
+
+    Returns:
+        Scalar loss.
+    """
+    n, t = input_ids.shape
+    logits, _ = reward_logits(prm, input_ids, init_cache(prm.config, n, t))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    weights = step_mask.astype(jnp.float32)
+    return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def init_prm(policy: LM, seed: int) -> RewardModel:
+    """A PRM whose backbone is a copy of the policy's (the score head is fresh)."""
+    prm = RewardModel(policy.config, 2, rngs=nnx.Rngs(seed))
+    nnx.update(prm.model, nnx.state(policy.model, nnx.Param))
+    return prm
+
+
+def train(cfg: TrainConfig, data: PRMBatch, policy: LM, run_dir: pathlib.Path) -> RewardModel:
+    """Runs (or resumes) the optimization and returns the trained PRM."""
+    graphdef, params = nnx.split(init_prm(policy, cfg.seed))
+    opt = make_optimizer(cfg)
+    manager = ocp.CheckpointManager(run_dir.resolve() / "orbax",
+                                    options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    start, params, opt_state = restore_or_init(manager, params, opt.init(params))
+    width = int(data.attention_mask.sum(1).max())
+    ids, mask, labels = (x[:, :width] for x in (data.input_ids, data.step_mask, data.labels))
+
+    @jax.jit
+    def step_fn(params, opt_state, ids, mask, labels):
+        loss_fn = lambda p: step_loss(nnx.merge(graphdef, p), ids, mask, labels)
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    tic, losses = time.perf_counter(), []
+    for step in range(start, cfg.steps):
+        idx = np.random.default_rng([cfg.seed, step]).integers(0, len(ids), cfg.batch_size)
+        params, opt_state, loss = step_fn(params, opt_state, ids[idx], mask[idx], labels[idx])
+        losses.append(loss)
+        if (step + 1) % cfg.log_every == 0:
+            mean = float(jnp.mean(jnp.stack(losses)))
+            seconds, tic, losses = time.perf_counter() - tic, time.perf_counter(), []
+            append_jsonl(run_dir / "log.jsonl", {"step": step + 1, "loss": mean,
+                                                 "seconds": seconds})
+            print(f"step {step + 1}/{cfg.steps} loss {mean:.4f} ({seconds:.1f} s)", flush=True)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            manager.save(step + 1, args=ocp.args.StandardSave(
+                {"params": params, "opt_state": opt_state}))
+    manager.wait_until_finished()
+    return nnx.merge(graphdef, params)
+
+
+def label_stats(data: PRMBatch) -> dict:
+    """How many step labels there are and the fraction that are positive."""
+    labels = data.labels[data.step_mask]
+    return {"num_solutions": len(data.input_ids), "num_step_labels": int(labels.size),
+            "positive_fraction": round(float(labels.mean()), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--out", type=pathlib.Path, default=ARITH_PRM_DIR)
+    args = parser.parse_args()
+    cfg = TrainConfig(steps=args.steps, seed=args.seed)
+    config, policy, tokenizer = load_arith_policy()
+    run_dir = CHECKPOINTS / f"arith-prm-{cfg.digest(ARITH_LM_DIR)}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = load_or_sample(cfg, policy, tokenizer, run_dir)
+    print("labels:", label_stats(data))
+    prm = train(cfg, data, policy, run_dir)
+    save_reward_model(args.out, config, prm)
+    for name in TOKENIZER_FILES:
+        shutil.copy(ARITH_LM_DIR / name, args.out / name)
+    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(prm, nnx.Param)))
+    write_json(args.out / "training.json", {
+        "recipe": cfg, "task": ARITH_TASK, "num_params": num_params, "data": label_stats(data),
+        "loss": loss_summary(read_jsonl(run_dir / "log.jsonl")), "environment": environment(),
+        "script": "experiments/train_arith_prm.py", "policy": "tts_jax/assets/arith-lm",
+    })
+    print(f"wrote {args.out} ({num_params} parameters)")
+
+
+if __name__ == "__main__":
+    main()
