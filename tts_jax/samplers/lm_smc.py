@@ -1,0 +1,456 @@
+"""Particle methods for language models: step-level particle filtering with a PRM (plain,
+entropic, particle Gibbs) and token-level SMC with twists and hard constraints.
+
+All of them run on :class:`~tts_jax.samplers.lm_state.LMState` particles (KV cache included, one
+gather per resampling, prompt prefilled once) through the Feynman-Kac engine
+:mod:`tts_jax.smc` inside one jitted program, and return an
+:class:`~tts_jax.samplers.lm_result.LMResult` with the budget spent (tokens, per-row LM forwards,
+batched LM calls, scorer calls).
+
+**Step-level particle filtering** (Puri et al. 2025, "A Probabilistic Inference Approach to
+Inference-Time Scaling of LLMs using Particle-Based Monte Carlo Methods", ALGORITHMS.md 4.1). One
+SMC step = every active particle generates up to its separator / stop token / ``max_step_tokens``,
+then the scorer (e.g. a PRM) scores the partial solutions, aggregated by ``last`` / ``min`` /
+``prod`` / ``model``. Two weightings:
+
+* ``weighting="puri"`` (the paper): after each step the weights are *absolute*,
+  ``w = softmax(logit(r) / T_softmax)`` (odds to the power ``1 / T_softmax``), with multinomial
+  resampling every step. These are **not** incremental importance ratios: a prefix's score is
+  counted again at every step, so the particles do not target a fixed tilted distribution (and
+  ``log_evidence`` is NaN). It is implemented in the engine by a cumulative potential
+  ``phi_k = sum_{j <= k} logit(r_j) / T``, whose increments are exactly the absolute weights.
+  Steps where every particle was already done change nothing.
+* ``weighting="twisted"``: proper twisted SMC (ALGORITHMS.md 0.5 / 4.2): the cumulative potential
+  is ``phi_k = logit(r_k) / T_softmax`` and weights multiply by ``exp(phi_k - phi_{k-1})``, so the
+  final weighted particles target ``p(y | x) (r(y) / (1 - r(y)))^(1 / T_softmax) / Z`` with
+  ``log_evidence`` estimating ``log Z``; ESS-triggered resampling (default 0.5 N).
+
+Finished particles (stop token, or buffer full) stay in the pool with their final score and their
+copies stay finished ("resample inactive"). With ``weighting="puri"`` a resampling is skipped only
+when the weights are exactly uniform (it would only lose diversity).
+
+**Entropic PF** (:func:`entropic_particle_filter`): the absolute weights are tempered by
+``T = max(1, (1 / ess_ratio) (1 - progress))`` when ``ess_ratio < 0.5`` and ``progress < 0.5``
+(``ess_ratio`` of the untempered weights, ``progress = steps done / max_steps``), systematic
+resampling, and the final answer is the untempered argmax.
+
+**Particle Gibbs** (:func:`particle_gibbs`): several filter sweeps; from the second on, particle 0
+replays a reference trajectory drawn by weight from the previous sweep and is never resampled
+away (conditional resampling pins ancestor 0).
+
+**Token-level SMC** (:func:`token_smc`, llamppl / genlm-control style, ALGORITHMS.md 4.2): propose
+each token from ``q`` = the LM at ``temperature``, optionally restricted by a constraint mask;
+weight by ``p / q`` times ``psi(prefix_t) / psi(prefix_{t-1})`` for a user twist ``log psi``
+(whose value at a done particle is the final potential). ESS-triggered resampling. Hard
+constraints: a potential of ``-inf`` or a prefix with no allowed next token kills the particle;
+if every particle dies the result says so (``all_dead``, ``log_evidence = -inf``) rather than
+raising.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tts_jax import smc
+from tts_jax.models import lm
+from tts_jax.particles import ess
+from tts_jax.resampling import get_resampler
+from tts_jax.samplers.lm_result import (
+    LMResult,
+    check_budget,
+    check_nan,
+    check_prompt,
+    make_result,
+)
+from tts_jax.samplers.lm_scoring import AGGREGATIONS, StepScorer, log_odds, score_sequences
+from tts_jax.samplers.lm_state import (
+    Budget,
+    DecodeConfig,
+    add_budget,
+    append_token,
+    decode_config,
+    generate_step,
+    init_state,
+    sequences,
+)
+
+Array = jax.Array
+WEIGHTINGS = ("puri", "twisted")
+RESAMPLERS = ("multinomial", "stratified", "systematic")
+# potential(params, tokens int32[N, L], lengths int32[N], done bool[N]) -> log psi float32[N]
+Potential = Callable[[Any, Array, Array, Array], Array]
+# constraint(params, tokens int32[N, L], lengths int32[N]) -> allowed next tokens bool[N, V]
+Constraint = Callable[[Any, Array, Array], Array]
+
+
+# --------------------------------------------------------------------------------------------
+# Step-level particle filtering
+# --------------------------------------------------------------------------------------------
+def entropic_temperature(log_weights: Array, progress: Array) -> Array:
+    """Annealing temperature of entropic particle filtering.
+
+    ``T = max(1, (1 / ess_ratio) (1 - progress))`` if ``ess_ratio < 0.5`` and ``progress < 0.5``,
+    else 1, with ``ess_ratio = ESS(log_weights) / N`` (NaN weights count as zero).
+
+    Args:
+        log_weights: ``float32[N]`` untempered log-weights.
+        progress: scalar in ``[0, 1]``.
+
+    Returns:
+        float32 scalar ``T >= 1``.
+    """
+    n = log_weights.shape[0]
+    ratio = ess(jnp.where(jnp.isnan(log_weights), -jnp.inf, log_weights)) / n
+    hot = (ratio < 0.5) & (progress < 0.5)
+    return jnp.where(hot, jnp.maximum(1.0, (1.0 - progress) / jnp.maximum(ratio, 1e-30)), 1.0)
+
+
+def _pinned_resampler(resampler: str, pin: Array) -> Callable[[Array, Array, int], Array]:
+    """``resampler``, or conditional resampling keeping ancestor 0 in slot 0 when ``pin``."""
+    base = get_resampler(resampler)
+
+    def conditional(key, log_weights, n):
+        ancestors = base(key, log_weights, n)
+        return ancestors.at[0].set(jnp.where(pin, 0, ancestors[0]))
+
+    return conditional
+
+
+def _best_alive(scores: Array, log_weights: Array) -> Array:
+    alive = jnp.isfinite(log_weights) & ~jnp.isnan(scores)
+    return jnp.argmax(jnp.where(alive, scores, -jnp.inf)).astype(jnp.int32)
+
+
+def _pf_callbacks(model, prompt, scorer, scorer_params, cfg, ref_tokens, *, max_steps,
+                  max_step_tokens, aggregation):
+    """``propagate`` / ``log_potential`` of step-level particle filtering (see module doc).
+
+    ``hyper`` (traced): ``softmax_temperature``, ``puri`` (absolute weights, else twisted),
+    ``anneal`` (entropic tempering), ``has_ref`` (particle 0 replays ``ref_tokens``).
+    """
+
+    def propagate(key, s, k, hyper):
+        all_done = jnp.all(s.done)
+        was_done = s.done
+        forced = (jnp.arange(s.done.shape[0]) == 0) & hyper["has_ref"]
+        s = generate_step(model, s, key, cfg, max_step_tokens, forced, ref_tokens)
+
+        def score(st):
+            tokens, ends = sequences(prompt, st)
+            return score_sequences(scorer, scorer_params, tokens, ends, aggregation)
+
+        fresh = jax.lax.cond(all_done, lambda st: st.score, score, s)
+        r = jnp.where(was_done, s.score, fresh)
+        a = log_odds(r) / hyper["softmax_temperature"]
+        a = a / jnp.where(hyper["anneal"], entropic_temperature(a, (k + 1) / max_steps), 1.0)
+        absolute = jnp.where(all_done, s.phi, s.phi + a)
+        phi = jnp.where(hyper["puri"], absolute, a)
+        budget = add_budget(s.budget, prm_calls=jnp.where(all_done, 0, jnp.sum(~was_done)))
+        s = s._replace(score=r, phi=phi, budget=budget)
+        return s, jnp.zeros_like(phi)
+
+    def log_potential(s, k, hyper):
+        return s.phi
+
+    return propagate, log_potential
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "scorer", "num_particles", "max_steps", "max_step_tokens", "max_new_tokens", "aggregation",
+    "resampler"))
+def _pf_jit(key, model, prompt, scorer_params, cfg: DecodeConfig, hyper, ref_tokens, *, scorer,
+            num_particles, max_steps, max_step_tokens, max_new_tokens, aggregation, resampler):
+    k_run, k_ref = jax.random.split(key)
+    state = init_state(model, prompt, num_particles, max_new_tokens, cfg.pad_id)
+    propagate, log_potential = _pf_callbacks(
+        model, prompt, scorer, scorer_params, cfg, ref_tokens, max_steps=max_steps,
+        max_step_tokens=max_step_tokens, aggregation=aggregation)
+    mask = jnp.arange(max_steps) < max_steps - 1  # never resample after the last step
+    schedule = smc.ResampleSchedule(mask, hyper["ess_threshold"])
+    res_fn = _pinned_resampler(resampler, hyper["has_ref"])
+    out = smc.run_scan(k_run, state, propagate, log_potential, schedule, hyper, res_fn)
+    final, lw = out.particles.state, out.particles.log_weights
+    info = out.info._asdict()
+    info["num_nan"] = jnp.sum(out.info.num_nan_potentials) + out.num_nan_initial
+    # The reference of the next Gibbs sweep, drawn by final weight.
+    ref = jax.random.categorical(k_ref, jnp.where(jnp.isnan(lw), -jnp.inf, lw))
+    info["next_reference"] = final.tokens[ref]
+    log_z = jnp.where(hyper["puri"], jnp.nan, out.log_evidence)
+    log_z = jnp.where(out.all_dead, -jnp.inf, log_z)
+    return make_result(final, lw, _best_alive(final.score, lw), log_z, out.all_dead, info)
+
+
+def _check_pf_args(prompt, num_particles, max_steps, max_step_tokens, max_new_tokens,
+                   aggregation, weighting, resampler):
+    check_budget(num_particles, max_new_tokens, max_steps, max_step_tokens)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; known: {WEIGHTINGS}")
+    if resampler not in RESAMPLERS:
+        raise ValueError(f"unknown resampler {resampler!r}; known: {RESAMPLERS}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; known: {AGGREGATIONS}")
+    return jnp.asarray(check_prompt(prompt))
+
+
+def _run_pf(key, model, prompt, scorer, scorer_params, *, num_particles, max_steps,
+            max_step_tokens, max_new_tokens, temperature, softmax_temperature, sep_id, stop_ids,
+            pad_id, aggregation, weighting, anneal, resampler, ess_threshold, nan_policy,
+            reference=None, method="particle_filter"):
+    prompt = _check_pf_args(prompt, num_particles, max_steps, max_step_tokens, max_new_tokens,
+                            aggregation, weighting, resampler)
+    if ess_threshold is None:
+        ess_threshold = 1.0 if weighting == "puri" else 0.5
+    hyper = {"softmax_temperature": jnp.asarray(softmax_temperature, jnp.float32),
+             "ess_threshold": jnp.asarray(ess_threshold, jnp.float32),
+             "puri": jnp.asarray(weighting == "puri"), "anneal": jnp.asarray(anneal),
+             "has_ref": jnp.asarray(reference is not None)}
+    cfg = decode_config(temperature, sep_id, stop_ids, pad_id)
+    ref = jnp.zeros((max_new_tokens,), jnp.int32) if reference is None else reference
+    result = _pf_jit(key, model, prompt, scorer_params, cfg, hyper, jnp.asarray(ref, jnp.int32),
+                     scorer=scorer, num_particles=num_particles, max_steps=max_steps,
+                     max_step_tokens=max_step_tokens, max_new_tokens=max_new_tokens,
+                     aggregation=aggregation, resampler=resampler)
+    check_nan(int(result.info["num_nan"]), method, nan_policy)
+    return result
+
+
+def particle_filter(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_params: Any,
+                    *, num_particles: int, max_steps: int, max_step_tokens: int,
+                    max_new_tokens: int, temperature: float | Array = 0.8,
+                    softmax_temperature: float | Array = 1.0, sep_id: int | None = None,
+                    stop_ids=None, pad_id: int = 0, aggregation: str = "last",
+                    weighting: str = "puri", resampler: str = "multinomial",
+                    ess_threshold: float | Array | None = None,
+                    nan_policy: str = "raise") -> LMResult:
+    """Step-level particle filtering with a process reward model (Puri et al. 2025).
+
+    Args:
+        key: PRNG key.
+        model: :class:`~tts_jax.models.lm.LM` policy.
+        prompt: ``int[P]`` prompt tokens (prefilled once).
+        scorer: :data:`~tts_jax.samplers.lm_scoring.StepScorer` (e.g.
+            :func:`~tts_jax.samplers.lm_scoring.prm_scorer`); static, hashed by identity.
+        scorer_params: its parameters (e.g. the PRM module; traced).
+        num_particles: N (static).
+        max_steps: K SMC steps (static); particles not done after K steps are returned
+            unfinished.
+        max_step_tokens: token limit of one step (static).
+        max_new_tokens: L, completion buffer (static; a full buffer finishes a particle).
+        temperature: LM sampling temperature (array; default 0.8 as in the paper).
+        softmax_temperature: ``T_softmax`` of the weights (array). ``T -> inf``: uniform weights,
+            independent sampling; ``T -> 0``: greedy selection of the best-scored prefix.
+        sep_id: step separator token (``None``: steps end only at ``max_step_tokens``).
+        stop_ids: token id(s) that finish a particle (EOS, answer marker).
+        pad_id: buffer filler.
+        aggregation: ``last`` | ``min`` | ``prod`` | ``model``.
+        weighting: ``puri`` (absolute softmax weights) or ``twisted`` (incremental ratios; see the
+            module docstring for the targets).
+        resampler: ``multinomial`` (paper) | ``stratified`` | ``systematic``.
+        ess_threshold: resample when ``ESS < threshold * N`` (array); default 1.0 for ``puri``
+            (every step unless exactly uniform), 0.5 for ``twisted``.
+        nan_policy: ``raise`` (NaN scores are an error) or ``drop`` (documented fallback: the
+            particle gets weight zero).
+
+    Returns:
+        :class:`~tts_jax.samplers.lm_result.LMResult` (``info`` holds the SMC diagnostics per
+        step: ``ess``, ``resampled``, ``ancestors``, ``unique_ancestors``, ...).
+
+    Raises:
+        ValueError: empty budget, unknown options, bad prompt, NaN scores (``raise`` policy).
+    """
+    return _run_pf(key, model, prompt, scorer, scorer_params, num_particles=num_particles,
+                   max_steps=max_steps, max_step_tokens=max_step_tokens,
+                   max_new_tokens=max_new_tokens, temperature=temperature,
+                   softmax_temperature=softmax_temperature, sep_id=sep_id, stop_ids=stop_ids,
+                   pad_id=pad_id, aggregation=aggregation, weighting=weighting, anneal=False,
+                   resampler=resampler, ess_threshold=ess_threshold, nan_policy=nan_policy)
+
+
+def entropic_particle_filter(key: Array, model: lm.LM, prompt, scorer: StepScorer,
+                             scorer_params: Any, *, num_particles: int, max_steps: int,
+                             max_step_tokens: int, max_new_tokens: int,
+                             temperature: float | Array = 0.8,
+                             softmax_temperature: float | Array = 1.0, sep_id: int | None = None,
+                             stop_ids=None, pad_id: int = 0, aggregation: str = "last",
+                             nan_policy: str = "raise") -> LMResult:
+    """Entropic particle filtering: Puri weights annealed by :func:`entropic_temperature` while
+    the ESS is low early on (premature-exploitation fix), systematic resampling, untempered
+    argmax (``best``). Arguments as :func:`particle_filter`.
+    """
+    return _run_pf(key, model, prompt, scorer, scorer_params, num_particles=num_particles,
+                   max_steps=max_steps, max_step_tokens=max_step_tokens,
+                   max_new_tokens=max_new_tokens, temperature=temperature,
+                   softmax_temperature=softmax_temperature, sep_id=sep_id, stop_ids=stop_ids,
+                   pad_id=pad_id, aggregation=aggregation, weighting="puri", anneal=True,
+                   resampler="systematic", ess_threshold=None, nan_policy=nan_policy,
+                   method="entropic_particle_filter")
+
+
+def particle_gibbs(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_params: Any,
+                   *, num_particles: int, num_sweeps: int, max_steps: int, max_step_tokens: int,
+                   max_new_tokens: int, temperature: float | Array = 0.8,
+                   softmax_temperature: float | Array = 1.0, sep_id: int | None = None,
+                   stop_ids=None, pad_id: int = 0, aggregation: str = "last",
+                   weighting: str = "puri", nan_policy: str = "raise") -> LMResult:
+    """Particle Gibbs over step-level particle filtering (Puri et al. 2025).
+
+    The particle budget is split across sweeps: each sweep runs ``num_particles // num_sweeps``
+    particles. Sweep 1 is a plain filter; every later sweep is conditional: particle 0 replays the
+    reference trajectory (drawn by final weight from the previous sweep, its separators and stop
+    token included, so its steps line up) and is never resampled away. Other arguments as
+    :func:`particle_filter`.
+
+    Returns:
+        The last sweep's :class:`~tts_jax.samplers.lm_result.LMResult`, with ``budget`` summed
+        over all sweeps and ``info["references"]`` (``int32[num_sweeps - 1, L]``) the reference of
+        each conditional sweep.
+
+    Raises:
+        ValueError: fewer than 2 particles per sweep, or as :func:`particle_filter`.
+    """
+    if num_sweeps < 1 or num_particles // max(num_sweeps, 1) < 2:
+        raise ValueError(f"particle_gibbs needs num_sweeps >= 1 and at least 2 particles per "
+                         f"sweep, got num_particles={num_particles}, num_sweeps={num_sweeps}")
+    per_sweep = num_particles // num_sweeps
+    reference, references, budgets, result = None, [], [], None
+    for sweep in range(num_sweeps):
+        result = _run_pf(jax.random.fold_in(key, sweep), model, prompt, scorer, scorer_params,
+                         num_particles=per_sweep, max_steps=max_steps,
+                         max_step_tokens=max_step_tokens, max_new_tokens=max_new_tokens,
+                         temperature=temperature, softmax_temperature=softmax_temperature,
+                         sep_id=sep_id, stop_ids=stop_ids, pad_id=pad_id,
+                         aggregation=aggregation, weighting=weighting, anneal=False,
+                         resampler="multinomial", ess_threshold=None, nan_policy=nan_policy,
+                         reference=reference, method="particle_gibbs")
+        budgets.append(result.budget)
+        if reference is not None:
+            references.append(reference)
+        reference = result.info["next_reference"]
+    info = dict(result.info)
+    info["references"] = (jnp.stack(references) if references
+                          else jnp.zeros((0, max_new_tokens), jnp.int32))
+    budget = Budget(*(sum(b[i] for b in budgets) for i in range(len(Budget._fields))))
+    return result._replace(budget=budget, info=info)
+
+
+# --------------------------------------------------------------------------------------------
+# Token-level SMC
+# --------------------------------------------------------------------------------------------
+def _token_callbacks(model, cfg, potential, constraint):
+    """``propagate`` / ``log_potential`` of token-level SMC (see module doc)."""
+
+    def move(key, s, params):
+        go = ~s.done
+        logp = jax.nn.log_softmax(s.logits, axis=-1)
+        allowed = (jnp.ones(s.logits.shape, bool) if constraint is None
+                   else constraint(params["constraint"], s.tokens, s.length))
+        any_ok = jnp.any(allowed, axis=-1)
+        prop = jnp.where(allowed, s.logits / params["temperature"], -jnp.inf)
+        prop = jnp.where(any_ok[:, None], prop, 0.0)  # rows with no allowed token die below
+        token = jax.random.categorical(key, prop, axis=-1).astype(jnp.int32)
+        logq = jax.nn.log_softmax(prop, axis=-1)
+        pick = token[:, None]
+        log_ratio = (jnp.take_along_axis(logp, pick, axis=1)
+                     - jnp.take_along_axis(logq, pick, axis=1))[:, 0]
+        correction = jnp.where(go, jnp.where(any_ok, log_ratio, -jnp.inf), 0.0)
+        dead = go & ~any_ok
+        none = jnp.zeros(go.shape, bool)
+        s, _ = append_token(model, s, jnp.where(dead, cfg.pad_id, token), go & any_ok, none, cfg)
+        return s._replace(done=s.done | dead), correction
+
+    def propagate(key, s, k, params):
+        def idle(st):
+            return st, jnp.zeros(st.done.shape, jnp.float32)
+
+        return jax.lax.cond(jnp.all(s.done), idle, lambda st: move(key, st, params), s)
+
+    def log_potential(s, k, params):
+        if potential is None:
+            return jnp.zeros(s.done.shape, jnp.float32)
+        return potential(params["potential"], s.tokens, s.length, s.done)
+
+    return propagate, log_potential
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "potential", "constraint", "num_particles", "max_new_tokens", "resampler"))
+def _token_smc_jit(key, model, prompt, cfg, params, ess_threshold, *, potential, constraint,
+                   num_particles, max_new_tokens, resampler):
+    state = init_state(model, prompt, num_particles, max_new_tokens, cfg.pad_id)
+    propagate, log_potential = _token_callbacks(model, cfg, potential, constraint)
+    mask = jnp.arange(max_new_tokens) < max_new_tokens - 1
+    schedule = smc.ResampleSchedule(mask, ess_threshold)
+    out = smc.run_scan(key, state, propagate, log_potential, schedule, params, resampler)
+    final, lw = out.particles.state, out.particles.log_weights
+    scores = log_potential(final, jnp.int32(max_new_tokens), params)
+    final = final._replace(score=scores)
+    info = out.info._asdict()
+    info["num_nan"] = jnp.sum(out.info.num_nan_potentials) + out.num_nan_initial
+    best = jnp.argmax(jnp.where(jnp.isnan(lw), -jnp.inf, lw)).astype(jnp.int32)
+    return make_result(final, lw, best, out.log_evidence, out.all_dead, info)
+
+
+def token_smc(key: Array, model: lm.LM, prompt, *, num_particles: int, max_new_tokens: int,
+              potential: Potential | None = None, potential_params: Any = None,
+              constraint: Constraint | None = None, constraint_params: Any = None,
+              temperature: float | Array = 1.0, stop_ids=None, pad_id: int = 0,
+              ess_threshold: float | Array = 0.5, resampler: str = "systematic",
+              nan_policy: str = "raise") -> LMResult:
+    """Token-level SMC with twisted potentials and hard constraints (ALGORITHMS.md 4.2).
+
+    Target: ``p(y | prompt) * psi_final(y) / Z`` over completions ``y`` that end with a stop token
+    or fill the ``max_new_tokens`` buffer, restricted to completions whose every token the
+    constraint allows (``Z`` is then the probability of the constraint times the mean final
+    potential). One SMC step per token (``max_new_tokens`` steps, idle once every particle is
+    done); the proposal is the LM at ``temperature`` with disallowed tokens masked out, and the
+    incremental log-weight is ``log p(t) - log q(t) + log psi(prefix_t) - log psi(prefix_{t-1})``.
+
+    Args:
+        key: PRNG key.
+        model: :class:`~tts_jax.models.lm.LM`.
+        prompt: ``int[P]`` prompt tokens (prefilled once).
+        num_particles: N (static).
+        max_new_tokens: L, token budget per particle (static).
+        potential: ``(potential_params, tokens int32[N, L], lengths int32[N], done bool[N]) ->
+            log psi float32[N]``, cumulative: the twist of a running prefix and the final
+            potential of a done one (``-inf`` kills a particle); ``None``: 0. Static.
+        potential_params: traced parameters of ``potential`` (e.g. ``lambda``).
+        constraint: ``(constraint_params, tokens int32[N, L], lengths int32[N]) -> bool[N, V]``
+            allowed next tokens; ``None``: every token. Static.
+        constraint_params: traced parameters of ``constraint``.
+        temperature: proposal temperature (array, > 0; the target stays the untempered LM).
+        stop_ids: token id(s) that end a completion (EOS).
+        pad_id: buffer filler.
+        ess_threshold: resample when ``ESS < threshold * N`` (array).
+        resampler: ``systematic`` | ``stratified`` | ``multinomial`` | ``residual``.
+        nan_policy: ``raise`` or ``drop`` (a NaN potential gives weight zero).
+
+    Returns:
+        :class:`~tts_jax.samplers.lm_result.LMResult`: ``scores`` are the final log potentials,
+        ``log_evidence`` the estimate of ``log Z`` (``-inf`` with ``all_dead`` when every
+        particle died), ``info`` the per-token SMC diagnostics (``ess``, ``unique_ancestors``,
+        ``resampled``, ``ancestors``, ``log_evidence_increment``, ``all_dead``).
+
+    Raises:
+        ValueError: empty budget, bad prompt, non-positive temperature, NaN potentials (``raise``).
+    """
+    check_budget(num_particles, max_new_tokens, 1, 1)
+    prompt = jnp.asarray(check_prompt(prompt))
+    if not isinstance(temperature, jax.core.Tracer) and np.any(np.asarray(temperature) <= 0):
+        raise ValueError(f"token_smc needs a temperature > 0 (a proposal with full support), "
+                         f"got {temperature}")
+    cfg = decode_config(temperature, None, stop_ids, pad_id)
+    params = {"temperature": cfg.temperature, "potential": potential_params,
+              "constraint": constraint_params}
+    result = _token_smc_jit(key, model, prompt, cfg, params,
+                            jnp.asarray(ess_threshold, jnp.float32), potential=potential,
+                            constraint=constraint, num_particles=num_particles,
+                            max_new_tokens=max_new_tokens, resampler=resampler)
+    check_nan(int(result.info["num_nan"]), "token_smc", nan_policy)
+    return result
