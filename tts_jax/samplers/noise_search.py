@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tts_jax.interpolants import Diffusion, forward_renoise, ode
 from tts_jax.models.base import FlowModel
@@ -100,6 +101,7 @@ def _held_out(held_out, samples, cond):
 
 
 def _result(samples, rewards, nfe, reward_calls, nan, held_out, cond, info) -> SampleResult:
+    """Uniformly weighted search output ``samples [N, ...]``, held-out scores added to ``info``."""
     num = samples.shape[0]
     info = {**info, "num_nan_rewards": nan, "held_out": _held_out(held_out, samples, cond)}
     return SampleResult(
@@ -152,7 +154,6 @@ def _finish(result: SampleResult, method: str, nan_policy: str) -> SampleResult:
 
 @functools.partial(jax.jit, static_argnames=("num_samples", "batch_size"))
 def _best_of_n(key, model, reward, grid, diffusion, cond, held_out, num_samples, batch_size):
-
     def one(k):
         k_noise, k_solve = jax.random.split(k)
         return solve(k_solve, model, initial_noise(k_noise, model, 1), grid, diffusion, cond)[0]
@@ -186,7 +187,8 @@ def best_of_n(
     Ma et al. 2025, "Inference-Time Scaling for Diffusion Models beyond Scaling Denoising Steps".
 
     Candidate ``i`` uses ``fold_in(key, i)``: with the same key, a larger budget extends the
-    candidates of a smaller one, so the best reward never decreases with the budget.
+    candidates of a smaller one, so (for a per-candidate reward) the best reward never decreases
+    with the budget.
 
     Args:
         key: PRNG key (same key -> same result, whatever ``batch_size``).
@@ -246,6 +248,8 @@ def sphere_neighbours(key: Array, pivot: Array, lambda_cos: Array, num: int) -> 
 
 
 class _PivotState(NamedTuple):
+    """Zero-order search carry (one pivot, unbatched ``[*shape]`` leaves)."""
+
     pivot: Array  # [*shape] pivot noise
     pivot_x0: Array  # [*shape] its denoised sample (cached: never denoised again)
     pivot_scored: Array  # bool; False right after a restart (fresh noise, not denoised)
@@ -361,7 +365,8 @@ def zero_order_search(
 
     Iterations: ``I = (budget - K) // (M K)`` inside one ``lax.scan``; ``nfe = K (1 + I M)``,
     ``reward_calls = 1 + I (M + 2)``. Iteration ``i`` uses ``fold_in(key', i)``: with the same key,
-    a larger budget continues the run of a smaller one (the best reward never decreases).
+    a larger budget continues the run of a smaller one (for a per-candidate reward the best reward
+    never decreases; a rank ensemble's scores are relative to each iteration's batch).
 
     Args:
         key: PRNG key.
@@ -416,12 +421,17 @@ class PathsPlan(NamedTuple):
     Attributes:
         levels: grid index where each round starts (before re-noising).
         lengths: ODE steps each round solves back (the last one is clipped at the data end).
-        nfe_per_path: NFE for one path (``N = 1``); a run with ``N`` paths costs ``N`` times it.
+        nfe_after_round: NFE spent per path (``N = 1``) once each round is done; a run with
+            ``N`` paths costs ``N`` times it.
     """
 
     levels: tuple[int, ...]
     lengths: tuple[int, ...]
-    nfe_per_path: int
+    nfe_after_round: tuple[int, ...]
+
+    @property
+    def nfe_per_path(self) -> int:
+        return self.nfe_after_round[-1]
 
 
 def paths_plan(
@@ -434,14 +444,16 @@ def paths_plan(
     end) spends one more NFE per candidate on the velocity of its Tweedie estimate. Per path:
     ``start + M sum_r (length_r + 1[not last])`` NFE.
     """
-    levels, lengths = [], []
+    levels, lengths, spent = [], [], [start_step]
     level = start_step
     while level < num_steps:
+        length = min(backward_steps, num_steps - level + forward_steps)
+        last = level - forward_steps + length == num_steps
         levels.append(level)
-        lengths.append(min(backward_steps, num_steps - level + forward_steps))
+        lengths.append(length)
+        spent.append(spent[-1] + num_branches * (length + (0 if last else 1)))
         level += backward_steps - forward_steps
-    nfe = start_step + num_branches * (sum(lengths) + len(lengths) - 1)
-    return PathsPlan(tuple(levels), tuple(lengths), nfe)
+    return PathsPlan(tuple(levels), tuple(lengths), tuple(spent[1:]))
 
 
 def _branch_and_solve(key, model, grid, diffusion, x, level, length, settings):
@@ -512,13 +524,11 @@ def _search_over_paths(
     )
     scores, is_nan = _score(reward, cand, cond)
     top, idx = jax.lax.top_k(scores, num_paths)
-    per_round = num_paths * num_branches * (jnp.asarray(plan.lengths, jnp.int32) + 1)
+    ends = np.asarray(plan.levels) - forward_steps + np.asarray(plan.lengths)
     info = {
         "best_reward": jnp.concatenate([round_best, top[:1]]),
-        "nfe": num_paths * start_step
-        + jnp.cumsum(per_round)
-        - jnp.where(jnp.arange(len(plan.levels)) == num_full, num_paths * num_branches, 0),
-        "time": grid[jnp.asarray(plan.levels) - forward_steps + jnp.asarray(plan.lengths)],
+        "nfe": num_paths * jnp.asarray(plan.nfe_after_round, jnp.int32),
+        "time": grid[ends],
     }
     return _result(
         cand[idx],
