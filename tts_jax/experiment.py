@@ -29,6 +29,7 @@ from tts_jax import interpolants as I
 from tts_jax import runs, smc
 from tts_jax.models.base import FlowModel, linear_to_vp
 from tts_jax.rewards.base import Reward
+from tts_jax.samplers import noise_search
 from tts_jax.samplers.fk_steering import fk_steering
 from tts_jax.samplers.result import SampleResult
 
@@ -160,7 +161,61 @@ def _vp(model: FlowModel) -> FlowModel:
     return linear_to_vp(model) if isinstance(model.interpolant, I.Linear) else model
 
 
-METHODS: dict[str, Callable[[Any, Bundle, RunConfig], SampleResult]] = {"fk": _fk}
+def _single(key, bundle: Bundle, config: RunConfig) -> SampleResult:
+    """One ODE sample (the no-search baseline; spends one trajectory whatever the budget)."""
+    return noise_search.best_of_n(
+        key,
+        bundle.model,
+        bundle.reward,
+        config.num_steps,
+        I.uniform_grid(config.num_steps),
+        cond=bundle.cond,
+    )
+
+
+def _bon(key, bundle: Bundle, config: RunConfig) -> SampleResult:
+    """Random search: ``budget // num_steps`` ODE samples, keep the best."""
+    return noise_search.best_of_n(
+        key,
+        bundle.model,
+        bundle.reward,
+        config.budget,
+        I.uniform_grid(config.num_steps),
+        cond=bundle.cond,
+    )
+
+
+def _zero_order(key, bundle: Bundle, config: RunConfig) -> SampleResult:
+    """Zero-order search, 4 neighbours per iteration at cosine 0.95 (Ma et al. defaults)."""
+    return noise_search.zero_order_search(
+        key,
+        bundle.model,
+        bundle.reward,
+        config.budget,
+        I.uniform_grid(config.num_steps),
+        cond=bundle.cond,
+    )
+
+
+def _paths(key, bundle: Bundle, config: RunConfig) -> SampleResult:
+    """Search over paths with the library defaults (start at mid-trajectory, 4 branches)."""
+    return noise_search.search_over_paths(
+        key,
+        bundle.model,
+        bundle.reward,
+        config.budget,
+        I.uniform_grid(config.num_steps),
+        cond=bundle.cond,
+    )
+
+
+METHODS: dict[str, Callable[[Any, Bundle, RunConfig], SampleResult]] = {
+    "single": _single,
+    "bon": _bon,
+    "zo": _zero_order,
+    "paths": _paths,
+    "fk": _fk,
+}
 
 
 # --------------------------------------------------------------------------- running
