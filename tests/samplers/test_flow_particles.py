@@ -1,0 +1,191 @@
+"""Flow particle samplers (Kim et al. 2025) on the exact asymmetric GMM: equal-NFE ordering, VP
+conversion, budgets, NaN rewards, compile counts, determinism."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tts_jax import interpolants as I
+from tts_jax.models import gmm as G
+from tts_jax.models.base import linear_to_vp
+from tts_jax.rewards.analytic import linear_reward
+from tts_jax.rewards.base import Reward
+from tts_jax.samplers import flow_particles as fp
+from tts_jax.samplers.integrate import solve
+
+from ..helpers import assert_matches_gmm
+
+GMM = G.asymmetric_gmm_2d()
+RARE = GMM.means[2]  # the 10%-weight component: the reward's best mode is rare
+GRID = I.uniform_grid(10)
+SDE = I.diffusion("square", 3.0)
+BUDGET = 60
+SEEDS = 16
+TRACES = {"reward": 0}
+
+
+def _reward_apply(params, x, cond=None):
+    """``-||x - target||^2``, NaN where ``x[:, 1] > nan_above`` (a module-level apply: its trace
+    count is the compile count of every sampler using it)."""
+    TRACES["reward"] += 1
+    r = -jnp.sum((x - params["target"][None]) ** 2, axis=-1)
+    return jnp.where(x[:, 1] > params["nan_above"], jnp.nan, r)
+
+
+def make_reward(target=RARE, nan_above=np.inf) -> Reward:
+    params = {"target": jnp.asarray(target, jnp.float32), "nan_above": jnp.float32(nan_above)}
+    return Reward(params, _reward_apply, "rare_mode")
+
+
+MODEL = G.flow_model(GMM)
+REWARD = make_reward()
+METHODS = {
+    "bon": functools.partial(fp.bon, diffusion=I.ode()),
+    "smc": functools.partial(fp.smc, diffusion=SDE, lam=10.0),
+    "svdd": functools.partial(fp.svdd, diffusion=SDE),
+    "code": functools.partial(fp.code, diffusion=SDE),
+    "rbf": functools.partial(fp.rbf, diffusion=SDE, num_init=2),
+}
+
+
+def _run(name, seed, reward=REWARD, budget=BUDGET, **kw):
+    return METHODS[name](jax.random.key(seed), MODEL, reward, GRID, budget=budget, **kw)
+
+
+def test_equal_nfe_ordering_rbf_svdd_bon():
+    best = {}
+    for name in METHODS:
+        outs = [_run(name, s) for s in range(SEEDS)]
+        for out in outs:
+            assert int(out.nfe) <= BUDGET
+            assert int(out.nfe) == int(out.info["init_nfe"]) + int(np.sum(out.info["nfe"]))
+        if name == "rbf":
+            assert all(int(o.nfe) == BUDGET for o in outs)
+        best[name] = np.array([float(o.best_reward) for o in outs])
+    means = {k: round(float(v.mean()), 4) for k, v in best.items()}
+    print(f"\nmean best reward at {BUDGET} NFE over {SEEDS} seeds: {means}")
+
+    def paired(a, b):
+        d = best[a] - best[b]
+        return d.mean(), d.std(ddof=1) / np.sqrt(SEEDS)
+
+    gain, se = paired("svdd", "bon")
+    assert gain > 3 * se, (gain, se)  # SVDD clearly beats BoN
+    gain, se = paired("rbf", "svdd")
+    assert gain > -(3 * se + 0.01), (gain, se)  # RBF at least matches SVDD
+    gain, se = paired("rbf", "bon")
+    assert gain > 3 * se, (gain, se)
+
+
+def test_vp_sde_keeps_the_data_marginal():
+    grid = I.uniform_grid(50)
+    out = fp.bon(jax.random.key(3), linear_to_vp(MODEL), REWARD, grid, SDE, 4096 * 50)
+    assert_matches_gmm(GMM, out.samples, slack=0.03)
+
+
+@functools.partial(jax.jit, static_argnames=("num",))
+def _branch_diversity(model, key, grid, diffusion, num=128):
+    """Mean pairwise distance of ``num`` SDE samples that branch from one start noise at step 1."""
+    k0, k1 = jax.random.split(key)
+    x = jnp.broadcast_to(
+        jax.random.normal(k0, (1, *model.sample_shape)), (num, *model.sample_shape)
+    )
+    out = solve(k1, model, x, grid, diffusion)
+    dist = jnp.sqrt(jnp.sum((out[:, None] - out[None]) ** 2, axis=-1) + 1e-12)
+    return (jnp.sum(dist) - num * 1e-6) / (num * (num - 1))
+
+
+def test_vp_sde_branches_more_diversely_than_linear_sde():
+    """Kim et al.'s setting (sqrt grid, g = 3 t^2): from the same start noise, VP-SDE particles
+    spread further than linear-SDE ones. (At step 1 the proposal std g sqrt(dt) is the same for
+    both by construction; the difference is where the branches lead.)"""
+    grid = I.sqrt_grid(10)
+    vp = linear_to_vp(MODEL)
+    lin_d = np.array([_branch_diversity(MODEL, jax.random.key(s), grid, SDE) for s in range(16)])
+    vp_d = np.array([_branch_diversity(vp, jax.random.key(s), grid, SDE) for s in range(16)])
+    d = vp_d - lin_d
+    print(f"\nbranch diversity: linear {lin_d.mean():.3f}, VP {vp_d.mean():.3f}")
+    assert d.mean() > 3 * d.std(ddof=1) / np.sqrt(len(d))
+
+
+@pytest.mark.parametrize(
+    "name, minimum",
+    [("bon", 10), ("smc", 10), ("svdd", 20), ("code", 20), ("rbf", 2 * (2 + 9))],
+)
+def test_budget_below_minimum_is_rejected(name, minimum):
+    with pytest.raises(ValueError, match=f"minimum {minimum}"):
+        _run(name, 0, budget=minimum - 1)
+
+
+def test_grid_must_end_at_the_data():
+    with pytest.raises(ValueError, match="data end 0"):
+        fp.svdd(jax.random.key(0), MODEL, REWARD, jnp.linspace(1.0, 0.1, 5), SDE, 100)
+
+
+def test_nan_rewards_raise_or_are_never_selected():
+    nan_reward = make_reward(nan_above=0.0)  # NaN away from the (lower) target mode
+    for name in ("svdd", "rbf"):
+        with pytest.raises(ValueError, match=f"{name}: the reward returned NaN"):
+            _run(name, 0, reward=nan_reward)
+        out = _run(name, 0, reward=nan_reward, nan_policy="drop")
+        assert int(out.info["num_nan_rewards"]) > 0
+        # A chain whose every proposal was NaN keeps its first one (reward -inf); the output's
+        # best never has a NaN reward.
+        assert np.isfinite(float(out.best_reward))
+        assert float(out.best_sample[1]) <= 0.0
+
+
+def test_rbf_without_improvements_spends_the_quota_and_rolls_the_rest_to_the_last_step():
+    """An all-NaN reward never beats r*: every step spends its quota Q, the last NFE step gets
+    the remainder, and the data-end step costs nothing."""
+    out = _run("rbf", 0, reward=make_reward(target=[np.nan, np.nan]), nan_policy="drop")
+    quota = (BUDGET - 2 * 2) // (9 * 2)
+    chain_nfe = np.asarray(out.info["chain_nfe"])
+    assert (chain_nfe[:-2] == quota).all()
+    np.testing.assert_array_equal(chain_nfe[-2], (BUDGET - 4) // 2 - 8 * quota)
+    assert (chain_nfe[-1] == 0).all() and int(out.nfe) == BUDGET
+    assert not np.asarray(out.info["advanced_early"]).any()
+
+
+def test_rbf_rolls_over_quota_on_improvement():
+    out = _run("rbf", 1)
+    early = np.asarray(out.info["advanced_early"])
+    chain_nfe = np.asarray(out.info["chain_nfe"])
+    assert early.any()
+    assert (chain_nfe[:-1] >= 1).all()  # every transition drew at least one proposal
+    best = np.asarray(out.info["best_reward"])
+    assert (np.diff(best) >= 0).all()
+
+
+def test_code_selects_every_block():
+    out = _run("code", 0)
+    np.testing.assert_array_equal(out.info["step_end"], [2, 4, 6, 8, 10])
+    m = (BUDGET // 2 - 1) // 9
+    assert int(out.nfe) == 2 * (1 + 9 * m)
+    assert int(out.reward_calls) == 5 * 2 * m
+
+
+def test_sweeping_lambda_and_diffusion_norm_does_not_recompile():
+    for name in ("smc", "svdd", "rbf"):
+        _run(name, 0)
+    before = TRACES["reward"]
+    for lam, norm in [(1.0, 1.0), (30.0, 2.0)]:
+        _run("smc", 1, lam=lam, diffusion=I.diffusion("square", norm))
+        _run("svdd", 1, diffusion=I.diffusion("square", norm))
+        _run("rbf", 1, diffusion=I.diffusion("square", norm))
+    assert TRACES["reward"] == before
+
+
+def test_same_key_same_result_and_held_out_rewards():
+    held = [linear_reward([1.0, 0.0])]
+    for name in METHODS:
+        a = _run(name, 5, held_out=held)
+        b = _run(name, 5, held_out=held)
+        np.testing.assert_array_equal(a.samples, b.samples)
+        np.testing.assert_array_equal(a.rewards, b.rewards)
+        np.testing.assert_allclose(a.info["held_out"]["linear"], np.asarray(a.samples)[:, 0])
+    c = _run("rbf", 6)
+    assert not np.array_equal(np.asarray(a.samples), np.asarray(c.samples))

@@ -1,0 +1,717 @@
+"""Particle sampling of flow models at a fixed NFE budget (Kim et al. 2025, ALGORITHMS.md 3).
+
+Kim, Yoon, Lee & Sung 2025, "Inference-Time Scaling for Flow Models via Stochastic Generation
+and Rollover Budget Forcing". A flow model branches once its ODE is turned into an SDE
+(ALGORITHMS.md 0.2) and, for more diverse particles, once it runs on the VP path (0.3). The
+generation mode is the caller's choice and every method accepts all three:
+
+* ODE: ``diffusion=ode()`` (deterministic; only the initial noises differ),
+* linear SDE: ``diffusion=diffusion("square", 3.0)`` with the model as trained,
+* VP SDE: the same diffusion with ``model=linear_to_vp(model)``.
+
+Methods (``S = len(grid) - 1`` transitions from noise to the data end ``grid[-1] = 0``):
+
+* :func:`bon` - best-of-N: ``N = budget // S`` independent samples, keep the argmax reward.
+* :func:`smc` - FK particle filtering (:func:`~tts_jax.samplers.fk_steering.fk_steering`) with the
+  potential ``exp(lam (r_k - r_{k-1}))`` on the Tweedie x0-prediction and multinomial
+  resampling after every step.
+* :func:`svdd` - ``B`` chains; at every step each chain draws ``M`` SDE proposals from its state
+  and keeps the one whose x0-prediction has the highest reward.
+* :func:`code` - SVDD that selects every ``L`` steps: each proposal is rolled out ``L``
+  transitions before the selection (CoDe, block size ``L = 2``).
+* :func:`rbf` - rollover budget forcing: ``B`` chains start from the best of a pool of noises;
+  at each step a chain draws one proposal at a time and advances as soon as one beats its running
+  best reward ``r*``, rolling the unused quota over to the next step; if the quota runs out it
+  takes the step's best proposal (``r*`` is not lowered). Chains advance asynchronously inside
+  one ``lax.while_loop``.
+
+Budget accounting (``result.nfe`` counts model forward passes per particle):
+
+* a proposal landing at ``t > 0`` costs 1 NFE: the velocity at the proposal gives its
+  x0-prediction (``velocity_to_x0``, 0 NFE) *and* the drift of the chain's next step, so it is
+  cached and never recomputed;
+* a proposal landing at the data end ``t = 0`` costs 0 NFE: it is a sample, scored as itself.
+  The budget is therefore spent on the ``S - 1`` transitions landing at ``t > 0`` (plus the
+  velocities at the initial noises), and the data-end transition is a best-of-``M`` selection
+  that costs reward calls only (``M`` = the per-step proposal count or quota);
+* BoN and SMC spend ``S`` NFE per sample (one velocity per grid point except the data end).
+
+Every method rejects budgets below its minimum with a message that states it, returns
+:class:`~tts_jax.samplers.result.SampleResult` whose ``samples`` are the outputs at ``t = 0``
+(particles, chains or BoN candidates) with their rewards, and ``info`` with per-step
+diagnostics (``nfe`` per step, ``init_nfe``, ``best_reward`` = running best reward, plus
+method-specific entries). Rewards passed as ``held_out`` are evaluated on the outputs only
+(``info["held_out"][name]``), never used for selection.
+
+NaN rewards: a proposal whose reward is NaN is scored ``-inf`` and never selected (if all of a
+chain's proposals are NaN it keeps the first one); the count is ``info["num_nan_rewards"]`` and,
+with ``nan_policy="raise"`` (default), a run that saw any is a host-side error.
+
+Hyper-parameters are arrays (``lam``, ``diffusion.norm``): sweeping them never recompiles. Sizes
+(budget-derived particle / proposal counts, ``num_chains``, ``num_init``, ``block``) are static.
+``cond`` is passed unchanged to the model and the rewards (one condition shared by all particles).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tts_jax import smc as smc_engine
+from tts_jax.interpolants import Diffusion, sde_step
+from tts_jax.models.base import FlowModel
+from tts_jax.rewards.base import Reward
+from tts_jax.samplers.fk_steering import fk_steering
+from tts_jax.samplers.integrate import initial_noise, solve, tweedie
+from tts_jax.samplers.result import SampleResult, check_finite_rewards, nan_to_neg_inf
+
+Array = jax.Array
+NAN_POLICIES = ("raise", "drop")
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _rows(mask: Array, x: Array) -> Array:
+    """Reshape a per-particle ``[N]`` array to broadcast against ``x [N, ...]``."""
+    return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+
+
+def _validate(grid, budget: int, nan_policy: str, held_out: Sequence[Reward]) -> Array:
+    """Host-side checks shared by every method; returns the grid as float32 ``[S + 1]``."""
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    if not isinstance(budget, int | np.integer) or budget < 1:
+        raise ValueError(f"budget must be a positive int (NFE), got {budget!r}")
+    names = [r.name for r in held_out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"held-out rewards need distinct names, got {names}")
+    grid = jnp.asarray(grid, jnp.float32)
+    if grid.ndim != 1 or grid.shape[0] < 2:
+        raise ValueError(f"grid must be [S + 1] times with S >= 1, got shape {grid.shape}")
+    host = np.asarray(grid)
+    if host[-1] != 0.0 or not (np.diff(host) < 0).all():
+        raise ValueError(f"grid must decrease strictly from noise to the data end 0, got {host}")
+    return grid
+
+
+def _require(budget: int, minimum: int, method: str, why: str) -> None:
+    if budget < minimum:
+        raise ValueError(f"{method}: budget {budget} NFE is below the minimum {minimum} ({why})")
+
+
+def _need_steps(num_steps: int, method: str) -> None:
+    if num_steps < 2:
+        raise ValueError(
+            f"{method} needs a grid of at least 2 steps (proposals at t = 0 cost no NFE), "
+            f"got {num_steps}"
+        )
+
+
+@jax.jit
+def _evaluate(held_out: tuple[Reward, ...], samples: Array, cond: Any) -> dict[str, Array]:
+    return {r.name: r(samples, cond) for r in held_out}
+
+
+def _finish(
+    result: SampleResult, method: str, held_out: Sequence[Reward], cond: Any, nan_policy: str
+) -> SampleResult:
+    """Held-out rewards on the outputs, then the host-side NaN check."""
+    if held_out:
+        info = dict(result.info, held_out=_evaluate(tuple(held_out), result.samples, cond))
+        result = result._replace(info=info)
+    return result if nan_policy == "drop" else check_finite_rewards(result, method)
+
+
+def _score(model: FlowModel, reward: Reward, x: Array, t: Array, u: Array, cond) -> tuple:
+    """Reward of the x0-prediction of ``x [N, ...]`` at time ``t`` (``[N]``) from its velocity.
+
+    At the data end (``t = 0``) the state is its own x0 (the branch avoids ``sigma = 0``).
+    Returns ``(rewards [N] with NaN -> -inf, nan mask [N])``.
+    """
+    at_end = jnp.all(t == 0.0)
+    x0 = jax.lax.cond(at_end, lambda: x, lambda: tweedie(model, x, t, u))
+    r = reward(x0, cond)
+    nan = jnp.isnan(r)
+    return jnp.where(nan, -jnp.inf, r), nan
+
+
+def _propose(key, model: FlowModel, diffusion: Diffusion, x, u, t, t_next) -> Array:
+    """One Euler-Maruyama proposal from ``x [N, ...]`` with cached velocity ``u``; 0 NFE."""
+    t = jnp.broadcast_to(t, x.shape[:1])
+    g = diffusion(t, model.interpolant)
+    return sde_step(key, model.interpolant, u, x, t, jnp.broadcast_to(t_next, x.shape[:1]), g)
+
+
+def _best_of(rewards: Array, num_chains: int) -> tuple[Array, Array]:
+    """Per-chain argmax of ``rewards [B * M]`` (chain-major) -> ``(flat index, proposal) [B]``."""
+    pick = jnp.argmax(rewards.reshape(num_chains, -1), axis=1).astype(jnp.int32)
+    per_chain = rewards.shape[0] // num_chains
+    return jnp.arange(num_chains, dtype=jnp.int32) * per_chain + pick, pick
+
+
+def _chain_result(x, r, nfe, reward_calls, info) -> SampleResult:
+    b = r.shape[0]
+    return SampleResult(
+        samples=x,
+        rewards=r,
+        log_weights=jnp.full((b,), -jnp.log(b), jnp.float32),
+        best=jnp.argmax(r),
+        nfe=nfe,
+        reward_calls=reward_calls,
+        log_evidence=jnp.float32(jnp.nan),
+        info=info,
+    )
+
+
+# --------------------------------------------------------------------------- best-of-N
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples",))
+def _bon(key, model, reward, grid, diffusion, cond, num_samples):
+    k_init, k_run = jax.random.split(key)
+    x = solve(k_run, model, initial_noise(k_init, model, num_samples), grid, diffusion, cond)
+    r, nan = nan_to_neg_inf(reward(x, cond))
+    num_steps = grid.shape[0] - 1
+    info = {
+        "best_reward": jax.lax.cummax(r),
+        "nfe": jnp.full((num_samples,), num_steps, jnp.int32),
+        "init_nfe": jnp.int32(0),
+        "num_nan_rewards": nan,
+    }
+    out = _chain_result(x, r, jnp.int32(num_steps * num_samples), jnp.int32(num_samples), info)
+    return out
+
+
+def bon(
+    key: Array,
+    model: FlowModel,
+    reward: Reward,
+    grid: Array,
+    diffusion: Diffusion,
+    budget: int,
+    *,
+    cond: Any = None,
+    held_out: Sequence[Reward] = (),
+    nan_policy: str = "raise",
+) -> SampleResult:
+    """Best-of-N: ``N = budget // S`` independent samples, keep the argmax reward.
+
+    Args:
+        key: PRNG key.
+        model: :class:`~tts_jax.models.base.FlowModel` (``linear_to_vp(model)`` for the VP path).
+        reward: :class:`~tts_jax.rewards.base.Reward` ``r(x0, cond) -> [N]``, scored once per
+            sample.
+        grid: ``[S + 1]`` times from noise to the data end 0.
+        diffusion: ``ode()`` (the paper's BoN) or an SDE coefficient.
+        budget: NFE; at least ``S`` (one trajectory).
+        cond, held_out, nan_policy: see the module docstring.
+
+    Returns:
+        :class:`SampleResult` with ``samples [N, ...]``; ``info["best_reward"] [N]`` is the
+        best-of-n curve (running best over the first n samples, i.e. at budget ``n S``) and
+        ``info["nfe"] [N]`` the NFE of each sample (``S``).
+    """
+    grid = _validate(grid, budget, nan_policy, held_out)
+    num_steps = grid.shape[0] - 1
+    _require(budget, num_steps, "bon", f"one trajectory of {num_steps} steps")
+    result = _bon(key, model, reward, grid, diffusion, cond, budget // num_steps)
+    return _finish(result, "bon", held_out, cond, nan_policy)
+
+
+# --------------------------------------------------------------------------- SMC
+
+
+def smc(
+    key: Array,
+    model: FlowModel,
+    reward: Reward,
+    grid: Array,
+    diffusion: Diffusion,
+    budget: int,
+    lam: float | Array,
+    *,
+    cond: Any = None,
+    held_out: Sequence[Reward] = (),
+    nan_policy: str = "raise",
+) -> SampleResult:
+    """Particle filtering with ``log G_k = lam (r_k - r_{k-1})``, multinomial resampling every step.
+
+    ``N = budget // S`` particles; this is FK steering (Singhal et al. 2025) with the ``diff``
+    potential on the Tweedie x0-prediction and resampling after every step, including the last
+    (so the output particles are equally weighted draws targeting ``p(x0) exp(lam r(x0)) / Z``).
+
+    Args:
+        lam: inverse temperature (array; sweeping it does not recompile).
+        budget: NFE; at least ``S`` (one particle).
+        Others: as :func:`bon` (use a stochastic ``diffusion``: ODE copies stay identical).
+
+    Returns:
+        :class:`SampleResult` of the ``N`` particles with FK's SMC diagnostics (``ess``,
+        ``unique_ancestors``, ``resampled``, ``log_evidence_increment`` per step), ``nfe [S]``
+        and ``init_nfe``. ``best_reward`` is not reported per step: resampled-away particles'
+        rewards are not kept; the output's best is ``result.best_reward``.
+    """
+    grid = _validate(grid, budget, nan_policy, held_out)
+    num_steps = grid.shape[0] - 1
+    _require(budget, num_steps, "smc", f"one particle for {num_steps} steps")
+    n = budget // num_steps
+    result = fk_steering(
+        key,
+        model,
+        reward,
+        n,
+        grid,
+        diffusion,
+        jnp.asarray(lam, jnp.float32),
+        schedule=smc_engine.every(num_steps, 1),
+        potential="diff",
+        resampler="multinomial",
+        cond=cond,
+        nan_policy="drop",
+    )
+    # fk_steering evaluates the velocity at grid[0] and at every landing point except t = 0.
+    per_step = np.full(num_steps, n, np.int32)
+    per_step[-1] = 0
+    info = dict(result.info, nfe=jnp.asarray(per_step), init_nfe=jnp.int32(n))
+    return _finish(result._replace(info=info), "smc", held_out, cond, nan_policy)
+
+
+# --------------------------------------------------------------------------- SVDD / CoDe
+
+
+def _rollout(key, model, diffusion, grid, x, u, first, block, cond):
+    """Advance ``x [P, ...]`` (velocity ``u`` at ``grid[first]``) by up to ``block`` transitions.
+
+    Transitions past the data end are skipped; a transition landing at ``t > 0`` evaluates the
+    velocity there (1 NFE per particle), one landing at ``t = 0`` does not.
+
+    Returns:
+        ``(x, u, nfe_per_particle)`` at ``grid[min(first + block, S)]``.
+    """
+    num_steps = grid.shape[0] - 1
+
+    def sub(carry, j):
+        x, u = carry
+        k = first + j
+        valid = k < num_steps
+        kk = jnp.minimum(k, num_steps - 1)
+        x_new = _propose(jax.random.fold_in(key, j), model, diffusion, x, u, grid[kk], grid[kk + 1])
+        needs_velocity = valid & (kk + 1 < num_steps)
+        u_new = jax.lax.cond(
+            needs_velocity,
+            lambda y: model.velocity(y, grid[kk + 1], cond),
+            jnp.zeros_like,
+            x_new,
+        )
+        x = jnp.where(valid, x_new, x)
+        u = jnp.where(valid, u_new, u)
+        return (x, u), needs_velocity.astype(jnp.int32)
+
+    (x, u), nfe = jax.lax.scan(sub, (x, u), jnp.arange(block))
+    return x, u, jnp.sum(nfe)
+
+
+@functools.partial(jax.jit, static_argnames=("num_chains", "num_proposals", "block"))
+def _code(key, model, reward, grid, diffusion, cond, num_chains, num_proposals, block):
+    num_steps = grid.shape[0] - 1
+    k_init, k_run = jax.random.split(key)
+    x = initial_noise(k_init, model, num_chains)
+    u = model.velocity(x, grid[0], cond)
+    particles = num_chains * num_proposals
+
+    def select(carry, b):
+        x, u = carry
+        xs, us = jnp.repeat(x, num_proposals, axis=0), jnp.repeat(u, num_proposals, axis=0)
+        first = b * block
+        xs, us, nfe = _rollout(
+            jax.random.fold_in(k_run, b), model, diffusion, grid, xs, us, first, block, cond
+        )
+        end = jnp.minimum(first + block, num_steps)
+        r, nan = _score(model, reward, xs, jnp.broadcast_to(grid[end], xs.shape[:1]), us, cond)
+        idx, pick = _best_of(r, num_chains)
+        out = {
+            "chain_reward": r[idx],
+            "selected": pick,
+            "step_end": end,
+            "nfe": nfe * particles,
+            "num_nan": jnp.sum(nan).astype(jnp.int32),
+        }
+        return (xs[idx], us[idx]), out
+
+    num_blocks = -(-num_steps // block)
+    (x, _), per = jax.lax.scan(select, (x, u), jnp.arange(num_blocks))
+    r = per["chain_reward"][-1]
+    info = {
+        "best_reward": jax.lax.cummax(jnp.max(per["chain_reward"], axis=1)),
+        "chain_reward": per["chain_reward"],
+        "selected": per["selected"],
+        "step_end": per["step_end"],
+        "nfe": per["nfe"],
+        "init_nfe": jnp.int32(num_chains),
+        "num_nan_rewards": jnp.sum(per["num_nan"]),
+    }
+    nfe = num_chains + jnp.sum(per["nfe"])
+    return _chain_result(x, r, nfe, jnp.int32(num_blocks * particles), info)
+
+
+def code(
+    key: Array,
+    model: FlowModel,
+    reward: Reward,
+    grid: Array,
+    diffusion: Diffusion,
+    budget: int,
+    *,
+    num_chains: int = 2,
+    block: int = 2,
+    cond: Any = None,
+    held_out: Sequence[Reward] = (),
+    nan_policy: str = "raise",
+) -> SampleResult:
+    """CoDe: ``B`` chains, each drawing ``M`` proposals rolled out ``block`` steps, then argmax.
+
+    Every ``block`` transitions each chain copies itself into ``M`` proposals, advances them
+    ``block`` SDE steps (the last block may be shorter), scores the x0-prediction at the block's
+    end (the sample itself at ``t = 0``) and keeps the best. ``M = (budget // B - 1) // (S - 1)``
+    uses the budget: the ``B`` initial velocities plus ``M`` NFE per chain per transition landing
+    at ``t > 0``, i.e. ``nfe = B (1 + M (S - 1)) <= budget`` whatever the block size.
+
+    Args:
+        num_chains: ``B`` (static).
+        block: ``L`` transitions between selections (static; 1 is SVDD).
+        budget: NFE; at least ``B S`` (``M = 1``).
+        Others: as :func:`bon`; ``diffusion`` must be stochastic for the proposals to differ.
+
+    Returns:
+        :class:`SampleResult` of the ``B`` chains at ``t = 0``; per selection step ``j``
+        (``ceil(S / L)`` of them): ``best_reward`` (running best over chains), ``chain_reward
+        [j, B]`` of the kept proposal, ``selected [j, B]`` its index, ``step_end [j]`` its grid
+        index and ``nfe [j]``.
+    """
+    return _code_method(
+        "code",
+        key,
+        model,
+        reward,
+        grid,
+        diffusion,
+        budget,
+        num_chains,
+        block,
+        cond,
+        held_out,
+        nan_policy,
+    )
+
+
+def svdd(
+    key: Array,
+    model: FlowModel,
+    reward: Reward,
+    grid: Array,
+    diffusion: Diffusion,
+    budget: int,
+    *,
+    num_chains: int = 2,
+    cond: Any = None,
+    held_out: Sequence[Reward] = (),
+    nan_policy: str = "raise",
+) -> SampleResult:
+    """SVDD (Li et al. 2024, as run by Kim et al. 2025): :func:`code` selecting after every step.
+
+    Each of the ``B`` chains draws ``M = (budget // B - 1) // (S - 1)`` one-step SDE proposals
+    per step and keeps the argmax of their x0-predictions' rewards; the velocity evaluated at the
+    kept proposal drives its next step. Arguments and outputs as :func:`code` (one selection
+    per step).
+    """
+    return _code_method(
+        "svdd",
+        key,
+        model,
+        reward,
+        grid,
+        diffusion,
+        budget,
+        num_chains,
+        1,
+        cond,
+        held_out,
+        nan_policy,
+    )
+
+
+def _code_method(
+    method,
+    key,
+    model,
+    reward,
+    grid,
+    diffusion,
+    budget,
+    num_chains,
+    block,
+    cond,
+    held_out,
+    nan_policy,
+):
+    grid = _validate(grid, budget, nan_policy, held_out)
+    num_steps = grid.shape[0] - 1
+    _need_steps(num_steps, method)
+    if num_chains < 1 or block < 1:
+        raise ValueError(f"{method}: num_chains and block must be >= 1, got {num_chains}, {block}")
+    _require(
+        budget,
+        num_chains * num_steps,
+        method,
+        f"{num_chains} chains x {num_steps} steps with one proposal each",
+    )
+    num_proposals = (budget // num_chains - 1) // (num_steps - 1)
+    result = _code(key, model, reward, grid, diffusion, cond, num_chains, num_proposals, block)
+    return _finish(result, method, held_out, cond, nan_policy)
+
+
+# --------------------------------------------------------------------------- RBF
+
+
+class _Chains(NamedTuple):
+    """Carry of the rollover-budget-forcing loop (leading axis: chains ``B``).
+
+    Attributes:
+        k: ``int32[B]`` grid index of each chain's state.
+        x, u: ``[B, ...]`` state and its cached velocity at ``grid[k]``.
+        best: ``[B]`` running best reward ``r*`` (never lowered).
+        allowance: ``int32[B]`` NFE available at the current step (quota + rollover).
+        used: ``int32[B]`` proposals drawn at the current step.
+        spent: ``int32[B]`` NFE spent in the loop.
+        step_x, step_u, step_r: best proposal of the current step and its reward.
+        chain_nfe: ``int32[S, B]`` NFE spent per step.
+        chain_reward: ``[S, B]`` reward of the proposal each step advanced to.
+        early: ``bool[S, B]`` the step advanced on an improvement (quota rolled over).
+        num_nan: NaN rewards seen.
+        it: loop iterations.
+    """
+
+    k: Array
+    x: Array
+    u: Array
+    best: Array
+    allowance: Array
+    used: Array
+    spent: Array
+    step_x: Array
+    step_u: Array
+    step_r: Array
+    chain_nfe: Array
+    chain_reward: Array
+    early: Array
+    num_nan: Array
+    it: Array
+
+
+def _rbf_init(key, model, reward, grid, cond, num_chains, num_init, quota) -> _Chains:
+    """Best of ``num_init`` noises per chain, scored by the reward of the x0-prediction at
+    ``grid[0]`` (``B * num_init`` NFE; the winner's velocity is kept)."""
+    num_steps = grid.shape[0] - 1
+    x = initial_noise(key, model, num_chains * num_init)
+    t = jnp.broadcast_to(grid[0], x.shape[:1])
+    u = model.velocity(x, t, cond)
+    r, nan = _score(model, reward, x, t, u, cond)
+    idx, _ = _best_of(r, num_chains)
+    zeros = jnp.zeros((num_chains,), jnp.int32)
+    return _Chains(
+        k=zeros,
+        x=x[idx],
+        u=u[idx],
+        best=r[idx],
+        allowance=quota,
+        used=zeros,
+        spent=zeros,
+        step_x=x[idx],
+        step_u=u[idx],
+        step_r=jnp.full((num_chains,), -jnp.inf, jnp.float32),
+        chain_nfe=jnp.zeros((num_steps, num_chains), jnp.int32),
+        chain_reward=jnp.full((num_steps, num_chains), -jnp.inf, jnp.float32),
+        early=jnp.zeros((num_steps, num_chains), bool),
+        num_nan=jnp.sum(nan).astype(jnp.int32),
+        it=jnp.int32(0),
+    )
+
+
+def _rbf_iteration(key, model, reward, grid, diffusion, cond, quota, chain_budget, c: _Chains):
+    """Every chain still short of ``t = grid[S - 1]`` draws one proposal (1 NFE) and decides."""
+    num_steps = grid.shape[0] - 1
+    active = c.k < num_steps - 1
+    kk = jnp.minimum(c.k, num_steps - 2)
+    t, t_next = grid[kk], grid[kk + 1]
+    xp = _propose(jax.random.fold_in(key, c.it), model, diffusion, c.x, c.u, t, t_next)
+    up = model.velocity(xp, t_next, cond)  # computed for all rows, counted for active ones
+    r, nan = _score(model, reward, xp, t_next, up, cond)
+    used = c.used + active
+    spent = c.spent + active
+    step_better = active & ((r > c.step_r) | (used == 1))
+    step_x = jnp.where(_rows(step_better, xp), xp, c.step_x)
+    step_u = jnp.where(_rows(step_better, up), up, c.step_u)
+    step_r = jnp.where(step_better, r, c.step_r)
+    # Every earlier proposal of this step was <= r*, so an improvement is the step's best.
+    last = kk == num_steps - 2
+    improved = active & ~last & (r > c.best)
+    exhausted = active & jnp.where(last, spent >= chain_budget, used >= c.allowance)
+    advance = improved | exhausted
+    rows = jnp.arange(c.k.shape[0])
+    return _Chains(
+        k=c.k + advance,
+        x=jnp.where(_rows(advance, xp), step_x, c.x),
+        u=jnp.where(_rows(advance, up), step_u, c.u),
+        best=jnp.where(advance, jnp.maximum(c.best, step_r), c.best),
+        allowance=jnp.where(advance, c.allowance - used + quota, c.allowance),
+        used=jnp.where(advance, 0, used),
+        spent=spent,
+        step_x=step_x,
+        step_u=step_u,
+        step_r=jnp.where(advance, -jnp.inf, step_r),
+        chain_nfe=c.chain_nfe.at[kk, rows].add(active.astype(jnp.int32)),
+        chain_reward=c.chain_reward.at[kk, rows].set(
+            jnp.where(advance, step_r, c.chain_reward[kk, rows])
+        ),
+        early=c.early.at[kk, rows].set(c.early[kk, rows] | improved),
+        num_nan=c.num_nan + jnp.sum(nan & active).astype(jnp.int32),
+        it=c.it + 1,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("num_chains", "num_init", "final_proposals"))
+def _rbf(
+    key,
+    model,
+    reward,
+    grid,
+    diffusion,
+    cond,
+    quota,
+    chain_budget,
+    num_chains,
+    num_init,
+    final_proposals,
+):
+    num_steps = grid.shape[0] - 1
+    k_init, k_loop, k_final = jax.random.split(key, 3)
+    chains = _rbf_init(k_init, model, reward, grid, cond, num_chains, num_init, quota)
+    chains = jax.lax.while_loop(
+        lambda c: jnp.any(c.k < num_steps - 1),
+        functools.partial(
+            _rbf_iteration, k_loop, model, reward, grid, diffusion, cond, quota, chain_budget
+        ),
+        chains,
+    )
+    # Data-end transition: best of `final_proposals` samples per chain (0 NFE, reward calls).
+    xs = jnp.repeat(chains.x, final_proposals, axis=0)
+    us = jnp.repeat(chains.u, final_proposals, axis=0)
+    xs = _propose(k_final, model, diffusion, xs, us, grid[-2], grid[-1])
+    r, nan = _score(model, reward, xs, jnp.zeros(xs.shape[:1], jnp.float32), us, cond)
+    idx, _ = _best_of(r, num_chains)
+    chain_reward = chains.chain_reward.at[-1].set(r[idx])
+    init_nfe = num_chains * num_init
+    loop_nfe = jnp.sum(chains.spent)
+    info = {
+        "best_reward": jax.lax.cummax(jnp.max(chain_reward, axis=1)),
+        "chain_reward": chain_reward,
+        "running_best": chains.best,
+        "chain_nfe": chains.chain_nfe,
+        "advanced_early": chains.early,
+        "nfe": jnp.sum(chains.chain_nfe, axis=1),
+        "init_nfe": jnp.int32(init_nfe),
+        "iterations": chains.it,
+        "num_nan_rewards": chains.num_nan + jnp.sum(nan).astype(jnp.int32),
+    }
+    reward_calls = init_nfe + loop_nfe + num_chains * final_proposals
+    return _chain_result(xs[idx], r[idx], init_nfe + loop_nfe, reward_calls, info)
+
+
+def rbf(
+    key: Array,
+    model: FlowModel,
+    reward: Reward,
+    grid: Array,
+    diffusion: Diffusion,
+    budget: int,
+    *,
+    num_chains: int = 2,
+    num_init: int = 25,
+    final_proposals: int | None = None,
+    cond: Any = None,
+    held_out: Sequence[Reward] = (),
+    nan_policy: str = "raise",
+) -> SampleResult:
+    """Rollover budget forcing (Kim et al. 2025, ALGORITHMS.md 3); spends exactly ``budget`` NFE.
+
+    1. Init: ``num_init`` noises per chain; each chain keeps the one whose x0-prediction at
+       ``t = grid[0]`` has the highest reward (``B * num_init`` NFE); ``r*`` starts there.
+    2. Per-step quota ``Q = (budget - B num_init) // ((S - 1) B)`` NFE per chain for each of the
+       ``S - 1`` transitions landing at ``t > 0`` (transitions into ``t = 0`` cost no NFE).
+    3. A chain draws one SDE proposal at a time (1 NFE: the velocity at the proposal gives its
+       x0-prediction and is cached for the next step). If its reward beats ``r*`` the chain
+       advances to it at once, ``r* <- r`` and the unused quota rolls over
+       (``Q_next = Q - used + Q``); if the step's allowance runs out the chain advances to the
+       step's best proposal (SVDD fallback) and ``r*`` stays. The last of these transitions gets
+       every NFE the chain has left (no early stop: nothing is left to roll over) and keeps the
+       best proposal, so each chain spends its share of the budget exactly.
+    4. Data end: each chain draws ``final_proposals`` (default ``Q``) samples at ``t = 0`` and
+       keeps the best (reward calls only). The output is the argmax over chains.
+
+    Chains advance asynchronously: one ``lax.while_loop`` with per-chain grid index, allowance
+    and step-best proposal, updated with masks. Inactive chains' rows of the batched forward pass
+    are computed but discarded and not counted.
+
+    Args:
+        num_chains: ``B`` (static, default 2).
+        num_init: initial noises per chain (static, default 25 as in the paper).
+        final_proposals: data-end proposals per chain (static; default ``Q``).
+        budget: NFE; at least ``B (num_init + S - 1)`` (a quota of one proposal per step).
+        Others: as :func:`bon`; ``diffusion`` must be stochastic for proposals to differ.
+
+    Returns:
+        :class:`SampleResult` of the ``B`` chains at ``t = 0`` with ``nfe == budget``. ``info``:
+        ``nfe [S]`` and ``chain_nfe [S, B]`` per step (the data-end step spends 0),
+        ``chain_reward [S, B]`` of the proposal each step advanced to, ``best_reward [S]``
+        (running best over chains), ``running_best [B]`` final ``r*``, ``advanced_early [S, B]``
+        (the step rolled its quota over), ``init_nfe``, ``iterations``.
+    """
+    grid = _validate(grid, budget, nan_policy, held_out)
+    num_steps = grid.shape[0] - 1
+    _need_steps(num_steps, "rbf")
+    if num_chains < 1 or num_init < 1:
+        raise ValueError(f"rbf: num_chains and num_init must be >= 1, got {num_chains}, {num_init}")
+    init = num_chains * num_init
+    _require(
+        budget,
+        num_chains * (num_init + num_steps - 1),
+        "rbf",
+        f"{num_chains} chains x ({num_init} initial noises + 1 proposal for each of "
+        f"{num_steps - 1} steps)",
+    )
+    quota = (budget - init) // ((num_steps - 1) * num_chains)
+    share, extra = divmod(budget - init, num_chains)
+    chain_budget = jnp.asarray([share + (i < extra) for i in range(num_chains)], jnp.int32)
+    final = quota if final_proposals is None else final_proposals
+    if final < 1:
+        raise ValueError(f"rbf: final_proposals must be >= 1, got {final}")
+    result = _rbf(
+        key,
+        model,
+        reward,
+        grid,
+        diffusion,
+        cond,
+        jnp.full((num_chains,), quota, jnp.int32),
+        chain_budget,
+        num_chains,
+        num_init,
+        final,
+    )
+    return _finish(result, "rbf", held_out, cond, nan_policy)
