@@ -1,0 +1,152 @@
+"""Step-level particle filtering: softmax-temperature limits, exact twisted target, particle Gibbs,
+entropic annealing, NaN scores, empty budgets, recompiles.
+
+Setup (exact by enumeration): the tiny LM of ``test_lm_smc``, prompt ``[2, 3]``, steps of one
+token, two steps, and an oracle step scorer that depends only on the first completion token, so
+every quantity reduces to the exactly known first-token distribution ``p0``.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tts_jax.samplers import lm_smc
+from tts_jax.samplers.lm_exact import enumerate_completions
+
+from .test_lm_smc import EOS, iid_tv, tiny_lm
+
+PROMPT = np.array([2, 3], np.int32)
+SEP, N, RUNS = 1, 16, 40
+TABLE = np.array([0.2, 0.5, 0.8, 0.35, 0.65], np.float32)  # score of each first token
+
+
+def first_token_scorer(table, tokens, step_ends):
+    """Oracle PRM: every step of a completion scores ``table[first completion token]``."""
+    r = table[tokens[:, PROMPT.shape[0]]]
+    return jnp.where(step_ends, r[:, None], 0.0)
+
+
+@functools.cache
+def p0() -> np.ndarray:
+    _, log_p = enumerate_completions(tiny_lm(), PROMPT, 1, [EOS])
+    return np.exp(log_p)
+
+
+def run(seed, table=TABLE, method=lm_smc.particle_filter, n=N, temperature=1.0, **kwargs):
+    return method(jax.random.key(seed), tiny_lm(), PROMPT, first_token_scorer,
+                  jnp.asarray(table), num_particles=n, max_steps=2, max_step_tokens=1,
+                  max_new_tokens=2, temperature=temperature, sep_id=SEP, stop_ids=[EOS],
+                  pad_id=EOS, **kwargs)
+
+
+def _tv(a, b):
+    return 0.5 * np.abs(a - b).sum()
+
+
+def _histogram(values, weights=None):
+    return np.bincount(values, weights=weights, minlength=len(TABLE)) / (
+        len(values) if weights is None else np.sum(weights))
+
+
+def test_infinite_softmax_temperature_is_independent_sampling():
+    first = np.concatenate([np.asarray(run(s, softmax_temperature=1e6).tokens)[:, 0]
+                            for s in range(RUNS)])
+    # Resampling uniform weights keeps the marginal; copies halve the effective sample size.
+    assert _tv(_histogram(first), p0()) < 2.5 * iid_tv(p0(), RUNS * N // 2)
+
+
+def test_zero_softmax_temperature_keeps_only_the_best_scored_prefix():
+    chosen = []
+    for s in range(RUNS):
+        r = run(s, softmax_temperature=1e-3)
+        first = np.asarray(r.tokens)[:, 0]
+        assert (first == first[0]).all()  # every particle descends from the best first step
+        chosen.append(first[0])
+    # The kept first token is the best-scored of N draws: P(v) = F(<= v)^N - F(< v)^N.
+    order = np.argsort(TABLE)
+    cdf = np.cumsum(p0()[order])
+    exact = np.zeros(len(TABLE))
+    exact[order] = cdf**N - np.concatenate([[0.0], cdf[:-1]]) ** N
+    assert _tv(_histogram(np.array(chosen)), exact) < 2.5 * iid_tv(exact, RUNS) + 0.02
+
+
+def test_twisted_weighting_targets_the_odds_tilted_first_token():
+    t = 0.5
+    odds = TABLE / (1 - TABLE)
+    target = p0() * odds ** (1 / t)
+    target /= target.sum()
+    pooled, z = np.zeros(len(TABLE)), []
+    for s in range(RUNS):
+        r = run(s, softmax_temperature=t, weighting="twisted")
+        z.append(float(r.log_evidence))
+        w = np.exp(np.asarray(r.log_weights, np.float64) + z[-1])
+        pooled += np.bincount(np.asarray(r.tokens)[:, 0], weights=w, minlength=len(TABLE))
+    assert _tv(pooled / pooled.sum(), target) < 2.5 * iid_tv(target, RUNS * N // 4)
+    z_exact = np.sum(p0() * odds ** (1 / t))
+    z = np.exp(np.array(z))
+    assert abs(z.mean() / z_exact - 1) < 4 * z.std(ddof=1) / np.sqrt(RUNS) / z_exact + 0.02
+
+
+def test_puri_weights_are_absolute_and_finished_particles_stay_finished():
+    r = run(0)
+    assert np.isnan(float(r.log_evidence))  # not an evidence estimate
+    lw = np.asarray(r.log_weights)
+    expected = np.log(TABLE / (1 - TABLE))[np.asarray(r.tokens)[:, 0]]
+    np.testing.assert_allclose(lw - lw.max(), expected - expected.max(), atol=1e-4)
+    finished = np.asarray(r.finished)
+    assert (np.asarray(r.tokens)[finished, np.asarray(r.lengths)[finished] - 1] == EOS).all()
+    assert int(r.budget.prm_calls) <= 2 * N and int(r.budget.lm_calls) <= 1 + 2
+
+
+def test_particle_gibbs_never_resamples_the_reference_away():
+    r = run(3, method=lm_smc.particle_gibbs, n=2 * N, num_sweeps=2)
+    reference = np.asarray(r.info["references"])[0]
+    tokens, length = np.asarray(r.tokens)[0], int(r.lengths[0])
+    np.testing.assert_array_equal(tokens[:length], reference[:length])
+    single = run(3, n=N)  # one sweep of the same size: the budget is split, not multiplied
+    assert int(r.budget.tokens) <= 2 * N * 2 and int(single.budget.tokens) <= N * 2
+    assert r.tokens.shape[0] == N
+
+
+def test_entropic_temperature_formula_and_run():
+    lw = jnp.asarray([0.0, -10.0, -10.0, -10.0])  # ESS ~ 1 of 4
+    ratio = 1.0 / 4
+    t_early = float(lm_smc.entropic_temperature(lw, jnp.float32(0.1)))
+    assert t_early == pytest.approx((1 - 0.1) / ratio, rel=1e-3)
+    assert float(lm_smc.entropic_temperature(lw, jnp.float32(0.6))) == 1.0  # late: untempered
+    assert float(lm_smc.entropic_temperature(jnp.zeros(4), jnp.float32(0.1))) == 1.0  # ESS = N
+    r = run(0, method=lm_smc.entropic_particle_filter, softmax_temperature=0.1)
+    scores = np.asarray(r.scores)
+    assert scores[int(r.best)] == scores.max()
+
+
+def test_nan_scores_raise_or_drop_to_all_dead():
+    nan_table = np.full(len(TABLE), np.nan, np.float32)
+    with pytest.raises(ValueError, match="NaN"):
+        run(0, table=nan_table)
+    assert bool(run(0, table=nan_table, nan_policy="drop").all_dead)
+
+
+def test_empty_budget_and_bad_options_are_refused():
+    with pytest.raises(ValueError, match="empty budget"):
+        run(0, n=0)
+    with pytest.raises(ValueError, match="empty budget"):
+        lm_smc.particle_filter(jax.random.key(0), tiny_lm(), PROMPT, first_token_scorer,
+                               jnp.asarray(TABLE), num_particles=4, max_steps=0,
+                               max_step_tokens=1, max_new_tokens=2)
+    with pytest.raises(ValueError, match="weighting"):
+        run(0, weighting="bogus")
+    with pytest.raises(ValueError, match="particles per"):
+        run(0, method=lm_smc.particle_gibbs, n=N, num_sweeps=N)
+
+
+def test_new_temperatures_or_weighting_compile_nothing():
+    run(0, softmax_temperature=1.0)
+    size = lm_smc._pf_jit._cache_size()
+    run(1, softmax_temperature=0.3, temperature=0.7)
+    run(2, softmax_temperature=4.0, weighting="twisted", ess_threshold=0.8)
+    run(3, method=lm_smc.particle_gibbs, n=2 * N, num_sweeps=2).tokens.block_until_ready()
+    assert lm_smc._pf_jit._cache_size() == size

@@ -1,0 +1,232 @@
+"""Search baselines for LM steering with the same interface and budget accounting as
+:mod:`tts_jax.samplers.lm_smc` (ALGORITHMS.md 4.3).
+
+* :func:`best_of_n`: ``N`` independent completions, scored once at the end by an ORM (use
+  ``aggregation="model"``) or the aggregated PRM score; pick with ``argmax``
+  (:func:`~tts_jax.samplers.lm_result.select`), :func:`weighted_best_of_n` (sum the scores of equal
+  answers) or :func:`majority_vote` (self-consistency; Wang et al. 2023).
+* :func:`beam_search` over steps: every step, keep the top ``N / beam_width`` partial solutions by
+  PRM score and expand each ``beam_width`` times (optional duplicate filtering).
+* :func:`dvts`, diverse verifier tree search (Beeching et al. 2024, "Scaling test-time compute
+  with open models"): ``N / beam_width`` independent subtrees, each a greedy beam of width 1
+  expanded ``beam_width`` times.
+
+All three are one grouped top-k selection after each step: the ``N`` particles form ``G``
+groups of ``N / G``; each group keeps its ``k`` best partial solutions and copies each
+``N / (G k)`` times (one gather of the whole :class:`~tts_jax.samplers.lm_state.LMState`,
+KV cache included). Best-of-N is ``G = N, k = 1`` without intermediate scoring. Finished
+particles stay in the pool with their final score (as in particle filtering); with
+``dedup=True`` identical completions in a group compete only once. No selection happens after the
+last step or once every particle is done. A NaN score is never selected while a finite one
+exists, and is an error after the run unless ``nan_policy="drop"``.
+
+Budget (``LMResult.budget``): tokens sampled, LM forwards per row, batched LM calls, scorer
+evaluations per particle, the same units as the particle methods.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from tts_jax.models import lm
+from tts_jax.particles import gather
+from tts_jax.samplers.lm_result import (
+    LMResult,
+    check_budget,
+    check_nan,
+    check_prompt,
+    make_result,
+    select,
+)
+from tts_jax.samplers.lm_scoring import AGGREGATIONS, StepScorer, score_sequences
+from tts_jax.samplers.lm_state import (
+    add_budget,
+    decode_config,
+    generate_step,
+    init_state,
+    sequences,
+)
+
+Array = jax.Array
+
+
+def _group_size(n: int, num_groups: Array) -> Array:
+    return n // jnp.maximum(num_groups, 1)
+
+
+def duplicates(tokens: Array, lengths: Array, num_groups: Array) -> Array:
+    """``bool[N]``: the completion equals an earlier one of the same group.
+
+    Args:
+        tokens: ``int32[N, L]``.
+        lengths: ``int32[N]``.
+        num_groups: int32 scalar G (groups are contiguous blocks of ``N / G``).
+    """
+    n = tokens.shape[0]
+    same = jnp.all(tokens[:, None, :] == tokens[None, :, :], axis=-1)
+    same &= lengths[:, None] == lengths[None, :]
+    group = jnp.arange(n) // _group_size(n, num_groups)
+    earlier = jnp.arange(n)[None, :] < jnp.arange(n)[:, None]
+    return jnp.any(same & earlier & (group[:, None] == group[None, :]), axis=1)
+
+
+def grouped_top_k(scores: Array, num_groups: Array, keep: Array) -> Array:
+    """Ancestors ``int32[N]``: each group's ``keep`` best particles, each copied
+    ``N / (G keep)`` times (ties keep the lower index; NaN ranks last). ``G`` and ``keep`` are
+    traced int32 scalars, so beam search, DVTS and best-of-N share one compiled program.
+
+    Args:
+        scores: ``float32[N]``.
+        num_groups: G, dividing N.
+        keep: k per group, dividing ``N / G``.
+    """
+    n = scores.shape[0]
+    size = _group_size(n, num_groups)
+    slot = jnp.arange(n, dtype=jnp.int32)
+    group = slot // size
+    ranked = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+    order = jnp.lexsort((-ranked, group)).astype(jnp.int32)  # by group, then best first
+    copies = size // jnp.maximum(keep, 1)
+    return order[group * size + (slot % size) // copies]
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "scorer", "num_particles", "max_steps", "max_step_tokens", "max_new_tokens", "aggregation"))
+def _search_jit(key, model, prompt, scorer_params, cfg, plan, *, scorer, num_particles,
+                max_steps, max_step_tokens, max_new_tokens, aggregation):
+    """``plan`` (traced): ``num_groups``, ``keep``, ``score_steps`` (score and select after each
+    step; else score once at the end), ``dedup``."""
+    state = init_state(model, prompt, num_particles, max_new_tokens, cfg.pad_id)
+    n = num_particles
+    identity = jnp.arange(n, dtype=jnp.int32)
+
+    def score(s):
+        tokens, ends = sequences(prompt, s)
+        return score_sequences(scorer, scorer_params, tokens, ends, aggregation)
+
+    def body(s, k):
+        all_done = jnp.all(s.done)
+        was_done = s.done
+        s = generate_step(model, s, jax.random.fold_in(key, k), cfg, max_step_tokens)
+        scoring = plan["score_steps"] & ~all_done
+        fresh = jax.lax.cond(scoring, score, lambda st: st.score, s)
+        r = jnp.where(was_done, s.score, fresh)
+        s = s._replace(score=r, budget=add_budget(
+            s.budget, prm_calls=jnp.where(scoring, jnp.sum(~was_done), 0)))
+        dup = plan["dedup"] & duplicates(s.tokens, s.length, plan["num_groups"])
+        ranked = jnp.where(dup, -jnp.inf, r)
+        select_now = scoring & (k < max_steps - 1)
+        ancestors = jnp.where(select_now, grouped_top_k(ranked, plan["num_groups"], plan["keep"]),
+                              identity)
+        return gather(s, ancestors), {"ancestors": ancestors, "scores": r}
+
+    final, info = jax.lax.scan(body, state, jnp.arange(max_steps))
+    final_only = ~plan["score_steps"]
+    final = final._replace(
+        score=jax.lax.cond(final_only, score, lambda st: st.score, final),
+        budget=add_budget(final.budget, prm_calls=jnp.where(final_only, n, 0)))
+    info["num_nan"] = jnp.sum(jnp.isnan(final.score)) + jnp.sum(jnp.isnan(info["scores"]))
+    lw = jnp.full((n,), -jnp.log(n), jnp.float32)
+    best = jnp.argmax(jnp.where(jnp.isnan(final.score), -jnp.inf, final.score)).astype(jnp.int32)
+    return make_result(final, lw, best, jnp.float32(jnp.nan), jnp.asarray(False), info)
+
+
+def _search(key, model, prompt, scorer, scorer_params, *, num_particles, num_groups, keep,
+            score_steps, dedup, max_steps, max_step_tokens, max_new_tokens, temperature, sep_id,
+            stop_ids, pad_id, aggregation, nan_policy, method):
+    check_budget(num_particles, max_new_tokens, max_steps, max_step_tokens)
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; known: {AGGREGATIONS}")
+    prompt = jnp.asarray(check_prompt(prompt))
+    cfg = decode_config(temperature, sep_id, stop_ids, pad_id)
+    plan = {"num_groups": jnp.int32(num_groups), "keep": jnp.int32(keep),
+            "score_steps": jnp.asarray(score_steps), "dedup": jnp.asarray(dedup)}
+    result = _search_jit(key, model, prompt, scorer_params, cfg, plan, scorer=scorer,
+                         num_particles=num_particles, max_steps=max_steps,
+                         max_step_tokens=max_step_tokens, max_new_tokens=max_new_tokens,
+                         aggregation=aggregation)
+    check_nan(int(result.info["num_nan"]), method, nan_policy)
+    return result
+
+
+def _check_beam_width(num_particles: int, beam_width: int) -> None:
+    if beam_width < 1 or num_particles % beam_width:
+        raise ValueError(f"beam_width must be >= 1 and divide num_particles, got beam_width="
+                         f"{beam_width}, num_particles={num_particles}")
+
+
+def best_of_n(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_params: Any, *,
+              num_particles: int, max_steps: int, max_step_tokens: int, max_new_tokens: int,
+              temperature: float | Array = 0.8, sep_id: int | None = None, stop_ids=None,
+              pad_id: int = 0, aggregation: str = "last", nan_policy: str = "raise") -> LMResult:
+    """``N`` independent completions scored once at the end (one scorer call per particle).
+
+    Arguments as :func:`tts_jax.samplers.lm_smc.particle_filter`; ``aggregation="model"`` makes
+    the scorer an outcome reward model (only the final position is scored).
+
+    Returns:
+        :class:`~tts_jax.samplers.lm_result.LMResult` with uniform weights; ``best`` is the
+        argmax of the final scores.
+    """
+    return _search(key, model, prompt, scorer, scorer_params, num_particles=num_particles,
+                   num_groups=num_particles, keep=1, score_steps=False, dedup=False,
+                   max_steps=max_steps, max_step_tokens=max_step_tokens,
+                   max_new_tokens=max_new_tokens, temperature=temperature, sep_id=sep_id,
+                   stop_ids=stop_ids, pad_id=pad_id, aggregation=aggregation,
+                   nan_policy=nan_policy, method="best_of_n")
+
+
+def beam_search(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_params: Any, *,
+                num_particles: int, beam_width: int, max_steps: int, max_step_tokens: int,
+                max_new_tokens: int, temperature: float | Array = 0.8, sep_id: int | None = None,
+                stop_ids=None, pad_id: int = 0, aggregation: str = "last", dedup: bool = False,
+                nan_policy: str = "raise") -> LMResult:
+    """Step-level beam search with a PRM: keep the top ``N / beam_width``, expand each
+    ``beam_width`` times (``info["ancestors"]``, ``info["scores"]``: per step, before selection).
+
+    Raises:
+        ValueError: ``beam_width`` not dividing ``num_particles``, or as :func:`best_of_n`.
+    """
+    _check_beam_width(num_particles, beam_width)
+    return _search(key, model, prompt, scorer, scorer_params, num_particles=num_particles,
+                   num_groups=1, keep=num_particles // beam_width, score_steps=True, dedup=dedup,
+                   max_steps=max_steps, max_step_tokens=max_step_tokens,
+                   max_new_tokens=max_new_tokens, temperature=temperature, sep_id=sep_id,
+                   stop_ids=stop_ids, pad_id=pad_id, aggregation=aggregation,
+                   nan_policy=nan_policy, method="beam_search")
+
+
+def dvts(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_params: Any, *,
+         num_particles: int, beam_width: int, max_steps: int, max_step_tokens: int,
+         max_new_tokens: int, temperature: float | Array = 0.8, sep_id: int | None = None,
+         stop_ids=None, pad_id: int = 0, aggregation: str = "last", dedup: bool = False,
+         nan_policy: str = "raise") -> LMResult:
+    """Diverse verifier tree search: ``N / beam_width`` independent subtrees (contiguous blocks
+    of ``beam_width`` particles), each keeping its best partial solution and expanding it
+    ``beam_width`` times.
+
+    Raises:
+        ValueError: ``beam_width`` not dividing ``num_particles``, or as :func:`best_of_n`.
+    """
+    _check_beam_width(num_particles, beam_width)
+    return _search(key, model, prompt, scorer, scorer_params, num_particles=num_particles,
+                   num_groups=num_particles // beam_width, keep=1, score_steps=True, dedup=dedup,
+                   max_steps=max_steps, max_step_tokens=max_step_tokens,
+                   max_new_tokens=max_new_tokens, temperature=temperature, sep_id=sep_id,
+                   stop_ids=stop_ids, pad_id=pad_id, aggregation=aggregation,
+                   nan_policy=nan_policy, method="dvts")
+
+
+def weighted_best_of_n(result: LMResult, answers: Sequence[Any]) -> int:
+    """Index of a best-scoring particle of the answer with the largest summed score."""
+    return select(result, "weighted_vote", answers, weights="scores")
+
+
+def majority_vote(result: LMResult, answers: Sequence[Any]) -> int:
+    """Index of a best-scoring particle of the most frequent answer (self-consistency)."""
+    return select(result, "majority_vote", answers)
