@@ -23,15 +23,10 @@ VOCAB, EOS, PROMPT, LENGTH = 5, 0, np.array([1, 2], np.int32), 4
 SMALL, LARGE = 32, 512
 
 
-@functools.cache
-def tiny_lm(seed: int = 0) -> lm.LM:
-    """A 1-layer Qwen2 with vocabulary 5 and N(0, 0.5^2) weights around the identity norms:
-    peaked next-token distributions that are not degenerate. Built from NumPy arrays (eager JAX
-    initialisation is slow on a loaded machine)."""
-    config = lm.LMConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=16,
-                         intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: lm.LM(config, rngs=nnx.Rngs(0))))
+def random_module(make, seed: int):
+    """``make()``'s module with N(0, 0.5^2) weights around identity norms, filled from NumPy
+    (eager JAX initialisation is slow on a loaded machine)."""
+    graphdef, state = nnx.split(nnx.eval_shape(make))
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):
@@ -39,6 +34,16 @@ def tiny_lm(seed: int = 0) -> lm.LM:
         return jnp.asarray(base + 0.5 * rng.normal(size=leaf.shape), jnp.float32)
 
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+
+
+@functools.cache
+def tiny_lm(seed: int = 0) -> lm.LM:
+    """A 1-layer Qwen2 with vocabulary 5: peaked next-token distributions that are not
+    degenerate."""
+    config = lm.LMConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=16,
+                         intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1)
+    return random_module(lambda: lm.LM(config, rngs=nnx.Rngs(0)), seed)
 
 
 def _written(tokens, lengths):

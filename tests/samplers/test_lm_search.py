@@ -1,0 +1,121 @@
+"""Search baselines: best-of-N, votes, beam search (with duplicate filtering), DVTS, the PRM
+adapter, budget accounting, NaN scores, empty budgets, recompiles.
+
+Same tiny setup as ``test_lm_pf``: one-token steps, two steps, and an oracle scorer of the first
+completion token, so each selection can be checked exactly against the scores it saw.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tts_jax.models.lm_reward import RewardModel, prm_scores
+from tts_jax.samplers import lm_search
+from tts_jax.samplers.lm_scoring import prm_scorer
+
+from .test_lm_pf import PROMPT, SEP, TABLE, first_token_scorer
+from .test_lm_smc import EOS, VOCAB, random_module, tiny_lm
+
+N, BEAM = 16, 4
+
+
+def run(method, seed=0, table=TABLE, n=N, scorer=first_token_scorer, scorer_params=None,
+        temperature=1.0, **kwargs):
+    params = jnp.asarray(table) if scorer_params is None else scorer_params
+    return method(jax.random.key(seed), tiny_lm(), PROMPT, scorer, params, num_particles=n,
+                  max_steps=2, max_step_tokens=1, max_new_tokens=2, temperature=temperature,
+                  sep_id=SEP, stop_ids=[EOS], pad_id=EOS, **kwargs)
+
+
+def test_grouped_top_k_and_duplicates():
+    scores = jnp.asarray([0.1, 0.9, 0.5, 0.7, 0.3, 0.2, 0.8, 0.6])
+    np.testing.assert_array_equal(lm_search.grouped_top_k(scores, jnp.int32(1), jnp.int32(2)),
+                                  [1, 1, 1, 1, 6, 6, 6, 6])
+    np.testing.assert_array_equal(lm_search.grouped_top_k(scores, jnp.int32(2), jnp.int32(1)),
+                                  [1, 1, 1, 1, 6, 6, 6, 6])
+    np.testing.assert_array_equal(lm_search.grouped_top_k(scores, jnp.int32(4), jnp.int32(1)),
+                                  [1, 1, 3, 3, 4, 4, 6, 6])
+    tokens = jnp.asarray([[1, 2], [1, 2], [1, 3], [1, 2]])
+    lengths = jnp.asarray([2, 2, 2, 1])
+    np.testing.assert_array_equal(lm_search.duplicates(tokens, lengths, jnp.int32(1)),
+                                  [False, True, False, False])
+    np.testing.assert_array_equal(lm_search.duplicates(tokens, lengths, jnp.int32(2)),
+                                  [False, True, False, False])
+
+
+def test_best_of_n_budget_and_votes():
+    r = run(lm_search.best_of_n)
+    first = np.asarray(r.tokens)[:, 0]
+    np.testing.assert_allclose(np.asarray(r.scores), TABLE[first])
+    assert int(r.best) == int(np.argmax(TABLE[first]))
+    assert int(r.budget.tokens) == int(np.asarray(r.lengths).sum())  # nothing discarded
+    assert int(r.budget.prm_calls) == N and int(r.budget.lm_calls) <= 1 + 2
+    answers = [int(t) for t in first]
+    counts = np.bincount(first, minlength=VOCAB)
+    assert first[lm_search.majority_vote(r, answers)] == np.argmax(counts)
+    assert first[lm_search.weighted_best_of_n(r, answers)] == np.argmax(counts * TABLE)
+
+
+@pytest.mark.parametrize("dedup", [False, True])
+def test_beam_search_keeps_the_top_scored_beams(dedup):
+    r = run(lm_search.beam_search, seed=1, beam_width=BEAM, dedup=dedup)
+    scores = np.asarray(r.info["scores"])[0]
+    ancestors = np.asarray(r.info["ancestors"])[0]
+    kept = ancestors[::BEAM]
+    np.testing.assert_array_equal(ancestors, np.repeat(kept, BEAM))
+    if not dedup:
+        assert np.sort(scores[kept]).tolist() == np.sort(scores)[-N // BEAM:].tolist()
+    else:
+        # Distinct first steps first: as many distinct ones as exist, up to N / BEAM.
+        distinct = len(set(scores.tolist()))
+        assert len(set(scores[kept].tolist())) == min(N // BEAM, distinct)
+        assert scores[kept].max() == scores.max()
+    assert int(r.budget.prm_calls) >= N
+
+
+def test_dvts_subtrees_stay_independent_and_greedy():
+    r = run(lm_search.dvts, seed=2, beam_width=BEAM)
+    scores = np.asarray(r.info["scores"])[0]
+    ancestors = np.asarray(r.info["ancestors"])[0]
+    groups = np.arange(N) // BEAM
+    np.testing.assert_array_equal(ancestors // BEAM, groups)
+    np.testing.assert_array_equal(scores[ancestors], scores.reshape(-1, BEAM).max(1)[groups])
+
+
+def test_prm_adapter_scores_with_the_reward_model_in_graph():
+    config = tiny_lm().config
+    prm = random_module(lambda: RewardModel(config, 2, rngs=nnx.Rngs(0)), 3)
+    r = run(lm_search.best_of_n, scorer=prm_scorer, scorer_params=prm)
+    tokens = np.concatenate([np.tile(PROMPT, (N, 1)), np.asarray(r.tokens)], axis=1)
+    ends = np.zeros(tokens.shape, bool)
+    lengths = np.asarray(r.lengths)
+    ends[np.arange(N), PROMPT.shape[0] + lengths - 1] = True  # the last step's end
+    expected = jax.jit(prm_scores)(prm, jnp.asarray(tokens), jnp.asarray(ends))
+    np.testing.assert_allclose(np.asarray(r.scores), np.asarray(expected).max(1), atol=1e-5)
+
+
+def test_nan_scores_raise_or_are_never_selected():
+    table = TABLE.copy()
+    table[3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        run(lm_search.beam_search, seed=1, table=table, beam_width=BEAM)
+    r = run(lm_search.best_of_n, seed=1, table=table, nan_policy="drop")
+    assert not np.isnan(np.asarray(r.scores)[int(r.best)])
+
+
+def test_empty_budget_and_bad_beam_width_are_refused():
+    with pytest.raises(ValueError, match="empty budget"):
+        run(lm_search.best_of_n, n=0)
+    with pytest.raises(ValueError, match="beam_width"):
+        run(lm_search.beam_search, beam_width=3)
+
+
+def test_every_method_and_temperature_share_one_compiled_program():
+    run(lm_search.best_of_n)
+    size = lm_search._search_jit._cache_size()
+    run(lm_search.beam_search, seed=4, beam_width=BEAM, temperature=0.5)
+    run(lm_search.dvts, seed=5, beam_width=2, dedup=True, temperature=1.5)
+    run(lm_search.beam_search, seed=6, beam_width=8).tokens.block_until_ready()
+    assert lm_search._search_jit._cache_size() == size
