@@ -29,7 +29,7 @@ from tts_jax import interpolants as I
 from tts_jax import runs, smc
 from tts_jax.models.base import FlowModel, linear_to_vp
 from tts_jax.rewards.base import Reward
-from tts_jax.samplers import noise_search
+from tts_jax.samplers import flow_particles, noise_search
 from tts_jax.samplers.fk_steering import fk_steering
 from tts_jax.samplers.result import SampleResult
 
@@ -109,11 +109,23 @@ def _digits_bundle(config: RunConfig) -> Bundle:
     )
 
     target = config.target_class
+    heldout = load_digits_heldout()
     return Bundle(
         load_digits_flow(),
         class_log_prob_reward(load_digits_verifier(), target, name="verifier_log_prob"),
-        {"heldout_log_prob": class_log_prob_reward(load_digits_heldout(), target, name="heldout")},
+        {
+            "heldout_log_prob": class_log_prob_reward(heldout, target, name="heldout"),
+            "heldout_correct": Reward(
+                {"classifier": heldout, "target": jnp.int32(target)}, _classified_as_target
+            ),
+        },
     )
+
+
+def _classified_as_target(params, x, cond=None):
+    """1.0 where the classifier's argmax is the target class (held-out accuracy per sample)."""
+    logits, _ = params["classifier"](x)
+    return (jnp.argmax(logits, axis=-1) == params["target"]).astype(jnp.float32)
 
 
 MODELS: dict[str, Callable[[RunConfig], Bundle]] = {"gmm": _gmm_bundle, "digits": _digits_bundle}
@@ -209,12 +221,39 @@ def _paths(key, bundle: Bundle, config: RunConfig) -> SampleResult:
     )
 
 
+def _particles(method: str):
+    """A Kim et al. 2025 particle method on the VP-converted SDE (``g = norm t^2``)."""
+
+    def run(key, bundle: Bundle, config: RunConfig) -> SampleResult:
+        args = (
+            key,
+            _vp(bundle.model),
+            bundle.reward,
+            I.uniform_grid(config.num_steps),
+            I.diffusion("square", config.diffusion_norm),
+            config.budget,
+        )
+        if method == "smc":
+            return flow_particles.smc(*args, config.lam, cond=bundle.cond)
+        if method == "rbf":
+            # Initial pool of 2 per chain: its Tweedie scores at t = 1 barely differ.
+            return flow_particles.rbf(*args, num_init=2, cond=bundle.cond)
+        return getattr(flow_particles, method)(*args, cond=bundle.cond)
+
+    run.__doc__ = f"flow_particles.{method} on the VP-SDE"
+    return run
+
+
 METHODS: dict[str, Callable[[Any, Bundle, RunConfig], SampleResult]] = {
     "single": _single,
     "bon": _bon,
     "zo": _zero_order,
     "paths": _paths,
     "fk": _fk,
+    "smc": _particles("smc"),
+    "svdd": _particles("svdd"),
+    "code": _particles("code"),
+    "rbf": _particles("rbf"),
 }
 
 
@@ -256,6 +295,7 @@ def run_one(config: RunConfig, bundle: Bundle | None = None, write: bool = True)
             jnp.mean(jnp.where(jnp.isfinite(result.rewards), result.rewards, 0.0))
         ),
         "wall_time_s": wall,
+        "best_sample": np.asarray(result.best_sample, np.float32).ravel(),
         **evaluate_held_out(bundle, result),
     }
     if write:
