@@ -1,0 +1,154 @@
+"""The embedded default checkpoints (``tts_jax/assets/<name>``) and how to load them by name.
+
+Every asset is trained by a script in ``experiments/`` and shipped in a standard folder layout
+(diffusers / transformers ``config.json`` + safetensors), so nothing is downloaded at run time:
+
+- ``digits-dit``: class-conditional flow-matching DiT on the 8x8 digits (Lipman et al. 2023 flow
+  matching on the linear path; Peebles & Xie 2023 DiT), usable conditionally, unconditionally and
+  with classifier-free guidance. Samples ``[N, 1, 8, 8]`` in about ``[-1, 1]``.
+- ``digits-verifier`` / ``digits-heldout``: the steering verifier (CNN) and the held-out evaluator
+  (MLP) digit classifiers, trained on disjoint halves of the digits.
+- ``arith-lm`` / ``arith-prm``: the arithmetic policy LM and its process reward model (Qwen2
+  layout).
+
+Loading an asset whose weights have not been built raises :class:`AssetNotBuiltError` naming the
+script that builds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from tts_jax.models.base import FlowModel
+from tts_jax.models.classifier import load_classifier
+from tts_jax.models.dit import load_dit
+from tts_jax.models.wrappers import velocity_dit_flow
+
+
+class AssetNotBuiltError(FileNotFoundError):
+    """An embedded asset is registered but its files are not in this installation."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedAsset:
+    """One shipped checkpoint folder.
+
+    Attributes:
+        name: folder name under ``tts_jax/assets``.
+        kind: ``"flow"``, ``"classifier"``, ``"lm"`` or ``"reward-lm"``.
+        files: files that must be present for the asset to load.
+        script: the experiment script that trains and exports it.
+        description: one line for listings.
+    """
+
+    name: str
+    kind: str
+    files: tuple[str, ...]
+    script: str
+    description: str
+
+
+EMBEDDED: dict[str, EmbeddedAsset] = {
+    a.name: a
+    for a in (
+        EmbeddedAsset(
+            "digits-dit",
+            "flow",
+            ("config.json", "diffusion_pytorch_model.safetensors"),
+            "experiments/train_digits_flow.py",
+            "class-conditional flow-matching DiT on 8x8 digits (null label = unconditional)",
+        ),
+        EmbeddedAsset(
+            "digits-verifier",
+            "classifier",
+            ("config.json", "model.safetensors"),
+            "experiments/train_digits_classifiers.py",
+            "CNN digit classifier on split part a: the steering verifier",
+        ),
+        EmbeddedAsset(
+            "digits-heldout",
+            "classifier",
+            ("config.json", "model.safetensors"),
+            "experiments/train_digits_classifiers.py",
+            "MLP digit classifier on split part b: the held-out evaluator",
+        ),
+        EmbeddedAsset(
+            "arith-lm",
+            "lm",
+            ("config.json", "model.safetensors", "tokenizer.json"),
+            "experiments/train_arith_lm.py",
+            "Qwen2-layout policy LM for multi-step arithmetic with worked steps",
+        ),
+        EmbeddedAsset(
+            "arith-prm",
+            "reward-lm",
+            ("config.json", "model.safetensors"),
+            "experiments/train_arith_prm.py",
+            "Qwen2-layout process reward model for the arithmetic policy",
+        ),
+    )
+}
+
+
+def asset_path(name: str) -> Path:
+    """The folder of embedded asset ``name``, checked to hold all of its files.
+
+    Raises:
+        KeyError: ``name`` is not a registered asset.
+        AssetNotBuiltError: the asset's files are missing (names the script that builds them).
+    """
+    if name not in EMBEDDED:
+        raise KeyError(f"unknown embedded asset {name!r}; known: {sorted(EMBEDDED)}")
+    asset = EMBEDDED[name]
+    folder = Path(str(files("tts_jax") / "assets" / name))
+    missing = [f for f in asset.files if not (folder / f).is_file()]
+    if missing:
+        raise AssetNotBuiltError(
+            f"embedded asset {name!r} is not built: {folder} lacks {missing}; "
+            f"run `python {asset.script}`"
+        )
+    return folder
+
+
+def load_digits_flow(guided: bool = False, guidance: float = 1.0) -> FlowModel:
+    """The embedded digits DiT as a velocity :class:`FlowModel` on the linear path.
+
+    Args:
+        guided: evaluate classifier-free guidance when labels are given (a ``2N`` batch).
+        guidance: initial guidance scale ``w`` (change without recompiling via
+            :func:`tts_jax.models.wrappers.with_guidance`).
+
+    Returns:
+        ``FlowModel`` with ``sample_shape (1, 8, 8)``; ``cond`` is ``Int[N]`` labels in ``0..9``,
+        the null label ``10``, or ``None`` for unconditional sampling.
+    """
+    _, dit = load_dit(asset_path("digits-dit"))
+    return velocity_dit_flow(dit, guided=guided, guidance=guidance)
+
+
+def load_embedded(name: str, **kwargs: Any) -> Any:
+    """Load any embedded asset by name with its kind's loader.
+
+    Returns:
+        ``"flow"``: :class:`FlowModel` (``kwargs``: ``guided``, ``guidance`` as in
+        :func:`load_digits_flow`);
+        ``"classifier"``: :class:`~tts_jax.models.classifier.Classifier`;
+        ``"lm"``: ``(LMConfig, LM)``;
+        ``"reward-lm"``: ``(LMConfig, RewardModel)``.
+    """
+    path = asset_path(name)
+    kind = EMBEDDED[name].kind
+    if kind == "flow":
+        return velocity_dit_flow(load_dit(path)[1], **kwargs)
+    if kind == "classifier":
+        return load_classifier(path)
+    if kind == "lm":
+        from tts_jax.models.lm import load_lm
+
+        return load_lm(path, **kwargs)
+    from tts_jax.models.lm_reward import load_reward_model
+
+    return load_reward_model(path, **kwargs)
