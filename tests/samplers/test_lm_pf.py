@@ -84,7 +84,8 @@ def test_twisted_weighting_targets_the_odds_tilted_first_token():
         z.append(float(r.log_evidence))
         w = np.exp(np.asarray(r.log_weights, np.float64) + z[-1])
         pooled += np.bincount(np.asarray(r.tokens)[:, 0], weights=w, minlength=len(TABLE))
-    assert _tv(pooled / pooled.sum(), target) < 2.5 * iid_tv(target, RUNS * N // 4)
+    # Tight enough that the absolute (Puri) weights, which double-count, fail it (TV ~ 0.09).
+    assert _tv(pooled / pooled.sum(), target) < 1.5 * iid_tv(target, RUNS * N // 2)
     z_exact = np.sum(p0() * odds ** (1 / t))
     z = np.exp(np.array(z))
     assert abs(z.mean() / z_exact - 1) < 4 * z.std(ddof=1) / np.sqrt(RUNS) / z_exact + 0.02

@@ -1,0 +1,91 @@
+"""LM steering overhead: tokens/s of particle filtering and token-level SMC vs plain batched
+KV-cache decoding (:func:`tts_jax.models.lm.generate`) of the same model and N.
+
+Every method generates the same number of tokens per row (no stop token, so each row does the
+full budget) from one shared prompt. Step-level particle filtering uses a free in-graph oracle
+scorer, so its ratio isolates step segmentation, weighting, resampling (a gather of the whole KV
+cache every step) and bookkeeping; the same filter with a PRM (a random
+:class:`~tts_jax.models.lm_reward.RewardModel` of the same size, full forward over prompt +
+completion at every step) is reported separately with its PRM forward count. Token-level SMC
+resamples by ESS with a tilting potential. Reported: median wall time over ``--repeats`` runs
+after one warm-up call (which compiles), tokens/s, and the ratio to ``generate``. A measurement,
+not a test.
+
+    python -m benchmarks.lm_steering_overhead [--particles 16] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.timing import time_call
+from tts_jax.models import lm
+from tts_jax.models.lm_reward import RewardModel
+from tts_jax.samplers import lm_smc
+from tts_jax.samplers.lm_scoring import prm_scorer
+
+
+def length_scorer(_params, tokens, step_ends):
+    """Free oracle: a score in (0, 1) that depends on the tokens (no model call)."""
+    r = jax.nn.sigmoid(jnp.cumsum((tokens % 7 == 0).astype(jnp.float32), axis=1) - 2.0)
+    return jnp.where(step_ends, r, 0.0)
+
+
+def tilt(lam, tokens, lengths, done):
+    """Token-SMC twist: ``lam`` times the number of even tokens so far."""
+    written = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    return lam * jnp.sum((tokens % 2 == 0) & written, axis=1).astype(jnp.float32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--particles", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--step-tokens", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    n, new, step = args.particles, args.new_tokens, args.step_tokens
+    config = lm.LMConfig(model_type="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
+                         intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = lm.LM(config, rngs=nnx.Rngs(0))
+    prm = RewardModel(config, 2, rngs=nnx.Rngs(1))
+    prompt = np.arange(1, 9, dtype=np.int32)
+    keys = iter(jax.random.split(jax.random.key(0), 8 * (args.repeats + 1)))
+    pf_kwargs = dict(num_particles=n, max_steps=new // step, max_step_tokens=step,
+                     max_new_tokens=new, temperature=1.0)
+
+    runs = {
+        "generate": lambda: lm.generate(model, np.tile(prompt, (n, 1)), next(keys),
+                                        max_new_tokens=new, temperature=1.0).tokens,
+        "particle_filter": lambda: lm_smc.particle_filter(
+            next(keys), model, prompt, length_scorer, None, **pf_kwargs).tokens,
+        "token_smc": lambda: lm_smc.token_smc(
+            next(keys), model, prompt, num_particles=n, max_new_tokens=new, potential=tilt,
+            potential_params=jnp.float32(0.3)).tokens,
+        "particle_filter+PRM": lambda: lm_smc.particle_filter(
+            next(keys), model, prompt, prm_scorer, prm, **pf_kwargs).tokens,
+    }
+    print(f"N={n}, {new} new tokens per row, steps of {step} tokens, model "
+          f"{config.num_hidden_layers}x{config.hidden_size}, vocab {config.vocab_size}, "
+          f"backend {jax.default_backend()}")
+    base = None
+    for name, run in runs.items():
+        first, median = time_call(run, args.repeats)
+        rate = n * new / median
+        base = base or rate
+        extra = f", {n * (new // step)} PRM forwards per run" if "PRM" in name else ""
+        print(f"{name:>22}: {median * 1e3:8.1f} ms  {rate:9.0f} tok/s  ratio to generate "
+              f"{rate / base:5.2f}  (first call {first:.1f} s{extra})")
+
+
+if __name__ == "__main__":
+    main()
