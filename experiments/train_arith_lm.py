@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import shutil
 import time
 
 import jax
@@ -37,7 +38,15 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from tts_jax.models.arith import ARITH_LM_DIR, ARITH_TASK, N_EVAL_PROBLEMS
-from tts_jax.models.lm import LM, LMConfig, hidden_states, init_cache, lm_logits, save_lm
+from tts_jax.models.lm import (
+    LM,
+    LMConfig,
+    hidden_states,
+    init_cache,
+    lm_logits,
+    load_lm,
+    save_lm,
+)
 from tts_jax.runs import append_jsonl, environment, read_jsonl, to_jsonable, write_json
 from tts_jax.tasks.arith_data import make_sft_batch, make_splits
 from tts_jax.tasks.arith_tokenizer import MAX_LENGTH, ArithTokenizer
@@ -64,6 +73,7 @@ class TrainConfig:
     num_key_value_heads: int = 2
     checkpoint_every: int = 50
     log_every: int = 25
+    init_from: str | None = None
 
     def __post_init__(self):
         if min(self.steps, self.batch_size, self.pool_size, self.checkpoint_every,
@@ -127,6 +137,16 @@ def batch_indices(cfg: TrainConfig, step: int) -> np.ndarray:
     return np.random.default_rng([cfg.seed, step]).integers(0, cfg.pool_size, cfg.batch_size)
 
 
+def initial_model(cfg: TrainConfig, tokenizer: ArithTokenizer) -> LM:
+    """Random init from the seed, or the weights of an earlier phase (``cfg.init_from``)."""
+    if cfg.init_from is None:
+        return LM(cfg.model_config(tokenizer), rngs=nnx.Rngs(cfg.seed))
+    config, model = load_lm(cfg.init_from)
+    if config != cfg.model_config(tokenizer):
+        raise ValueError(f"{cfg.init_from} holds another architecture: {config}")
+    return model
+
+
 def restore_or_init(manager: ocp.CheckpointManager, params, opt_state):
     """``(first_step, params, opt_state)`` from the latest checkpoint, or the fresh state."""
     step = manager.latest_step()
@@ -146,7 +166,7 @@ def train(cfg: TrainConfig, tokenizer: ArithTokenizer, run_dir: pathlib.Path) ->
     input_ids, loss_mask = pool.input_ids[:, :width], pool.loss_mask[:, :width]
     print(f"pool: {cfg.pool_size} problems, longest {width} tokens")
 
-    graphdef, params = nnx.split(LM(cfg.model_config(tokenizer), rngs=nnx.Rngs(cfg.seed)))
+    graphdef, params = nnx.split(initial_model(cfg, tokenizer))
     opt = make_optimizer(cfg)
     manager = ocp.CheckpointManager(run_dir.resolve() / "orbax",
                                     options=ocp.CheckpointManagerOptions(max_to_keep=2))
@@ -191,7 +211,7 @@ def loss_summary(log: list[dict]) -> dict:
 
 
 def export(cfg: TrainConfig, tokenizer: ArithTokenizer, model: LM, log: list[dict],
-           out: pathlib.Path) -> None:
+           previous: dict | None, out: pathlib.Path) -> None:
     """Writes the transformers folder (beside the tokenizer) and ``training.json``."""
     from transformers import GenerationConfig
 
@@ -203,7 +223,7 @@ def export(cfg: TrainConfig, tokenizer: ArithTokenizer, model: LM, log: list[dic
     write_json(out / "training.json", {
         "recipe": cfg, "task": ARITH_TASK, "num_params": num_params,
         "loss": loss_summary(log), "environment": environment(),
-        "script": "experiments/train_arith_lm.py",
+        "script": "experiments/train_arith_lm.py", "previous_phase": previous,
     })
     print(f"wrote {out} ({num_params} parameters)")
 
@@ -212,15 +232,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
+    parser.add_argument("--init-from", type=pathlib.Path, default=None,
+                        help="continue from an exported folder (a new phase, fresh optimizer)")
     parser.add_argument("--out", type=pathlib.Path, default=ARITH_LM_DIR)
     args = parser.parse_args()
-    cfg = TrainConfig(steps=args.steps, seed=args.seed)
+    cfg = TrainConfig(steps=args.steps, seed=args.seed, learning_rate=args.learning_rate,
+                      init_from=None if args.init_from is None else str(args.init_from))
     tokenizer = ArithTokenizer.load(ARITH_LM_DIR)
     run_dir = CHECKPOINTS / f"arith-lm-{cfg.digest()}"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.json").write_text(json.dumps(to_jsonable(cfg), indent=2))
+    previous = run_dir / "previous_training.json"
+    if cfg.init_from is not None and not previous.is_file():
+        shutil.copy(pathlib.Path(cfg.init_from) / "training.json", previous)
     model = train(cfg, tokenizer, run_dir)
-    export(cfg, tokenizer, model, read_jsonl(run_dir / "log.jsonl"), args.out)
+    export(cfg, tokenizer, model, read_jsonl(run_dir / "log.jsonl"),
+           json.loads(previous.read_text()) if previous.is_file() else None, args.out)
 
 
 if __name__ == "__main__":
