@@ -54,7 +54,7 @@ def test_run_writes_a_reproducible_record(tmp_path, capsys):
 def test_unknown_preset_lists_the_known_ones(capsys):
     import pytest
 
-    with pytest.raises(SystemExit, match="known presets: gmm-fk"):
+    with pytest.raises(SystemExit, match="known presets: .*gmm-fk.*digits-rbf"):
         main(["run", "gmm-nope"])
     with pytest.raises(SystemExit, match="minimum budget is 20"):
         main(["run", "gmm-fk", "--budget", "5", "--num-steps", "20"])
