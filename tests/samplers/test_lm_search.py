@@ -13,7 +13,8 @@ from flax import nnx
 
 from tts_jax.models.lm_reward import RewardModel, prm_scores
 from tts_jax.samplers import lm_search
-from tts_jax.samplers.lm_scoring import prm_scorer
+from tts_jax.samplers.lm_result import select
+from tts_jax.samplers.lm_scoring import aggregate, host_scorer, prm_scorer
 
 from .test_lm_pf import PROMPT, SEP, TABLE, first_token_scorer
 from .test_lm_smc import EOS, VOCAB, random_module, tiny_lm
@@ -119,3 +120,29 @@ def test_every_method_and_temperature_share_one_compiled_program():
     run(lm_search.dvts, seed=5, beam_width=2, dedup=True, temperature=1.5)
     run(lm_search.beam_search, seed=6, beam_width=8).tokens.block_until_ready()
     assert lm_search._search_jit._cache_size() == size
+
+
+def test_aggregations_of_per_step_scores():
+    scores = jnp.asarray([[0.0, 0.9, 0.0, 0.5, 0.8], [0.7, 0.0, 0.6, 0.0, 0.0]])
+    ends = jnp.asarray([[False, True, False, True, True], [True, False, True, False, False]])
+    expected = {"last": [0.8, 0.6], "min": [0.5, 0.6], "prod": [0.36, 0.42], "model": [0.8, 0.6]}
+    for how, want in expected.items():
+        np.testing.assert_allclose(aggregate(scores, ends, how), want, rtol=1e-5)
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate(scores, ends, "mean")
+
+
+def _numpy_first_token_scorer(tokens, step_ends):
+    return np.where(step_ends, TABLE[tokens[:, PROMPT.shape[0]]][:, None], 0.0)
+
+
+HOST_SCORER = host_scorer(_numpy_first_token_scorer)
+
+
+def test_host_scorer_matches_the_in_graph_oracle_and_weighted_sample_selects_by_weight():
+    in_graph = run(lm_search.best_of_n, seed=7)
+    on_host = run(lm_search.best_of_n, seed=7, scorer=HOST_SCORER)
+    np.testing.assert_array_equal(np.asarray(on_host.tokens), np.asarray(in_graph.tokens))
+    np.testing.assert_allclose(np.asarray(on_host.scores), np.asarray(in_graph.scores))
+    picks = {select(in_graph, "weighted_sample", key=jax.random.key(s)) for s in range(64)}
+    assert len(picks) > 1 and picks <= set(range(N))  # uniform weights: many particles drawn
