@@ -288,6 +288,7 @@ def run_one(config: RunConfig, bundle: Bundle | None = None, write: bool = True)
         "method": config.method,
         "budget": config.budget,
         "seed": config.seed,
+        "target_class": config.target_class,
         "nfe": int(result.nfe),
         "reward_calls": int(result.reward_calls),
         "best_reward": float(result.best_reward),
@@ -328,9 +329,16 @@ def sweep(
     from tqdm.auto import tqdm
 
     path = pathlib.Path(out_dir) / "runs.jsonl"
-    done = {(r["method"], r["budget"], r["seed"]) for r in runs.read_jsonl(path)}
-    bundle = load_bundle(base)
+    target = base.target_class
+    done = {
+        (r["method"], r["budget"], r["seed"])
+        for r in runs.read_jsonl(path)
+        if r.get("target_class", target) == target
+    }
     todo = [(m, b, s) for m in methods for b in budgets for s in seeds if (m, b, s) not in done]
+    if not todo:
+        return runs.read_jsonl(path)
+    bundle = load_bundle(base)
     for method, budget, seed in tqdm(todo, disable=not progress, desc="sweep"):
         cfg = dataclasses.replace(base, method=method, budget=budget, seed=seed, out_dir=out_dir)
         record = run_one(cfg, bundle, write=False)
