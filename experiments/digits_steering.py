@@ -6,7 +6,7 @@ selected sample really is that digit. For each method and NFE budget, every clas
 once; a record per run is appended to ``runs.jsonl`` (resumable), then the script writes
 ``experiments/results_digits.md`` and a scaling plot.
 
-Run: ``python experiments/digits_steering.py [--quick]`` (CPU, ~10 minutes; --quick for a smoke run).
+Run: ``python experiments/digits_steering.py [--quick]`` (CPU, ~10 minutes; --quick: smoke run).
 """
 
 from __future__ import annotations
