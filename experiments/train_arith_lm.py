@@ -1,6 +1,7 @@
 """Train the embedded arithmetic policy LM and export it to ``tts_jax/assets/arith-lm/``.
 
-A small Qwen2-layout decoder (GQA, tied embeddings) is fine-tuned from scratch on generated
+A small Qwen2-style decoder (GQA, tied embeddings, attention biases; stored in the Llama layout,
+see ``TrainConfig.model_config``) is trained from scratch on generated
 multi-step arithmetic problems with worked solutions (:mod:`tts_jax.tasks.arithmetic`): the loss
 is next-token cross-entropy on the solution tokens and the EOS only, never on the prompt. AdamW
 with a linear warmup and cosine decay (Loshchilov & Hutter 2019), gradients clipped to norm 1.
@@ -17,7 +18,11 @@ The export (``config.json``, ``model.safetensors``, ``generation_config.json`` a
 ``training.json``) sits beside the tokenizer and loads with ``transformers.AutoTokenizer`` /
 ``AutoModelForCausalLM`` as well as :func:`tts_jax.models.arith.load_arith_policy`.
 
-Run: ``python experiments/train_arith_lm.py`` (about 10 minutes on 2 busy CPU cores).
+Run: ``python experiments/train_arith_lm.py`` then a second phase with a fresh optimizer,
+``python experiments/train_arith_lm.py --steps 400 --learning-rate 2e-3 --init-from
+tts_jax/assets/arith-lm`` (each about 12-15 minutes on 2 busy CPU cores). The shipped phase 1 ran
+as ``model_type="qwen2"`` (no o_proj bias) and was converted exactly to this layout (zero o_proj
+bias) before phase 2.
 """
 
 from __future__ import annotations
@@ -83,9 +88,15 @@ class TrainConfig:
             raise ValueError(f"need 0 <= warmup_fraction < 1 and learning_rate > 0: {self}")
 
     def model_config(self, tokenizer: ArithTokenizer) -> LMConfig:
-        """The Qwen2 architecture for this tokenizer."""
+        """The architecture for this tokenizer: Qwen2's (q/k/v biases) in the Llama layout.
+
+        transformers 5 ``AutoTokenizer`` swaps in ``Qwen2Tokenizer`` (Qwen2's own pre-tokenizer
+        regex, which breaks our merges) for any folder whose ``config.json`` says ``qwen2``, so
+        the policy is stored as ``LlamaForCausalLM`` with ``attention_bias`` (q/k/v/o biases).
+        """
         return LMConfig(
-            model_type="qwen2",
+            model_type="llama",
+            attention_bias=True,
             vocab_size=tokenizer.vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
