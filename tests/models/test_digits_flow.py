@@ -11,7 +11,6 @@ from flax import nnx
 
 from tts_jax.interpolants import ode, uniform_grid
 from tts_jax.models import zoo
-from tts_jax.models.wrappers import with_guidance
 from tts_jax.rewards.classifier import load_digits_heldout
 from tts_jax.rewards.metrics import class_accuracy
 from tts_jax.samplers.integrate import initial_noise, solve
@@ -77,18 +76,11 @@ def test_flow_model_shape(flow):
     assert nnx.merge(*flow.params.net).config.null_class == 10
 
 
-def test_null_label_is_unconditional_and_guidance_endpoints(flow):
+def test_null_label_is_the_unconditional_path(flow):
     x = jax.random.normal(jax.random.key(1), (6, 1, 8, 8))
     t = jnp.linspace(0.1, 0.9, 6)
-    y = jnp.arange(6, dtype=jnp.int32)
-    uncond = _velocity(flow, x, t, None)
     null = jnp.full((6,), 10, jnp.int32)
-    np.testing.assert_allclose(uncond, _velocity(flow, x, t, null), atol=1e-6)
-    guided = zoo.load_embedded("digits-dit", guided=True)
-    np.testing.assert_allclose(
-        _velocity(with_guidance(guided, 1.0), x, t, y), _velocity(flow, x, t, y), atol=1e-5
-    )
-    np.testing.assert_allclose(_velocity(with_guidance(guided, 0.0), x, t, y), uncond, atol=1e-5)
+    np.testing.assert_allclose(_velocity(flow, x, t, None), _velocity(flow, x, t, null), atol=1e-6)
 
 
 def test_class_conditional_samples_are_recognised(samples, labels):
@@ -101,4 +93,3 @@ def test_class_conditional_samples_are_recognised(samples, labels):
 
 def test_sampling_is_deterministic_given_key(flow, labels, samples):
     np.testing.assert_array_equal(_sample(jax.random.key(0), flow, labels), samples)
-    assert not np.allclose(_sample(jax.random.key(1), flow, labels), samples)
