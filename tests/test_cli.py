@@ -11,7 +11,17 @@ from tts_jax.cli import main
 def test_demo_writes_results_that_match_the_analytic_target(tmp_path, capsys):
     out = tmp_path / "demo"
     main(
-        ["demo", "--gmm.num-particles", "2048", "--gmm.num-steps", "30", "--gmm.out-dir", str(out)]
+        [
+            "demo",
+            "--parts",
+            "gmm",
+            "--gmm.num-particles",
+            "2048",
+            "--gmm.num-steps",
+            "30",
+            "--gmm.out-dir",
+            str(out),
+        ]
     )
     printed = capsys.readouterr().out
     assert "analytic" in printed and "FK steering" in printed
@@ -25,7 +35,17 @@ def test_demo_writes_results_that_match_the_analytic_target(tmp_path, capsys):
     assert (out / "gmm_steering.png").stat().st_size > 10_000
     first = np.load(out / "samples.npz")["samples"]
     main(
-        ["demo", "--gmm.num-particles", "2048", "--gmm.num-steps", "30", "--gmm.out-dir", str(out)]
+        [
+            "demo",
+            "--parts",
+            "gmm",
+            "--gmm.num-particles",
+            "2048",
+            "--gmm.num-steps",
+            "30",
+            "--gmm.out-dir",
+            str(out),
+        ]
     )
     np.testing.assert_array_equal(np.load(out / "samples.npz")["samples"], first)
 
@@ -85,3 +105,27 @@ def test_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
     records = runs.read_jsonl(out / "runs.jsonl")
     assert sorted((r["budget"], r["seed"]) for r in records) == [(20, 0), (20, 1), (40, 0), (40, 1)]
     assert (out / "scaling.png").exists() and (out / "scaling.svg").exists()
+
+
+def test_digits_demo_writes_a_grid_and_respects_the_budget(tmp_path, capsys):
+    out = tmp_path / "digits"
+    main(
+        [
+            "demo",
+            "--parts",
+            "digits",
+            "--digits.budget",
+            "60",
+            "--digits.num-steps",
+            "10",
+            "--digits.seeds",
+            "0",
+            "--digits.out-dir",
+            str(out),
+        ]
+    )
+    result = json.loads((out / "result.json").read_text())
+    assert set(result["methods"]) == {"single", "bon", "fk", "rbf"}
+    assert all(r["nfe"] <= 60 for r in result["methods"].values())
+    assert (out / "digits_steering.png").stat().st_size > 5_000
+    assert "held-out acc" in capsys.readouterr().out

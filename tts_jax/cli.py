@@ -16,6 +16,8 @@ import pathlib
 import tyro
 
 from tts_jax import experiment, plots
+from tts_jax.demos import digits as digits_demo
+from tts_jax.demos.digits import DigitsDemoConfig
 from tts_jax.demos.gmm import GMMDemoConfig, format_table, run_gmm_demo
 
 log = logging.getLogger("tts_jax")
@@ -23,9 +25,15 @@ log = logging.getLogger("tts_jax")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Demo:
-    """Run the main demo: steer the exact GMM and compare with the closed-form target."""
+    """The main demo on the embedded defaults.
 
+    ``gmm``: FK steering of an exact mixture against its closed-form tilt; ``digits``: FK steering
+    and RBF of the digits flow model toward a class versus best-of-N at equal NFE.
+    """
+
+    parts: tuple[str, ...] = ("gmm", "digits")
     gmm: GMMDemoConfig = GMMDemoConfig()
+    digits: DigitsDemoConfig = DigitsDemoConfig()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -120,14 +128,34 @@ def _sweep(cmd: Sweep) -> None:
 
 
 def _demo(cmd: Demo) -> None:
-    result = run_gmm_demo(cmd.gmm)
+    unknown = set(cmd.parts) - {"gmm", "digits"}
+    if unknown:
+        raise ValueError(f"unknown demo parts {sorted(unknown)}; known: gmm, digits")
+    if "gmm" in cmd.parts:
+        _demo_gmm(cmd.gmm)
+    if "digits" in cmd.parts:
+        _demo_digits(cmd.digits)
+
+
+def _demo_digits(config: DigitsDemoConfig) -> None:
+    result = digits_demo.run_digits_demo(config)
+    print(
+        f"\nDigits flow model steered toward class {config.target_class} "
+        f"(reward: verifier log p; check: held-out classifier), {len(config.seeds)} seeds"
+    )
+    print(digits_demo.format_table(result))
+    print(f"wrote {config.out_dir}/result.json, config.json, digits_steering.png")
+
+
+def _demo_gmm(config: GMMDemoConfig) -> None:
+    result = run_gmm_demo(config)
     print("FK steering of a Gaussian mixture toward r(x) = a.x (target p(x) exp(lam r) / Z)")
     print(format_table(result))
     print(
         f"NFE {result['nfe']}, reward calls {result['reward_calls']}, "
         f"resampling events {result['resampling_events']}, wall {result['wall_time_s']:.1f} s"
     )
-    print(f"wrote {cmd.gmm.out_dir}/result.json, config.json, samples.npz, gmm_steering.png")
+    print(f"wrote {config.out_dir}/result.json, config.json, samples.npz, gmm_steering.png")
 
 
 COMMANDS = {"demo": (Demo, _demo), "run": (Run, _run), "sweep": (Sweep, _sweep)}
