@@ -87,6 +87,19 @@ def check_prompt(prompt) -> np.ndarray:
     return prompt.astype(np.int32)
 
 
+def check_prompt_length(prompt: np.ndarray, prompt_length: int | None) -> np.ndarray:
+    """The real length of a right-padded prompt as an int32 scalar (default: all of it).
+
+    Raises:
+        ValueError: ``prompt_length`` outside ``[1, P]``.
+    """
+    p = prompt.shape[0]
+    length = p if prompt_length is None else int(prompt_length)
+    if not 1 <= length <= p:
+        raise ValueError(f"prompt_length must lie in [1, {p}], got {prompt_length}")
+    return np.int32(length)
+
+
 def check_nan(num_nan: int, method: str, nan_policy: str) -> None:
     """Raise for NaN scores unless ``nan_policy == "drop"`` (NaN-scored particles got weight 0)."""
     if nan_policy not in ("raise", "drop"):

@@ -40,6 +40,7 @@ from tts_jax.samplers.lm_result import (
     check_budget,
     check_nan,
     check_prompt,
+    check_prompt_length,
     make_result,
     select,
 )
@@ -97,16 +98,17 @@ def grouped_top_k(scores: Array, num_groups: Array, keep: Array) -> Array:
 
 @functools.partial(jax.jit, static_argnames=(
     "scorer", "num_particles", "max_steps", "max_step_tokens", "max_new_tokens", "aggregation"))
-def _search_jit(key, model, prompt, scorer_params, cfg, plan, *, scorer, num_particles,
-                max_steps, max_step_tokens, max_new_tokens, aggregation):
+def _search_jit(key, model, prompt, prompt_length, scorer_params, cfg, plan, *, scorer,
+                num_particles, max_steps, max_step_tokens, max_new_tokens, aggregation):
     """``plan`` (traced): ``num_groups``, ``keep``, ``score_steps`` (score and select after each
     step; else score once at the end), ``dedup``."""
-    state = init_state(model, prompt, num_particles, max_new_tokens, cfg.pad_id)
+    state = init_state(model, prompt, num_particles, max_new_tokens, cfg.pad_id,
+                       prompt_length=prompt_length)
     n = num_particles
     identity = jnp.arange(n, dtype=jnp.int32)
 
     def score(s):
-        tokens, ends = sequences(prompt, s)
+        tokens, ends = sequences(prompt, s, prompt_length)
         return score_sequences(scorer, scorer_params, tokens, ends, aggregation)
 
     def body(s, k):
@@ -138,16 +140,17 @@ def _search_jit(key, model, prompt, scorer_params, cfg, plan, *, scorer, num_par
 
 def _search(key, model, prompt, scorer, scorer_params, *, num_particles, num_groups, keep,
             score_steps, dedup, max_steps, max_step_tokens, max_new_tokens, temperature, sep_id,
-            stop_ids, pad_id, aggregation, nan_policy, method):
+            stop_ids, pad_id, aggregation, nan_policy, method, prompt_length):
     check_budget(num_particles, max_new_tokens, max_steps, max_step_tokens)
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; known: {AGGREGATIONS}")
-    prompt = jnp.asarray(check_prompt(prompt))
+    prompt = check_prompt(prompt)
+    length = check_prompt_length(prompt, prompt_length)
     cfg = decode_config(temperature, sep_id, stop_ids, pad_id)
     plan = {"num_groups": jnp.int32(num_groups), "keep": jnp.int32(keep),
             "score_steps": jnp.asarray(score_steps), "dedup": jnp.asarray(dedup)}
-    result = _search_jit(key, model, prompt, scorer_params, cfg, plan, scorer=scorer,
-                         num_particles=num_particles, max_steps=max_steps,
+    result = _search_jit(key, model, jnp.asarray(prompt), length, scorer_params, cfg, plan,
+                         scorer=scorer, num_particles=num_particles, max_steps=max_steps,
                          max_step_tokens=max_step_tokens, max_new_tokens=max_new_tokens,
                          aggregation=aggregation)
     check_nan(int(result.info["num_nan"]), method, nan_policy)
@@ -163,11 +166,13 @@ def _check_beam_width(num_particles: int, beam_width: int) -> None:
 def best_of_n(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_params: Any, *,
               num_particles: int, max_steps: int, max_step_tokens: int, max_new_tokens: int,
               temperature: float | Array = 0.8, sep_id: int | None = None, stop_ids=None,
-              pad_id: int = 0, aggregation: str = "last", nan_policy: str = "raise") -> LMResult:
+              pad_id: int = 0, aggregation: str = "last", nan_policy: str = "raise",
+              prompt_length: int | None = None) -> LMResult:
     """``N`` independent completions scored once at the end (one scorer call per particle).
 
-    Arguments as :func:`tts_jax.samplers.lm_smc.particle_filter`; ``aggregation="model"`` makes
-    the scorer an outcome reward model (only the final position is scored).
+    Arguments as :func:`tts_jax.samplers.lm_smc.particle_filter` (``prompt_length`` included);
+    ``aggregation="model"`` makes the scorer an outcome reward model (only the final position is
+    scored).
 
     Returns:
         :class:`~tts_jax.samplers.lm_result.LMResult` with uniform weights; ``best`` is the
@@ -178,14 +183,15 @@ def best_of_n(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_param
                    max_steps=max_steps, max_step_tokens=max_step_tokens,
                    max_new_tokens=max_new_tokens, temperature=temperature, sep_id=sep_id,
                    stop_ids=stop_ids, pad_id=pad_id, aggregation=aggregation,
-                   nan_policy=nan_policy, method="best_of_n")
+                   nan_policy=nan_policy, method="best_of_n",
+                   prompt_length=prompt_length)
 
 
 def beam_search(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_params: Any, *,
                 num_particles: int, beam_width: int, max_steps: int, max_step_tokens: int,
                 max_new_tokens: int, temperature: float | Array = 0.8, sep_id: int | None = None,
                 stop_ids=None, pad_id: int = 0, aggregation: str = "last", dedup: bool = False,
-                nan_policy: str = "raise") -> LMResult:
+                nan_policy: str = "raise", prompt_length: int | None = None) -> LMResult:
     """Step-level beam search with a PRM: keep the top ``N / beam_width``, expand each
     ``beam_width`` times (``info["ancestors"]``, ``info["scores"]``: per step, before selection).
 
@@ -198,14 +204,15 @@ def beam_search(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_par
                    max_steps=max_steps, max_step_tokens=max_step_tokens,
                    max_new_tokens=max_new_tokens, temperature=temperature, sep_id=sep_id,
                    stop_ids=stop_ids, pad_id=pad_id, aggregation=aggregation,
-                   nan_policy=nan_policy, method="beam_search")
+                   nan_policy=nan_policy, method="beam_search",
+                   prompt_length=prompt_length)
 
 
 def dvts(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_params: Any, *,
          num_particles: int, beam_width: int, max_steps: int, max_step_tokens: int,
          max_new_tokens: int, temperature: float | Array = 0.8, sep_id: int | None = None,
          stop_ids=None, pad_id: int = 0, aggregation: str = "last", dedup: bool = False,
-         nan_policy: str = "raise") -> LMResult:
+         nan_policy: str = "raise", prompt_length: int | None = None) -> LMResult:
     """Diverse verifier tree search: ``N / beam_width`` independent subtrees (contiguous blocks
     of ``beam_width`` particles), each keeping its best partial solution and expanding it
     ``beam_width`` times.
@@ -219,7 +226,8 @@ def dvts(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_params: An
                    max_steps=max_steps, max_step_tokens=max_step_tokens,
                    max_new_tokens=max_new_tokens, temperature=temperature, sep_id=sep_id,
                    stop_ids=stop_ids, pad_id=pad_id, aggregation=aggregation,
-                   nan_policy=nan_policy, method="dvts")
+                   nan_policy=nan_policy, method="dvts",
+                   prompt_length=prompt_length)
 
 
 def weighted_best_of_n(result: LMResult, answers: Sequence[Any]) -> int:

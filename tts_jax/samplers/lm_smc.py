@@ -66,6 +66,7 @@ from tts_jax.samplers.lm_result import (
     check_budget,
     check_nan,
     check_prompt,
+    check_prompt_length,
     make_result,
 )
 from tts_jax.samplers.lm_scoring import AGGREGATIONS, StepScorer, log_odds, score_sequences
@@ -127,7 +128,8 @@ def _best_alive(scores: Array, log_weights: Array) -> Array:
     return jnp.argmax(jnp.where(alive, scores, -jnp.inf)).astype(jnp.int32)
 
 
-def _pf_callbacks(model, prompt, scorer, scorer_params, cfg, ref_tokens, *, max_steps,
+def _pf_callbacks(model, prompt, prompt_length, scorer, scorer_params, cfg, ref_tokens, *,
+                  max_steps,
                   max_step_tokens, aggregation):
     """``propagate`` / ``log_potential`` of step-level particle filtering (see module doc).
 
@@ -142,7 +144,7 @@ def _pf_callbacks(model, prompt, scorer, scorer_params, cfg, ref_tokens, *, max_
         s = generate_step(model, s, key, cfg, max_step_tokens, forced, ref_tokens)
 
         def score(st):
-            tokens, ends = sequences(prompt, st)
+            tokens, ends = sequences(prompt, st, prompt_length)
             return score_sequences(scorer, scorer_params, tokens, ends, aggregation)
 
         fresh = jax.lax.cond(all_done, lambda st: st.score, score, s)
@@ -164,12 +166,14 @@ def _pf_callbacks(model, prompt, scorer, scorer_params, cfg, ref_tokens, *, max_
 @functools.partial(jax.jit, static_argnames=(
     "scorer", "num_particles", "max_steps", "max_step_tokens", "max_new_tokens", "aggregation",
     "resampler"))
-def _pf_jit(key, model, prompt, scorer_params, cfg: DecodeConfig, hyper, ref_tokens, *, scorer,
-            num_particles, max_steps, max_step_tokens, max_new_tokens, aggregation, resampler):
+def _pf_jit(key, model, prompt, prompt_length, scorer_params, cfg: DecodeConfig, hyper,
+            ref_tokens, *, scorer, num_particles, max_steps, max_step_tokens, max_new_tokens,
+            aggregation, resampler):
     k_run, k_ref = jax.random.split(key)
-    state = init_state(model, prompt, num_particles, max_new_tokens, cfg.pad_id)
+    state = init_state(model, prompt, num_particles, max_new_tokens, cfg.pad_id,
+                       prompt_length=prompt_length)
     propagate, log_potential = _pf_callbacks(
-        model, prompt, scorer, scorer_params, cfg, ref_tokens, max_steps=max_steps,
+        model, prompt, prompt_length, scorer, scorer_params, cfg, ref_tokens, max_steps=max_steps,
         max_step_tokens=max_step_tokens, aggregation=aggregation)
     mask = jnp.arange(max_steps) < max_steps - 1  # never resample after the last step
     schedule = smc.ResampleSchedule(mask, hyper["ess_threshold"])
@@ -201,9 +205,10 @@ def _check_pf_args(prompt, num_particles, max_steps, max_step_tokens, max_new_to
 def _run_pf(key, model, prompt, scorer, scorer_params, *, num_particles, max_steps,
             max_step_tokens, max_new_tokens, temperature, softmax_temperature, sep_id, stop_ids,
             pad_id, aggregation, weighting, anneal, resampler, ess_threshold, nan_policy,
-            reference=None, method="particle_filter"):
+            prompt_length=None, reference=None, method="particle_filter"):
     prompt = _check_pf_args(prompt, num_particles, max_steps, max_step_tokens, max_new_tokens,
                             aggregation, weighting, resampler)
+    length = check_prompt_length(prompt, prompt_length)
     if ess_threshold is None:
         ess_threshold = 1.0 if weighting == "puri" else 0.5
     hyper = {"softmax_temperature": jnp.asarray(softmax_temperature, jnp.float32),
@@ -212,7 +217,8 @@ def _run_pf(key, model, prompt, scorer, scorer_params, *, num_particles, max_ste
              "has_ref": jnp.asarray(reference is not None)}
     cfg = decode_config(temperature, sep_id, stop_ids, pad_id)
     ref = jnp.zeros((max_new_tokens,), jnp.int32) if reference is None else reference
-    result = _pf_jit(key, model, prompt, scorer_params, cfg, hyper, jnp.asarray(ref, jnp.int32),
+    result = _pf_jit(key, model, prompt, length, scorer_params, cfg, hyper,
+                     jnp.asarray(ref, jnp.int32),
                      scorer=scorer, num_particles=num_particles, max_steps=max_steps,
                      max_step_tokens=max_step_tokens, max_new_tokens=max_new_tokens,
                      aggregation=aggregation, resampler=resampler)
@@ -227,7 +233,7 @@ def particle_filter(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer
                     stop_ids=None, pad_id: int = 0, aggregation: str = "last",
                     weighting: str = "puri", resampler: str = "multinomial",
                     ess_threshold: float | Array | None = None,
-                    nan_policy: str = "raise") -> LMResult:
+                    nan_policy: str = "raise", prompt_length: int | None = None) -> LMResult:
     """Step-level particle filtering with a process reward model (Puri et al. 2025).
 
     Args:
@@ -256,6 +262,8 @@ def particle_filter(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer
             (every step unless exactly uniform), 0.5 for ``twisted``.
         nan_policy: ``raise`` (NaN scores are an error) or ``drop`` (documented fallback: the
             particle gets weight zero).
+        prompt_length: real tokens of a right-padded ``prompt`` (traced: prompts padded to one
+            width share one compiled program); ``None``: all of ``prompt``.
 
     Returns:
         :class:`~tts_jax.samplers.lm_result.LMResult` (``info`` holds the SMC diagnostics per
@@ -269,7 +277,8 @@ def particle_filter(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer
                    max_new_tokens=max_new_tokens, temperature=temperature,
                    softmax_temperature=softmax_temperature, sep_id=sep_id, stop_ids=stop_ids,
                    pad_id=pad_id, aggregation=aggregation, weighting=weighting, anneal=False,
-                   resampler=resampler, ess_threshold=ess_threshold, nan_policy=nan_policy)
+                   resampler=resampler, ess_threshold=ess_threshold, nan_policy=nan_policy,
+                   prompt_length=prompt_length)
 
 
 def entropic_particle_filter(key: Array, model: lm.LM, prompt, scorer: StepScorer,
@@ -278,7 +287,8 @@ def entropic_particle_filter(key: Array, model: lm.LM, prompt, scorer: StepScore
                              temperature: float | Array = 0.8,
                              softmax_temperature: float | Array = 1.0, sep_id: int | None = None,
                              stop_ids=None, pad_id: int = 0, aggregation: str = "last",
-                             nan_policy: str = "raise") -> LMResult:
+                             nan_policy: str = "raise",
+                             prompt_length: int | None = None) -> LMResult:
     """Entropic particle filtering: Puri weights annealed by :func:`entropic_temperature` while
     the ESS is low early on (premature-exploitation fix), systematic resampling, untempered
     argmax (``best``). Arguments as :func:`particle_filter`.
@@ -289,7 +299,7 @@ def entropic_particle_filter(key: Array, model: lm.LM, prompt, scorer: StepScore
                    softmax_temperature=softmax_temperature, sep_id=sep_id, stop_ids=stop_ids,
                    pad_id=pad_id, aggregation=aggregation, weighting="puri", anneal=True,
                    resampler="systematic", ess_threshold=None, nan_policy=nan_policy,
-                   method="entropic_particle_filter")
+                   prompt_length=prompt_length, method="entropic_particle_filter")
 
 
 def particle_gibbs(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_params: Any,
@@ -297,7 +307,8 @@ def particle_gibbs(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_
                    max_new_tokens: int, temperature: float | Array = 0.8,
                    softmax_temperature: float | Array = 1.0, sep_id: int | None = None,
                    stop_ids=None, pad_id: int = 0, aggregation: str = "last",
-                   weighting: str = "puri", nan_policy: str = "raise") -> LMResult:
+                   weighting: str = "puri", nan_policy: str = "raise",
+                   prompt_length: int | None = None) -> LMResult:
     """Particle Gibbs over step-level particle filtering (Puri et al. 2025).
 
     The particle budget is split across sweeps: each sweep runs ``num_particles // num_sweeps``
@@ -327,7 +338,8 @@ def particle_gibbs(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_
                          sep_id=sep_id, stop_ids=stop_ids, pad_id=pad_id,
                          aggregation=aggregation, weighting=weighting, anneal=False,
                          resampler="multinomial", ess_threshold=None, nan_policy=nan_policy,
-                         reference=reference, method="particle_gibbs")
+                         prompt_length=prompt_length, reference=reference,
+                         method="particle_gibbs")
         budgets.append(result.budget)
         if reference is not None:
             references.append(reference)

@@ -109,25 +109,31 @@ def _replicated(n: int, value: int) -> Array:
 
 
 def init_state(model: lm.LM, prompt: Array, num_particles: int, max_new_tokens: int,
-               pad_id: Array, cache_dtype: Any = jnp.float32) -> LMState:
+               pad_id: Array, cache_dtype: Any = jnp.float32,
+               prompt_length: Array | None = None) -> LMState:
     """Prefill the prompt once and broadcast it to ``num_particles`` rows (un-jitted).
 
     Args:
         model: :class:`~tts_jax.models.lm.LM`.
-        prompt: ``int32[P]`` (``P >= 1``).
+        prompt: ``int32[P]`` (``P >= 1``), right-padded when ``prompt_length`` is given.
         num_particles: N.
         max_new_tokens: L, completion buffer length (the cache holds ``P + L`` tokens).
         pad_id: int32 scalar filler of the token buffer.
         cache_dtype: KV cache dtype.
+        prompt_length: int32 scalar in ``[1, P]``, the real prompt tokens (traced, so prompts of
+            different lengths padded to one width share a compiled program); ``None``: ``P``.
 
     Returns:
         :class:`LMState` with empty completions and the prompt's next-token logits.
     """
     n, p = num_particles, prompt.shape[0]
+    length = jnp.reshape(jnp.asarray(p if prompt_length is None else prompt_length, jnp.int32),
+                         (1,))
     cache = lm.init_cache(model.model.config, 1, p + max_new_tokens, cache_dtype)
-    logits, cache = lm.forward(model, prompt[None, :], cache)
+    logits, cache = lm.forward(model, prompt[None, :], cache, length)
+    last = jnp.take_along_axis(logits, (length - 1)[:, None, None], axis=1)[:, 0]
     rows = jnp.zeros((n,), jnp.int32)
-    cache, logits = gather((cache, logits[:, -1]), rows)
+    cache, logits = gather((cache, last), rows)
     zeros_f = jnp.zeros((n,), jnp.float32)
     return LMState(
         tokens=jnp.full((n, max_new_tokens), pad_id, jnp.int32),
@@ -229,18 +235,27 @@ def generate_step(model: lm.LM, state: LMState, key: Array, cfg: DecodeConfig,
     return state
 
 
-def sequences(prompt: Array, state: LMState) -> tuple[Array, Array]:
+def sequences(prompt: Array, state: LMState, prompt_length: Array | None = None
+              ) -> tuple[Array, Array]:
     """Prompt + completion of every particle, for scorers.
 
     Args:
         prompt: ``int32[P]``.
         state: :class:`LMState`.
+        prompt_length: real tokens of a right-padded ``prompt`` (see :func:`init_state`); the
+            completion follows them directly and the prompt's padding moves to the end.
 
     Returns:
         ``(tokens int32[N, P + L], step_ends bool[N, P + L])`` (prompt positions never marked).
     """
-    n = state.tokens.shape[0]
-    head = jnp.broadcast_to(prompt[None, :], (n, prompt.shape[0]))
-    tokens = jnp.concatenate([head, state.tokens], axis=1)
-    ends = jnp.concatenate([jnp.zeros(head.shape, bool), state.step_ends], axis=1)
+    n, max_len = state.tokens.shape
+    p = prompt.shape[0]
+    length = jnp.asarray(p if prompt_length is None else prompt_length, jnp.int32)
+    cols = jnp.arange(p + max_len, dtype=jnp.int32)
+    in_completion = (cols >= length) & (cols < length + max_len)
+    src = jnp.clip(cols - length, 0, max_len - 1)
+    head = jnp.take(prompt, jnp.clip(jnp.where(cols < length, cols, cols - max_len), 0, p - 1))
+    tokens = jnp.where(in_completion[None, :], state.tokens[:, src],
+                       jnp.broadcast_to(head[None, :], (n, p + max_len)))
+    ends = in_completion[None, :] & state.step_ends[:, src]
     return tokens, ends
