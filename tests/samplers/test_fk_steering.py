@@ -104,3 +104,9 @@ def test_bad_arguments_are_rejected():
         _run(0, 8, schedule=smc.never(3))
     with pytest.raises(ValueError, match="num_particles"):
         _run(0, 0)
+
+
+def test_held_out_rewards_are_reported_on_the_final_particles():
+    held = {"neg": Reward({"direction": -DIRECTION}, _counting_reward, "neg")}
+    out = _run(0, 16, held_out=held)
+    np.testing.assert_allclose(out.info["held_out"]["neg"], -(out.samples @ DIRECTION), rtol=1e-5)

@@ -3,10 +3,12 @@
 Image and flow models: :mod:`.noise_search` (Ma et al. 2025), :mod:`.fk_steering` (Singhal et al.
 2025), :mod:`.flow_particles` (Kim et al. 2025). Language models: :mod:`.lm_smc` (Puri et al. 2025,
 token-level SMC) and :mod:`.lm_search` (best-of-N, beam search, DVTS).
+
+Functions named like their module (``fk_steering``) or like the SMC engine (``flow_particles.smc``)
+are not re-exported here: import them from their module.
 """
 
-from tts_jax.samplers.fk_steering import fk_steering
-from tts_jax.samplers.flow_particles import bon, code, rbf, smc, svdd
+from tts_jax.samplers.flow_particles import bon, code, rbf, svdd
 from tts_jax.samplers.lm_search import beam_search, dvts, majority_vote, weighted_best_of_n
 from tts_jax.samplers.lm_search import best_of_n as lm_best_of_n
 from tts_jax.samplers.lm_smc import (
@@ -26,14 +28,12 @@ __all__ = [
     "code",
     "dvts",
     "entropic_particle_filter",
-    "fk_steering",
     "lm_best_of_n",
     "majority_vote",
     "particle_filter",
     "particle_gibbs",
     "rbf",
     "search_over_paths",
-    "smc",
     "svdd",
     "token_smc",
     "weighted_best_of_n",

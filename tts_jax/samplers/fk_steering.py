@@ -32,7 +32,12 @@ from tts_jax.interpolants import Diffusion, sde_step
 from tts_jax.models.base import FlowModel
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers.integrate import initial_noise, tweedie
-from tts_jax.samplers.result import SampleResult, check_finite_rewards, nan_to_neg_inf
+from tts_jax.samplers.result import (
+    SampleResult,
+    check_finite_rewards,
+    held_out_scores,
+    nan_to_neg_inf,
+)
 
 Array = jax.Array
 POTENTIALS = ("diff", "max", "sum", "final")
@@ -139,6 +144,7 @@ def fk_steering(
     potential: str = "max",
     resampler: str = "multinomial",
     cond: Any = None,
+    held_out: dict[str, Reward] | None = None,
     nan_policy: str = "raise",
 ) -> SampleResult:
     """Run FK steering.
@@ -155,6 +161,8 @@ def fk_steering(
         schedule: when to resample (default: adaptive, ESS < 0.5 N, never after the last step).
         potential: ``diff`` | ``max`` | ``sum`` | ``final``.
         resampler: see :mod:`tts_jax.resampling`.
+        held_out: ``name -> Reward`` evaluated on the final particles only
+            (``info["held_out"]``), never used for weighting.
         nan_policy: ``raise`` or ``drop`` (a NaN reward gives its particle zero weight).
 
     Returns:
@@ -187,6 +195,9 @@ def fk_steering(
         potential,
         resampler,
     )
+    if held_out:
+        info = dict(result.info, held_out=held_out_scores(held_out, result.samples, cond))
+        result = result._replace(info=info)
     if bool(result.info["all_dead"][-1]):
         raise ValueError("fk_steering: every particle has zero weight (all rewards -inf or NaN)")
     return result if nan_policy == "drop" else check_finite_rewards(result, "fk_steering")

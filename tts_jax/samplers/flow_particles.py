@@ -68,7 +68,12 @@ from tts_jax.models.base import FlowModel
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers.fk_steering import fk_steering
 from tts_jax.samplers.integrate import initial_noise, solve, tweedie
-from tts_jax.samplers.result import SampleResult, check_finite_rewards, nan_to_neg_inf
+from tts_jax.samplers.result import (
+    SampleResult,
+    check_finite_rewards,
+    held_out_scores,
+    nan_to_neg_inf,
+)
 
 Array = jax.Array
 NAN_POLICIES = ("raise", "drop")
@@ -82,13 +87,13 @@ def _rows(mask: Array, x: Array) -> Array:
     return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
 
 
-def _validate(grid, budget: int, nan_policy: str, held_out: Sequence[Reward]) -> Array:
+def _validate(grid, budget: int, nan_policy: str, held_out) -> Array:
     """Host-side checks shared by every method; returns the grid as float32 ``[S + 1]``."""
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
     if not isinstance(budget, int | np.integer) or budget < 1:
         raise ValueError(f"budget must be a positive int (NFE), got {budget!r}")
-    names = [r.name for r in held_out]
+    names = list(held_out) if isinstance(held_out, dict) else [r.name for r in held_out]
     if len(set(names)) != len(names):
         raise ValueError(f"held-out rewards need distinct names, got {names}")
     grid = jnp.asarray(grid, jnp.float32)
@@ -113,17 +118,12 @@ def _need_steps(num_steps: int, method: str) -> None:
         )
 
 
-@jax.jit
-def _evaluate(held_out: tuple[Reward, ...], samples: Array, cond: Any) -> dict[str, Array]:
-    return {r.name: r(samples, cond) for r in held_out}
-
-
 def _finish(
     result: SampleResult, method: str, held_out: Sequence[Reward], cond: Any, nan_policy: str
 ) -> SampleResult:
     """Held-out rewards on the outputs, then the host-side NaN check."""
     if held_out:
-        info = dict(result.info, held_out=_evaluate(tuple(held_out), result.samples, cond))
+        info = dict(result.info, held_out=held_out_scores(held_out, result.samples, cond))
         result = result._replace(info=info)
     return result if nan_policy == "drop" else check_finite_rewards(result, method)
 
@@ -197,7 +197,7 @@ def bon(
     budget: int,
     *,
     cond: Any = None,
-    held_out: Sequence[Reward] = (),
+    held_out: Sequence[Reward] | dict[str, Reward] = (),
     nan_policy: str = "raise",
 ) -> SampleResult:
     """Best-of-N: ``N = budget // S`` independent samples, keep the argmax reward.
@@ -237,7 +237,7 @@ def smc(
     lam: float | Array,
     *,
     cond: Any = None,
-    held_out: Sequence[Reward] = (),
+    held_out: Sequence[Reward] | dict[str, Reward] = (),
     nan_policy: str = "raise",
 ) -> SampleResult:
     """Particle filtering with ``log G_k = lam (r_k - r_{k-1})``, multinomial resampling every step.
@@ -371,7 +371,7 @@ def code(
     num_chains: int = 2,
     block: int = 2,
     cond: Any = None,
-    held_out: Sequence[Reward] = (),
+    held_out: Sequence[Reward] | dict[str, Reward] = (),
     nan_policy: str = "raise",
 ) -> SampleResult:
     """CoDe: ``B`` chains, each drawing ``M`` proposals rolled out ``block`` steps, then argmax.
@@ -420,7 +420,7 @@ def svdd(
     *,
     num_chains: int = 2,
     cond: Any = None,
-    held_out: Sequence[Reward] = (),
+    held_out: Sequence[Reward] | dict[str, Reward] = (),
     nan_policy: str = "raise",
 ) -> SampleResult:
     """SVDD (Li et al. 2024, as run by Kim et al. 2025): :func:`code` selecting after every step.
@@ -645,7 +645,7 @@ def rbf(
     num_init: int = 25,
     final_proposals: int | None = None,
     cond: Any = None,
-    held_out: Sequence[Reward] = (),
+    held_out: Sequence[Reward] | dict[str, Reward] = (),
     nan_policy: str = "raise",
 ) -> SampleResult:
     """Rollover budget forcing (Kim et al. 2025, ALGORITHMS.md 3); spends exactly ``budget`` NFE.

@@ -59,6 +59,16 @@ def check_finite_rewards(result: SampleResult, method: str) -> SampleResult:
     return result
 
 
+def held_out_scores(held_out, samples: Array, cond: Any = None) -> dict[str, Array]:
+    """Held-out rewards of the returned samples, ``name -> [N]`` (never used for selection).
+
+    Args:
+        held_out: ``{name: Reward}`` or a sequence of rewards (keyed by ``Reward.name``).
+    """
+    items = held_out.items() if isinstance(held_out, dict) else ((r.name, r) for r in held_out)
+    return {name: reward(samples, cond) for name, reward in items}
+
+
 def nan_to_neg_inf(rewards: Array) -> tuple[Array, Array]:
     """Replace NaN rewards by ``-inf`` (never selected) and count them."""
     nan = jnp.isnan(rewards)
