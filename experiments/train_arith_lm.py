@@ -109,9 +109,10 @@ class TrainConfig:
             pad_token_id=tokenizer.pad_id,
         )
 
-    def digest(self) -> str:
-        """Short hash of the recipe and the task difficulty."""
-        text = json.dumps(to_jsonable({"train": self, "task": ARITH_TASK}), sort_keys=True)
+    def digest(self, tokenizer: ArithTokenizer) -> str:
+        """Short hash of the recipe, the architecture and the task difficulty."""
+        text = json.dumps(to_jsonable({"train": self, "task": ARITH_TASK,
+                                       "model": self.model_config(tokenizer)}), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
@@ -251,7 +252,7 @@ def main() -> None:
     cfg = TrainConfig(steps=args.steps, seed=args.seed, learning_rate=args.learning_rate,
                       init_from=None if args.init_from is None else str(args.init_from))
     tokenizer = ArithTokenizer.load(ARITH_LM_DIR)
-    run_dir = CHECKPOINTS / f"arith-lm-{cfg.digest()}"
+    run_dir = CHECKPOINTS / f"arith-lm-{cfg.digest(tokenizer)}"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.json").write_text(json.dumps(to_jsonable(cfg), indent=2))
     previous = run_dir / "previous_training.json"

@@ -7,9 +7,10 @@ step end (newline or EOS) of a sample is labelled by the exact checker
 up to it is still correct, so after the first wrong step every label is 0.
 
 Model: a ``Qwen2ForProcessRewardModel`` (:class:`tts_jax.models.lm_reward.RewardModel`, two
-classes) whose backbone starts from the policy's weights; all of it is trained with cross-entropy
-at the labelled step ends. Class 1's probability is the step score Puri et al. 2025 use for
-particle filtering. There is no separate ORM: the label at the EOS after the answer line is
+classes) whose backbone starts from the policy's weights (use the policy's tokenizer; the folder
+has none, since transformers would load it as ``Qwen2Tokenizer``); all of it is trained with
+cross-entropy at the labelled step ends. Class 1's probability is the step score Puri et al. 2025
+use for particle filtering. There is no separate ORM: the label at the EOS after the answer line is
 "every step and the final answer are correct", so the same PRM read at the EOS is the outcome
 reward of a finished solution.
 
@@ -26,7 +27,6 @@ import dataclasses
 import hashlib
 import json
 import pathlib
-import shutil
 import time
 
 import jax
@@ -45,13 +45,11 @@ from tts_jax.models.arith import (
     load_arith_policy,
     sample_solutions,
 )
-from tts_jax.models.lm import LM, init_cache
+from tts_jax.models.lm import LM, LMConfig, init_cache
 from tts_jax.models.lm_reward import RewardModel, reward_logits, save_reward_model
 from tts_jax.runs import append_jsonl, environment, read_jsonl, to_jsonable, write_json
 from tts_jax.tasks.arith_data import PRMBatch, make_prm_batch, make_splits
 from tts_jax.tasks.arith_tokenizer import ArithTokenizer
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -138,10 +136,20 @@ def step_loss(prm: RewardModel, input_ids: jax.Array, step_mask: jax.Array,
     return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def prm_config(policy_config: LMConfig) -> LMConfig:
+    """The policy's architecture as Qwen2 (``Qwen2ForProcessRewardModel`` has no o_proj bias)."""
+    return dataclasses.replace(policy_config, model_type="qwen2", attention_bias=False)
+
+
 def init_prm(policy: LM, seed: int) -> RewardModel:
-    """A PRM whose backbone is a copy of the policy's (the score head is fresh)."""
-    prm = RewardModel(policy.config, 2, rngs=nnx.Rngs(seed))
-    nnx.update(prm.model, nnx.state(policy.model, nnx.Param))
+    """A PRM whose backbone copies the policy's weights (all but the o_proj biases).
+
+    The score head is fresh; the policy's small o_proj biases are dropped.
+    """
+    prm = RewardModel(prm_config(policy.config), 2, rngs=nnx.Rngs(seed))
+    policy_params = dict(nnx.to_flat_state(nnx.state(policy.model, nnx.Param)))
+    flat = [(p, policy_params[p]) for p, _ in nnx.to_flat_state(nnx.state(prm.model, nnx.Param))]
+    nnx.update(prm.model, nnx.from_flat_state(flat))
     return prm
 
 
@@ -200,9 +208,7 @@ def main() -> None:
     data = load_or_sample(cfg, policy, tokenizer, run_dir)
     print("labels:", label_stats(data))
     prm = train(cfg, data, policy, run_dir)
-    save_reward_model(args.out, config, prm)
-    for name in TOKENIZER_FILES:
-        shutil.copy(ARITH_LM_DIR / name, args.out / name)
+    save_reward_model(args.out, prm_config(config), prm)
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(prm, nnx.Param)))
     write_json(args.out / "training.json", {
         "recipe": cfg, "task": ARITH_TASK, "num_params": num_params, "data": label_stats(data),

@@ -4,7 +4,8 @@ Both are trained by our own scripts (``experiments/train_arith_lm.py``,
 ``experiments/train_arith_prm.py``) on :data:`ARITH_TASK` problems and shipped in the transformers
 layout, so they also load with ``AutoModelForCausalLM`` / ``AutoTokenizer``:
 
-- ``assets/arith-lm/``: a small ``Qwen2ForCausalLM`` policy plus the task tokenizer;
+- ``assets/arith-lm/``: a small Qwen2-style policy (stored as ``LlamaForCausalLM`` with attention
+  biases, see ``experiments/train_arith_lm.py``) plus the task tokenizer;
 - ``assets/arith-prm/``: a ``Qwen2ForProcessRewardModel`` (Zhang et al. 2025 layout) whose class-1
   probability at a step-end token (newline or EOS) is the probability that the solution prefix up
   to it is still correct (Puri et al. 2025 score partial solutions this way). Read at the EOS
