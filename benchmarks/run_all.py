@@ -23,6 +23,7 @@ BENCHMARKS = [
     ("DiT denoising loop: tts-jax vs diffusers PyTorch", "benchmarks.dit_denoise"),
     ("LM decoding: tts-jax vs transformers generate", "benchmarks.lm_decode"),
     ("LM steering overhead (PF, token SMC vs batched decode)", "benchmarks.lm_steering_overhead"),
+    ("Scaling in particles and steps, compiled memory, KV-cache size", "benchmarks.scaling"),
 ]
 
 
