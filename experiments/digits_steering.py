@@ -48,6 +48,26 @@ def frechet_by_run_group(records: list[dict], classifier) -> dict[tuple[str, int
     return out
 
 
+def hacking_note(by: dict) -> str:
+    """How far the verifier's and the held-out classifier's log-probabilities drift apart."""
+    parts = []
+    for method in METHODS[1:]:
+        budgets = sorted(b for m, b in by if m == method)
+        if len(budgets) < 2:
+            continue
+        lo, hi = by[(method, budgets[0])], by[(method, budgets[-1])]
+        gain_v = np.mean([r["best_reward"] for r in hi]) - np.mean([r["best_reward"] for r in lo])
+        gain_h = np.mean([r["heldout_log_prob_best"] for r in hi]) - np.mean(
+            [r["heldout_log_prob_best"] for r in lo]
+        )
+        parts.append(f"{method} {gain_v:+.2f} verifier vs {gain_h:+.2f} held-out")
+    return (
+        f"Gain in log p from the smallest to the largest budget: {'; '.join(parts)}. "
+        "Where the verifier gains more than the held-out classifier, search is partly "
+        "exploiting the verifier (verifier hacking)."
+    )
+
+
 def write_report(records: list[dict], path: pathlib.Path, figure: str, wall: float) -> None:
     heldout = load_digits_heldout()
     fd = frechet_by_run_group(records, heldout)
@@ -59,7 +79,9 @@ def write_report(records: list[dict], path: pathlib.Path, figure: str, wall: flo
         "",
         "Reward: verifier CNN `log p(class | x)`; evaluation: held-out MLP classifier (other",
         "architecture, other half of the data). Each cell averages all 10 target classes x seeds.",
-        f"Produced by `python experiments/digits_steering.py` in {wall / 60:.1f} min on CPU.",
+        "Produced by `python experiments/digits_steering.py` on CPU (2 cores): "
+        f"{sum(r['wall_time_s'] for r in records) / 60:.1f} min of sampler time (with compiles) "
+        f"over {len(records)} runs; this invocation took {wall / 60:.1f} min (runs resume).",
         "",
         "| method | NFE budget | runs | verifier log p (steered) | held-out accuracy | "
         "held-out log p | Fréchet distance (held-out features) |",
@@ -76,7 +98,7 @@ def write_report(records: list[dict], path: pathlib.Path, figure: str, wall: flo
             f"| {method} | {budget} | {len(rows)} | {v.mean():.3f} | {acc.mean():.3f} ± {se:.3f} | "
             f"{hl.mean():.3f} | {fd[(method, budget)]:.1f} |"
         )
-    lines += ["", f"![digits scaling]({figure})", ""]
+    lines += ["", f"![digits scaling]({figure})", "", hacking_note(by), ""]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -86,8 +108,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "runs" / "digits"))
     args = parser.parse_args()
     classes = [3, 8] if args.quick else list(range(10))
-    seeds = [0] if args.quick else [0, 1]
-    budgets = [100, 400] if args.quick else [100, 200, 400, 800]
+    seeds = [0] if args.quick else [0, 1, 2]
+    budgets = [100, 400] if args.quick else [100, 200, 400, 800, 1600]
     base = experiment.RunConfig(
         model="digits", method="bon", num_steps=20, lam=1.0, out_dir=args.out
     )
