@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import pathlib
-import time
 
 import numpy as np
 
@@ -27,6 +26,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 METHODS = ["greedy", "majority", "bon", "wbon", "beam", "pf", "epf"]
 BASELINES = ["greedy", "majority", "bon", "wbon", "beam"]
 BUDGETS = [1, 2, 4, 8, 16, 32]
+REACH = 0.95  # accuracy level whose first budget the report names
 
 
 def fingerprint(folder: pathlib.Path) -> str:
@@ -92,18 +92,24 @@ def pf_verdict(records: list[dict], budgets: list[int]) -> str:
         base = accuracy(records, best, b)[0]
         cell = f"N={b} (pf {pf:.2f}, {best} {base:.2f})"
         (at_or_above if pf + se >= base else below).append(cell)
-    rises = {m: accuracy(records, m, budgets[-1])[0] - accuracy(records, m, budgets[0])[0]
+    steered = [b for b in budgets if b > 1] or budgets
+    rises = {m: np.mean([accuracy(records, m, b)[0] for b in steered])
              for m in ["pf", "epf", *BASELINES[1:]]}
-    fastest = max(rises, key=lambda m: np.nan_to_num(rises[m], nan=-1))
-    gains = ", ".join(f"{m} {g:+.2f}" for m, g in rises.items())
+    order = sorted(rises, key=lambda m: -np.nan_to_num(rises[m], nan=-1))
+    first = {m: next((b for b in budgets if accuracy(records, m, b)[0] >= REACH), None)
+             for m in order}
     return (f"PF is at or above the best baseline (within one s.e.) at {len(at_or_above)} of "
             f"{len(budgets)} budgets: {'; '.join(at_or_above) or 'none'}. Below it at: "
-            f"{'; '.join(below) or 'none'}. Accuracy gain from N={budgets[0]} to N={budgets[-1]}: "
-            f"{gains}; the fastest riser is {fastest}.")
+            f"{'; '.join(below) or 'none'}. Mean accuracy over N = {steered[0]}..{steered[-1]} "
+            f"(higher = the curve rises earlier): "
+            + ", ".join(f"{m} {rises[m]:.3f}" for m in order)
+            + f". Smallest N reaching {REACH:.2f}: "
+            + ", ".join(f"{m} {first[m] or '-'}" for m in order) + ".")
 
 
 def write_report(records: list[dict], scorers: list[str], budgets: list[int], problems: int,
-                 wall: float, checkpoints: dict[str, str], path: pathlib.Path) -> None:
+                 checkpoints: dict[str, str], path: pathlib.Path) -> None:
+    wall = sum(r["wall_time_s"] for r in records)
     lines = [
         "## LM steering on held-out arithmetic: accuracy versus particle budget N",
         "",
@@ -112,8 +118,8 @@ def write_report(records: list[dict], scorers: list[str], budgets: list[int], pr
         "selected answer (exact checker), ± standard error over problems. Greedy does not depend "
         "on N (one run, repeated in every column). Checkpoints (SHA-256 prefix of the weights): "
         + ", ".join(f"{k} `{v}`" for k, v in checkpoints.items()) + ".",
-        f"Produced by `python experiments/arith_steering.py` in {wall / 60:.1f} min on a shared "
-        "2-core CPU (compilation included).",
+        f"Produced by `python experiments/arith_steering.py`; the runs took {wall / 60:.1f} min "
+        "on a shared 2-core CPU (sum of per-run wall times, compilation included).",
         "",
     ]
     if "prm" not in scorers:
@@ -131,7 +137,11 @@ def write_report(records: list[dict], scorers: list[str], budgets: list[int], pr
         "a fully correct sample whenever one exists (they measure coverage), so the oracle tables "
         "bound what a perfect verifier can extract from N samples; PF's advantage must come from "
         "steering the policy to correct prefixes it rarely completes on its own. Majority vote "
-        "and greedy use no scorer and are the same in both tables.",
+        "and greedy use no scorer and are the same in both tables. With a learned PRM, more "
+        "particles are more chances to select a wrong solution the PRM over-rates (compare bon "
+        "with the oracle's bon, which is coverage): a PRM whose outcome ranking is weak can make "
+        "PRM-guided curves fall with N, and PF cannot do better than the scorer it follows. Check "
+        "with the PRM best-of-16 accuracy of `experiments/results_arith_models.md`.",
         "",
         "![arith scaling](figures/arith_scaling.png)",
         "",
@@ -165,14 +175,12 @@ def main() -> None:
         print("no PRM checkpoint in tts_jax/assets/arith-prm: running the oracle scorer only")
     out = pathlib.Path(args.out) / f"lm-{checkpoints['policy']}"
     bundle = experiment_lm.load_lm_bundle(with_prm="prm" in scorers)
-    start = time.perf_counter()
     records = []
     for scorer in scorers:  # PRM runs are redone whenever the PRM changes, oracle runs are not
         folder = out / (f"prm-{checkpoints['prm']}" if scorer == "prm" else scorer)
         base = experiment_lm.LMRunConfig(scorer=scorer)
         records += experiment_lm.sweep_lm(METHODS, budgets, [args.seed], range(problems), folder,
                                           base=base, bundle=bundle)
-    wall = time.perf_counter() - start
     records = list({(r["method"], r["budget"], r["problem"], r["scorer"]): r
                     for r in records}.values())
     runs.write_json(out / "environment.json", {"checkpoints": checkpoints,
@@ -181,7 +189,7 @@ def main() -> None:
     figure = out / "arith_scaling_quick" if args.quick else HERE / "figures" / "arith_scaling"
     plots.scaling_plot(plot_records(records, scorers, budgets),
                        [f"correct_{s}" for s in scorers], str(figure))
-    write_report(records, scorers, budgets, problems, wall, checkpoints, report)
+    write_report(records, scorers, budgets, problems, checkpoints, report)
     print(report.read_text())
 
 
