@@ -129,3 +129,26 @@ def test_digits_demo_writes_a_grid_and_respects_the_budget(tmp_path, capsys):
     assert all(r["nfe"] <= 60 for r in result["methods"].values())
     assert (out / "digits_steering.png").stat().st_size > 5_000
     assert "held-out acc" in capsys.readouterr().out
+
+
+def test_arith_run_writes_records_per_problem(tmp_path, capsys):
+    out = tmp_path / "arith"
+    main(
+        [
+            "run",
+            "arith-pf",
+            "--num-particles",
+            "2",
+            "--problems",
+            "0",
+            "2",
+            "--scorer",
+            "oracle",
+            "--out-dir",
+            str(out),
+        ]
+    )
+    result = json.loads((out / "result.json").read_text())
+    assert result["method"] == "pf" and result["budget"] == 2 and 0.0 <= result["correct"] <= 1.0
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all("completion" in json.loads(line) for line in lines)

@@ -15,7 +15,7 @@ import pathlib
 
 import tyro
 
-from tts_jax import experiment, plots
+from tts_jax import experiment, experiment_lm, plots, runs
 from tts_jax.demos import digits as digits_demo
 from tts_jax.demos.digits import DigitsDemoConfig
 from tts_jax.demos.gmm import GMMDemoConfig, format_table, run_gmm_demo
@@ -28,20 +28,30 @@ class Demo:
     """The main demo on the embedded defaults.
 
     ``gmm``: FK steering of an exact mixture against its closed-form tilt; ``digits``: FK steering
-    and RBF of the digits flow model toward a class versus best-of-N at equal NFE.
+    and RBF of the digits flow model toward a class versus best-of-N at equal NFE; ``arith``:
+    particle filtering versus best-of-N on the arithmetic LM, with the learned PRM and the oracle.
     """
 
-    parts: tuple[str, ...] = ("gmm", "digits")
+    parts: tuple[str, ...] = ("gmm", "digits", "arith")
     gmm: GMMDemoConfig = GMMDemoConfig()
     digits: DigitsDemoConfig = DigitsDemoConfig()
+    arith_particles: int = 8
+    arith_problems: tuple[int, int] = (0, 10)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Run:
-    """One steering run of PRESET (``<model>-<method>`` or ``file.py:<method>``)."""
+    """One steering run of PRESET (``<model>-<method>`` or ``file.py:<method>``).
+
+    Image presets spend ``--budget`` NFE; ``arith-<method>`` presets use ``--num-particles`` N on
+    ``--problems START STOP`` held-out arithmetic problems with the ``--scorer`` (prm | oracle).
+    """
 
     preset: tyro.conf.Positional[str]
     budget: int = 2000
+    num_particles: int = 8
+    problems: tuple[int, int] = (0, 10)
+    scorer: str = "prm"
     num_steps: int = 20
     lam: float = 10.0
     target_class: int = 3
@@ -66,6 +76,11 @@ class Sweep:
 
 def parse_preset(preset: str) -> tuple[str, str]:
     """Split ``<model>-<method>`` or ``file.py:<method>`` into ``(model, method)``."""
+    if preset.startswith("arith-"):
+        method = preset.removeprefix("arith-")
+        if method not in experiment_lm.LM_METHODS:
+            raise ValueError(f"unknown method in preset {preset!r}; {known_presets()}")
+        return "arith", method
     if ".py:" in preset:
         model, method = preset.rsplit(":", 1)
     elif "-" in preset:
@@ -81,11 +96,15 @@ def parse_preset(preset: str) -> tuple[str, str]:
 
 def known_presets() -> str:
     names = [f"{m}-{k}" for m in experiment.MODELS for k in experiment.METHODS]
+    names += [f"arith-{k}" for k in experiment_lm.LM_METHODS]
     return "known presets: " + ", ".join(names) + " (or file.py:<method>)"
 
 
 def _run(cmd: Run) -> None:
     model, method = parse_preset(cmd.preset)
+    if model == "arith":
+        _run_arith(cmd, method)
+        return
     out_dir = cmd.out_dir or f"outputs/{pathlib.Path(model).stem}-{method}-seed{cmd.seed}"
     config = experiment.RunConfig(
         model=model,
@@ -102,6 +121,27 @@ def _run(cmd: Run) -> None:
     for key, value in record.items():
         print(f"{key:>24}: {value}")
     print(f"wrote {out_dir}/config.json, result.json, samples.npz, diagnostics.npz")
+
+
+def _run_arith(cmd: Run, method: str) -> None:
+    out_dir = pathlib.Path(cmd.out_dir or f"outputs/arith-{method}-seed{cmd.seed}")
+    config = experiment_lm.LMRunConfig(
+        method=method,
+        num_particles=cmd.num_particles,
+        problems=cmd.problems,
+        seed=cmd.seed,
+        scorer=cmd.scorer,
+    )
+    summary = experiment_lm.run_lm(config)
+    records = summary.pop("records")
+    runs.write_json(out_dir / "config.json", {"config": config, "environment": runs.environment()})
+    runs.write_json(out_dir / "result.json", summary)
+    (out_dir / "samples.jsonl").unlink(missing_ok=True)
+    for record in records:
+        runs.append_jsonl(out_dir / "samples.jsonl", record)
+    for key, value in summary.items():
+        print(f"{key:>24}: {value}")
+    print(f"wrote {out_dir}/config.json, result.json, samples.jsonl")
 
 
 def _sweep(cmd: Sweep) -> None:
@@ -128,13 +168,39 @@ def _sweep(cmd: Sweep) -> None:
 
 
 def _demo(cmd: Demo) -> None:
-    unknown = set(cmd.parts) - {"gmm", "digits"}
+    unknown = set(cmd.parts) - {"gmm", "digits", "arith"}
     if unknown:
-        raise ValueError(f"unknown demo parts {sorted(unknown)}; known: gmm, digits")
+        raise ValueError(f"unknown demo parts {sorted(unknown)}; known: gmm, digits, arith")
     if "gmm" in cmd.parts:
         _demo_gmm(cmd.gmm)
     if "digits" in cmd.parts:
         _demo_digits(cmd.digits)
+    if "arith" in cmd.parts:
+        _demo_arith(cmd.arith_particles, cmd.arith_problems)
+
+
+def _demo_arith(num_particles: int, problems: tuple[int, int]) -> None:
+    bundle = experiment_lm.load_lm_bundle()
+    print(
+        f"\nArithmetic LM, {problems[1] - problems[0]} held-out problems, N = {num_particles} "
+        "(accuracy by the exact checker)"
+    )
+    print(f"{'method':<10}{'scorer':<8}{'accuracy':>10}{'tokens':>9}{'PRM calls':>11}")
+    for method, scorer in [
+        ("greedy", "prm"),
+        ("bon", "prm"),
+        ("pf", "prm"),
+        ("bon", "oracle"),
+        ("pf", "oracle"),
+    ]:
+        config = experiment_lm.LMRunConfig(
+            method=method, num_particles=num_particles, problems=problems, scorer=scorer
+        )
+        s = experiment_lm.run_lm(config, bundle)
+        shown = "-" if method == "greedy" else scorer
+        print(
+            f"{method:<10}{shown:<8}{s['correct']:>10.2f}{s['tokens']:>9.0f}{s['prm_calls']:>11.1f}"
+        )
 
 
 def _demo_digits(config: DigitsDemoConfig) -> None:

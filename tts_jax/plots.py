@@ -23,7 +23,9 @@ def aggregate(records: list[dict[str, Any]], metric: str) -> dict[str, np.ndarra
     return {m: np.asarray(rows) for m, rows in out.items()}
 
 
-def scaling_plot(records: list[dict[str, Any]], metrics: list[str], path_prefix: str) -> list[str]:
+def scaling_plot(
+    records: list[dict[str, Any]], metrics: list[str], path_prefix: str, xlabel: str = "NFE budget"
+) -> list[str]:
     """Draw one panel per metric and save ``path_prefix.png`` and ``.svg``; returns the paths."""
     import matplotlib
 
@@ -36,7 +38,7 @@ def scaling_plot(records: list[dict[str, Any]], metrics: list[str], path_prefix:
             ax.plot(rows[:, 0], rows[:, 1], marker="o", label=method)
             ax.fill_between(rows[:, 0], rows[:, 1] - rows[:, 2], rows[:, 1] + rows[:, 2], alpha=0.2)
         ax.set_xscale("log")
-        ax.set_xlabel("NFE budget")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0][0].legend()
