@@ -188,7 +188,8 @@ def main() -> None:
     report = out / "results_arith_quick.md" if args.quick else HERE / "results_arith.md"
     figure = out / "arith_scaling_quick" if args.quick else HERE / "figures" / "arith_scaling"
     plots.scaling_plot(plot_records(records, scorers, budgets),
-                       [f"correct_{s}" for s in scorers], str(figure))
+                       [f"correct_{s}" for s in scorers], str(figure),
+                       xlabel="N (samples / particles / beams)")
     write_report(records, scorers, budgets, problems, checkpoints, report)
     print(report.read_text())
 
