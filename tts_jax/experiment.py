@@ -173,52 +173,18 @@ def _vp(model: FlowModel) -> FlowModel:
     return linear_to_vp(model) if isinstance(model.interpolant, I.Linear) else model
 
 
-def _single(key, bundle: Bundle, config: RunConfig) -> SampleResult:
-    """One ODE sample (the no-search baseline; spends one trajectory whatever the budget)."""
-    return noise_search.best_of_n(
-        key,
-        bundle.model,
-        bundle.reward,
-        config.num_steps,
-        I.uniform_grid(config.num_steps),
-        cond=bundle.cond,
-    )
+def _search(search_fn, single: bool = False):
+    """A Ma et al. 2025 search (ODE, library defaults) spending the run's NFE budget.
 
+    ``single`` spends exactly one trajectory whatever the budget: the no-search baseline.
+    """
 
-def _bon(key, bundle: Bundle, config: RunConfig) -> SampleResult:
-    """Random search: ``budget // num_steps`` ODE samples, keep the best."""
-    return noise_search.best_of_n(
-        key,
-        bundle.model,
-        bundle.reward,
-        config.budget,
-        I.uniform_grid(config.num_steps),
-        cond=bundle.cond,
-    )
+    def run(key, bundle: Bundle, config: RunConfig) -> SampleResult:
+        budget = config.num_steps if single else config.budget
+        grid = I.uniform_grid(config.num_steps)
+        return search_fn(key, bundle.model, bundle.reward, budget, grid, cond=bundle.cond)
 
-
-def _zero_order(key, bundle: Bundle, config: RunConfig) -> SampleResult:
-    """Zero-order search, 4 neighbours per iteration at cosine 0.95 (Ma et al. defaults)."""
-    return noise_search.zero_order_search(
-        key,
-        bundle.model,
-        bundle.reward,
-        config.budget,
-        I.uniform_grid(config.num_steps),
-        cond=bundle.cond,
-    )
-
-
-def _paths(key, bundle: Bundle, config: RunConfig) -> SampleResult:
-    """Search over paths with the library defaults (start at mid-trajectory, 4 branches)."""
-    return noise_search.search_over_paths(
-        key,
-        bundle.model,
-        bundle.reward,
-        config.budget,
-        I.uniform_grid(config.num_steps),
-        cond=bundle.cond,
-    )
+    return run
 
 
 def _particles(method: str):
@@ -245,10 +211,10 @@ def _particles(method: str):
 
 
 METHODS: dict[str, Callable[[Any, Bundle, RunConfig], SampleResult]] = {
-    "single": _single,
-    "bon": _bon,
-    "zo": _zero_order,
-    "paths": _paths,
+    "single": _search(noise_search.best_of_n, single=True),
+    "bon": _search(noise_search.best_of_n),
+    "zo": _search(noise_search.zero_order_search),
+    "paths": _search(noise_search.search_over_paths),
     "fk": _fk,
     "smc": _particles("smc"),
     "svdd": _particles("svdd"),
