@@ -225,15 +225,17 @@ def step(
     ess_now = ess(lw)
     do_resample = schedule.mask[k] & (ess_now < schedule.ess_threshold * n) & alive
 
-    def resample(_):
+    # The gather runs only in the resampling branch: no copy of the state on other steps.
+    def resample(carry):
         anc = resample_fn(k_res, lw, n).astype(jnp.int32)
-        return anc, jnp.full((n,), -jnp.log(n), lw.dtype)
+        return anc, jnp.full((n,), -jnp.log(n), lw.dtype), gather(carry, anc)
 
-    def keep(_):
-        return jnp.arange(n, dtype=jnp.int32), lw
+    def keep(carry):
+        return jnp.arange(n, dtype=jnp.int32), lw, carry
 
-    ancestors, lw_out = jax.lax.cond(do_resample, resample, keep, None)
-    new_state, lp_new = gather((new_state, lp_new), ancestors)
+    ancestors, lw_out, (new_state, lp_new) = jax.lax.cond(
+        do_resample, resample, keep, (new_state, lp_new)
+    )
     unique = jnp.sum(jnp.zeros((n,), jnp.int32).at[ancestors].set(1))
     out = SMCState(
         make_particles(new_state, lw_out),
