@@ -178,7 +178,18 @@ def markdown(report: dict) -> str:
         f"solutions, {prm['num_steps']} labelled step ends, "
         f"{prm['step_positive_fraction']:.0%} positive).",
         "",
+        *selection_note(pol["sampled_accuracy"], prm[f"prm_best_of_{n}_accuracy"], n),
     ])
+
+
+def selection_note(single: float, prm_best: float, n: int) -> list[str]:
+    """A warning when PRM selection is worse than taking one random sample."""
+    if prm_best >= single:
+        return []
+    return [f"Caveat: PRM best-of-{n} ({prm_best:.3f}) is below a single random sample "
+            f"({single:.3f}). The AUCs come mostly from telling easy problems from hard ones; "
+            "within one problem the PRM barely separates correct from wrong samples, so it is "
+            "not yet a useful verifier for search.", ""]
 
 
 def main() -> None:

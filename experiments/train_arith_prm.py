@@ -4,7 +4,9 @@ Data: the trained policy (``assets/arith-lm``) samples solutions of training pro
 held-out split) at temperatures 0.8 and 1.2, so the PRM sees the policy's own mistakes. Every
 step end (newline or EOS) of a sample is labelled by the exact checker
 (:func:`tts_jax.tasks.arith_data.prm_step_labels` / ``make_prm_batch``): 1 iff the solution prefix
-up to it is still correct, so after the first wrong step every label is 0.
+up to it is still correct, so after the first wrong step every label is 0. To these are added
+the canonical solutions of the same problems and copies with one result off by a small delta
+(``corrupt_solution``): contrast pairs without which the PRM mostly learns problem difficulty.
 
 Model: a ``Qwen2ForProcessRewardModel`` (:class:`tts_jax.models.lm_reward.RewardModel`, two
 classes) whose backbone starts from the policy's weights (use the policy's tokenizer; the folder
@@ -50,6 +52,7 @@ from tts_jax.models.lm_reward import RewardModel, reward_logits, save_reward_mod
 from tts_jax.runs import append_jsonl, environment, read_jsonl, to_jsonable, write_json
 from tts_jax.tasks.arith_data import PRMBatch, make_prm_batch, make_splits
 from tts_jax.tasks.arith_tokenizer import ArithTokenizer
+from tts_jax.tasks.arithmetic import ANSWER_PREFIX, STEP_DELIMITER, Problem
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,18 +60,20 @@ class TrainConfig:
     """The PRM recipe (written to ``training.json``; its hash names the checkpoint folder)."""
 
     seed: int = 0
-    num_problems: int = 1536
+    num_problems: int = 3072
     samples_per_problem: int = 2
     temperatures: tuple[float, ...] = (0.8, 1.2)
     sample_batch: int = 512
-    steps: int = 250
+    steps: int = 500
     batch_size: int = 64
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
     warmup_fraction: float = 0.05
     end_lr_fraction: float = 0.05
     weight_decay: float = 0.01
     checkpoint_every: int = 50
     log_every: int = 25
+    corrupted_per_problem: int = 2
+    corruption_deltas: tuple[int, ...] = (-10, -2, -1, 1, 2, 10)
 
     def __post_init__(self):
         if min(self.num_problems, self.samples_per_problem, self.steps, self.batch_size) < 1:
@@ -114,6 +119,42 @@ def load_or_sample(cfg: TrainConfig, policy: LM, tokenizer: ArithTokenizer,
     np.savez(file, **data._asdict())
     print(f"sampled {len(data.input_ids)} solutions in {time.perf_counter() - tic:.1f} s")
     return data
+
+
+def corrupt_solution(problem: Problem, rng: np.random.Generator,
+                     deltas: tuple[int, ...]) -> str:
+    """The worked solution with one result (a step or the answer) off by a random delta.
+
+    Later steps are computed correctly from the wrong value, as a policy that slipped once would
+    write them, so only the slip itself is visible.
+    """
+    values = problem.values
+    wrong = int(rng.integers(1, len(values)))
+    values[wrong] = max(0, values[wrong] + int(rng.choice(deltas)))
+    if values[wrong] == problem.values[wrong]:
+        values[wrong] += 1
+    for i in range(wrong, len(problem.ops)):
+        values[i + 1] = Problem(values[i], (problem.ops[i],)).answer
+    steps = [f"{values[i]}{op}{x}={values[i + 1]}" for i, (op, x) in enumerate(problem.ops)]
+    return STEP_DELIMITER.join([*steps, f"{ANSWER_PREFIX}{values[-1]}"])
+
+
+def contrast_data(cfg: TrainConfig, tokenizer: ArithTokenizer, width: int) -> PRMBatch:
+    """Canonical solutions and corrupted copies of the same training problems.
+
+    Pairs that differ in one result force the PRM to check the arithmetic instead of judging
+    how hard the problem looks (with policy samples alone it learns mostly the latter).
+    """
+    train_problems, _ = make_splits(cfg.num_problems, N_EVAL_PROBLEMS, ARITH_TASK,
+                                    train_seed=cfg.seed + 100)
+    rng = np.random.default_rng([cfg.seed, 1])
+    problems, texts = [], []
+    for problem in train_problems:
+        problems += [problem] * (1 + cfg.corrupted_per_problem)
+        texts += [problem.solution] + [corrupt_solution(problem, rng, cfg.corruption_deltas)
+                                       for _ in range(cfg.corrupted_per_problem)]
+    completions = [tokenizer.encode(t) + [tokenizer.eos_id] for t in texts]
+    return make_prm_batch(tokenizer, problems, completions, width)
 
 
 def step_loss(prm: RewardModel, input_ids: jax.Array, step_mask: jax.Array,
@@ -205,7 +246,9 @@ def main() -> None:
     config, policy, tokenizer = load_arith_policy()
     run_dir = CHECKPOINTS / f"arith-prm-{cfg.digest(ARITH_LM_DIR)}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    data = load_or_sample(cfg, policy, tokenizer, run_dir)
+    samples = load_or_sample(cfg, policy, tokenizer, run_dir)
+    contrast = contrast_data(cfg, tokenizer, samples.input_ids.shape[1])
+    data = PRMBatch(*(np.concatenate(x) for x in zip(samples, contrast, strict=True)))
     print("labels:", label_stats(data))
     prm = train(cfg, data, policy, run_dir)
     save_reward_model(args.out, prm_config(config), prm)
