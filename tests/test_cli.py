@@ -152,3 +152,14 @@ def test_arith_run_writes_records_per_problem(tmp_path, capsys):
     assert result["method"] == "pf" and result["budget"] == 2 and 0.0 <= result["correct"] <= 1.0
     lines = (out / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 2 and all("completion" in json.loads(line) for line in lines)
+
+
+def test_train_knows_every_embedded_model_and_rejects_others():
+    import pytest
+
+    from tts_jax.cli import TRAIN_SCRIPTS, training_script
+
+    for model in TRAIN_SCRIPTS:
+        assert training_script(model).is_file()
+    with pytest.raises(SystemExit, match="known: \\['arith-lm'"):
+        main(["train", "nope"])

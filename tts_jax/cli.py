@@ -5,6 +5,7 @@
   ``digits-rbf``, ...) or ``path/to/config.py:<method>`` for a user file defining ``make_bundle``.
 * ``tts-jax sweep PRESET --methods ... --budgets ... --seeds ...``: a resumable scaling study with
   a plot.
+* ``tts-jax train MODEL``: retrain an embedded model with its script in ``experiments/``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import subprocess
+import sys
 
 import tyro
 
@@ -72,6 +75,45 @@ class Sweep:
     lam: float = 10.0
     target_class: int = 3
     out_dir: str = ""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Train:
+    """Retrain an embedded model with its script (resumes from its orbax checkpoints).
+
+    The scripts live in ``experiments/`` of a source checkout and write into
+    ``tts_jax/assets/``; extra script flags go after ``--args``.
+    """
+
+    model: tyro.conf.Positional[str]
+    args: tuple[str, ...] = ()
+
+
+TRAIN_SCRIPTS = {
+    "digits-dit": "train_digits_flow.py",
+    "digits-classifiers": "train_digits_classifiers.py",
+    "arith-tokenizer": "train_arith_tokenizer.py",
+    "arith-lm": "train_arith_lm.py",
+    "arith-prm": "train_arith_prm.py",
+}
+
+
+def training_script(model: str) -> pathlib.Path:
+    """The script that trains ``model`` (a name in :data:`TRAIN_SCRIPTS`)."""
+    if model not in TRAIN_SCRIPTS:
+        raise ValueError(f"unknown model {model!r} to train; known: {sorted(TRAIN_SCRIPTS)}")
+    script = pathlib.Path(__file__).resolve().parents[1] / "experiments" / TRAIN_SCRIPTS[model]
+    if not script.is_file():
+        raise FileNotFoundError(
+            f"{script} not found: training scripts ship with a source checkout of tts-jax"
+        )
+    return script
+
+
+def _train(cmd: Train) -> None:
+    script = training_script(cmd.model)
+    log.info("running %s %s", script, " ".join(cmd.args))
+    subprocess.run([sys.executable, str(script), *cmd.args], check=True)
 
 
 def parse_preset(preset: str) -> tuple[str, str]:
@@ -224,7 +266,12 @@ def _demo_gmm(config: GMMDemoConfig) -> None:
     print(f"wrote {config.out_dir}/result.json, config.json, samples.npz, gmm_steering.png")
 
 
-COMMANDS = {"demo": (Demo, _demo), "run": (Run, _run), "sweep": (Sweep, _sweep)}
+COMMANDS = {
+    "demo": (Demo, _demo),
+    "run": (Run, _run),
+    "sweep": (Sweep, _sweep),
+    "train": (Train, _train),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
