@@ -305,7 +305,9 @@ def sweep(
     if not todo:
         return runs.read_jsonl(path)
     bundle = load_bundle(base)
-    for method, budget, seed in tqdm(todo, disable=not progress, desc="sweep"):
+    # disable=None: tqdm stays quiet when stderr is not a terminal (CI, logs, notebooks' files).
+    quiet = None if progress else True
+    for method, budget, seed in tqdm(todo, disable=quiet, desc="sweep"):
         cfg = dataclasses.replace(base, method=method, budget=budget, seed=seed, out_dir=out_dir)
         record = run_one(cfg, bundle, write=False)
         runs.append_jsonl(path, record)

@@ -514,6 +514,8 @@ def sweep_lm(methods: Iterable[str], budgets: Iterable[int], seeds: Iterable[int
     todo = [(c, i) for c, i in plan if _planned_key(c, i) not in done]
     if todo and bundle is None:
         bundle = load_lm_bundle(with_prm=any(recorded_scorer(c) == "prm" for c, _ in todo))
-    for config, index in tqdm(todo, disable=not progress, desc="sweep_lm"):
+    # disable=None: tqdm stays quiet when stderr is not a terminal (CI, logs).
+    quiet = None if progress else True
+    for config, index in tqdm(todo, disable=quiet, desc="sweep_lm"):
         runs.append_jsonl(path, run_problem(config, index, bundle))
     return [r for r in runs.read_jsonl(path) if _run_key(r) in wanted]
