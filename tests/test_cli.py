@@ -107,6 +107,13 @@ def test_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
     assert (out / "scaling.png").exists() and (out / "scaling.svg").exists()
 
 
+def test_image_run_writes_a_png_grid(tmp_path, capsys):
+    out = tmp_path / "digits-run"
+    main(["run", "digits-bon", "--budget", "40", "--num-steps", "10", "--out-dir", str(out)])
+    assert (out / "samples.png").stat().st_size > 2_000
+    assert np.load(out / "samples.npz")["samples"].shape == (4, 1, 8, 8)
+
+
 def test_digits_demo_writes_a_grid_and_respects_the_budget(tmp_path, capsys):
     out = tmp_path / "digits"
     main(

@@ -162,7 +162,7 @@ def _run(cmd: Run) -> None:
     record = experiment.run_one(config)
     for key, value in record.items():
         print(f"{key:>24}: {value}")
-    print(f"wrote {out_dir}/config.json, result.json, samples.npz, diagnostics.npz")
+    print(f"wrote {out_dir}/config.json, result.json, samples.npz, diagnostics.npz (+ samples.png)")
 
 
 def _run_arith(cmd: Run, method: str) -> None:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tts_jax import interpolants as I
-from tts_jax import runs, smc
+from tts_jax import plots, runs, smc
 from tts_jax.models.base import FlowModel, linear_to_vp
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers import flow_particles, noise_search
@@ -277,6 +277,10 @@ def run_one(config: RunConfig, bundle: Bundle | None = None, write: bool = True)
         )
         diagnostics = {k: np.asarray(v) for k, v in result.info.items() if np.ndim(v) >= 1}
         np.savez(out / "diagnostics.npz", **diagnostics)
+        if np.ndim(result.samples) == 4:  # [N, C, H, W] images
+            plots.image_grid(
+                np.asarray(result.samples), np.asarray(result.rewards), out / "samples.png"
+            )
     return record
 
 

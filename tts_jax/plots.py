@@ -64,3 +64,28 @@ def markdown_table(records: list[dict[str, Any]], metric: str) -> str:
         cells = {int(b): f"{m:.3f} ± {h:.3f}" for b, m, h, _ in rows}
         lines.append(f"| {method} | " + " | ".join(cells.get(b, "") for b in budgets) + " |")
     return "\n".join(lines)
+
+
+def image_grid(images: np.ndarray, scores: np.ndarray, path, max_images: int = 16) -> None:
+    """Save up to ``max_images`` of ``images [N, C, H, W]`` (in [-1, 1]), best score first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(-np.nan_to_num(scores, nan=-np.inf))[:max_images]
+    cols = min(len(order), 8)
+    rows = -(-len(order) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), order, strict=False):
+        img = np.transpose(images[i], (1, 2, 0))
+        if img.shape[-1] == 1:
+            ax.imshow(img[..., 0], cmap="gray_r", vmin=-1, vmax=1)
+        else:
+            ax.imshow(np.clip((img + 1) / 2, 0, 1))
+        ax.set_title(f"{scores[i]:.2f}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
