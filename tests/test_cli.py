@@ -170,3 +170,33 @@ def test_train_knows_every_embedded_model_and_rejects_others():
         assert training_script(model).is_file()
     with pytest.raises(SystemExit, match="known: \\['arith-lm'"):
         main(["train", "nope"])
+
+
+def test_arith_sweep_records_step_diagnostics_and_resumes(tmp_path, capsys):
+    out = tmp_path / "asweep"
+    argv = [
+        "sweep",
+        "arith-pf",
+        "--methods",
+        "bon",
+        "pf",
+        "--budgets",
+        "2",
+        "--seeds",
+        "0",
+        "--problems",
+        "0",
+        "1",
+        "--scorer",
+        "oracle",
+        "--out-dir",
+        str(out),
+    ]
+    main(argv)
+    records = runs.read_jsonl(out / "runs.jsonl")
+    assert sorted(r["method"] for r in records) == ["bon", "pf"]
+    pf = next(r for r in records if r["method"] == "pf")
+    assert len(pf["step_ess"]) == len(pf["step_resampled"]) >= 1
+    main(argv)
+    assert len(runs.read_jsonl(out / "runs.jsonl")) == 2
+    assert (out / "scaling.png").exists()

@@ -71,6 +71,8 @@ class Sweep:
     methods: tuple[str, ...] = ()
     budgets: tuple[int, ...] = (100, 200, 400, 800)
     seeds: tuple[int, ...] = (0, 1, 2)
+    problems: tuple[int, int] = (0, 10)
+    scorer: str = "prm"
     num_steps: int = 20
     lam: float = 10.0
     target_class: int = 3
@@ -186,9 +188,22 @@ def _run_arith(cmd: Run, method: str) -> None:
     print(f"wrote {out_dir}/config.json, result.json, samples.jsonl")
 
 
+def _sweep_arith(cmd: Sweep, methods: list[str]) -> None:
+    out_dir = cmd.out_dir or "outputs/sweep-arith"
+    problems = range(cmd.problems[0], cmd.problems[1])
+    base = experiment_lm.LMRunConfig(method=methods[0], scorer=cmd.scorer)
+    records = experiment_lm.sweep_lm(methods, cmd.budgets, cmd.seeds, problems, out_dir, base=base)
+    paths = plots.scaling_plot(records, ["correct"], f"{out_dir}/scaling", xlabel="N")
+    print(plots.markdown_table(records, "correct"))
+    print(f"{len(records)} runs in {out_dir}/runs.jsonl; plots: {', '.join(paths)}")
+
+
 def _sweep(cmd: Sweep) -> None:
     model, first_method = parse_preset(cmd.preset)
     methods = list(cmd.methods) or [first_method]
+    if model == "arith":
+        _sweep_arith(cmd, methods)
+        return
     for m in methods:
         if m not in experiment.METHODS:
             raise ValueError(f"unknown method {m!r}; known: {sorted(experiment.METHODS)}")

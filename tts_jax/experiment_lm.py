@@ -122,20 +122,29 @@ class LMRunConfig:
         if self.num_particles < 1:
             raise ValueError(f"num_particles (the budget N) must be >= 1, got {self.num_particles}")
         if self.method == "gibbs" and self.num_particles < 2 * GIBBS_SWEEPS:
-            raise ValueError(f"gibbs runs {GIBBS_SWEEPS} sweeps of at least 2 particles: "
-                             f"num_particles must be >= {2 * GIBBS_SWEEPS}, "
-                             f"got {self.num_particles}")
+            raise ValueError(
+                f"gibbs runs {GIBBS_SWEEPS} sweeps of at least 2 particles: "
+                f"num_particles must be >= {2 * GIBBS_SWEEPS}, "
+                f"got {self.num_particles}"
+            )
         start, stop = self.problems
         if not 0 <= start < stop <= N_EVAL_PROBLEMS:
-            raise ValueError(f"problems must be a range (start, stop) with 0 <= start < stop <= "
-                             f"{N_EVAL_PROBLEMS}, got {self.problems}")
-        sizes = {"max_steps": self.max_steps, "max_step_tokens": self.max_step_tokens,
-                 "max_new_tokens": self.max_new_tokens}
+            raise ValueError(
+                f"problems must be a range (start, stop) with 0 <= start < stop <= "
+                f"{N_EVAL_PROBLEMS}, got {self.problems}"
+            )
+        sizes = {
+            "max_steps": self.max_steps,
+            "max_step_tokens": self.max_step_tokens,
+            "max_new_tokens": self.max_new_tokens,
+        }
         if min(sizes.values()) < 1:
             raise ValueError(f"every size must be >= 1, got {sizes}")
         if self.temperature < 0 or self.softmax_temperature <= 0:
-            raise ValueError(f"need temperature >= 0 and softmax_temperature > 0, got "
-                             f"{self.temperature}, {self.softmax_temperature}")
+            raise ValueError(
+                f"need temperature >= 0 and softmax_temperature > 0, got "
+                f"{self.temperature}, {self.softmax_temperature}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,8 +207,9 @@ def _prefix_correct(problem: Problem, text: str) -> bool:
     return bool(flags) and len(flags) == len(split_steps(text)) and flags[-1]
 
 
-def oracle_step_scores(tokenizer: ArithTokenizer, tokens: np.ndarray,
-                       step_ends: np.ndarray) -> np.ndarray:
+def oracle_step_scores(
+    tokenizer: ArithTokenizer, tokens: np.ndarray, step_ends: np.ndarray
+) -> np.ndarray:
     """The exact checker as a PRM (host function for :func:`host_scorer`).
 
     The problem is read back from each row's prompt (the text up to its first ``"\\n"``), so the
@@ -242,8 +252,10 @@ def scorer_of(bundle: LMBundle, name: str) -> tuple[StepScorer, Any]:
     if name == "oracle":
         return bundle.oracle, None
     if bundle.prm is None:
-        raise ValueError("scorer 'prm' needs the arithmetic PRM: train it with "
-                         "`python experiments/train_arith_prm.py` or use scorer='oracle'")
+        raise ValueError(
+            "scorer 'prm' needs the arithmetic PRM: train it with "
+            "`python experiments/train_arith_prm.py` or use scorer='oracle'"
+        )
     return prm_scorer, bundle.prm
 
 
@@ -273,10 +285,16 @@ class LMMethod(NamedTuple):
 
 def _sampling_kwargs(bundle: LMBundle, config: LMRunConfig, prompt: Prompt) -> dict[str, Any]:
     tok = bundle.tokenizer
-    return {"max_steps": config.max_steps, "max_step_tokens": config.max_step_tokens,
-            "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
-            "sep_id": tok.delimiter_id, "stop_ids": [tok.eos_id], "pad_id": tok.pad_id,
-            "prompt_length": prompt.length}
+    return {
+        "max_steps": config.max_steps,
+        "max_step_tokens": config.max_step_tokens,
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "sep_id": tok.delimiter_id,
+        "stop_ids": [tok.eos_id],
+        "pad_id": tok.pad_id,
+        "prompt_length": prompt.length,
+    }
 
 
 def _answers(bundle: LMBundle, result: LMResult) -> list[int | None]:
@@ -286,31 +304,47 @@ def _answers(bundle: LMBundle, result: LMResult) -> list[int | None]:
 def _greedy(key, bundle, config, prompt):
     """One temperature-0 completion."""
     kwargs = _sampling_kwargs(bundle, config, prompt) | {"temperature": 0.0}
-    result = lm_search.best_of_n(key, bundle.policy, prompt.ids, constant_scorer, None,
-                                 num_particles=1, **kwargs)
+    result = lm_search.best_of_n(
+        key, bundle.policy, prompt.ids, constant_scorer, None, num_particles=1, **kwargs
+    )
     return result, 0
 
 
 def _majority(key, bundle, config, prompt):
     """Self-consistency: the most frequent answer of N samples (Wang et al. 2023)."""
-    result = lm_search.best_of_n(key, bundle.policy, prompt.ids, constant_scorer, None,
-                                 num_particles=config.num_particles,
-                                 **_sampling_kwargs(bundle, config, prompt))
+    result = lm_search.best_of_n(
+        key,
+        bundle.policy,
+        prompt.ids,
+        constant_scorer,
+        None,
+        num_particles=config.num_particles,
+        **_sampling_kwargs(bundle, config, prompt),
+    )
     return result, lm_search.majority_vote(result, _answers(bundle, result))
 
 
 def _best_of_n(weighted: bool):
     def run(key, bundle, config, prompt):
         scorer, params = scorer_of(bundle, config.scorer)
-        result = lm_search.best_of_n(key, bundle.policy, prompt.ids, scorer, params,
-                                     num_particles=config.num_particles,
-                                     **_sampling_kwargs(bundle, config, prompt))
+        result = lm_search.best_of_n(
+            key,
+            bundle.policy,
+            prompt.ids,
+            scorer,
+            params,
+            num_particles=config.num_particles,
+            **_sampling_kwargs(bundle, config, prompt),
+        )
         if weighted:
             return result, lm_search.weighted_best_of_n(result, _answers(bundle, result))
         return result, int(result.best)
 
-    run.__doc__ = ("Weighted best-of-N: the answer with the largest summed final score."
-                   if weighted else "Best-of-N: the sample with the highest final score.")
+    run.__doc__ = (
+        "Weighted best-of-N: the answer with the largest summed final score."
+        if weighted
+        else "Best-of-N: the sample with the highest final score."
+    )
     return run
 
 
@@ -318,9 +352,16 @@ def _beam(key, bundle, config, prompt):
     """Step-level beam search, beam width gcd(4, N) (ALGORITHMS.md 4.3)."""
     scorer, params = scorer_of(bundle, config.scorer)
     n = config.num_particles
-    result = lm_search.beam_search(key, bundle.policy, prompt.ids, scorer, params,
-                                   num_particles=n, beam_width=math.gcd(BEAM_WIDTH, n),
-                                   **_sampling_kwargs(bundle, config, prompt))
+    result = lm_search.beam_search(
+        key,
+        bundle.policy,
+        prompt.ids,
+        scorer,
+        params,
+        num_particles=n,
+        beam_width=math.gcd(BEAM_WIDTH, n),
+        **_sampling_kwargs(bundle, config, prompt),
+    )
     return result, int(result.best)
 
 
@@ -331,10 +372,20 @@ def _particle_method(name: str):
         kwargs["softmax_temperature"] = config.softmax_temperature
         if name == "gibbs":
             kwargs["num_sweeps"] = GIBBS_SWEEPS
-        sampler = {"pf": lm_smc.particle_filter, "epf": lm_smc.entropic_particle_filter,
-                   "gibbs": lm_smc.particle_gibbs}[name]
-        result = sampler(key, bundle.policy, prompt.ids, scorer, params,
-                         num_particles=config.num_particles, **kwargs)
+        sampler = {
+            "pf": lm_smc.particle_filter,
+            "epf": lm_smc.entropic_particle_filter,
+            "gibbs": lm_smc.particle_gibbs,
+        }[name]
+        result = sampler(
+            key,
+            bundle.policy,
+            prompt.ids,
+            scorer,
+            params,
+            num_particles=config.num_particles,
+            **kwargs,
+        )
         return result, int(result.best)
 
     run.__doc__ = f"{name} (Puri et al. 2025), final answer the highest-scored particle"
@@ -417,7 +468,16 @@ def run_problem(config: LMRunConfig, index: int, bundle: LMBundle) -> dict[str, 
         "lm_calls": int(result.budget.lm_calls),
         "prm_calls": int(result.budget.prm_calls) if method.uses_scorer else 0,
         "wall_time_s": wall,
+        **step_diagnostics(result.info),
     }
+
+
+DIAGNOSTICS = ("ess", "resampled", "unique_ancestors")
+
+
+def step_diagnostics(info: dict[str, Any]) -> dict[str, list]:
+    """Per-step SMC diagnostics (ESS, resampling events, unique ancestors) of particle methods."""
+    return {f"step_{k}": np.asarray(info[k]).tolist() for k in DIAGNOSTICS if k in info}
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -445,22 +505,32 @@ def run_lm(config: LMRunConfig, bundle: LMBundle | None = None) -> dict[str, Any
     if bundle is None:
         bundle = load_lm_bundle(with_prm=recorded_scorer(config) == "prm")
     records = [run_problem(config, i, bundle) for i in range(*config.problems)]
-    return {"method": config.method, "budget": recorded_budget(config), "seed": config.seed,
-            "scorer": recorded_scorer(config), "problems": list(config.problems),
-            **summarize(records), "records": records}
+    return {
+        "method": config.method,
+        "budget": recorded_budget(config),
+        "seed": config.seed,
+        "scorer": recorded_scorer(config),
+        "problems": list(config.problems),
+        **summarize(records),
+        "records": records,
+    }
 
 
 def _run_key(record: dict[str, Any]) -> tuple:
-    return (record["method"], record["budget"], record["seed"], record["problem"],
-            record["scorer"])
+    return (record["method"], record["budget"], record["seed"], record["problem"], record["scorer"])
 
 
 def _planned_key(config: LMRunConfig, index: int) -> tuple:
     return (config.method, recorded_budget(config), config.seed, index, recorded_scorer(config))
 
 
-def plan_sweep(base: LMRunConfig, methods: Iterable[str], budgets: Iterable[int],
-               seeds: Iterable[int], problems: Iterable[int]) -> list[tuple[LMRunConfig, int]]:
+def plan_sweep(
+    base: LMRunConfig,
+    methods: Iterable[str],
+    budgets: Iterable[int],
+    seeds: Iterable[int],
+    problems: Iterable[int],
+) -> list[tuple[LMRunConfig, int]]:
     """Every (config, problem) of a sweep, validated: N-independent methods (greedy) run once
     per problem with the first seed; the rest for every budget and seed."""
     methods, budgets, seeds, problems = list(methods), list(budgets), list(seeds), list(problems)
@@ -469,19 +539,28 @@ def plan_sweep(base: LMRunConfig, methods: Iterable[str], budgets: Iterable[int]
         raise ValueError(f"problem indices must lie in [0, {N_EVAL_PROBLEMS}), got {bad}")
     plan = []
     for method in methods:
-        grid = ([(budgets[0], seeds[0])] if method in LM_METHODS
-                and LM_METHODS[method].budget_independent else
-                [(b, s) for b in budgets for s in seeds])
+        grid = (
+            [(budgets[0], seeds[0])]
+            if method in LM_METHODS and LM_METHODS[method].budget_independent
+            else [(b, s) for b in budgets for s in seeds]
+        )
         for budget, seed in grid:
             config = dataclasses.replace(base, method=method, num_particles=budget, seed=seed)
             plan += [(config, i) for i in problems]
     return plan
 
 
-def sweep_lm(methods: Iterable[str], budgets: Iterable[int], seeds: Iterable[int],
-             problems: Iterable[int], out_dir: str | pathlib.Path, *,
-             base: LMRunConfig | None = None, bundle: LMBundle | None = None,
-             progress: bool = True) -> list[dict[str, Any]]:
+def sweep_lm(
+    methods: Iterable[str],
+    budgets: Iterable[int],
+    seeds: Iterable[int],
+    problems: Iterable[int],
+    out_dir: str | pathlib.Path,
+    *,
+    base: LMRunConfig | None = None,
+    bundle: LMBundle | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """Run every (method, N, seed, problem), appending each record to ``out_dir/runs.jsonl``.
 
     Runs already recorded there (same method, budget, seed, problem and recorded scorer) are
