@@ -200,3 +200,31 @@ def test_arith_sweep_records_step_diagnostics_and_resumes(tmp_path, capsys):
     main(argv)
     assert len(runs.read_jsonl(out / "runs.jsonl")) == 2
     assert (out / "scaling.png").exists()
+
+
+USER_CONFIG = """
+from tts_jax.experiment import Bundle
+from tts_jax.models import gmm as G
+from tts_jax.rewards.analytic import linear_reward
+
+
+def make_bundle(config):
+    mixture = G.asymmetric_gmm_2d()
+    held_out = {"x": linear_reward([1.0, 0.0])}
+    return Bundle(G.flow_model(mixture), linear_reward([0.0, 1.0]), held_out)
+"""
+
+
+def test_user_config_file_works_like_a_preset(tmp_path, capsys):
+    import pytest
+
+    path = tmp_path / "my_config.py"
+    path.write_text(USER_CONFIG)
+    out = tmp_path / "user"
+    main(["run", f"{path}:bon", "--budget", "100", "--num-steps", "10", "--out-dir", str(out)])
+    result = json.loads((out / "result.json").read_text())
+    samples = np.load(out / "samples.npz")
+    assert result["nfe"] == 100 and "x_best" in result
+    assert result["best_reward"] == pytest.approx(float(samples["samples"][:, 1].max()), rel=1e-5)
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["run", f"{tmp_path / 'missing.py'}:bon"])
