@@ -10,19 +10,9 @@ from tts_jax.cli import main
 
 def test_demo_writes_results_that_match_the_analytic_target(tmp_path, capsys):
     out = tmp_path / "demo"
-    main(
-        [
-            "demo",
-            "--parts",
-            "gmm",
-            "--gmm.num-particles",
-            "2048",
-            "--gmm.num-steps",
-            "30",
-            "--gmm.out-dir",
-            str(out),
-        ]
-    )
+    argv = ["demo", "--parts", "gmm", "--gmm.num-particles", "2048", "--gmm.num-steps", "30",
+            "--gmm.out-dir", str(out)]
+    main(argv)
     printed = capsys.readouterr().out
     assert "analytic" in printed and "FK steering" in printed
     result = json.loads((out / "result.json").read_text())
@@ -34,19 +24,7 @@ def test_demo_writes_results_that_match_the_analytic_target(tmp_path, capsys):
     np.testing.assert_allclose(s["component_weights"], a["component_weights"], atol=0.06)
     assert (out / "gmm_steering.png").stat().st_size > 10_000
     first = np.load(out / "samples.npz")["samples"]
-    main(
-        [
-            "demo",
-            "--parts",
-            "gmm",
-            "--gmm.num-particles",
-            "2048",
-            "--gmm.num-steps",
-            "30",
-            "--gmm.out-dir",
-            str(out),
-        ]
-    )
+    main(argv)
     np.testing.assert_array_equal(np.load(out / "samples.npz")["samples"], first)
 
 

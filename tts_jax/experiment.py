@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import logging
 import pathlib
 import time
 from collections.abc import Callable
@@ -32,8 +31,6 @@ from tts_jax.rewards.base import Reward
 from tts_jax.samplers import flow_particles, noise_search
 from tts_jax.samplers.fk_steering import fk_steering
 from tts_jax.samplers.result import SampleResult
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -68,8 +68,11 @@ def append_jsonl(path: str | os.PathLike, record: Any) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(to_jsonable(record), sort_keys=True) + "\n"
-    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-        line = "\n" + line  # a killed writer left a partial line: never glue onto it
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = "\n" + line  # a killed writer left a partial line: never glue onto it
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()

@@ -8,7 +8,6 @@ sampled ones, writes a scatter plot and a JSON result with the seed, config and 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import pathlib
 import time
 
@@ -21,8 +20,6 @@ from tts_jax import runs, smc
 from tts_jax.models import gmm as G
 from tts_jax.rewards.analytic import linear_reward
 from tts_jax.samplers.fk_steering import fk_steering
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
