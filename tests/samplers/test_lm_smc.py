@@ -220,8 +220,9 @@ def test_a_resampled_particle_continues_exactly_as_its_ancestor():
     np.testing.assert_array_equal(np.asarray(moved.cache.length),
                                   np.asarray(original.cache.length)[anc])
     # Equal up to float rounding (rows are computed inside differently composed batches).
-    for got, want in ((moved.logits, original.logits), (moved.cache.k, original.cache.k),
-                      (moved.cache.v, original.cache.v)):
+    pairs = zip(jax.tree.leaves((moved.logits, moved.cache.k, moved.cache.v)),
+                jax.tree.leaves((original.logits, original.cache.k, original.cache.v)), strict=True)
+    for got, want in pairs:
         np.testing.assert_allclose(np.asarray(got), np.asarray(want)[anc], rtol=1e-5, atol=1e-6)
     # And the gathered logits are those of a full forward of prompt + the ancestor's tokens.
     full = np.concatenate([np.tile(PROMPT, (4, 1)), np.asarray(original.tokens)[:, :3]], axis=1)

@@ -278,7 +278,8 @@ class Attention(nnx.Module):
         Args:
             x: ``[N, T, hidden]`` new-token activations.
             rope: ``(cos, sin)``, each ``[N, T, head_dim]``.
-            k_cache, v_cache: ``[N, S, kv_heads, head_dim]`` this layer's cache.
+            k_cache, v_cache: ``[N, kv_heads, S, head_dim]`` this layer's cache (slots minor to
+                heads, so the score and value products read it without a transposed copy).
             write_pos: ``int32[N, T]`` cache slot of each new token (``S`` = do not write).
             mask: ``bool[N, T, S]`` which cache slots each new token attends to.
 
@@ -290,16 +291,16 @@ class Attention(nnx.Module):
         k = _apply_rope(self.k_proj(x).reshape(n, t, self.num_kv_heads, self.head_dim), rope)
         v = self.v_proj(x).reshape(n, t, self.num_kv_heads, self.head_dim)
         rows = jnp.arange(n)[:, None]
-        k_cache = k_cache.at[rows, write_pos].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[rows, write_pos].set(v.astype(v_cache.dtype), mode="drop")
+        k_cache = k_cache.at[rows, :, write_pos].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows, :, write_pos].set(v.astype(v_cache.dtype), mode="drop")
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(n, t, self.num_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("ntkgd,nskd->nkgts", q, k_cache.astype(q.dtype),
+        scores = jnp.einsum("ntkgd,nksd->nkgts", q, k_cache.astype(q.dtype),
                             preferred_element_type=jnp.float32) * self.head_dim**-0.5
         scores = jnp.where(_bcast(mask[:, None, None], scores), scores,
                            jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("nkgts,nskd->ntkgd", probs, v_cache.astype(x.dtype))
+        out = jnp.einsum("nkgts,nksd->ntkgd", probs, v_cache.astype(x.dtype))
         return self.o_proj(out.reshape(n, t, self.num_heads * self.head_dim)), k_cache, v_cache
 
 
@@ -355,25 +356,31 @@ class LM(nnx.Module):
 class KVCache(NamedTuple):
     """Per-row key/value cache; every leaf has the row (particle) axis first.
 
+    One buffer per layer: a decode step writes each layer's buffer in place (inside a jitted
+    loop or with the cache donated) instead of slicing and re-assembling a stacked array, which
+    would copy the whole cache every token.
+
     Attributes:
-        k, v: ``[N, layers, max_len, kv_heads, head_dim]``.
+        k, v: per-layer tuples of ``[N, kv_heads, max_len, head_dim]`` arrays.
         length: ``int32[N]`` tokens written per row (the next write offset).
     """
 
-    k: Array
-    v: Array
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
     length: Array
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[2]
 
 
 def init_cache(config: LMConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
     """An empty cache of ``batch`` rows with room for ``max_len`` tokens each."""
-    shape = (batch, config.num_hidden_layers, max_len, config.num_key_value_heads,
-             config.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+    shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+    layers = range(config.num_hidden_layers)
+    return KVCache(tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   jnp.zeros((batch,), jnp.int32))
 
 
 def _rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
@@ -442,15 +449,15 @@ def hidden_states(model: nnx.Module, tokens: Array, cache: KVCache,
     write_pos = jnp.where(offsets < num_new[:, None], positions, cache.max_len)
     mask = jnp.arange(cache.max_len)[None, None, :] <= positions[:, :, None]
     rope = _rope_tables(positions, config.head_dim, config.rope_theta)
-    k_all, v_all = cache.k, cache.v
+    k_all, v_all = [], []
     x = backbone.embed_tokens(tokens)
-    for i, layer in enumerate(backbone.layers):
-        attn, k_i, v_i = layer.self_attn(layer.input_layernorm(x), rope, k_all[:, i], v_all[:, i],
-                                         write_pos, mask)
-        k_all, v_all = k_all.at[:, i].set(k_i), v_all.at[:, i].set(v_i)
+    for layer, k_i, v_i in zip(backbone.layers, cache.k, cache.v, strict=True):
+        attn, k_i, v_i = layer.self_attn(layer.input_layernorm(x), rope, k_i, v_i, write_pos, mask)
+        k_all.append(k_i)
+        v_all.append(v_i)
         x = x + attn
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return backbone.norm(x), KVCache(k_all, v_all, cache.length + num_new)
+    return backbone.norm(x), KVCache(tuple(k_all), tuple(v_all), cache.length + num_new)
 
 
 def lm_logits(model: LM, hidden: Array) -> Array:
