@@ -4,7 +4,9 @@ On the embedded digits DiT (the shipped 8x8 flow model and verifier reward): wal
 after warm-up), time per particle-step, and XLA's compiled memory footprint (arguments + outputs +
 temporaries from ``memory_analysis``) versus N in 1..1024 and versus the number of steps.
 Time per particle-step should flatten once the batch saturates the cores; memory should grow
-linearly in N. Also checks the KV-cache size against its analytic formula.
+linearly in N. Then the KV cache: its allocated size against the analytic formula, and XLA's
+compiled memory of plain decoding (cache donated) and of token-level SMC, in units of the
+analytic cache, to show that resampling adds no hidden copies beyond the one gather buffer.
 Run: ``python -m benchmarks.scaling``.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from benchmarks.timing import time_call
 from tts_jax import interpolants as I
@@ -20,6 +23,7 @@ from tts_jax.models import lm
 from tts_jax.models.zoo import load_digits_flow
 from tts_jax.rewards.classifier import class_log_prob_reward, load_digits_verifier
 from tts_jax.samplers import fk_steering as fk
+from tts_jax.samplers import lm_smc, lm_state
 
 
 def _compiled_bytes(model, reward, n, grid, diffusion, schedule) -> int:
@@ -76,30 +80,85 @@ def main() -> None:
             f"| {n} | {steps} | {t * 1e3:.1f} | {t / (n * steps) * 1e6:.1f} | {mem / 2**20:.2f} |"
         )
 
-    config = lm.LMConfig.from_hf_dict(
-        {
-            "model_type": "qwen2",
-            "vocab_size": 128,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-        }
-    )
-    n, max_len = 64, 256
-    cache = lm.init_cache(config, n, max_len)
-    actual = sum(leaf.nbytes for leaf in jax.tree.leaves(cache))
-    head_dim = config.hidden_size // config.num_attention_heads
-    analytic = (
-        2 * n * config.num_hidden_layers * max_len * config.num_key_value_heads * head_dim * 4
-    )
-    analytic += n * 4  # int32 lengths
-    print(
-        f"\nKV cache for N={n}, max_len={max_len}: {actual} bytes; analytic {analytic} bytes "
-        f"({'equal' if actual == analytic else 'DIFFERENT'})"
-    )
+    print()
+    kv_cache_memory()
 
+
+def _tilt(lam, tokens, lengths, done):
+    """Token-SMC twist: ``lam`` times the number of even tokens so far."""
+    written = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    return lam * jnp.sum((tokens % 2 == 0) & written, axis=1).astype(jnp.float32)
+
+
+def _oracle_scorer(_params, tokens, step_ends):
+    """A free in-graph step score in (0, 1) (isolates the sampler from a reward model)."""
+    return jnp.where(step_ends, jax.nn.sigmoid(jnp.cumsum(tokens % 7 == 0, axis=1) - 2.0), 0.0)
+
+
+def kv_cache_memory() -> None:
+    """XLA's compiled memory of plain decoding and of the LM steering samplers, in KV caches.
+
+    The analytic cache is ``2 layers N max_len kv_heads head_dim`` floats (+ ``N`` lengths).
+    ``generate`` donates its cache: the output aliases it and nothing cache-sized is
+    temporary. Token SMC and particle filtering build the cache inside the program; a
+    resampling step gathers rows of it into a second buffer (a gather cannot run in place),
+    so their temporaries should stay near two caches, whatever the number of tokens. (The
+    programs are only compiled here, not run.)
+    """
+    config = lm.LMConfig(
+        model_type="qwen2",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = lm.LM(config, rngs=nnx.Rngs(0))
+    prompt = jnp.arange(1, 9, dtype=jnp.int32)
+    cfg = lm_state.decode_config(1.0, None, None, 0)
+    print(
+        "| program | N | new tokens | analytic KV cache (MiB) | allocated cache / analytic "
+        "| donated (aliased) / cache | temporaries / cache |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for n, new in ((16, 64), (64, 64), (64, 256), (256, 256)):
+        max_len = prompt.shape[0] + new
+        analytic = 2 * config.num_hidden_layers * n * max_len * config.num_key_value_heads
+        analytic = analytic * config.head_dim * 4 + 4 * n
+        cache = lm.init_cache(config, n, max_len)
+        allocated = sum(leaf.nbytes for leaf in jax.tree.leaves(cache))
+        programs = {
+            "generate": lm._generate_jit.lower(
+                model, jnp.tile(prompt, (n, 1)), jnp.full((n,), 8, jnp.int32), cache,
+                jax.random.key(0), jnp.float32(1.0), jnp.asarray([-1], jnp.int32),
+                jnp.int32(0), max_new_tokens=new,
+            ),
+            "token_smc": lm_smc._token_smc_jit.lower(
+                jax.random.key(0), model, prompt, cfg,
+                {"temperature": cfg.temperature, "potential": jnp.float32(0.3),
+                 "constraint": None},
+                jnp.float32(0.5), potential=_tilt, constraint=None, num_particles=n,
+                max_new_tokens=new, resampler="systematic",
+            ),
+            "particle_filter": lm_smc._pf_jit.lower(
+                jax.random.key(0), model, prompt, jnp.int32(8), None, cfg,
+                {"softmax_temperature": jnp.float32(1.0), "ess_threshold": jnp.float32(1.0),
+                 "puri": jnp.bool_(True), "anneal": jnp.bool_(False),
+                 "has_ref": jnp.bool_(False)},
+                jnp.zeros((new,), jnp.int32), scorer=_oracle_scorer, num_particles=n,
+                max_steps=new // 8, max_step_tokens=8, max_new_tokens=new,
+                aggregation="last", resampler="multinomial",
+            ),
+        }
+        for name, lowered in programs.items():
+            mem = lowered.compile().memory_analysis()
+            print(
+                f"| {name} | {n} | {new} | {analytic / 2**20:.2f} | {allocated / analytic:.3f} "
+                f"| {mem.alias_size_in_bytes / analytic:.2f} "
+                f"| {mem.temp_size_in_bytes / analytic:.2f} |",
+                flush=True,
+            )
 
 if __name__ == "__main__":
     main()
