@@ -34,9 +34,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import logsumexp
 
-from tts_jax.particles import Particles, ess, gather, make_particles, num_particles
+from tts_jax.particles import Particles, gather, make_particles, num_particles
 from tts_jax.resampling import get_resampler
 
 Array = jax.Array
@@ -160,13 +159,24 @@ def _drop_nan(log_potential: Array) -> tuple[Array, Array]:
     return jnp.where(nan, -jnp.inf, log_potential), jnp.sum(nan).astype(jnp.int32)
 
 
-def _reweight(log_weights: Array, increment: Array) -> tuple[Array, Array]:
-    """Add ``increment`` to normalized ``log_weights``; return (normalized weights, log mass)."""
+def _reweight(log_weights: Array, increment: Array) -> tuple[Array, Array, Array]:
+    """Add ``increment`` to normalized ``log_weights``.
+
+    Returns:
+        ``(normalized log-weights, log mass, ESS)``: one max and one pass of exponentials give
+        both the ``logsumexp`` and the ESS (:func:`tts_jax.particles.ess` of the result, up to
+        rounding).
+    """
     new = jnp.where(jnp.isneginf(log_weights), -jnp.inf, log_weights + increment)
     new = jnp.where(jnp.isnan(new), -jnp.inf, new)
-    mass = logsumexp(new)
+    top = jnp.max(new)
+    shift = jnp.where(jnp.isfinite(top), top, 0.0)  # as in jax.scipy.special.logsumexp
+    w = jnp.exp(new - shift)
+    total = jnp.sum(w)
+    mass = jnp.log(total) + shift
     alive = jnp.isfinite(mass)
-    return jnp.where(alive, new - mass, new), mass
+    ess_now = jnp.where(alive, total**2 / jnp.sum(w**2), 0.0)
+    return jnp.where(alive, new - mass, new), mass, ess_now
 
 
 def init(state: PyTree, log_potential: LogPotential, params: PyTree = None) -> SMCState:
@@ -183,7 +193,7 @@ def init(state: PyTree, log_potential: LogPotential, params: PyTree = None) -> S
 def _init(state, log_potential, params) -> tuple[SMCState, Array]:
     n = num_particles(state)
     lp0, num_nan = _drop_nan(log_potential(state, jnp.int32(0), params))
-    lw, mass = _reweight(jnp.full((n,), -jnp.log(n), jnp.float32), lp0)
+    lw, mass, _ = _reweight(jnp.full((n,), -jnp.log(n), jnp.float32), lp0)
     return SMCState(make_particles(state, lw), lp0, mass, jnp.int32(0)), num_nan
 
 
@@ -208,8 +218,13 @@ def step(
         params: numeric hyper-parameters (array leaves; never static).
         resampler: name or function of :mod:`tts_jax.resampling`.
     """
-    resample_fn = get_resampler(resampler)
     k_prop, k_res = jax.random.split(key)
+    return _step(k_prop, k_res, smc_state, propagate, log_potential, schedule, params, resampler)
+
+
+def _step(k_prop, k_res, smc_state, propagate, log_potential, schedule, params, resampler):
+    """:func:`step` with its key already split (so a scan can split every key up front)."""
+    resample_fn = get_resampler(resampler)
     particles = smc_state.particles
     n = particles.log_weights.shape[0]
     k = smc_state.step
@@ -220,23 +235,23 @@ def step(
     ratio = jnp.where(
         jnp.isneginf(lp_new), -jnp.inf, lp_new - jnp.where(jnp.isfinite(old), old, 0.0)
     )
-    lw, mass = _reweight(particles.log_weights, ratio + correction)
+    lw, mass, ess_now = _reweight(particles.log_weights, ratio + correction)
     alive = jnp.isfinite(mass)
-    ess_now = ess(lw)
     do_resample = schedule.mask[k] & (ess_now < schedule.ess_threshold * n) & alive
 
-    # The gather runs only in the resampling branch: no copy of the state on other steps.
+    # The gather (and the count of distinct ancestors) runs only in the resampling branch: no
+    # copy of the state on other steps.
     def resample(carry):
         anc = resample_fn(k_res, lw, n).astype(jnp.int32)
-        return anc, jnp.full((n,), -jnp.log(n), lw.dtype), gather(carry, anc)
+        unique = jnp.sum(jnp.zeros((n,), jnp.int32).at[anc].set(1))
+        return anc, unique, jnp.full((n,), -jnp.log(n), lw.dtype), gather(carry, anc)
 
     def keep(carry):
-        return jnp.arange(n, dtype=jnp.int32), lw, carry
+        return jnp.arange(n, dtype=jnp.int32), jnp.int32(n), lw, carry
 
-    ancestors, lw_out, (new_state, lp_new) = jax.lax.cond(
+    ancestors, unique, lw_out, (new_state, lp_new) = jax.lax.cond(
         do_resample, resample, keep, (new_state, lp_new)
     )
-    unique = jnp.sum(jnp.zeros((n,), jnp.int32).at[ancestors].set(1))
     out = SMCState(
         make_particles(new_state, lw_out),
         lp_new,
@@ -247,6 +262,11 @@ def step(
     return out, info
 
 
+def step_keys_for(key: Array, num_steps: int) -> Array:
+    """``[fold_in(key, k) for k < num_steps]`` as one batched hash (the same keys)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_steps))
+
+
 def run_scan(
     key: Array,
     state: PyTree,
@@ -255,21 +275,34 @@ def run_scan(
     schedule: ResampleSchedule,
     params: PyTree = None,
     resampler: str | Callable = "systematic",
+    propagate_last: Propagate | None = None,
 ) -> SMCResult:
     """The whole loop as one ``lax.scan`` (un-jitted: call it inside your own jitted program).
 
     The number of steps is the length of ``schedule.mask``. Step ``k`` uses
     ``jax.random.fold_in(key, k)``.
+
+    Args:
+        propagate_last: optional proposal for the final step only. The scan then runs the first
+            ``K - 1`` steps and the last one is traced separately, so ``propagate`` never needs a
+            ``lax.cond`` on ``k == K - 1`` (e.g. to skip a model call whose output only later
+            steps use).
     """
     num_steps = schedule.mask.shape[0]
     smc_state, num_nan_initial = _init(state, log_potential, params)
+    # Every step's keys in one batched hash before the loop: on CPU each threefry call inside
+    # the loop body is a small while loop of its own (benchmarks/overhead_profile.py).
+    step_keys = jax.vmap(jax.random.split)(step_keys_for(key, num_steps))
 
-    def body(carry, k):
-        return step(
-            jax.random.fold_in(key, k), carry, propagate, log_potential, schedule, params, resampler
-        )
+    def body(carry, keys, propagate=propagate):
+        return _step(keys[0], keys[1], carry, propagate, log_potential, schedule, params, resampler)
 
-    final, info = jax.lax.scan(body, smc_state, jnp.arange(num_steps))
+    if propagate_last is None:
+        final, info = jax.lax.scan(body, smc_state, step_keys)
+    else:
+        final, info = jax.lax.scan(body, smc_state, step_keys[:-1])
+        final, last = body(final, step_keys[-1], propagate_last)
+        info = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), info, last)
     all_dead = ~jnp.isfinite(final.log_evidence)
     return SMCResult(final.particles, final.log_evidence, info, all_dead, num_nan_initial)
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tts_jax import smc
 from tts_jax.interpolants import Diffusion, sde_step
@@ -57,42 +58,42 @@ def _next_log_potential(kind: str, phi, running, reward, lam):
 
 
 def _make_callbacks(model: FlowModel, reward: Reward, grid, diffusion, kind, eval_mask, cond):
-    num_steps = grid.shape[0] - 1
-
-    def propagate(key, state, k, lam):
+    def move(key, state, k):
         t, t_next = grid[k], grid[k + 1]
         g = diffusion(jnp.broadcast_to(t, state["x"].shape[:1]), model.interpolant)
-        x = sde_step(key, model.interpolant, state["u"], state["x"], t, t_next, g)
-        last = k + 1 == num_steps
-        # The last state needs no velocity: its Tweedie estimate is itself (0 NFE).
-        u = jax.lax.cond(last, jnp.zeros_like, lambda y: model.velocity(y, t_next, cond), x)
+        return sde_step(key, model.interpolant, state["u"], state["x"], t, t_next, g), t_next
+
+    def updated(state, x, u, phi, running, r, nan):
+        new = {"x": x, "u": u, "phi": phi, "running": running, "reward": r}
+        return dict(new, nan=state["nan"] + nan), jnp.zeros(x.shape[:1], x.dtype)
+
+    def propagate(key, state, k, lam):
+        """Steps ``k < K - 1``: the velocity at the new state serves its Tweedie estimate now and
+        the next SDE step later."""
+        x, t_next = move(key, state, k)
+        u = model.velocity(x, t_next, cond)
 
         def evaluate(_):
-            x0 = jnp.where(last, x, tweedie(model, x, t_next, u))
-            r, nan = nan_to_neg_inf(reward(x0, cond))
-            phi, running = _next_log_potential(kind, state["phi"], state["running"], r, lam)
-            # The final potential is exactly lambda * r(x0), dividing out every earlier factor.
-            phi = jnp.where(last, lam * r, phi)
-            return phi, running, r, nan
+            r, nan = nan_to_neg_inf(reward(tweedie(model, x, t_next, u), cond))
+            return *_next_log_potential(kind, state["phi"], state["running"], r, lam), r, nan
 
         def skip(_):
             return state["phi"], state["running"], state["reward"], jnp.int32(0)
 
-        phi, running, r, nan = jax.lax.cond(eval_mask[k], evaluate, skip, None)
-        new = {
-            "x": x,
-            "u": u,
-            "phi": phi,
-            "running": running,
-            "reward": r,
-            "nan": state["nan"] + nan,
-        }
-        return new, jnp.zeros(x.shape[:1], x.dtype)
+        return updated(state, x, u, *jax.lax.cond(eval_mask[k], evaluate, skip, None))
+
+    def propagate_last(key, state, k, lam):
+        """The last step needs no velocity: its Tweedie estimate is the state itself (0 NFE).
+        The final potential is exactly ``lambda * r(x0)``, dividing out every earlier factor."""
+        x, _ = move(key, state, k)
+        r, nan = nan_to_neg_inf(reward(x, cond))
+        _, running = _next_log_potential(kind, state["phi"], state["running"], r, lam)
+        return updated(state, x, jnp.zeros_like(x), lam * r, running, r, nan)
 
     def log_potential(state, k, lam):
         return state["phi"]
 
-    return propagate, log_potential
+    return propagate, propagate_last, log_potential
 
 
 @functools.partial(jax.jit, static_argnames=("num_particles", "potential", "resampler"))
@@ -113,10 +114,12 @@ def _fk_steering(
     }
     num_steps = grid.shape[0] - 1
     eval_mask = schedule.mask.at[num_steps - 1].set(True)
-    propagate, log_potential = _make_callbacks(
+    propagate, propagate_last, log_potential = _make_callbacks(
         model, reward, grid, diffusion, potential, eval_mask, cond
     )
-    out = smc.run_scan(k_run, state, propagate, log_potential, schedule, lam, resampler)
+    out = smc.run_scan(
+        k_run, state, propagate, log_potential, schedule, lam, resampler, propagate_last
+    )
     final = out.particles.state
     info = out.info._asdict()
     info["num_nan_rewards"] = jnp.sum(final["nan"])
@@ -130,6 +133,16 @@ def _fk_steering(
         log_evidence=out.log_evidence,
         info=info,
     )
+
+
+def _float32(x):
+    """A float32 jit argument without an eager device op per call (numpy goes in with the call)."""
+    if isinstance(x, jax.Array):
+        return x if x.dtype == jnp.float32 else x.astype(jnp.float32)
+    return np.asarray(x, np.float32)
+
+
+_default_schedule = functools.lru_cache(smc.adaptive)
 
 
 def fk_steering(
@@ -173,11 +186,11 @@ def fk_steering(
         raise ValueError(f"unknown potential {potential!r}; known: {POTENTIALS}")
     if num_particles < 1:
         raise ValueError(f"num_particles must be >= 1, got {num_particles}")
-    grid = jnp.asarray(grid, jnp.float32)
+    grid = _float32(grid)
     if grid.ndim != 1 or grid.shape[0] < 2:
         raise ValueError(f"grid must be [K + 1] times with K >= 1, got shape {grid.shape}")
     num_steps = grid.shape[0] - 1
-    schedule = smc.adaptive(num_steps) if schedule is None else schedule
+    schedule = _default_schedule(num_steps) if schedule is None else schedule
     if schedule.mask.shape != (num_steps,):
         raise ValueError(
             f"schedule has {schedule.mask.shape[0]} steps but the grid has {num_steps}"
@@ -188,7 +201,7 @@ def fk_steering(
         reward,
         grid,
         diffusion,
-        jnp.asarray(lam, jnp.float32),
+        _float32(lam),
         schedule,
         cond,
         num_particles,
@@ -198,6 +211,9 @@ def fk_steering(
     if held_out:
         info = dict(result.info, held_out=held_out_scores(held_out, result.samples, cond))
         result = result._replace(info=info)
-    if bool(result.info["all_dead"][-1]):
+    # Host reads of the finished arrays: no eager device op per call (benchmarks/fk_overhead.py).
+    if np.asarray(result.info["all_dead"])[-1]:
         raise ValueError("fk_steering: every particle has zero weight (all rewards -inf or NaN)")
-    return result if nan_policy == "drop" else check_finite_rewards(result, "fk_steering")
+    if nan_policy == "drop" or not np.asarray(result.info["num_nan_rewards"]):
+        return result
+    return check_finite_rewards(result, "fk_steering")
