@@ -24,6 +24,7 @@ BENCHMARKS = [
     ("LM decoding: tts-jax vs transformers generate", "benchmarks.lm_decode"),
     ("LM steering overhead (PF, token SMC vs batched decode)", "benchmarks.lm_steering_overhead"),
     ("Scaling in particles and steps, compiled memory, KV-cache size", "benchmarks.scaling"),
+    ("Sharded particles over 8 host devices (FK, token SMC)", "benchmarks.sharded"),
 ]
 
 

@@ -44,3 +44,32 @@ def shard_particles(tree: Any, mesh: Mesh, axis: str = PARTICLE_AXIS) -> Any:
         return jax.device_put(leaf, NamedSharding(mesh, spec))
 
     return jax.tree.map(place, tree)
+
+
+def constrain_particles(
+    tree: Any, mesh: Mesh, num_particles: int, axis: str = PARTICLE_AXIS
+) -> Any:
+    """Inside jit: split every leaf whose leading axis is ``num_particles`` over ``mesh[axis]``.
+
+    For programs that create their particles themselves (a sampler drawing its initial noise or
+    prefilling a prompt), where :func:`shard_particles` has no input to place: constraining the
+    particle leaves of the output is enough, XLA propagates the sharding back through the SMC
+    loop, so every step runs on the local shards. Other leaves are left to the compiler.
+
+    Raises:
+        ValueError: if ``num_particles`` is not divisible by the number of devices on the axis.
+    """
+    size = mesh.shape[axis]
+    if num_particles % size:
+        raise ValueError(
+            f"{num_particles} particles are not divisible by the {size} devices of mesh axis "
+            f"{axis!r}"
+        )
+
+    def constrain(leaf):
+        if leaf.ndim == 0 or leaf.shape[0] != num_particles:
+            return leaf
+        spec = PartitionSpec(axis, *([None] * (leaf.ndim - 1)))
+        return jax.lax.with_sharding_constraint(leaf, NamedSharding(mesh, spec))
+
+    return jax.tree.map(constrain, tree)
