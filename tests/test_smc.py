@@ -203,3 +203,57 @@ def test_bad_initial_state_is_rejected():
         )
     with pytest.raises(ValueError, match="empty"):
         smc.run(jax.random.key(0), jnp.zeros((0, 1)), propagate, pot, smc.never(1))
+
+
+def _clock_propagate(key, state, k, params):
+    """Particles ``[N, 3]``: a random walk in column 0 and a step counter in column 1, frozen
+    once the counter reaches the particle's own horizon ``params["horizon"]``; column 2 counts
+    every call (frozen or not) and enters no potential."""
+    done = state[:, 1] >= params["horizon"]
+    walk = state[:, 0] + jax.random.normal(key, state.shape[:1])
+    moved = jnp.stack([walk, state[:, 1] + 1.0, state[:, 2]], axis=1)
+    out = jnp.where(done[:, None], state, moved)
+    return out.at[:, 2].add(1.0), jnp.zeros(state.shape[:1])
+
+
+def _clock_potential(state, k, params):
+    return -0.5 * state[:, 0] ** 2
+
+
+def test_run_until_stops_when_finished_and_matches_the_idle_scan():
+    """Up to the stop, run_until takes the steps run_scan takes (same keys); after it, run_scan's
+    idle steps (frozen particles, ESS above the threshold) are exactly the no-ops run_until
+    records without running them."""
+    n, num_steps = 64, 12
+    horizon = jnp.where(jnp.arange(n) < n // 2, 3.0, 5.0)
+    params = {"horizon": horizon}
+    calls = {"count": 0}
+
+    def counting_propagate(key, state, k, params):
+        calls["count"] += 1
+        return _clock_propagate(key, state, k, params)
+
+    def finished(state, params):
+        return jnp.all(state[:, 1] >= params["horizon"])
+
+    schedule = smc.ResampleSchedule(jnp.ones(num_steps, bool), jnp.float32(0.7))
+    state = jnp.zeros((n, 3))
+    key = jax.random.key(3)
+    early = jax.jit(
+        lambda: smc.run_until(key, state, counting_propagate, _clock_potential, schedule, params,
+                              finished=finished)
+    )()
+    full = jax.jit(
+        lambda: smc.run_scan(key, state, _clock_propagate, _clock_potential, schedule, params)
+    )()
+    # Every particle is done after 5 steps: run_until made 5 calls, run_scan all 12.
+    np.testing.assert_array_equal(early.particles.state[:, 2], 5.0)
+    np.testing.assert_array_equal(full.particles.state[:, 2], float(num_steps))
+    np.testing.assert_array_equal(early.particles.state[:, 1], np.asarray(horizon))
+    np.testing.assert_allclose(early.particles.state[:, :2], full.particles.state[:, :2], rtol=1e-6)
+    np.testing.assert_allclose(early.particles.log_weights, full.particles.log_weights, atol=1e-6)
+    np.testing.assert_allclose(early.log_evidence, full.log_evidence, rtol=1e-6)
+    assert not bool(np.any(np.asarray(full.info.resampled)[5:]))  # idle steps did not resample
+    for got, want in zip(early.info, full.info, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert calls["count"] == 1  # traced once: one while-loop body, no per-step Python dispatch

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tts_jax.particles import Particles, gather, make_particles, num_particles
+from tts_jax.particles import Particles, ess, gather, make_particles, num_particles
 from tts_jax.resampling import get_resampler
 
 Array = jax.Array
@@ -304,6 +304,64 @@ def run_scan(
         final, last = body(final, step_keys[-1], propagate_last)
         info = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), info, last)
     all_dead = ~jnp.isfinite(final.log_evidence)
+    return SMCResult(final.particles, final.log_evidence, info, all_dead, num_nan_initial)
+
+
+def run_until(
+    key: Array,
+    state: PyTree,
+    propagate: Propagate,
+    log_potential: LogPotential,
+    schedule: ResampleSchedule,
+    params: PyTree = None,
+    resampler: str | Callable = "systematic",
+    *,
+    finished: Callable[[PyTree, PyTree], Array],
+) -> SMCResult:
+    """:func:`run_scan` that stops as soon as ``finished(state, params)`` (a bool scalar) holds.
+
+    For proposals that become idle, e.g. language-model particles that have all emitted their
+    stop token: rather than a ``lax.cond`` that skips idle steps (a conditional's output is a
+    new buffer, so a large state such as a KV cache would be copied on every step), the loop is
+    one ``lax.while_loop`` whose state is updated in place and which ends at the first finished
+    state. Steps that are not run are recorded as the no-ops they would have been: ``ess`` of
+    the final weights, no resampling, identity ancestors, zero evidence increment. Same keys
+    per step as :func:`run_scan` (un-jitted: call it inside your own jitted program).
+    """
+    num_steps = schedule.mask.shape[0]
+    smc_state, num_nan_initial = _init(state, log_potential, params)
+    step_keys = jax.vmap(jax.random.split)(step_keys_for(key, num_steps))
+    n = smc_state.particles.log_weights.shape[0]
+    skipped = SMCInfo(
+        ess=jnp.zeros((num_steps,), jnp.float32),
+        resampled=jnp.zeros((num_steps,), bool),
+        ancestors=jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (num_steps, n)),
+        unique_ancestors=jnp.full((num_steps,), n, jnp.int32),
+        log_evidence_increment=jnp.zeros((num_steps,), jnp.float32),
+        num_nan_potentials=jnp.zeros((num_steps,), jnp.int32),
+        all_dead=jnp.zeros((num_steps,), bool),
+    )
+
+    def running(carry):
+        s, _ = carry
+        return (s.step < num_steps) & ~finished(s.particles.state, params)
+
+    def body(carry):
+        s, info = carry
+        keys = step_keys[s.step]
+        new, step_info = _step(
+            keys[0], keys[1], s, propagate, log_potential, schedule, params, resampler
+        )
+        info = jax.tree.map(lambda a, b: a.at[s.step].set(b), info, step_info)
+        return new, info
+
+    final, info = jax.lax.while_loop(running, body, (smc_state, skipped))
+    all_dead = ~jnp.isfinite(final.log_evidence)
+    not_run = jnp.arange(num_steps) >= final.step
+    info = info._replace(
+        ess=jnp.where(not_run, ess(final.particles.log_weights), info.ess),
+        all_dead=jnp.where(not_run, all_dead, info.all_dead),
+    )
     return SMCResult(final.particles, final.log_evidence, info, all_dead, num_nan_initial)
 
 

@@ -377,10 +377,7 @@ def _token_callbacks(model, cfg, potential, constraint):
         return s._replace(done=s.done | dead), correction
 
     def propagate(key, s, k, params):
-        def idle(st):
-            return st, jnp.zeros(st.done.shape, jnp.float32)
-
-        return jax.lax.cond(jnp.all(s.done), idle, lambda st: move(key, st, params), s)
+        return move(key, s, params)
 
     def log_potential(s, k, params):
         if potential is None:
@@ -398,7 +395,9 @@ def _token_smc_jit(key, model, prompt, cfg, params, ess_threshold, *, potential,
     propagate, log_potential = _token_callbacks(model, cfg, potential, constraint)
     mask = jnp.arange(max_new_tokens) < max_new_tokens - 1
     schedule = smc.ResampleSchedule(mask, ess_threshold)
-    out = smc.run_scan(key, state, propagate, log_potential, schedule, params, resampler)
+    # The loop ends once every particle is done (no idle steps, the KV cache never copied).
+    out = smc.run_until(key, state, propagate, log_potential, schedule, params, resampler,
+                        finished=lambda s, _: jnp.all(s.done))
     final, lw = out.particles.state, out.particles.log_weights
     scores = log_potential(final, jnp.int32(max_new_tokens), params)
     final = final._replace(score=scores)
@@ -419,9 +418,10 @@ def token_smc(key: Array, model: lm.LM, prompt, *, num_particles: int, max_new_t
     Target: ``p(y | prompt) * psi_final(y) / Z`` over completions ``y`` that end with a stop token
     or fill the ``max_new_tokens`` buffer, restricted to completions whose every token the
     constraint allows (``Z`` is then the probability of the constraint times the mean final
-    potential). One SMC step per token (``max_new_tokens`` steps, idle once every particle is
-    done); the proposal is the LM at ``temperature`` with disallowed tokens masked out, and the
-    incremental log-weight is ``log p(t) - log q(t) + log psi(prefix_t) - log psi(prefix_{t-1})``.
+    potential). One SMC step per token (at most ``max_new_tokens`` steps; the loop ends once
+    every particle is done and the remaining steps' diagnostics read as no-ops); the proposal
+    is the LM at ``temperature`` with disallowed tokens masked out, and the incremental
+    log-weight is ``log p(t) - log q(t) + log psi(prefix_t) - log psi(prefix_{t-1})``.
 
     Args:
         key: PRNG key.
