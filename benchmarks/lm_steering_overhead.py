@@ -8,10 +8,11 @@ cache every step) and bookkeeping; the same filter with a PRM (a random
 :class:`~tts_jax.models.lm_reward.RewardModel` of the same size, full forward over prompt +
 completion at every step) is reported separately with its PRM forward count. Token-level SMC
 resamples by ESS with a tilting potential. Reported: median wall time over ``--repeats`` runs
-after one warm-up call (which compiles), tokens/s, and the ratio to ``generate``. A measurement,
-not a test.
+after one warm-up call (which compiles), tokens/s, and the tokens/s ratio to ``generate`` (the
+median over calls alternating with ``generate``, which cancels slow changes of the load).
+A measurement, not a test.
 
-    python -m benchmarks.lm_steering_overhead [--particles 16] [--new-tokens 64]
+    python -m benchmarks.lm_steering_overhead [--sizes 16x64,64x256]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.timing import time_call
+from benchmarks.timing import time_call, time_pair
 from tts_jax.models import lm
 from tts_jax.models.lm_reward import RewardModel
 from tts_jax.samplers import lm_smc
@@ -42,17 +43,9 @@ def tilt(lam, tokens, lengths, done):
     return lam * jnp.sum((tokens % 2 == 0) & written, axis=1).astype(jnp.float32)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--particles", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--step-tokens", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    n, new, step = args.particles, args.new_tokens, args.step_tokens
+def measure(n: int, new: int, args: argparse.Namespace) -> None:
+    """Print the table for ``n`` particles and ``new`` tokens per row."""
+    step = args.step_tokens
     config = lm.LMConfig(model_type="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
                          intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
                          num_attention_heads=4, num_key_value_heads=2)
@@ -74,17 +67,34 @@ def main() -> None:
         "particle_filter+PRM": lambda: lm_smc.particle_filter(
             next(keys), model, prompt, prm_scorer, prm, **pf_kwargs).tokens,
     }
-    print(f"N={n}, {new} new tokens per row, steps of {step} tokens, model "
+    print(f"\nN={n}, {new} new tokens per row, steps of {step} tokens, model "
           f"{config.num_hidden_layers}x{config.hidden_size}, vocab {config.vocab_size}, "
           f"backend {jax.default_backend()}")
-    base = None
+    generate = runs.pop("generate")
+    first, base = time_call(generate, args.repeats)
+    print(f"{'generate':>22}: {base * 1e3:8.1f} ms  {n * new / base:9.0f} tok/s  "
+          f"(first call {first:.1f} s)", flush=True)
     for name, run in runs.items():
-        first, median = time_call(run, args.repeats)
-        rate = n * new / median
-        base = base or rate
+        first, median, _, ratio = time_pair(run, generate, args.repeats)
         extra = f", {n * (new // step)} PRM forwards per run" if "PRM" in name else ""
-        print(f"{name:>22}: {median * 1e3:8.1f} ms  {rate:9.0f} tok/s  ratio to generate "
-              f"{rate / base:5.2f}  (first call {first:.1f} s{extra})")
+        print(f"{name:>22}: {median * 1e3:8.1f} ms  {n * new / median:9.0f} tok/s  "
+              f"tokens/s ratio to generate {1 / ratio:5.2f}  (first call {first:.1f} s{extra})",
+              flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="16x64,64x256",
+                        help="comma-separated NxT: particles x new tokens per row")
+    parser.add_argument("--step-tokens", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    for size in args.sizes.split(","):
+        n, new = (int(v) for v in size.split("x"))
+        measure(n, new, args)
 
 
 if __name__ == "__main__":
