@@ -1,11 +1,12 @@
-"""Image sampler overhead on the embedded digits DiT: sampler time / (bare forwards + rewards).
+"""Image sampler overhead: sampler time / (the same bare batched forwards + reward calls).
 
-Issue 8, benchmark 1. Every image sampler runs on the shipped digits flow DiT (4 layers, 8x8
-latent) with the shipped verifier as reward, at a batch width of ``N`` particles in
-{8, 64, 256} on a ``S``-step grid. Each sampler reports the NFE and reward calls it spent
-(counted per particle); the reference does exactly that work with no sampler machinery, in its
-most parallel form: ``ceil(nfe / N)`` sequential forwards of an ``[N, 1, 8, 8]`` batch (Euler
-updates, one ``lax.scan``) plus ``ceil(reward_calls / N)`` verifier calls on ``[N, 1, 8, 8]``
+Issues 3 and 8 (benchmark 1). Every image sampler runs on two models at a batch width of ``N``
+particles in {8, 64, 256} on a ``S``-step grid: the shipped digits flow DiT (4 layers, 8x8
+latent) with the shipped verifier as reward, and the exact 2-D Gaussian mixture (closed-form
+velocity, nearly free) with a distance reward. Each sampler reports the NFE and reward calls it
+spent (counted per particle); the reference does exactly that work with no sampler machinery,
+in its most parallel form: ``ceil(nfe / N)`` sequential forwards of an ``[N, ...]`` batch
+(Euler updates, one ``lax.scan``) plus ``ceil(reward_calls / N)`` reward calls on ``[N, ...]``
 batches. ``ratio = sampler / reference``, medians of repetitions after a warm-up call, both timed
 in alternating calls in one process (the ratio is the median of the per-pair ratios); the
 warm-up (first call incl. compilation) is reported apart.
@@ -17,7 +18,9 @@ How ``N`` maps onto each method (its width of parallel model calls):
   trajectory is a batch of 1);
 * ``paths``: ``N / 4`` paths x 4 branches, start at ``S / 2``;
 * ``fk``: N particles, ``diff`` potential, resampling every 2 steps;
+* ``smc`` (Kim et al.'s FK baseline): N particles, multinomial resampling every step;
 * ``svdd``: ``N / 8`` chains x 8 proposals per step;
+* ``code``: as SVDD, selecting every 2 steps;
 * ``rbf``: ``N`` chains, 4 initial noises and a quota of 4 proposals per step and chain (chains
   advance one proposal at a time, asynchronously).
 
@@ -36,7 +39,9 @@ import jax.numpy as jnp
 from benchmarks.timing import time_pair
 from tts_jax import interpolants as I
 from tts_jax import smc
+from tts_jax.models import gmm as G
 from tts_jax.models.zoo import load_digits_flow
+from tts_jax.rewards.analytic import distance_reward
 from tts_jax.rewards.classifier import class_log_prob_reward, load_digits_verifier
 from tts_jax.samplers import flow_particles, noise_search
 from tts_jax.samplers.fk_steering import fk_steering
@@ -69,6 +74,7 @@ def samplers(width: int, grid):
     sde = I.diffusion("square", 3.0)
     paths_budget = (width // 4) * noise_search.paths_plan(STEPS, 4, STEPS // 2, 1, 2).nfe_per_path
     svdd_chains, svdd_proposals = max(width // 8, 1), 8
+    chain_budget = svdd_chains * (1 + svdd_proposals * (STEPS - 1))
     rbf_init, rbf_quota = 4, 4
     return {
         "best_of_n": lambda k, m, r: noise_search.best_of_n(k, m, r, width * STEPS, grid),
@@ -90,13 +96,17 @@ def samplers(width: int, grid):
         "fk": lambda k, m, r: fk_steering(
             k, m, r, width, grid, sde, 10.0, schedule=smc.every(STEPS, 2), potential="diff"
         ),
+        "smc": lambda k, m, r: flow_particles.smc(k, m, r, grid, sde, width * STEPS, lam=10.0),
+        "code": lambda k, m, r: flow_particles.code(
+            k, m, r, grid, sde, chain_budget, num_chains=svdd_chains
+        ),
         "svdd": lambda k, m, r: flow_particles.svdd(
             k,
             m,
             r,
             grid,
             sde,
-            svdd_chains * (1 + svdd_proposals * (STEPS - 1)),
+            chain_budget,
             num_chains=svdd_chains,
         ),
         "rbf": lambda k, m, r: flow_particles.rbf(
@@ -112,40 +122,55 @@ def samplers(width: int, grid):
     }
 
 
+def models():
+    """``label -> (model, reward)``: the embedded digits DiT and the exact GMM."""
+    gmm = G.asymmetric_gmm_2d()
+    return {
+        "digits DiT (shipped weights, verifier reward)": (
+            load_digits_flow(),
+            class_log_prob_reward(load_digits_verifier(), TARGET_CLASS),
+        ),
+        "exact 2-D GMM (closed-form velocity, distance reward)": (
+            G.flow_model(gmm),
+            distance_reward(gmm.means[2]),
+        ),
+    }
+
+
 def main() -> None:
-    model = load_digits_flow()
-    reward = class_log_prob_reward(load_digits_verifier(), TARGET_CLASS)
     grid = I.uniform_grid(STEPS)
     key = jax.random.key(0)
     print(
-        f"digits DiT {model.sample_shape}, verifier reward, {STEPS}-step uniform grid; "
-        f"median of {REPEATS} alternating pairs after a warm-up call; reference = the same NFE as "
-        f"ceil(nfe / N) forwards of N rows + ceil(reward calls / N) reward calls of N rows\n"
+        f"{STEPS}-step uniform grid; median of {REPEATS} alternating pairs after a warm-up call; "
+        "reference = the same NFE as ceil(nfe / N) forwards of N rows + ceil(reward calls / N) "
+        "reward calls of N rows"
     )
-    print(
-        "| sampler | N | NFE | reward calls | reference (ms) | sampler (ms) | ratio "
-        "| first call (s) |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for width in WIDTHS:
-        for name, run in samplers(width, grid).items():
-            start = time.perf_counter()
-            out = jax.block_until_ready(run(key, model, reward))
-            first = time.perf_counter() - start
-            forwards = math.ceil(int(out.nfe) / width)
-            reward_batches = math.ceil(int(out.reward_calls) / width)
-            _, took, ref, ratio = time_pair(
-                lambda run=run: run(key, model, reward),
-                lambda f=forwards, r=reward_batches: reference(
-                    key, model, reward, grid, width, f, r
-                ),
-                REPEATS,
-            )
-            print(
-                f"| {name} | {width} | {int(out.nfe)} | {int(out.reward_calls)} "
-                f"| {ref * 1e3:.1f} | {took * 1e3:.1f} | {ratio:.2f} | {first:.1f} |",
-                flush=True,
-            )
+    for label, (model, reward) in models().items():
+        print(f"\n{label}, sample shape {model.sample_shape}\n")
+        print(
+            "| sampler | N | NFE | reward calls | reference (ms) | sampler (ms) | ratio "
+            "| first call (s) |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for width in WIDTHS:
+            for name, run in samplers(width, grid).items():
+                start = time.perf_counter()
+                out = jax.block_until_ready(run(key, model, reward))
+                first = time.perf_counter() - start
+                forwards = math.ceil(int(out.nfe) / width)
+                reward_batches = math.ceil(int(out.reward_calls) / width)
+                _, took, ref, ratio = time_pair(
+                    lambda run=run: run(key, model, reward),
+                    lambda f=forwards, r=reward_batches: reference(
+                        key, model, reward, grid, width, f, r
+                    ),
+                    REPEATS,
+                )
+                print(
+                    f"| {name} | {width} | {int(out.nfe)} | {int(out.reward_calls)} "
+                    f"| {ref * 1e3:.2f} | {took * 1e3:.2f} | {ratio:.2f} | {first:.1f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 Array = jax.Array
@@ -180,12 +181,15 @@ DIFFUSION_KINDS = ("zero", "constant", "square", "sigma")
 
 def ode() -> Diffusion:
     """``g = 0``: deterministic probability-flow sampling."""
-    return Diffusion(jnp.float32(0.0), "zero")
+    return Diffusion(np.float32(0.0), "zero")
 
 
-def diffusion(kind: str = "square", norm: float = 3.0) -> Diffusion:
-    """Build a :class:`Diffusion` (``norm`` becomes a float32 array)."""
-    return Diffusion(jnp.asarray(norm, jnp.float32), kind)
+def diffusion(kind: str = "square", norm: float | Array = 3.0) -> Diffusion:
+    """Build a :class:`Diffusion`; ``norm`` becomes a float32 array (a NumPy one for Python
+    numbers, so building it dispatches no device computation; same compiled programs)."""
+    if isinstance(norm, jax.Array):
+        return Diffusion(jnp.asarray(norm, jnp.float32), kind)
+    return Diffusion(np.asarray(norm, np.float32), kind)
 
 
 def sde_drift(interp: Interpolant, u: Array, x: Array, t: Array, g: Array) -> Array:

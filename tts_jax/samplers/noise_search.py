@@ -118,7 +118,7 @@ def _result(samples, rewards, nfe, reward_calls, nan, held_out, cond, info) -> S
 
 def _validate(method, grid, cond, held_out, nan_policy, batch_size) -> tuple[Array, dict]:
     """Host-side input checks shared by the three searches; returns ``(grid, held_out)``."""
-    grid = jnp.asarray(grid, jnp.float32)
+    grid = np.asarray(grid, np.float32)  # host-side: no device op before the one jitted call
     if grid.ndim != 1 or grid.shape[0] < 2:
         raise ValueError(f"{method}: grid must be [K + 1] times with K >= 1, got {grid.shape}")
     if nan_policy not in NAN_POLICIES:
@@ -392,8 +392,8 @@ def zero_order_search(
     _check_budget(method, budget, num_steps, f"the initial pivot's {num_steps}-step trajectory")
     if num_neighbours < 1:
         raise ValueError(f"{method}: num_neighbours must be >= 1, got {num_neighbours}")
-    lambda_cos = jnp.asarray(lambda_cos, jnp.float32)
-    if lambda_cos.ndim != 0 or not bool(jnp.abs(lambda_cos) <= 1.0):
+    lambda_cos = np.asarray(lambda_cos, np.float32)
+    if lambda_cos.ndim != 0 or not abs(float(lambda_cos)) <= 1.0:
         raise ValueError(f"{method}: lambda_cos must be a scalar in [-1, 1], got {lambda_cos}")
     diffusion = ode() if diffusion is None else diffusion
     result = _zero_order_search(

@@ -50,7 +50,7 @@ def check_finite_rewards(result: SampleResult, method: str) -> SampleResult:
     documented fallback); this turns a run in which that happened into a clear error unless the
     caller asked for the fallback.
     """
-    nan = int(np.asarray(result.info.get("num_nan_rewards", jnp.int32(0))).sum())
+    nan = int(np.asarray(result.info.get("num_nan_rewards", 0)).sum())
     if nan:
         raise ValueError(
             f"{method}: the reward returned NaN for {nan} particle evaluations "
