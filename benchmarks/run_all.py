@@ -18,10 +18,9 @@ from tts_jax import runs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = [
-    ("Image sampler overhead on the digits DiT (N = 8, 64, 256)", "benchmarks.sampler_overhead"),
+    ("Image sampler overhead (digits DiT, exact GMM)", "benchmarks.sampler_overhead"),
     ("FK steering overhead (GMM)", "benchmarks.fk_overhead"),
     ("Why FK steering exceeds bare forwards at small N (profile)", "benchmarks.overhead_profile"),
-    ("Flow particle samplers overhead (GMM, small DiT)", "benchmarks.flow_particles_overhead"),
     ("DiT denoising loop: tts-jax vs diffusers PyTorch", "benchmarks.dit_denoise"),
     ("LM decoding: tts-jax vs transformers generate", "benchmarks.lm_decode"),
     ("LM steering overhead (PF, token SMC vs batched decode)", "benchmarks.lm_steering_overhead"),
