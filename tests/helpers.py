@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -49,3 +53,20 @@ def assert_matches_gmm(gmm: G.GMM, x, weights=None, num_se: float = 5.0, slack: 
     assert (err <= bound).all(), (
         f"statistics {est} vs exact {expected}: error {err} > bound {bound}"
     )
+
+
+def run_on_host_devices(script: str, num_devices: int, marker: str) -> None:
+    """Run ``script`` in a fresh Python with ``num_devices`` CPU devices (the XLA flag must be set
+    before jax starts) from the repository root; assert it succeeds and prints ``marker``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+        JAX_PLATFORMS="cpu",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert marker in out.stdout

@@ -5,10 +5,9 @@ constrains the program's particle outputs (:func:`tts_jax.sharding.constrain_par
 carries the sharding back through the SMC loop.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
+
+from .helpers import run_on_host_devices
 
 SCRIPT = textwrap.dedent(
     """
@@ -55,17 +54,4 @@ SCRIPT = textwrap.dedent(
 
 
 def test_sharded_token_smc_matches_unsharded():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert "SHARDED-LM-OK" in out.stdout
+    run_on_host_devices(SCRIPT, 4, "SHARDED-LM-OK")
