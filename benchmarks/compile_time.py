@@ -24,12 +24,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax import monitoring
 
+from benchmarks.lm_fixtures import even_token_tilt, small_qwen2, step_scorer
 from tts_jax import interpolants as I
 from tts_jax import smc
-from tts_jax.models import lm
 from tts_jax.models.zoo import load_digits_flow
 from tts_jax.rewards.classifier import class_log_prob_reward, load_digits_verifier
 from tts_jax.samplers import flow_particles, lm_search, lm_smc, noise_search
@@ -126,29 +125,8 @@ def image_samplers() -> dict[str, tuple[str, Callable[..., object]]]:
     }
 
 
-def step_scorer(_params, tokens, step_ends):
-    """A free in-graph process reward in (0, 1) that depends on the tokens."""
-    r = jax.nn.sigmoid(jnp.cumsum((tokens % 7 == 0).astype(jnp.float32), axis=1) - 2.0)
-    return jnp.where(step_ends, r, 0.0)
-
-
-def tilt(lam, tokens, lengths, _done):
-    """Token-SMC twist: ``lam`` times the number of even tokens so far."""
-    written = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    return lam * jnp.sum((tokens % 2 == 0) & written, axis=1).astype(jnp.float32)
-
-
 def lm_samplers() -> dict[str, tuple[str, Callable[..., object]]]:
-    config = lm.LMConfig(
-        model_type="qwen2",
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = lm.LM(config, rngs=nnx.Rngs(0))
+    model = small_qwen2()
     prompt, key = np.arange(1, 9, dtype=np.int32), jax.random.key(0)
     steps = dict(num_particles=N, max_steps=4, max_step_tokens=8, max_new_tokens=32)
 
@@ -196,7 +174,7 @@ def lm_samplers() -> dict[str, tuple[str, Callable[..., object]]]:
                     prompt,
                     num_particles=N,
                     max_new_tokens=32,
-                    potential=tilt,
+                    potential=even_token_tilt,
                     potential_params=jnp.float32(v),
                     ess_threshold=v,
                 )

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.lm_fixtures import even_token_tilt, small_qwen2, step_scorer
 from benchmarks.timing import time_call, time_pair
 from tts_jax.models import lm
 from tts_jax.models.lm_reward import RewardModel
@@ -31,25 +32,11 @@ from tts_jax.samplers import lm_smc
 from tts_jax.samplers.lm_scoring import prm_scorer
 
 
-def length_scorer(_params, tokens, step_ends):
-    """Free oracle: a score in (0, 1) that depends on the tokens (no model call)."""
-    r = jax.nn.sigmoid(jnp.cumsum((tokens % 7 == 0).astype(jnp.float32), axis=1) - 2.0)
-    return jnp.where(step_ends, r, 0.0)
-
-
-def tilt(lam, tokens, lengths, done):
-    """Token-SMC twist: ``lam`` times the number of even tokens so far."""
-    written = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    return lam * jnp.sum((tokens % 2 == 0) & written, axis=1).astype(jnp.float32)
-
-
 def measure(n: int, new: int, args: argparse.Namespace) -> None:
     """Print the table for ``n`` particles and ``new`` tokens per row."""
     step = args.step_tokens
-    config = lm.LMConfig(model_type="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
-                         intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
-                         num_attention_heads=4, num_key_value_heads=2)
-    model = lm.LM(config, rngs=nnx.Rngs(0))
+    model = small_qwen2(args.hidden, args.layers, args.vocab)
+    config = model.config
     prm = RewardModel(config, 2, rngs=nnx.Rngs(1))
     prompt = np.arange(1, 9, dtype=np.int32)
     keys = iter(jax.random.split(jax.random.key(0), 8 * (args.repeats + 1)))
@@ -60,10 +47,10 @@ def measure(n: int, new: int, args: argparse.Namespace) -> None:
         "generate": lambda: lm.generate(model, np.tile(prompt, (n, 1)), next(keys),
                                         max_new_tokens=new, temperature=1.0).tokens,
         "particle_filter": lambda: lm_smc.particle_filter(
-            next(keys), model, prompt, length_scorer, None, **pf_kwargs).tokens,
+            next(keys), model, prompt, step_scorer, None, **pf_kwargs).tokens,
         "token_smc": lambda: lm_smc.token_smc(
-            next(keys), model, prompt, num_particles=n, max_new_tokens=new, potential=tilt,
-            potential_params=jnp.float32(0.3)).tokens,
+            next(keys), model, prompt, num_particles=n, max_new_tokens=new,
+            potential=even_token_tilt, potential_params=jnp.float32(0.3)).tokens,
         "particle_filter+PRM": lambda: lm_smc.particle_filter(
             next(keys), model, prompt, prm_scorer, prm, **pf_kwargs).tokens,
     }

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
+from benchmarks.lm_fixtures import even_token_tilt, small_qwen2, step_scorer
 from benchmarks.timing import time_call
 from tts_jax import interpolants as I
 from tts_jax import smc
@@ -84,17 +84,6 @@ def main() -> None:
     kv_cache_memory()
 
 
-def _tilt(lam, tokens, lengths, done):
-    """Token-SMC twist: ``lam`` times the number of even tokens so far."""
-    written = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    return lam * jnp.sum((tokens % 2 == 0) & written, axis=1).astype(jnp.float32)
-
-
-def _oracle_scorer(_params, tokens, step_ends):
-    """A free in-graph step score in (0, 1) (isolates the sampler from a reward model)."""
-    return jnp.where(step_ends, jax.nn.sigmoid(jnp.cumsum(tokens % 7 == 0, axis=1) - 2.0), 0.0)
-
-
 def kv_cache_memory() -> None:
     """XLA's compiled memory of plain decoding and of the LM steering samplers, in KV caches.
 
@@ -105,16 +94,8 @@ def kv_cache_memory() -> None:
     so their temporaries should stay near two caches, whatever the number of tokens. (The
     programs are only compiled here, not run.)
     """
-    config = lm.LMConfig(
-        model_type="qwen2",
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = lm.LM(config, rngs=nnx.Rngs(0))
+    model = small_qwen2()
+    config = model.config
     prompt = jnp.arange(1, 9, dtype=jnp.int32)
     cfg = lm_state.decode_config(1.0, None, None, 0)
     print(
@@ -138,7 +119,7 @@ def kv_cache_memory() -> None:
                 jax.random.key(0), model, prompt, cfg,
                 {"temperature": cfg.temperature, "potential": jnp.float32(0.3),
                  "constraint": None},
-                jnp.float32(0.5), potential=_tilt, constraint=None, num_particles=n,
+                jnp.float32(0.5), potential=even_token_tilt, constraint=None, num_particles=n,
                 max_new_tokens=new, resampler="systematic",
             ),
             "particle_filter": lm_smc._pf_jit.lower(
@@ -146,7 +127,7 @@ def kv_cache_memory() -> None:
                 {"softmax_temperature": jnp.float32(1.0), "ess_threshold": jnp.float32(1.0),
                  "puri": jnp.bool_(True), "anneal": jnp.bool_(False),
                  "has_ref": jnp.bool_(False)},
-                jnp.zeros((new,), jnp.int32), scorer=_oracle_scorer, num_particles=n,
+                jnp.zeros((new,), jnp.int32), scorer=step_scorer, num_particles=n,
                 max_steps=new // 8, max_step_tokens=8, max_new_tokens=new,
                 aggregation="last", resampler="multinomial",
             ),
