@@ -267,6 +267,15 @@ def step_keys_for(key: Array, num_steps: int) -> Array:
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_steps))
 
 
+def _start(key, state, log_potential, schedule, params):
+    """Initial SMC state, its NaN count, and every step's ``(propagate, resample)`` keys
+    ``[K, 2]``, hashed in one batch before the loop: on CPU each threefry call inside the loop
+    body is a small while loop of its own (benchmarks/overhead_profile.py)."""
+    smc_state, num_nan_initial = _init(state, log_potential, params)
+    step_keys = jax.vmap(jax.random.split)(step_keys_for(key, schedule.mask.shape[0]))
+    return smc_state, num_nan_initial, step_keys
+
+
 def run_scan(
     key: Array,
     state: PyTree,
@@ -288,11 +297,7 @@ def run_scan(
             ``lax.cond`` on ``k == K - 1`` (e.g. to skip a model call whose output only later
             steps use).
     """
-    num_steps = schedule.mask.shape[0]
-    smc_state, num_nan_initial = _init(state, log_potential, params)
-    # Every step's keys in one batched hash before the loop: on CPU each threefry call inside
-    # the loop body is a small while loop of its own (benchmarks/overhead_profile.py).
-    step_keys = jax.vmap(jax.random.split)(step_keys_for(key, num_steps))
+    smc_state, num_nan_initial, step_keys = _start(key, state, log_potential, schedule, params)
 
     def body(carry, keys, propagate=propagate):
         return _step(keys[0], keys[1], carry, propagate, log_potential, schedule, params, resampler)
@@ -328,9 +333,8 @@ def run_until(
     the final weights, no resampling, identity ancestors, zero evidence increment. Same keys
     per step as :func:`run_scan` (un-jitted: call it inside your own jitted program).
     """
+    smc_state, num_nan_initial, step_keys = _start(key, state, log_potential, schedule, params)
     num_steps = schedule.mask.shape[0]
-    smc_state, num_nan_initial = _init(state, log_potential, params)
-    step_keys = jax.vmap(jax.random.split)(step_keys_for(key, num_steps))
     n = smc_state.particles.log_weights.shape[0]
     skipped = SMCInfo(
         ess=jnp.zeros((num_steps,), jnp.float32),
