@@ -14,7 +14,7 @@ from tts_jax.models.base import linear_to_vp
 from tts_jax.rewards.analytic import linear_reward
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers import flow_particles as fp
-from tts_jax.samplers.integrate import solve
+from tts_jax.samplers.integrate import solve, tweedie
 
 from ..helpers import assert_matches_gmm
 
@@ -113,7 +113,7 @@ def test_vp_sde_branches_more_diversely_than_linear_sde():
 
 @pytest.mark.parametrize(
     "name, minimum",
-    [("bon", 10), ("smc", 10), ("svdd", 20), ("code", 20), ("rbf", 2 * (2 + 9))],
+    [("bon", 10), ("smc", 10), ("svdd", 20), ("code", 20), ("rbf", 2 * (2 * 2 + 8))],
 )
 def test_budget_below_minimum_is_rejected(name, minimum):
     with pytest.raises(ValueError, match=f"minimum {minimum}"):
@@ -139,15 +139,77 @@ def test_nan_rewards_raise_or_are_never_selected():
 
 
 def test_rbf_without_improvements_spends_the_quota_and_rolls_the_rest_to_the_last_step():
-    """An all-NaN reward never beats r*: every step spends its quota Q, the last NFE step gets
-    the remainder, and the data-end step costs nothing."""
+    """An all-NaN reward never beats r*: the pool's first step costs ``num_init`` per chain (plus
+    ``init_nfe``), every later step spends its quota Q, the last NFE step gets the remainder, and
+    the data-end step costs nothing."""
     out = _run("rbf", 0, reward=make_reward(target=[np.nan, np.nan]), nan_policy="drop")
-    quota = (BUDGET - 2 * 2) // (9 * 2)
+    init = 2 * 2 * 2  # B chains x num_init noises x (velocity at the noise + at its first step)
+    quota = (BUDGET - init) // (8 * 2)
     chain_nfe = np.asarray(out.info["chain_nfe"])
-    assert (chain_nfe[:-2] == quota).all()
-    np.testing.assert_array_equal(chain_nfe[-2], (BUDGET - 4) // 2 - 8 * quota)
+    assert int(out.info["init_nfe"]) == 2 * 2 and (chain_nfe[0] == 2).all()
+    assert (chain_nfe[1:-2] == quota).all()
+    np.testing.assert_array_equal(chain_nfe[-2], (BUDGET - init) // 2 - 7 * quota)
     assert (chain_nfe[-1] == 0).all() and int(out.nfe) == BUDGET
     assert not np.asarray(out.info["advanced_early"]).any()
+
+
+def test_rbf_initial_pool_is_scored_after_the_first_step():
+    """Regression: the pool used to be scored by the x0-prediction at t = 1, which on the linear
+    path is E[x0] whatever the noise, so every pool member tied and the chain kept the first.
+    Now each noise takes the first SDE step and is scored at grid[1]: the scores differ, each
+    chain starts from its best member, and that start is more likely in the rare (rewarded)
+    mode than a random pool member."""
+    noise = jax.random.normal(jax.random.key(0), (64, 2))
+    u = MODEL.velocity(noise, jnp.ones(64), None)
+    x0 = np.asarray(tweedie(MODEL, noise, jnp.float32(1.0), u))
+    np.testing.assert_allclose(x0, np.broadcast_to(G.mean(GMM), x0.shape), atol=1e-5)
+
+    num_init, quota = 8, (BUDGET - 2 * 2 * 8) // (8 * 2)
+    gains = []
+    for s in range(SEEDS):
+        out = _run("rbf", s, num_init=num_init)
+        pool = np.asarray(out.info["pool_reward"])
+        assert pool.shape == (2, num_init) and int(out.nfe) == BUDGET
+        assert (pool.std(axis=1) > 1e-3).all()  # no ties
+        np.testing.assert_array_equal(np.asarray(out.info["chain_reward"])[0], pool.max(axis=1))
+        assert (np.asarray(out.info["chain_nfe"])[0] == num_init).all()
+        gains.append(pool.max(axis=1) - pool[:, 0])  # pool member 0: a random one
+    gains = np.concatenate(gains)
+    assert gains.mean() > 3 * gains.std(ddof=1) / np.sqrt(len(gains))
+
+    # The selection means something: the exact posterior probability of the rare component
+    # given the state at grid[1] is higher for the chains' starts than for pool member 0.
+    @jax.jit
+    @jax.vmap
+    def starts_and_first_members(key):
+        chains, _ = fp._rbf_init(
+            key, MODEL, REWARD, GRID, SDE, None, 16, num_init, jnp.full((16,), quota)
+        )
+        # Replay the pool's first step (same keys) to get every member's state at grid[1].
+        k_noise, k_step = jax.random.split(key)
+        x = jax.random.normal(k_noise, (16 * num_init, 2))
+        u = MODEL.velocity(x, jnp.broadcast_to(GRID[0], (16 * num_init,)), None)
+        pool = fp._propose(k_step, MODEL, SDE, x, u, GRID[0], GRID[1]).reshape(16, num_init, 2)
+        return chains.x, pool
+
+    starts, pools = starts_and_first_members(jax.random.split(jax.random.key(100), 4 * SEEDS))
+    starts, pools = np.asarray(starts), np.asarray(pools)
+    gap = np.min(np.abs(pools - starts[:, :, None]).sum(-1), axis=-1)
+    np.testing.assert_allclose(gap, 0.0, atol=1e-6)  # every start is a member of its pool
+    marginal = G.marginal(GMM, MODEL.interpolant, GRID[1])
+
+    def rare(y):
+        return np.exp(np.asarray(G.component_log_posterior(marginal, jnp.asarray(y)))[:, 2])
+
+    chosen, first = rare(starts.reshape(-1, 2)), rare(pools[:, :, 0].reshape(-1, 2))
+    d = chosen - first
+    print(f"\nP(rare | x at grid[1]): start {chosen.mean():.4f}, random {first.mean():.4f}")
+    assert d.mean() > 3 * d.std(ddof=1) / np.sqrt(len(d)), (d.mean(), d.std(ddof=1))
+
+
+def test_rbf_needs_three_steps():
+    with pytest.raises(ValueError, match="at least 3 steps"):
+        fp.rbf(jax.random.key(0), MODEL, REWARD, I.uniform_grid(2), SDE, 100, num_init=2)
 
 
 def test_rbf_rolls_over_quota_on_improvement():

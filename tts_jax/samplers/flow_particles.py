@@ -19,7 +19,8 @@ Methods (``S = len(grid) - 1`` transitions from noise to the data end ``grid[-1]
   and keeps the one whose x0-prediction has the highest reward.
 * :func:`code` - SVDD that selects every ``L`` steps: each proposal is rolled out ``L``
   transitions before the selection (CoDe, block size ``L = 2``).
-* :func:`rbf` - rollover budget forcing: ``B`` chains start from the best of a pool of noises;
+* :func:`rbf` - rollover budget forcing: ``B`` chains start from the best of a pool of noises
+  (scored after the pool's first SDE step: at pure noise every x0-prediction is ~``E[x0]``);
   at each step a chain draws one proposal at a time and advances as soon as one beats its running
   best reward ``r*``, rolling the unused quota over to the next step; if the quota runs out it
   takes the step's best proposal (``r*`` is not lowered). Chains advance asynchronously inside
@@ -514,33 +515,48 @@ class _Chains(NamedTuple):
     it: Array
 
 
-def _rbf_init(key, model, reward, grid, cond, num_chains, num_init, quota) -> _Chains:
-    """Best of ``num_init`` noises per chain, scored by the reward of the x0-prediction at
-    ``grid[0]`` (``B * num_init`` NFE; the winner's velocity is kept)."""
+def _rbf_init(key, model, reward, grid, diffusion, cond, num_chains, num_init, quota):
+    """The initial pool: each chain starts from the best of ``num_init`` noises after one SDE step.
+
+    The pool cannot be scored at ``grid[0]``: at pure noise the x0-prediction carries (almost) no
+    information about the noise (on the linear path it is exactly ``E[x0]`` for every noise), so
+    every pool member would tie. Each noise therefore takes the first transition
+    ``grid[0] -> grid[1]`` (1 NFE: its velocity at ``grid[0]``) and is scored by the reward of
+    its x0-prediction at ``grid[1]`` (1 NFE: the velocity there, cached as the winner's next
+    drift). ``B * num_init`` NFE each; the chains start at grid index 1 with ``r*`` = the winner's
+    reward.
+
+    Returns:
+        ``(chains, pool_reward [B, num_init])``.
+    """
     num_steps = grid.shape[0] - 1
-    x = initial_noise(key, model, num_chains * num_init)
-    t = jnp.broadcast_to(grid[0], x.shape[:1])
-    u = model.velocity(x, t, cond)
-    r, nan = _score(model, reward, x, t, u, cond)
+    k_noise, k_step = jax.random.split(key)
+    x = initial_noise(k_noise, model, num_chains * num_init)
+    t0 = jnp.broadcast_to(grid[0], x.shape[:1])
+    t1 = jnp.broadcast_to(grid[1], x.shape[:1])
+    u = model.velocity(x, t0, cond)
+    xp = _propose(k_step, model, diffusion, x, u, grid[0], grid[1])
+    up = model.velocity(xp, t1, cond)
+    r, nan = _score(model, reward, xp, t1, up, cond)
     idx, _ = _best_of(r, num_chains)
     zeros = jnp.zeros((num_chains,), jnp.int32)
     return _Chains(
-        k=zeros,
-        x=x[idx],
-        u=u[idx],
+        k=jnp.ones((num_chains,), jnp.int32),
+        x=xp[idx],
+        u=up[idx],
         best=r[idx],
         allowance=quota,
         used=zeros,
         spent=zeros,
-        step_x=x[idx],
-        step_u=u[idx],
+        step_x=xp[idx],
+        step_u=up[idx],
         step_r=jnp.full((num_chains,), -jnp.inf, jnp.float32),
-        chain_nfe=jnp.zeros((num_steps, num_chains), jnp.int32),
-        chain_reward=jnp.full((num_steps, num_chains), -jnp.inf, jnp.float32),
+        chain_nfe=jnp.zeros((num_steps, num_chains), jnp.int32).at[0].set(num_init),
+        chain_reward=jnp.full((num_steps, num_chains), -jnp.inf, jnp.float32).at[0].set(r[idx]),
         early=jnp.zeros((num_steps, num_chains), bool),
         num_nan=jnp.sum(nan).astype(jnp.int32),
         it=jnp.int32(0),
-    )
+    ), r.reshape(num_chains, num_init)
 
 
 def _rbf_iteration(key, model, reward, grid, diffusion, cond, quota, chain_budget, c: _Chains):
@@ -601,7 +617,9 @@ def _rbf(
 ):
     num_steps = grid.shape[0] - 1
     k_init, k_loop, k_final = jax.random.split(key, 3)
-    chains = _rbf_init(k_init, model, reward, grid, cond, num_chains, num_init, quota)
+    chains, pool_reward = _rbf_init(
+        k_init, model, reward, grid, diffusion, cond, num_chains, num_init, quota
+    )
     chains = jax.lax.while_loop(
         lambda c: jnp.any(c.k < num_steps - 1),
         functools.partial(
@@ -616,6 +634,7 @@ def _rbf(
     r, nan = _score(model, reward, xs, jnp.zeros(xs.shape[:1], jnp.float32), us, cond)
     idx, _ = _best_of(r, num_chains)
     chain_reward = chains.chain_reward.at[-1].set(r[idx])
+    # The pool's velocities at grid[0] are init_nfe; those at grid[1] are step 0's chain_nfe.
     init_nfe = num_chains * num_init
     loop_nfe = jnp.sum(chains.spent)
     info = {
@@ -626,11 +645,12 @@ def _rbf(
         "advanced_early": chains.early,
         "nfe": jnp.sum(chains.chain_nfe, axis=1),
         "init_nfe": jnp.int32(init_nfe),
+        "pool_reward": pool_reward,
         "iterations": chains.it,
         "num_nan_rewards": chains.num_nan + jnp.sum(nan).astype(jnp.int32),
     }
     reward_calls = init_nfe + loop_nfe + num_chains * final_proposals
-    return _chain_result(xs[idx], r[idx], init_nfe + loop_nfe, reward_calls, info)
+    return _chain_result(xs[idx], r[idx], 2 * init_nfe + loop_nfe, reward_calls, info)
 
 
 def rbf(
@@ -650,10 +670,17 @@ def rbf(
 ) -> SampleResult:
     """Rollover budget forcing (Kim et al. 2025, ALGORITHMS.md 3); spends exactly ``budget`` NFE.
 
-    1. Init: ``num_init`` noises per chain; each chain keeps the one whose x0-prediction at
-       ``t = grid[0]`` has the highest reward (``B * num_init`` NFE); ``r*`` starts there.
-    2. Per-step quota ``Q = (budget - B num_init) // ((S - 1) B)`` NFE per chain for each of the
-       ``S - 1`` transitions landing at ``t > 0`` (transitions into ``t = 0`` cost no NFE).
+    1. Init (the initial pool, ALGORITHMS.md 3): ``num_init`` noises per chain each take the
+       first SDE step ``grid[0] -> grid[1]`` and are scored by the reward of their
+       x0-prediction at ``grid[1]``; each chain starts at ``grid[1]`` from its best pool member
+       and ``r*`` starts at its reward. Scoring at ``grid[0]`` would be meaningless: at pure
+       noise the x0-prediction is ``E[x0]`` whatever the noise (exactly so on the linear path).
+       Cost ``2 B num_init`` NFE: ``info["init_nfe"] = B num_init`` velocities at the noises,
+       and ``B num_init`` at the pool's proposals (step 0 of ``info["nfe"]``; the winners'
+       velocities drive their next step).
+    2. Per-step quota ``Q = (budget - 2 B num_init) // ((S - 2) B)`` NFE per chain for each of
+       the ``S - 2`` remaining transitions landing at ``t > 0`` (transitions into ``t = 0`` cost
+       no NFE).
     3. A chain draws one SDE proposal at a time (1 NFE: the velocity at the proposal gives its
        x0-prediction and is cached for the next step). If its reward beats ``r*`` the chain
        advances to it at once, ``r* <- r`` and the unused quota rolls over
@@ -672,7 +699,9 @@ def rbf(
         num_chains: ``B`` (static, default 2).
         num_init: initial noises per chain (static, default 25 as in the paper).
         final_proposals: data-end proposals per chain (static; default ``Q``).
-        budget: NFE; at least ``B (num_init + S - 1)`` (a quota of one proposal per step).
+        budget: NFE; at least ``B (2 num_init + S - 2)`` (a quota of one proposal per step).
+        grid: at least 3 steps (the pool takes the first; the loop needs one more before the
+            data end).
         Others: as :func:`bon`; ``diffusion`` must be stochastic for proposals to differ.
 
     Returns:
@@ -680,22 +709,28 @@ def rbf(
         ``nfe [S]`` and ``chain_nfe [S, B]`` per step (the data-end step spends 0),
         ``chain_reward [S, B]`` of the proposal each step advanced to, ``best_reward [S]``
         (running best over chains), ``running_best [B]`` final ``r*``, ``advanced_early [S, B]``
-        (the step rolled its quota over), ``init_nfe``, ``iterations``.
+        (the step rolled its quota over), ``init_nfe``, ``pool_reward [B, num_init]`` (the
+        initial pool's rewards at ``grid[1]``; ``chain_reward[0]`` is each chain's maximum),
+        ``iterations``.
     """
     grid = _validate(grid, budget, nan_policy, held_out)
     num_steps = grid.shape[0] - 1
-    _need_steps(num_steps, "rbf")
+    if num_steps < 3:
+        raise ValueError(
+            "rbf needs a grid of at least 3 steps (the initial pool takes the first, proposals "
+            f"at t = 0 cost no NFE), got {num_steps}"
+        )
     if num_chains < 1 or num_init < 1:
         raise ValueError(f"rbf: num_chains and num_init must be >= 1, got {num_chains}, {num_init}")
-    init = num_chains * num_init
+    init = 2 * num_chains * num_init
     _require(
         budget,
-        num_chains * (num_init + num_steps - 1),
+        num_chains * (2 * num_init + num_steps - 2),
         "rbf",
-        f"{num_chains} chains x ({num_init} initial noises + 1 proposal for each of "
-        f"{num_steps - 1} steps)",
+        f"{num_chains} chains x ({num_init} initial noises taking their first step, 2 NFE "
+        f"each, + 1 proposal for each of the other {num_steps - 2} steps landing at t > 0)",
     )
-    quota = (budget - init) // ((num_steps - 1) * num_chains)
+    quota = (budget - init) // ((num_steps - 2) * num_chains)
     share, extra = divmod(budget - init, num_chains)
     chain_budget = jnp.asarray([share + (i < extra) for i in range(num_chains)], jnp.int32)
     final = quota if final_proposals is None else final_proposals
