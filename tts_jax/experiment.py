@@ -199,8 +199,8 @@ def _particles(method: str):
         if method == "smc":
             return flow_particles.smc(*args, config.lam, cond=bundle.cond)
         if method == "rbf":
-            # Initial pool of 2 per chain: its Tweedie scores at t = 1 barely differ.
-            return flow_particles.rbf(*args, num_init=2, cond=bundle.cond)
+            # A pool of 4 per chain (2 NFE each): at 100 NFE and 20 steps, 25 would not fit.
+            return flow_particles.rbf(*args, num_init=4, cond=bundle.cond)
         return getattr(flow_particles, method)(*args, cond=bundle.cond)
 
     run.__doc__ = f"flow_particles.{method} on the VP-SDE"
