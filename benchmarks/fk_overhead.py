@@ -19,13 +19,12 @@ it (the ``fk_steering`` wrapper, host checks included). Why the ratio exceeds 1.
 from __future__ import annotations
 
 import functools
-import statistics
 import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.timing import interleaved, median_ratio
 from tts_jax import interpolants as I
 from tts_jax import smc
 from tts_jax.models import gmm as G
@@ -66,34 +65,6 @@ def bare_forwards(key, model, reward, grid, diffusion, n, reward_every=1):
     starts = jnp.arange(0, num_steps, reward_every)
     (x, acc), _ = jax.lax.scan(block, (x, jnp.float32(0.0)), starts)
     return x, acc
-
-
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 7, budget: float = 0.03):
-    """Per-name median seconds and the per-round times, measured in alternating rounds.
-
-    Each round calls every function ``reps`` times (about ``budget`` seconds each, at least 3)
-    and keeps the median; compile and warm-up happen first.
-    """
-    reps = {}
-    for name, fn in fns.items():
-        jax.block_until_ready(fn())
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        reps[name] = max(3, min(500, int(budget / max(time.perf_counter() - start, 1e-6))))
-    per_round = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times = []
-            for _ in range(reps[name]):
-                start = time.perf_counter()
-                jax.block_until_ready(fn())
-                times.append(time.perf_counter() - start)
-            per_round[name].append(statistics.median(times))
-    return {name: statistics.median(t) for name, t in per_round.items()}, per_round
-
-
-def median_ratio(per_round, a: str, b: str) -> float:
-    return statistics.median(x / y for x, y in zip(per_round[a], per_round[b], strict=True))
 
 
 def gmm_setup():

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.fk_overhead import bare_forwards, gmm_setup, interleaved, median_ratio
+from benchmarks.fk_overhead import bare_forwards, gmm_setup
+from benchmarks.timing import interleaved, median_ratio
 from tts_jax import interpolants as I
 from tts_jax import smc
 from tts_jax.samplers import fk_steering as fk

@@ -36,7 +36,6 @@ os.environ["XLA_FLAGS"] = " ".join(
 import collections  # noqa: E402
 import functools  # noqa: E402
 import re  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 from typing import NamedTuple  # noqa: E402
 
@@ -46,6 +45,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
+from benchmarks.timing import interleaved  # noqa: E402
 from tts_jax import interpolants as I  # noqa: E402
 from tts_jax import smc  # noqa: E402
 from tts_jax.models import gmm as G  # noqa: E402
@@ -131,15 +131,9 @@ def compile_timed(jitted, args):
 
 def alternating_medians(calls, repeats=REPEATS):
     """Median seconds of each ``fn(*args)`` in ``calls``, alternating, after one warm-up each."""
-    times = [[] for _ in calls]
-    for fn, args in calls:
-        jax.block_until_ready(fn(*args))
-    for _ in range(repeats):
-        for (fn, args), out in zip(calls, times, strict=True):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            out.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    fns = {i: functools.partial(fn, *args) for i, (fn, args) in enumerate(calls)}
+    med, _ = interleaved(fns, rounds=repeats, budget=0.0, min_reps=1)
+    return [med[i] for i in fns]
 
 
 # ------------------------------------------------------------------------------------------------
