@@ -301,41 +301,29 @@ def _answers(bundle: LMBundle, result: LMResult) -> list[int | None]:
     return extract_answers(result, lambda ids: extract_answer(bundle.tokenizer.decode(ids)))
 
 
+def _sample(sampler, key, bundle, config, prompt, *, scored: bool = True, **overrides) -> LMResult:
+    """``sampler`` on ``prompt`` with the run's sampling settings and ``N`` particles; the run's
+    scorer if ``scored`` (else a constant one); ``overrides`` replace or add keyword arguments."""
+    scorer, params = scorer_of(bundle, config.scorer) if scored else (constant_scorer, None)
+    kwargs = _sampling_kwargs(bundle, config, prompt) | {"num_particles": config.num_particles}
+    return sampler(key, bundle.policy, prompt.ids, scorer, params, **(kwargs | overrides))
+
+
 def _greedy(key, bundle, config, prompt):
     """One temperature-0 completion."""
-    kwargs = _sampling_kwargs(bundle, config, prompt) | {"temperature": 0.0}
-    result = lm_search.best_of_n(
-        key, bundle.policy, prompt.ids, constant_scorer, None, num_particles=1, **kwargs
-    )
-    return result, 0
+    args = (key, bundle, config, prompt)
+    return _sample(lm_search.best_of_n, *args, scored=False, num_particles=1, temperature=0.0), 0
 
 
 def _majority(key, bundle, config, prompt):
     """Self-consistency: the most frequent answer of N samples (Wang et al. 2023)."""
-    result = lm_search.best_of_n(
-        key,
-        bundle.policy,
-        prompt.ids,
-        constant_scorer,
-        None,
-        num_particles=config.num_particles,
-        **_sampling_kwargs(bundle, config, prompt),
-    )
+    result = _sample(lm_search.best_of_n, key, bundle, config, prompt, scored=False)
     return result, lm_search.majority_vote(result, _answers(bundle, result))
 
 
 def _best_of_n(weighted: bool):
     def run(key, bundle, config, prompt):
-        scorer, params = scorer_of(bundle, config.scorer)
-        result = lm_search.best_of_n(
-            key,
-            bundle.policy,
-            prompt.ids,
-            scorer,
-            params,
-            num_particles=config.num_particles,
-            **_sampling_kwargs(bundle, config, prompt),
-        )
+        result = _sample(lm_search.best_of_n, key, bundle, config, prompt)
         if weighted:
             return result, lm_search.weighted_best_of_n(result, _answers(bundle, result))
         return result, int(result.best)
@@ -350,42 +338,24 @@ def _best_of_n(weighted: bool):
 
 def _beam(key, bundle, config, prompt):
     """Step-level beam search, beam width gcd(4, N) (ALGORITHMS.md 4.3)."""
-    scorer, params = scorer_of(bundle, config.scorer)
-    n = config.num_particles
-    result = lm_search.beam_search(
-        key,
-        bundle.policy,
-        prompt.ids,
-        scorer,
-        params,
-        num_particles=n,
-        beam_width=math.gcd(BEAM_WIDTH, n),
-        **_sampling_kwargs(bundle, config, prompt),
-    )
+    width = math.gcd(BEAM_WIDTH, config.num_particles)
+    result = _sample(lm_search.beam_search, key, bundle, config, prompt, beam_width=width)
     return result, int(result.best)
 
 
+PARTICLE_SAMPLERS = {
+    "pf": lm_smc.particle_filter,
+    "epf": lm_smc.entropic_particle_filter,
+    "gibbs": lm_smc.particle_gibbs,
+}
+
+
 def _particle_method(name: str):
+    extra = {"num_sweeps": GIBBS_SWEEPS} if name == "gibbs" else {}
+
     def run(key, bundle, config, prompt):
-        scorer, params = scorer_of(bundle, config.scorer)
-        kwargs = _sampling_kwargs(bundle, config, prompt)
-        kwargs["softmax_temperature"] = config.softmax_temperature
-        if name == "gibbs":
-            kwargs["num_sweeps"] = GIBBS_SWEEPS
-        sampler = {
-            "pf": lm_smc.particle_filter,
-            "epf": lm_smc.entropic_particle_filter,
-            "gibbs": lm_smc.particle_gibbs,
-        }[name]
-        result = sampler(
-            key,
-            bundle.policy,
-            prompt.ids,
-            scorer,
-            params,
-            num_particles=config.num_particles,
-            **kwargs,
-        )
+        result = _sample(PARTICLE_SAMPLERS[name], key, bundle, config, prompt,
+                         softmax_temperature=config.softmax_temperature, **extra)
         return result, int(result.best)
 
     run.__doc__ = f"{name} (Puri et al. 2025), final answer the highest-scored particle"

@@ -135,13 +135,6 @@ def _fk_steering(
     )
 
 
-def _float32(x):
-    """A float32 jit argument without an eager device op per call (numpy goes in with the call)."""
-    if isinstance(x, jax.Array):
-        return x if x.dtype == jnp.float32 else x.astype(jnp.float32)
-    return np.asarray(x, np.float32)
-
-
 _default_schedule = functools.lru_cache(smc.adaptive)
 
 
@@ -186,7 +179,7 @@ def fk_steering(
         raise ValueError(f"unknown potential {potential!r}; known: {POTENTIALS}")
     if num_particles < 1:
         raise ValueError(f"num_particles must be >= 1, got {num_particles}")
-    grid = _float32(grid)
+    grid = np.asarray(grid, np.float32)  # host-side: no eager device op per call
     if grid.ndim != 1 or grid.shape[0] < 2:
         raise ValueError(f"grid must be [K + 1] times with K >= 1, got shape {grid.shape}")
     num_steps = grid.shape[0] - 1
@@ -201,7 +194,7 @@ def fk_steering(
         reward,
         grid,
         diffusion,
-        _float32(lam),
+        np.asarray(lam, np.float32),
         schedule,
         cond,
         num_particles,
@@ -214,6 +207,4 @@ def fk_steering(
     # Host reads of the finished arrays: no eager device op per call (benchmarks/fk_overhead.py).
     if np.asarray(result.info["all_dead"])[-1]:
         raise ValueError("fk_steering: every particle has zero weight (all rewards -inf or NaN)")
-    if nan_policy == "drop" or not np.asarray(result.info["num_nan_rewards"]):
-        return result
-    return check_finite_rewards(result, "fk_steering")
+    return result if nan_policy == "drop" else check_finite_rewards(result, "fk_steering")

@@ -357,7 +357,8 @@ def particle_gibbs(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_
 def _token_callbacks(model, cfg, potential, constraint):
     """``propagate`` / ``log_potential`` of token-level SMC (see module doc)."""
 
-    def move(key, s, params):
+    def propagate(key, s, k, params):
+        """One token for every row not done (done rows are left as they are)."""
         go = ~s.done
         logp = jax.nn.log_softmax(s.logits, axis=-1)
         allowed = (jnp.ones(s.logits.shape, bool) if constraint is None
@@ -375,9 +376,6 @@ def _token_callbacks(model, cfg, potential, constraint):
         none = jnp.zeros(go.shape, bool)
         s, _ = append_token(model, s, jnp.where(dead, cfg.pad_id, token), go & any_ok, none, cfg)
         return s._replace(done=s.done | dead), correction
-
-    def propagate(key, s, k, params):
-        return move(key, s, params)
 
     def log_potential(s, k, params):
         if potential is None:
