@@ -71,3 +71,24 @@ def test_bad_shapes_are_rejected():
         G.make_gmm([0.5, 0.5], [[0.0, 0.0]], [np.eye(2)])
     with pytest.raises(ValueError, match="sum to one"):
         G.make_gmm([0.5, 0.6], [[0.0], [1.0]], [[[1.0]], [[1.0]]])
+
+
+@pytest.mark.parametrize("interp", [I.Linear(), I.VP()], ids=["linear", "vp"])
+def test_velocity_combines_the_posterior_means(interp):
+    """The fused velocity contraction equals ``alpha_dot E[x0|x] + sigma_dot E[eps|x]``, and the
+    stored eigendecomposition (also of the marginal mixture) reconstructs the covariances."""
+    gmm = G.asymmetric_gmm_2d()
+    x = 2.0 * jax.random.normal(jax.random.key(4), (32, 2))
+    t = jnp.linspace(0.05, 0.95, 32)
+    x0, eps = G.posterior_means(gmm, interp, x, t)
+    expected = interp.alpha_dot(t)[:, None] * x0 + interp.sigma_dot(t)[:, None] * eps
+    np.testing.assert_allclose(G.velocity(gmm, x, t, interp), expected, rtol=1e-5, atol=1e-5)
+    marginal = G.marginal(gmm, interp, jnp.float32(0.4))
+    for mix in (gmm, marginal):
+        rebuilt = jnp.einsum("kij,kj,klj->kil", mix.eigvecs, mix.eigvals, mix.eigvecs)
+        np.testing.assert_allclose(rebuilt, mix.covs, atol=1e-5)
+
+
+def test_covariances_must_be_positive_definite():
+    with pytest.raises(ValueError, match="positive definite"):
+        G.make_gmm([1.0], [[0.0, 0.0]], [[[1.0, 0.0], [0.0, -1.0]]])

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import logsumexp
 
 from tts_jax.interpolants import Interpolant, Linear
@@ -33,15 +34,24 @@ Array = jax.Array
 class GMM(NamedTuple):
     """A D-dimensional Gaussian mixture (a pytree: pass it as an argument, never close over it).
 
+    Build it with :func:`make_gmm`, which also stores the eigendecomposition of the covariances
+    (``covs[k] = eigvecs[k] diag(eigvals[k]) eigvecs[k]'``): the exact velocity needs it at every
+    step, and a decomposition inside the sampling loop would be recomputed per step wherever XLA
+    cannot hoist it (conditionals, while loops).
+
     Attributes:
         weights: ``Float[K]`` mixture proportions (sum to one).
         means: ``Float[K, D]``.
         covs: ``Float[K, D, D]`` symmetric positive definite.
+        eigvals: ``Float[K, D]`` eigenvalues of ``covs``.
+        eigvecs: ``Float[K, D, D]`` orthonormal eigenvectors of ``covs`` (columns).
     """
 
     weights: Array
     means: Array
     covs: Array
+    eigvals: Array
+    eigvecs: Array
 
     @property
     def dim(self) -> int:
@@ -60,7 +70,12 @@ def make_gmm(weights, means, covs) -> GMM:
         )
     if not jnp.allclose(weights.sum(), 1.0, atol=1e-5) or bool((weights < 0).any()):
         raise ValueError(f"GMM weights must be non-negative and sum to one, got {weights}")
-    return GMM(weights, means, covs)
+    eigvals, eigvecs = np.linalg.eigh(np.asarray(covs, np.float64))
+    if not (eigvals > 0).all():
+        raise ValueError(f"GMM covariances must be positive definite, eigenvalues {eigvals}")
+    return GMM(
+        weights, means, covs, jnp.asarray(eigvals, jnp.float32), jnp.asarray(eigvecs, jnp.float32)
+    )
 
 
 def asymmetric_gmm_2d() -> GMM:
@@ -114,34 +129,61 @@ def marginal(gmm: GMM, interp: Interpolant, t: Array) -> GMM:
     """The mixture ``p_t`` at scalar time ``t`` (means ``alpha mu``, covariances ``C_k``)."""
     a, s = interp.alpha(t), interp.sigma(t)
     eye = jnp.eye(gmm.dim)[None]
-    return GMM(gmm.weights, a * gmm.means, a**2 * gmm.covs + s**2 * eye)
+    return GMM(
+        gmm.weights,
+        a * gmm.means,
+        a**2 * gmm.covs + s**2 * eye,
+        a**2 * gmm.eigvals + s**2,
+        gmm.eigvecs,
+    )
+
+
+def _rotated_posterior(gmm: GMM, interp: Interpolant, x: Array, t: Array):
+    """Per-component posterior pieces in each covariance's eigenbasis.
+
+    Returns ``(a, s, resp [N, K], rotated [N, K, D], var [N, K, D])`` with
+    ``rotated = Q_k' (x - a mu_k)`` and ``var = a^2 lam_k + s^2`` the eigenvalues of
+    ``C_k = a^2 Sigma_k + s^2 I``, so ``C_k^{-1} (x - a mu_k) = Q_k (rotated / var)``.
+    """
+    t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])[:, None, None]  # [N, 1, 1]
+    a, s = interp.alpha(t), interp.sigma(t)
+    resid = x[:, None, :] - a * gmm.means[None]  # [N, K, D]
+    rotated = jnp.einsum("kdi,nkd->nki", gmm.eigvecs, resid)
+    var = a**2 * gmm.eigvals[None] + s**2  # [N, K, D]
+    comp_lp = -0.5 * jnp.sum(rotated**2 / var + jnp.log(2 * jnp.pi * var), axis=-1)  # [N, K]
+    resp = jax.nn.softmax(comp_lp + jnp.log(gmm.weights)[None], axis=-1)  # [N, K]
+    return a, s, resp, rotated, var
 
 
 def posterior_means(gmm: GMM, interp: Interpolant, x: Array, t: Array) -> tuple[Array, Array]:
     """Exact ``(E[x0 | x_t], E[eps | x_t])`` for ``x [N, D]`` and ``t`` scalar or ``[N]``.
 
-    Uses the eigendecomposition ``Sigma_k = Q_k diag(lam_k) Q_k'`` so that
-    ``C_k^{-1} = Q_k diag(1 / (alpha^2 lam_k + sigma^2)) Q_k'`` needs no per-particle solve.
+    With ``Sigma_k = Q_k diag(lam_k) Q_k'`` (stored in the mixture), per component
+    ``E[x0 | x, k] = mu_k + a Q_k diag(lam_k / var_k) Q_k' (x - a mu_k)`` and
+    ``E[eps | x, k] = s Q_k diag(1 / var_k) Q_k' (x - a mu_k)``: no per-particle solve.
     """
-    t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])[:, None, None]  # [N, 1, 1]
-    a, s = interp.alpha(t), interp.sigma(t)
-    lam, q = jnp.linalg.eigh(gmm.covs)  # [K, D], [K, D, D]
-    resid = x[:, None, :] - a * gmm.means[None]  # [N, K, D]
-    rotated = jnp.einsum("kdi,nkd->nki", q, resid)  # Q' (x - a mu)
-    var = a**2 * lam[None] + s**2  # [N, K, D] eigenvalues of C_k
-    solved = jnp.einsum("kdi,nki->nkd", q, rotated / var)  # C^{-1} (x - a mu)
-    comp_lp = -0.5 * jnp.sum(rotated**2 / var + jnp.log(2 * jnp.pi * var), axis=-1)  # [N, K]
-    resp = jax.nn.softmax(comp_lp + jnp.log(gmm.weights)[None], axis=-1)  # [N, K]
-    x0_k = gmm.means[None] + a * jnp.einsum("kij,nkj->nki", gmm.covs, solved)
-    eps_k = s * solved
-    return jnp.einsum("nk,nkd->nd", resp, x0_k), jnp.einsum("nk,nkd->nd", resp, eps_k)
+    a, s, resp, rotated, var = _rotated_posterior(gmm, interp, x, t)
+    mixed = resp[..., None] * rotated / var  # [N, K, D]
+    x0 = resp @ gmm.means + a[:, 0] * jnp.einsum(
+        "kdi,nki->nd", gmm.eigvecs, mixed * gmm.eigvals[None]
+    )
+    eps = s[:, 0] * jnp.einsum("kdi,nki->nd", gmm.eigvecs, mixed)
+    return x0, eps
 
 
 def velocity(gmm: GMM, x: Array, t: Array, interp: Interpolant = Linear()) -> Array:
-    """Exact velocity field ``u(x, t) = alpha_dot E[x0|x] + sigma_dot E[eps|x]`` -> ``[N, D]``."""
-    x0, eps = posterior_means(gmm, interp, x, t)
-    t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])[:, None]
-    return interp.alpha_dot(t) * x0 + interp.sigma_dot(t) * eps
+    """Exact velocity field ``u(x, t) = alpha_dot E[x0|x] + sigma_dot E[eps|x]`` -> ``[N, D]``.
+
+    One contraction over components and eigen-directions:
+    ``u = alpha_dot sum_k r_k mu_k + sum_k r_k Q_k diag((alpha_dot a lam_k + sigma_dot s) / var_k)
+    Q_k' (x - a mu_k)`` with ``r_k`` the responsibilities.
+    """
+    a, s, resp, rotated, var = _rotated_posterior(gmm, interp, x, t)
+    t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])[:, None, None]
+    a_dot, s_dot = interp.alpha_dot(t), interp.sigma_dot(t)
+    gain = (a_dot * a * gmm.eigvals[None] + s_dot * s) / var  # [N, K, D]
+    mixed = resp[..., None] * rotated * gain
+    return a_dot[:, 0] * (resp @ gmm.means) + jnp.einsum("kdi,nki->nd", gmm.eigvecs, mixed)
 
 
 def tilt_linear(gmm: GMM, direction: Array, lam: Array) -> tuple[GMM, Array]:
@@ -162,7 +204,8 @@ def tilt_linear(gmm: GMM, direction: Array, lam: Array) -> tuple[GMM, Array]:
         + 0.5 * lam**2 * jnp.einsum("i,kij,j->k", direction, gmm.covs, direction)
     )
     log_z = logsumexp(log_w)
-    return GMM(jnp.exp(log_w - log_z), gmm.means + shift, gmm.covs), log_z
+    tilted = GMM(jnp.exp(log_w - log_z), gmm.means + shift, gmm.covs, gmm.eigvals, gmm.eigvecs)
+    return tilted, log_z
 
 
 def mean(gmm: GMM) -> Array:
