@@ -187,9 +187,13 @@ def test_rbf_initial_pool_is_scored_after_the_first_step():
         )
         # Replay the pool's first step (same keys) to get every member's state at grid[1].
         k_noise, k_step = jax.random.split(key)
-        x = jax.random.normal(k_noise, (16 * num_init, 2))
-        u = MODEL.velocity(x, jnp.broadcast_to(GRID[0], (16 * num_init,)), None)
-        pool = fp._propose(k_step, MODEL, SDE, x, u, GRID[0], GRID[1]).reshape(16, num_init, 2)
+
+        def member(j):
+            x = jax.random.normal(jax.random.fold_in(k_noise, j), (16, 2))
+            u = MODEL.velocity(x, jnp.broadcast_to(GRID[0], (16,)), None)
+            return fp._propose(jax.random.fold_in(k_step, j), MODEL, SDE, x, u, GRID[0], GRID[1])
+
+        pool = jax.vmap(member, out_axes=1)(jnp.arange(num_init))  # [16, num_init, 2]
         return chains.x, pool
 
     starts, pools = starts_and_first_members(jax.random.split(jax.random.key(100), 4 * SEEDS))

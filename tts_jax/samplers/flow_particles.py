@@ -97,12 +97,11 @@ def _validate(grid, budget: int, nan_policy: str, held_out) -> Array:
     names = list(held_out) if isinstance(held_out, dict) else [r.name for r in held_out]
     if len(set(names)) != len(names):
         raise ValueError(f"held-out rewards need distinct names, got {names}")
-    grid = jnp.asarray(grid, jnp.float32)
+    grid = np.asarray(grid, np.float32)  # host-side: no eager device op per call
     if grid.ndim != 1 or grid.shape[0] < 2:
         raise ValueError(f"grid must be [S + 1] times with S >= 1, got shape {grid.shape}")
-    host = np.asarray(grid)
-    if host[-1] != 0.0 or not (np.diff(host) < 0).all():
-        raise ValueError(f"grid must decrease strictly from noise to the data end 0, got {host}")
+    if grid[-1] != 0.0 or not (np.diff(grid) < 0).all():
+        raise ValueError(f"grid must decrease strictly from noise to the data end 0, got {grid}")
     return grid
 
 
@@ -130,13 +129,15 @@ def _finish(
 
 
 def _score(model: FlowModel, reward: Reward, x: Array, t: Array, u: Array, cond) -> tuple:
-    """Reward of the x0-prediction of ``x [N, ...]`` at time ``t`` (``[N]``) from its velocity.
+    """Reward of the x0-prediction of ``x [N, ...]`` at a time ``t > 0`` from its velocity ``u``.
 
-    At the data end (``t = 0``) the state is its own x0 (the branch avoids ``sigma = 0``).
     Returns ``(rewards [N] with NaN -> -inf, nan mask [N])``.
     """
-    at_end = jnp.all(t == 0.0)
-    x0 = jax.lax.cond(at_end, lambda: x, lambda: tweedie(model, x, t, u))
+    return _score_samples(reward, tweedie(model, x, jnp.broadcast_to(t, x.shape[:1]), u), cond)
+
+
+def _score_samples(reward: Reward, x0: Array, cond) -> tuple:
+    """Reward of samples ``x0 [N, ...]`` (at the data end a state is its own x0)."""
     r = reward(x0, cond)
     nan = jnp.isnan(r)
     return jnp.where(nan, -jnp.inf, r), nan
@@ -286,36 +287,22 @@ def smc(
 # --------------------------------------------------------------------------- SVDD / CoDe
 
 
-def _rollout(key, model, diffusion, grid, x, u, first, block, cond):
-    """Advance ``x [P, ...]`` (velocity ``u`` at ``grid[first]``) by up to ``block`` transitions.
-
-    Transitions past the data end are skipped; a transition landing at ``t > 0`` evaluates the
-    velocity there (1 NFE per particle), one landing at ``t = 0`` does not.
+def _rollout(key, model, diffusion, grid, x, u, first, length: int, cond):
+    """Advance ``x [P, ...]`` (velocity ``u`` at ``grid[first]``) by ``length`` transitions that
+    all land at ``t > 0``, evaluating the velocity at each landing point (1 NFE per particle
+    and transition). Transition ``j`` draws its noise with ``fold_in(key, j)``.
 
     Returns:
-        ``(x, u, nfe_per_particle)`` at ``grid[min(first + block, S)]``.
+        ``(x, u)`` at ``grid[first + length]``.
     """
-    num_steps = grid.shape[0] - 1
 
     def sub(carry, j):
         x, u = carry
         k = first + j
-        valid = k < num_steps
-        kk = jnp.minimum(k, num_steps - 1)
-        x_new = _propose(jax.random.fold_in(key, j), model, diffusion, x, u, grid[kk], grid[kk + 1])
-        needs_velocity = valid & (kk + 1 < num_steps)
-        u_new = jax.lax.cond(
-            needs_velocity,
-            lambda y: model.velocity(y, grid[kk + 1], cond),
-            jnp.zeros_like,
-            x_new,
-        )
-        x = jnp.where(valid, x_new, x)
-        u = jnp.where(valid, u_new, u)
-        return (x, u), needs_velocity.astype(jnp.int32)
+        x = _propose(jax.random.fold_in(key, j), model, diffusion, x, u, grid[k], grid[k + 1])
+        return (x, model.velocity(x, grid[k + 1], cond)), None
 
-    (x, u), nfe = jax.lax.scan(sub, (x, u), jnp.arange(block))
-    return x, u, jnp.sum(nfe)
+    return jax.lax.scan(sub, (x, u), jnp.arange(length))[0]
 
 
 @functools.partial(jax.jit, static_argnames=("num_chains", "num_proposals", "block"))
@@ -325,29 +312,52 @@ def _code(key, model, reward, grid, diffusion, cond, num_chains, num_proposals, 
     x = initial_noise(k_init, model, num_chains)
     u = model.velocity(x, grid[0], cond)
     particles = num_chains * num_proposals
+    # Every block but the last ends at t > 0; the last one (1..L transitions) ends at the data
+    # end, where the proposals are samples (its final transition needs no velocity).
+    num_blocks = -(-num_steps // block)
+    last_block = num_steps - (num_blocks - 1) * block
 
-    def select(carry, b):
-        x, u = carry
-        xs, us = jnp.repeat(x, num_proposals, axis=0), jnp.repeat(u, num_proposals, axis=0)
-        first = b * block
-        xs, us, nfe = _rollout(
-            jax.random.fold_in(k_run, b), model, diffusion, grid, xs, us, first, block, cond
-        )
-        end = jnp.minimum(first + block, num_steps)
-        r, nan = _score(model, reward, xs, jnp.broadcast_to(grid[end], xs.shape[:1]), us, cond)
+    def copies(x, u):
+        return jnp.repeat(x, num_proposals, axis=0), jnp.repeat(u, num_proposals, axis=0)
+
+    def keep_best(xs, us, r, nan, end, nfe):
         idx, pick = _best_of(r, num_chains)
-        out = {
+        record = {
             "chain_reward": r[idx],
             "selected": pick,
-            "step_end": end,
-            "nfe": nfe * particles,
+            "step_end": jnp.asarray(end, jnp.int32),
+            "nfe": jnp.asarray(nfe * particles, jnp.int32),
             "num_nan": jnp.sum(nan).astype(jnp.int32),
         }
-        return (xs[idx], us[idx]), out
+        return xs[idx], us[idx], record
 
-    num_blocks = -(-num_steps // block)
-    (x, _), per = jax.lax.scan(select, (x, u), jnp.arange(num_blocks))
-    r = per["chain_reward"][-1]
+    def select(carry, b):
+        first, end = b * block, (b + 1) * block
+        xs, us = _rollout(
+            jax.random.fold_in(k_run, b),
+            model,
+            diffusion,
+            grid,
+            *copies(*carry),
+            first,
+            block,
+            cond,
+        )
+        r, nan = _score(model, reward, xs, grid[end], us, cond)
+        x, u, record = keep_best(xs, us, r, nan, end, block)
+        return (x, u), record
+
+    (x, u), per = jax.lax.scan(select, (x, u), jnp.arange(num_blocks - 1))
+    key_last = jax.random.fold_in(k_run, num_blocks - 1)
+    first = num_steps - last_block
+    xs, us = _rollout(key_last, model, diffusion, grid, *copies(x, u), first, last_block - 1, cond)
+    k = num_steps - 1
+    xs = _propose(
+        jax.random.fold_in(key_last, last_block - 1), model, diffusion, xs, us, grid[k], grid[k + 1]
+    )
+    x, _, last = keep_best(xs, us, *_score_samples(reward, xs, cond), num_steps, last_block - 1)
+    per = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), per, last)
+    r = last["chain_reward"]
     info = {
         "best_reward": jax.lax.cummax(jnp.max(per["chain_reward"], axis=1)),
         "chain_reward": per["chain_reward"],
@@ -524,39 +534,51 @@ def _rbf_init(key, model, reward, grid, diffusion, cond, num_chains, num_init, q
     ``grid[0] -> grid[1]`` (1 NFE: its velocity at ``grid[0]``) and is scored by the reward of
     its x0-prediction at ``grid[1]`` (1 NFE: the velocity there, cached as the winner's next
     drift). ``B * num_init`` NFE each; the chains start at grid index 1 with ``r*`` = the winner's
-    reward.
+    reward. Pool member ``j`` of every chain is drawn and scored in one batch of ``B`` rows, the
+    width of the main loop (a ``lax.scan`` over members keeping each chain's best so far: memory
+    for ``B`` states, not ``B * num_init``); ties go to the earlier member.
 
     Returns:
         ``(chains, pool_reward [B, num_init])``.
     """
     num_steps = grid.shape[0] - 1
     k_noise, k_step = jax.random.split(key)
-    x = initial_noise(k_noise, model, num_chains * num_init)
-    t0 = jnp.broadcast_to(grid[0], x.shape[:1])
-    t1 = jnp.broadcast_to(grid[1], x.shape[:1])
-    u = model.velocity(x, t0, cond)
-    xp = _propose(k_step, model, diffusion, x, u, grid[0], grid[1])
-    up = model.velocity(xp, t1, cond)
-    r, nan = _score(model, reward, xp, t1, up, cond)
-    idx, _ = _best_of(r, num_chains)
+    t0 = jnp.broadcast_to(grid[0], (num_chains,))
+    t1 = jnp.broadcast_to(grid[1], (num_chains,))
+
+    def member(best, j):
+        x = initial_noise(jax.random.fold_in(k_noise, j), model, num_chains)
+        u = model.velocity(x, t0, cond)
+        xp = _propose(jax.random.fold_in(k_step, j), model, diffusion, x, u, grid[0], grid[1])
+        up = model.velocity(xp, t1, cond)
+        r, nan = _score(model, reward, xp, t1, up, cond)
+        better = (r > best[2]) | (j == 0)
+        best = jax.tree.map(
+            lambda new, old: jnp.where(_rows(better, new), new, old), (xp, up, r), best
+        )
+        return best, (r, jnp.sum(nan).astype(jnp.int32))
+
+    shape = (num_chains, *model.sample_shape)
+    start = (jnp.zeros(shape), jnp.zeros(shape), jnp.full((num_chains,), -jnp.inf))
+    (x, u, r), (pool_reward, nan) = jax.lax.scan(member, start, jnp.arange(num_init))
     zeros = jnp.zeros((num_chains,), jnp.int32)
     return _Chains(
         k=jnp.ones((num_chains,), jnp.int32),
-        x=xp[idx],
-        u=up[idx],
-        best=r[idx],
+        x=x,
+        u=u,
+        best=r,
         allowance=quota,
         used=zeros,
         spent=zeros,
-        step_x=xp[idx],
-        step_u=up[idx],
+        step_x=x,
+        step_u=u,
         step_r=jnp.full((num_chains,), -jnp.inf, jnp.float32),
         chain_nfe=jnp.zeros((num_steps, num_chains), jnp.int32).at[0].set(num_init),
-        chain_reward=jnp.full((num_steps, num_chains), -jnp.inf, jnp.float32).at[0].set(r[idx]),
+        chain_reward=jnp.full((num_steps, num_chains), -jnp.inf, jnp.float32).at[0].set(r),
         early=jnp.zeros((num_steps, num_chains), bool),
-        num_nan=jnp.sum(nan).astype(jnp.int32),
+        num_nan=jnp.sum(nan),
         it=jnp.int32(0),
-    ), r.reshape(num_chains, num_init)
+    ), pool_reward.T
 
 
 def _rbf_iteration(key, model, reward, grid, diffusion, cond, quota, chain_budget, c: _Chains):
@@ -631,7 +653,7 @@ def _rbf(
     xs = jnp.repeat(chains.x, final_proposals, axis=0)
     us = jnp.repeat(chains.u, final_proposals, axis=0)
     xs = _propose(k_final, model, diffusion, xs, us, grid[-2], grid[-1])
-    r, nan = _score(model, reward, xs, jnp.zeros(xs.shape[:1], jnp.float32), us, cond)
+    r, nan = _score_samples(reward, xs, cond)
     idx, _ = _best_of(r, num_chains)
     chain_reward = chains.chain_reward.at[-1].set(r[idx])
     # The pool's velocities at grid[0] are init_nfe; those at grid[1] are step 0's chain_nfe.
