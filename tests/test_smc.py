@@ -117,12 +117,12 @@ def test_smc_with_tweedie_potentials_targets_the_tilted_mixture(case):
     gmm = G.asymmetric_gmm_2d()
     lam = 1.2
     tilted, log_z = G.tilt_linear(gmm, DIRECTION, lam)
-    stats, logzs = _fk_weighted_statistics(potential, lam, range(4), 4096, schedule_fn, gmm, tilted)
+    stats, logzs = _fk_weighted_statistics(potential, lam, range(8), 4096, schedule_fn, gmm, tilted)
     se = stats.std(0, ddof=1) / np.sqrt(len(stats))
     err = np.abs(stats.mean(0) - gmm_expected_statistics(tilted))
     # 60 SDE steps add a small discretization bias (measured < 0.02 on the untilted mixture).
     assert (err < 5 * se + 0.03).all(), (err, se)
-    assert abs(logzs.mean() - float(log_z)) < 5 * logzs.std(ddof=1) / np.sqrt(4) + 0.03
+    assert abs(logzs.mean() - float(log_z)) < 5 * logzs.std(ddof=1) / np.sqrt(8) + 0.03
 
 
 def test_lambda_zero_reproduces_the_untilted_mixture_with_unit_evidence():
