@@ -86,9 +86,11 @@ def test_nan_rewards_raise_by_default_and_drop_on_request():
     reward = Reward({"direction": DIRECTION}, _nan_reward, "nan")
     with pytest.raises(ValueError, match="NaN"):
         _run(0, 16, reward=reward)
-    out = _run(0, 16, reward=reward, nan_policy="drop")
-    assert np.isfinite(np.asarray(out.samples)).all()
-    assert int(out.info["num_nan_rewards"]) > 0
+    for potential in fk.POTENTIALS:
+        out = _run(0, 16, reward=reward, nan_policy="drop", potential=potential)
+        assert np.isfinite(np.asarray(out.samples)).all()
+        # Row 0 of every reward call is NaN: one NaN per evaluated step (4 of 40), counted once.
+        assert int(out.info["num_nan_rewards"]) == 4, potential
 
 
 def test_budget_accounting():

@@ -33,28 +33,38 @@ from tts_jax.interpolants import Diffusion, sde_step
 from tts_jax.models.base import FlowModel
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers.integrate import initial_noise, tweedie
-from tts_jax.samplers.result import (
-    SampleResult,
-    check_finite_rewards,
-    held_out_scores,
-    nan_to_neg_inf,
-)
+from tts_jax.samplers.result import SampleResult, check_finite_rewards, held_out_scores
 
 Array = jax.Array
 POTENTIALS = ("diff", "max", "sum", "final")
 
 
 def _next_log_potential(kind: str, phi, running, reward, lam):
-    """Cumulative log potential ``Phi_{k+1} = Phi_k + log G_{k+1}`` and the running statistic."""
+    """Cumulative log potential ``Phi_{k+1} = Phi_k + log G_{k+1}`` and the running statistic
+    (``None`` for ``diff`` and ``final``, which need none)."""
     if kind == "diff":
-        return lam * reward, reward
+        return lam * reward, None
     if kind == "max":
         running = jnp.maximum(running, reward)  # starts at -inf: the first reward seeds it
         return phi + lam * running, running
     if kind == "sum":
         running = running + reward
         return phi + lam * running, running
-    return phi + lam * reward, running  # final / rt
+    return phi + lam * reward, None  # final / rt
+
+
+def _scored(reward: Reward, x0, cond):
+    """Rewards ``[N]`` of ``x0`` with NaN replaced by ``-inf``, and the NaN mask ``Bool[N]``."""
+    raw = reward(x0, cond)
+    nan = jnp.isnan(raw)
+    return jnp.where(nan, -jnp.inf, raw), nan
+
+
+def _flag_nan(phi, nan):
+    """The log potential the SMC engine sees: NaN exactly where the reward was NaN (the engine
+    drops such particles and counts them in ``num_nan_potentials``), and ``-inf`` where a
+    ``-inf`` reward made it undefined (``0 * -inf`` at ``lam = 0``): dropped, not counted."""
+    return jnp.where(nan, jnp.nan, jnp.where(jnp.isnan(phi), -jnp.inf, phi))
 
 
 def _make_callbacks(model: FlowModel, reward: Reward, grid, diffusion, kind, eval_mask, cond):
@@ -63,9 +73,11 @@ def _make_callbacks(model: FlowModel, reward: Reward, grid, diffusion, kind, eva
         g = diffusion(jnp.broadcast_to(t, state["x"].shape[:1]), model.interpolant)
         return sde_step(key, model.interpolant, state["u"], state["x"], t, t_next, g), t_next
 
-    def updated(state, x, u, phi, running, r, nan):
-        new = {"x": x, "u": u, "phi": phi, "running": running, "reward": r}
-        return dict(new, nan=state["nan"] + nan), jnp.zeros(x.shape[:1], x.dtype)
+    def updated(state, x, u, phi, running, r):
+        new = {"x": x, "u": u, "phi": phi, "reward": r}
+        if running is not None:
+            new["running"] = running
+        return new, jnp.zeros(x.shape[:1], x.dtype)
 
     def propagate(key, state, k, lam):
         """Steps ``k < K - 1``: the velocity at the new state serves its Tweedie estimate now and
@@ -74,11 +86,12 @@ def _make_callbacks(model: FlowModel, reward: Reward, grid, diffusion, kind, eva
         u = model.velocity(x, t_next, cond)
 
         def evaluate(_):
-            r, nan = nan_to_neg_inf(reward(tweedie(model, x, t_next, u), cond))
-            return *_next_log_potential(kind, state["phi"], state["running"], r, lam), r, nan
+            r, nan = _scored(reward, tweedie(model, x, t_next, u), cond)
+            phi, running = _next_log_potential(kind, state["phi"], state.get("running"), r, lam)
+            return _flag_nan(phi, nan), running, r
 
-        def skip(_):
-            return state["phi"], state["running"], state["reward"], jnp.int32(0)
+        def skip(_):  # a NaN flag is reported at its own step only
+            return _flag_nan(state["phi"], False), state.get("running"), state["reward"]
 
         return updated(state, x, u, *jax.lax.cond(eval_mask[k], evaluate, skip, None))
 
@@ -86,9 +99,9 @@ def _make_callbacks(model: FlowModel, reward: Reward, grid, diffusion, kind, eva
         """The last step needs no velocity: its Tweedie estimate is the state itself (0 NFE).
         The final potential is exactly ``lambda * r(x0)``, dividing out every earlier factor."""
         x, _ = move(key, state, k)
-        r, nan = nan_to_neg_inf(reward(x, cond))
-        _, running = _next_log_potential(kind, state["phi"], state["running"], r, lam)
-        return updated(state, x, jnp.zeros_like(x), lam * r, running, r, nan)
+        r, nan = _scored(reward, x, cond)
+        _, running = _next_log_potential(kind, state["phi"], state.get("running"), r, lam)
+        return updated(state, x, jnp.zeros_like(x), _flag_nan(lam * r, nan), running, r)
 
     def log_potential(state, k, lam):
         return state["phi"]
@@ -108,10 +121,10 @@ def _fk_steering(
         "x": x,
         "u": u,
         "phi": jnp.zeros((n,), jnp.float32),
-        "running": jnp.full((n,), -jnp.inf if potential == "max" else 0.0, jnp.float32),
         "reward": jnp.full((n,), -jnp.inf, jnp.float32),
-        "nan": jnp.zeros((n,), jnp.int32),
     }
+    if potential in ("max", "sum"):
+        state["running"] = jnp.full((n,), -jnp.inf if potential == "max" else 0.0, jnp.float32)
     num_steps = grid.shape[0] - 1
     eval_mask = schedule.mask.at[num_steps - 1].set(True)
     propagate, propagate_last, log_potential = _make_callbacks(
@@ -122,7 +135,7 @@ def _fk_steering(
     )
     final = out.particles.state
     info = out.info._asdict()
-    info["num_nan_rewards"] = jnp.sum(final["nan"])
+    info["num_nan_rewards"] = jnp.sum(out.info.num_nan_potentials)  # NaN rewards, once each
     return SampleResult(
         samples=final["x"],
         rewards=final["reward"],
