@@ -754,7 +754,8 @@ def rbf(
     )
     quota = (budget - init) // ((num_steps - 2) * num_chains)
     share, extra = divmod(budget - init, num_chains)
-    chain_budget = jnp.asarray([share + (i < extra) for i in range(num_chains)], jnp.int32)
+    chain_budget = np.full(num_chains, share, np.int32)  # host-side: no per-chain Python list
+    chain_budget[:extra] += 1
     final = quota if final_proposals is None else final_proposals
     if final < 1:
         raise ValueError(f"rbf: final_proposals must be >= 1, got {final}")
@@ -765,7 +766,7 @@ def rbf(
         grid,
         diffusion,
         cond,
-        jnp.full((num_chains,), quota, jnp.int32),
+        np.full(num_chains, quota, np.int32),
         chain_budget,
         num_chains,
         num_init,
