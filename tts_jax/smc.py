@@ -49,7 +49,8 @@ LogPotential = Callable[[PyTree, Array, PyTree], Array]
 class ResampleSchedule(NamedTuple):
     """When resampling may happen: at step ``k`` if ``mask[k]`` and ``ESS < ess_threshold * N``.
 
-    Both fields are arrays, so changing the schedule or the threshold never recompiles.
+    Both fields are arrays (the constructors below build them host-side in numpy: no device op
+    per call), so changing the schedule or the threshold never recompiles.
     A threshold above 1 resamples at every masked step regardless of the ESS.
 
     Attributes:
@@ -67,7 +68,7 @@ def adaptive(
     """Resample whenever ``ESS < threshold * N`` (optionally never after the final step)."""
     mask = np.ones(num_steps, bool)
     mask[-1] = resample_last
-    return ResampleSchedule(jnp.asarray(mask), jnp.asarray(threshold, jnp.float32))
+    return ResampleSchedule(mask, np.float32(threshold))
 
 
 def at_steps(num_steps: int, steps: Sequence[int]) -> ResampleSchedule:
@@ -77,7 +78,7 @@ def at_steps(num_steps: int, steps: Sequence[int]) -> ResampleSchedule:
         if not 0 <= s < num_steps:
             raise ValueError(f"resampling step {s} is outside 0..{num_steps - 1}")
         mask[s] = True
-    return ResampleSchedule(jnp.asarray(mask), jnp.asarray(2.0, jnp.float32))
+    return ResampleSchedule(mask, np.float32(2.0))
 
 
 def every(
@@ -95,7 +96,7 @@ def every(
 
 def never(num_steps: int) -> ResampleSchedule:
     """No resampling: sequential importance sampling."""
-    return ResampleSchedule(jnp.zeros(num_steps, bool), jnp.asarray(0.0, jnp.float32))
+    return ResampleSchedule(np.zeros(num_steps, bool), np.float32(0.0))
 
 
 class SMCState(NamedTuple):

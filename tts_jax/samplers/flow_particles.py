@@ -270,7 +270,7 @@ def smc(
         n,
         grid,
         diffusion,
-        jnp.asarray(lam, jnp.float32),
+        np.asarray(lam, np.float32),
         schedule=smc_engine.every(num_steps, 1),
         potential="diff",
         resampler="multinomial",
@@ -280,7 +280,7 @@ def smc(
     # fk_steering evaluates the velocity at grid[0] and at every landing point except t = 0.
     per_step = np.full(num_steps, n, np.int32)
     per_step[-1] = 0
-    info = dict(result.info, nfe=jnp.asarray(per_step), init_nfe=jnp.int32(n))
+    info = dict(result.info, nfe=per_step, init_nfe=np.int32(n))  # host values: no device op
     return _finish(result._replace(info=info), "smc", held_out, cond, nan_policy)
 
 
