@@ -17,6 +17,7 @@ from tts_jax.samplers import noise_search as ns
 
 K = 8
 GRID = I.uniform_grid(K)
+SDE = I.diffusion("square", 3.0)
 DIRECTION = jnp.array([1.0, -0.5])
 MIXTURE = G.asymmetric_gmm_2d()
 # search over paths: M = 2, start at grid index 3, delta_f = 1, delta_b = 3 grid steps: rounds
@@ -115,14 +116,45 @@ def test_best_of_n_matches_order_statistics_of_independent_samples():
         print(f"best-of-{n}: {got.mean():.4f} +- {se:.4f}, order statistics {expected:.4f}")
 
 
-def test_best_of_n_prefix_held_out_and_batch_size():
-    full = _best_of_n(jax.random.key(5), 16 * K)
-    four = _best_of_n(jax.random.key(5), 4 * K)
+def test_solve_rows_draws_each_rows_noise_from_its_own_key():
+    plain = G.flow_model(MIXTURE)
+    keys = jax.random.split(jax.random.key(2), 5)
+    x = jax.random.normal(jax.random.key(3), (5, 2))
+    rows = jax.jit(integrate.solve_rows)
+    alone = jax.jit(integrate.solve)
+    # one batched call = every row solved on its own with its key (step k: fold_in(keys[i], k))
+    together = np.asarray(rows(keys, plain, x, GRID, SDE))
+    for i in range(5):
+        own = alone(keys[i], plain, x[i : i + 1], GRID, SDE)[0]
+        np.testing.assert_allclose(together[i], own, atol=1e-6)
+    # the ODE draws no noise: the same as the plain solver on the whole batch
+    np.testing.assert_allclose(
+        rows(keys, plain, x, GRID, I.ode()), alone(keys[0], plain, x, GRID, I.ode()), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("diffusion", [None, SDE], ids=["ode", "sde"])
+def test_best_of_n_prefix_and_batch_size(diffusion):
+    full = _best_of_n(jax.random.key(5), 16 * K, diffusion=diffusion)
+    four = _best_of_n(jax.random.key(5), 4 * K, diffusion=diffusion)
     # the same candidates (up to float reassociation in differently sized batches)
     np.testing.assert_allclose(np.asarray(four.samples), np.asarray(full.samples[:4]), atol=1e-5)
     assert int(four.best) == int(np.argmax(np.asarray(full.rewards[:4])))
-    chunked = _best_of_n(jax.random.key(5), 16 * K, batch_size=5)
-    np.testing.assert_allclose(np.asarray(chunked.samples), np.asarray(full.samples), atol=1e-6)
+    chunked = _best_of_n(jax.random.key(5), 16 * K, diffusion=diffusion, batch_size=5)
+    np.testing.assert_allclose(np.asarray(chunked.samples), np.asarray(full.samples), atol=1e-5)
+    if diffusion is not None:  # the SDE does move the candidates off the ODE's
+        ode = _best_of_n(jax.random.key(5), 16 * K)
+        assert np.abs(np.asarray(ode.samples) - np.asarray(full.samples)).min() > 1e-3
+
+
+@pytest.mark.parametrize("diffusion", [None, SDE], ids=["ode", "sde"])
+@pytest.mark.parametrize("run, budget", [(_zero_order, 150), (_paths, 4 * PATH_NFE + 3)])
+def test_searches_do_not_depend_on_batch_size(run, budget, diffusion):
+    # batch_size 3: chunks of 3 rows and a shorter last chunk (4 neighbours; 4 paths, 8 branches)
+    whole = run(jax.random.key(7), budget, diffusion=diffusion)
+    chunked = run(jax.random.key(7), budget, diffusion=diffusion, batch_size=3)
+    np.testing.assert_allclose(np.asarray(chunked.samples), np.asarray(whole.samples), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(chunked.rewards), np.asarray(whole.rewards), atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["zero_order", "paths"])

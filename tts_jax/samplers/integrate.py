@@ -11,7 +11,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tts_jax.interpolants import Diffusion, euler_step, sde_step, velocity_to_x0
+from tts_jax.interpolants import (
+    Diffusion,
+    euler_step,
+    sde_step,
+    sde_step_mean_std,
+    velocity_to_x0,
+)
 from tts_jax.models.base import FlowModel
 
 Array = jax.Array
@@ -63,6 +69,45 @@ def solve(
 
     x, _ = jax.lax.scan(body, x, jnp.arange(grid.shape[0] - 1))
     return x
+
+
+def solve_rows(
+    keys: Array, model: FlowModel, x: Array, grid: Array, diffusion: Diffusion, cond: Any = None
+) -> Array:
+    """Integrate every row of ``x`` along ``grid`` with its own key: ``len(grid) - 1`` NFE each.
+
+    The model sees all rows at once (one batched forward per step), while row ``i``'s step-``k``
+    noise is drawn from ``fold_in(keys[i], k)``: a row's path does not depend on which other rows
+    share its batch, so splitting the rows into chunks, or adding rows, leaves it unchanged. The
+    ODE (``diffusion.kind == "zero"``) draws no noise and ignores ``keys``.
+
+    Args:
+        keys: ``[N]`` PRNG keys, one per row.
+        model: :class:`~tts_jax.models.base.FlowModel`.
+        x: ``[N, ...]`` states at ``grid[0]``.
+        grid: ``[K + 1]`` times.
+        diffusion: :class:`~tts_jax.interpolants.Diffusion` (``ode()`` for the deterministic flow).
+        cond: condition with leaves ``[N, ...]``, or ``None``.
+
+    Returns:
+        ``[N, ...]`` states at ``grid[-1]``.
+    """
+    interp = model.interpolant
+
+    def row_noise(key, k):
+        return jax.random.normal(jax.random.fold_in(key, k), x.shape[1:], x.dtype)
+
+    def body(x, k):
+        t = jnp.broadcast_to(grid[k].astype(x.dtype), x.shape[:1])
+        t_next = jnp.broadcast_to(grid[k + 1].astype(x.dtype), x.shape[:1])
+        u = model.velocity(x, t, cond)
+        if diffusion.kind == "zero":
+            return euler_step(u, x, t, t_next), None
+        mean, std = sde_step_mean_std(interp, u, x, t, t_next, diffusion(t, interp))
+        z = jax.vmap(row_noise, in_axes=(0, None))(keys, k)
+        return mean + std.reshape(std.shape + (1,) * (x.ndim - 1)) * z, None
+
+    return jax.lax.scan(body, x, jnp.arange(grid.shape[0] - 1))[0]
 
 
 def tweedie(model: FlowModel, x: Array, t: Array, u: Array) -> Array:

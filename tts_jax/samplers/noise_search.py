@@ -25,11 +25,13 @@ error if any NaN was seen unless ``nan_policy="drop"``. ``held_out`` verifiers (
 Reward``) are evaluated on the returned samples only, reported in ``info["held_out"]`` and never
 used for selection: optimizing one verifier can lower the others, which users need to see.
 
-Conditioning. All candidates search for one sample of one condition: ``cond`` is ``None`` or a
-pytree whose leaves have a leading axis of size 1 (e.g. a class label ``[1]``). Each candidate is
-denoised on its own (the model sees a batch of 1, vmapped, or chunked with ``lax.map`` when
-``batch_size`` bounds memory), so results do not depend on ``batch_size``; verifiers see the
-whole candidate batch with ``cond`` broadcast to it.
+Conditioning and batching. All candidates search for one sample of one condition: ``cond`` is
+``None`` or a pytree whose leaves have a leading axis of size 1 (e.g. a class label ``[1]``),
+broadcast to the rows of every model and verifier call. The model is called on all candidates
+at once (``[C, ...]``, one batched forward per step), or, when ``batch_size`` bounds memory, on
+chunks of ``batch_size`` rows in sequence (``lax.map``). Candidate ``i``'s SDE noise comes from
+its own key (:func:`~tts_jax.samplers.integrate.solve_rows`), so a candidate does not depend on
+which others share its batch: results do not depend on ``batch_size`` (up to float rounding).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import numpy as np
 from tts_jax.interpolants import Diffusion, forward_renoise, ode
 from tts_jax.models.base import FlowModel
 from tts_jax.rewards.base import Reward
-from tts_jax.samplers.integrate import initial_noise, solve, tweedie
+from tts_jax.samplers.integrate import initial_noise, solve_rows, tweedie
 from tts_jax.samplers.result import SampleResult, check_finite_rewards
 
 Array = jax.Array
@@ -59,22 +61,31 @@ def _broadcast_cond(cond: Any, num: int) -> Any:
     return jax.tree.map(lambda c: jnp.broadcast_to(c, (num, *c.shape[1:])), cond)
 
 
-def _map_candidates(fn, xs, batch_size: int | None):
-    """``fn`` on each candidate of ``xs`` (pytree, leading axis): vmapped, or in chunks."""
-    if batch_size is None:
-        return jax.vmap(fn)(xs)
-    return jax.lax.map(fn, xs, batch_size=batch_size)
+def _map_rows(fn, xs, batch_size: int | None) -> Array:
+    """``fn`` (a batch of rows ``[B, ...]`` -> ``[B, ...]``) over the rows of ``xs`` (pytree,
+    leading axis ``C``): one call on all rows, or sequential calls (``lax.map``) on chunks of
+    ``batch_size`` rows followed by one call on the remaining ``C mod batch_size`` rows."""
+    num = jax.tree.leaves(xs)[0].shape[0]
+    if batch_size is None or batch_size >= num:
+        return fn(xs)
+    full = num - num % batch_size
+    chunks = jax.tree.map(lambda x: x[:full].reshape(-1, batch_size, *x.shape[1:]), xs)
+    out = jax.lax.map(fn, chunks)
+    out = out.reshape(full, *out.shape[2:])
+    if full == num:
+        return out
+    return jnp.concatenate([out, fn(jax.tree.map(lambda x: x[full:], xs))])
 
 
 def _denoise(keys, model, x, grid, diffusion, cond, batch_size):
-    """Integrate every candidate ``x [C, ...]`` along ``grid`` with its own key of ``keys [C]``:
-    ``(len(grid) - 1) C`` NFE."""
+    """Integrate every candidate ``x [C, ...]`` along ``grid``, batched (chunks of ``batch_size``
+    rows), candidate ``i``'s noise from ``keys[i]`` (``keys [C]``): ``(len(grid) - 1) C`` NFE."""
 
-    def one(args):
-        k, xi = args
-        return solve(k, model, xi[None], grid, diffusion, cond)[0]
+    def rows(args):
+        k, xs = args
+        return solve_rows(k, model, xs, grid, diffusion, _broadcast_cond(cond, xs.shape[0]))
 
-    return _map_candidates(one, (keys, x), batch_size)
+    return _map_rows(rows, (keys, x), batch_size)
 
 
 def _fold_in_range(key, num: int):
@@ -83,8 +94,12 @@ def _fold_in_range(key, num: int):
 
 
 def _velocity(model, x, t, cond, batch_size):
-    """Velocity of every candidate ``x [C, ...]`` at scalar time ``t``: ``C`` NFE."""
-    return _map_candidates(lambda xi: model.velocity(xi[None], t, cond)[0], x, batch_size)
+    """Velocity of every candidate ``x [C, ...]`` at scalar time ``t``, batched: ``C`` NFE."""
+
+    def rows(xs):
+        return model.velocity(xs, t, _broadcast_cond(cond, xs.shape[0]))
+
+    return _map_rows(rows, x, batch_size)
 
 
 def _score(reward, x, cond):
@@ -154,11 +169,9 @@ def _finish(result: SampleResult, method: str, nan_policy: str) -> SampleResult:
 
 @functools.partial(jax.jit, static_argnames=("num_samples", "batch_size"))
 def _best_of_n(key, model, reward, grid, diffusion, cond, held_out, num_samples, batch_size):
-    def one(k):
-        k_noise, k_solve = jax.random.split(k)
-        return solve(k_solve, model, initial_noise(k_noise, model, 1), grid, diffusion, cond)[0]
-
-    samples = _map_candidates(one, _fold_in_range(key, num_samples), batch_size)
+    keys = jax.vmap(jax.random.split)(_fold_in_range(key, num_samples))  # [N, 2]
+    noise = jax.vmap(lambda k: initial_noise(k, model, 1)[0])(keys[:, 0])
+    samples = _denoise(keys[:, 1], model, noise, grid, diffusion, cond, batch_size)
     scores, nan = _score(reward, samples, cond)
     nan = jnp.sum(nan, dtype=jnp.int32)
     num_steps = grid.shape[0] - 1
@@ -469,6 +482,19 @@ def _branch_and_solve(key, model, grid, diffusion, x, level, length, settings):
     return _denoise(keys, model, branches, segment, diffusion, cond, batch_size)
 
 
+def _keep_top(scores: Array, cand: Array, num: int) -> tuple[Array, Array]:
+    """The ``num`` best of ``cand [C, ...]`` by ``scores [C]``, best first: ``(scores [num],
+    candidates [num, ...])``.
+
+    Callers take the best score as ``max(scores)``, never by slicing the result: XLA:CPU runs
+    ``top_k`` as its partial-sort kernel only when every use of it is the whole ``[num]`` result;
+    a slice such as ``top[0]`` makes it fall back to a full stable sort of ``C`` (about 3x slower
+    at ``C = 16384``).
+    """
+    top, idx = jax.lax.top_k(scores, num)
+    return top, cand[idx]
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -511,8 +537,8 @@ def _search_over_paths(
         t = grid[level - forward_steps + backward_steps]
         x0_hat = tweedie(model, cand, t, _velocity(model, cand, t, cond, batch_size))
         scores, is_nan = _score(reward, x0_hat, cond)
-        top, idx = jax.lax.top_k(scores, num_paths)
-        return (cand[idx], nan + jnp.sum(is_nan)), top[0]
+        _, kept = _keep_top(scores, cand, num_paths)
+        return (kept, nan + jnp.sum(is_nan)), jnp.max(scores)
 
     num_full = len(plan.levels) - 1
     levels = jnp.asarray(plan.levels[:num_full], jnp.int32)
@@ -523,15 +549,15 @@ def _search_over_paths(
         round_keys[-1], model, grid, diffusion, x, plan.levels[-1], plan.lengths[-1], settings
     )
     scores, is_nan = _score(reward, cand, cond)
-    top, idx = jax.lax.top_k(scores, num_paths)
+    top, kept = _keep_top(scores, cand, num_paths)
     ends = np.asarray(plan.levels) - forward_steps + np.asarray(plan.lengths)
     info = {
-        "best_reward": jnp.concatenate([round_best, top[:1]]),
+        "best_reward": jnp.concatenate([round_best, jnp.max(scores, keepdims=True)]),
         "nfe": num_paths * jnp.asarray(plan.nfe_after_round, jnp.int32),
         "time": grid[ends],
     }
     return _result(
-        cand[idx],
+        kept,
         top,
         num_paths * plan.nfe_per_path,
         len(plan.levels) * num_paths * num_branches,
