@@ -165,7 +165,10 @@ CATEGORIES = [
     ("model forward + SDE step (incl. noise)", ("FlowModel.velocity", "sde_step", "Diffusion")),
     ("resampling (only when it fires)", ("_step.<locals>.resample",)),
     ("resampling cond: keep branch", ("_step.<locals>.keep",)),
-    ("reward on the Tweedie estimate", ("Reward.__call__", "tweedie", "nan_to_neg_inf")),
+    (
+        "reward on the Tweedie estimate",
+        ("Reward.__call__", "tweedie", "nan_to_neg_inf", "_flag_nan"),
+    ),
     ("PRNG key derivation", ("step_keys_for", "_threefry_split", "fold_in")),
     ("reweighting: one max, two sums (logsumexp + ESS)", ("_reweight",)),
     ("NaN-potential count", ("_drop_nan",)),
@@ -178,7 +181,7 @@ def categorize(hlo: Hlo, ins: dict, comp: str) -> str:
         return "per-step diagnostics written to scan outputs"
     if ins["opcode"] == "conditional":
         inner = {categorize(hlo, i, b) for b in _branches(ins["rest"]) for i in hlo.kernels(b)}
-        if any("resampl" in c for c in inner):
+        if any(c.startswith("resampling") for c in inner):
             return "resampling lax.cond (ESS test)"
         return "reward lax.cond (schedule mask)"
     if ins["opcode"] == "copy" and ins["frame"] is None:

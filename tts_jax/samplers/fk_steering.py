@@ -33,7 +33,12 @@ from tts_jax.interpolants import Diffusion, sde_step
 from tts_jax.models.base import FlowModel
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers.integrate import initial_noise, tweedie
-from tts_jax.samplers.result import SampleResult, check_finite_rewards, held_out_scores
+from tts_jax.samplers.result import (
+    SampleResult,
+    check_finite_rewards,
+    held_out_scores,
+    nan_to_neg_inf,
+)
 
 Array = jax.Array
 POTENTIALS = ("diff", "max", "sum", "final")
@@ -51,13 +56,6 @@ def _next_log_potential(kind: str, phi, running, reward, lam):
         running = running + reward
         return phi + lam * running, running
     return phi + lam * reward, None  # final / rt
-
-
-def _scored(reward: Reward, x0, cond):
-    """Rewards ``[N]`` of ``x0`` with NaN replaced by ``-inf``, and the NaN mask ``Bool[N]``."""
-    raw = reward(x0, cond)
-    nan = jnp.isnan(raw)
-    return jnp.where(nan, -jnp.inf, raw), nan
 
 
 def _flag_nan(phi, nan):
@@ -86,7 +84,7 @@ def _make_callbacks(model: FlowModel, reward: Reward, grid, diffusion, kind, eva
         u = model.velocity(x, t_next, cond)
 
         def evaluate(_):
-            r, nan = _scored(reward, tweedie(model, x, t_next, u), cond)
+            r, nan = nan_to_neg_inf(reward(tweedie(model, x, t_next, u), cond))
             phi, running = _next_log_potential(kind, state["phi"], state.get("running"), r, lam)
             return _flag_nan(phi, nan), running, r
 
@@ -99,7 +97,7 @@ def _make_callbacks(model: FlowModel, reward: Reward, grid, diffusion, kind, eva
         """The last step needs no velocity: its Tweedie estimate is the state itself (0 NFE).
         The final potential is exactly ``lambda * r(x0)``, dividing out every earlier factor."""
         x, _ = move(key, state, k)
-        r, nan = _scored(reward, x, cond)
+        r, nan = nan_to_neg_inf(reward(x, cond))
         _, running = _next_log_potential(kind, state["phi"], state.get("running"), r, lam)
         return updated(state, x, jnp.zeros_like(x), _flag_nan(lam * r, nan), running, r)
 

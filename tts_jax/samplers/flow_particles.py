@@ -133,14 +133,7 @@ def _score(model: FlowModel, reward: Reward, x: Array, t: Array, u: Array, cond)
 
     Returns ``(rewards [N] with NaN -> -inf, nan mask [N])``.
     """
-    return _score_samples(reward, tweedie(model, x, jnp.broadcast_to(t, x.shape[:1]), u), cond)
-
-
-def _score_samples(reward: Reward, x0: Array, cond) -> tuple:
-    """Reward of samples ``x0 [N, ...]`` (at the data end a state is its own x0)."""
-    r = reward(x0, cond)
-    nan = jnp.isnan(r)
-    return jnp.where(nan, -jnp.inf, r), nan
+    return nan_to_neg_inf(reward(tweedie(model, x, jnp.broadcast_to(t, x.shape[:1]), u), cond))
 
 
 def _propose(key, model: FlowModel, diffusion: Diffusion, x, u, t, t_next) -> Array:
@@ -184,7 +177,7 @@ def _bon(key, model, reward, grid, diffusion, cond, num_samples):
         "best_reward": jax.lax.cummax(r),
         "nfe": jnp.full((num_samples,), num_steps, jnp.int32),
         "init_nfe": jnp.int32(0),
-        "num_nan_rewards": nan,
+        "num_nan_rewards": jnp.sum(nan, dtype=jnp.int32),
     }
     out = _chain_result(x, r, jnp.int32(num_steps * num_samples), jnp.int32(num_samples), info)
     return out
@@ -355,7 +348,7 @@ def _code(key, model, reward, grid, diffusion, cond, num_chains, num_proposals, 
     xs = _propose(
         jax.random.fold_in(key_last, last_block - 1), model, diffusion, xs, us, grid[k], grid[k + 1]
     )
-    x, _, last = keep_best(xs, us, *_score_samples(reward, xs, cond), num_steps, last_block - 1)
+    x, _, last = keep_best(xs, us, *nan_to_neg_inf(reward(xs, cond)), num_steps, last_block - 1)
     per = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), per, last)
     r = last["chain_reward"]
     info = {
@@ -653,7 +646,7 @@ def _rbf(
     xs = jnp.repeat(chains.x, final_proposals, axis=0)
     us = jnp.repeat(chains.u, final_proposals, axis=0)
     xs = _propose(k_final, model, diffusion, xs, us, grid[-2], grid[-1])
-    r, nan = _score_samples(reward, xs, cond)
+    r, nan = nan_to_neg_inf(reward(xs, cond))
     idx, _ = _best_of(r, num_chains)
     chain_reward = chains.chain_reward.at[-1].set(r[idx])
     # The pool's velocities at grid[0] are init_nfe; those at grid[1] are step 0's chain_nfe.

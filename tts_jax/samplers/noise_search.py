@@ -47,7 +47,7 @@ from tts_jax.interpolants import Diffusion, forward_renoise, ode
 from tts_jax.models.base import FlowModel
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers.integrate import initial_noise, solve_rows, tweedie
-from tts_jax.samplers.result import SampleResult, check_finite_rewards
+from tts_jax.samplers.result import SampleResult, check_finite_rewards, nan_to_neg_inf
 
 Array = jax.Array
 NAN_POLICIES = ("raise", "drop")
@@ -104,9 +104,7 @@ def _velocity(model, x, t, cond, batch_size):
 
 def _score(reward, x, cond):
     """Verifier scores ``[C]`` of the batch ``x [C, ...]`` (NaN -> ``-inf``) and the NaN mask."""
-    raw = reward(x, _broadcast_cond(cond, x.shape[0]))
-    nan = jnp.isnan(raw)
-    return jnp.where(nan, -jnp.inf, raw), nan
+    return nan_to_neg_inf(reward(x, _broadcast_cond(cond, x.shape[0])))
 
 
 def _held_out(held_out, samples, cond):

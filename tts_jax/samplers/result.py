@@ -70,6 +70,7 @@ def held_out_scores(held_out, samples: Array, cond: Any = None) -> dict[str, Arr
 
 
 def nan_to_neg_inf(rewards: Array) -> tuple[Array, Array]:
-    """Replace NaN rewards by ``-inf`` (never selected) and count them."""
+    """``rewards [N]`` with NaN replaced by ``-inf`` (never selected), and the NaN mask
+    ``Bool[N]``."""
     nan = jnp.isnan(rewards)
-    return jnp.where(nan, -jnp.inf, rewards), jnp.sum(nan).astype(jnp.int32)
+    return jnp.where(nan, -jnp.inf, rewards), nan
