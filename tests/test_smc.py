@@ -254,6 +254,6 @@ def test_run_until_stops_when_finished_and_matches_the_idle_scan():
     np.testing.assert_allclose(early.particles.log_weights, full.particles.log_weights, atol=1e-6)
     np.testing.assert_allclose(early.log_evidence, full.log_evidence, rtol=1e-6)
     assert not bool(np.any(np.asarray(full.info.resampled)[5:]))  # idle steps did not resample
-    for got, want in zip(early.info, full.info, strict=True):
+    for got, want in zip(jax.tree.leaves(early.info), jax.tree.leaves(full.info), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert calls["count"] == 1  # traced once: one while-loop body, no per-step Python dispatch

@@ -126,6 +126,8 @@ class SMCInfo(NamedTuple):
         log_evidence_increment: ``log sum_i W_i G_i`` of this step.
         num_nan_potentials: potentials that were NaN and were dropped (weight -> 0).
         all_dead: every weight is zero after this step.
+        observed: what the caller's ``observe(state)`` returned for the propagated particles
+            (before resampling), or ``None`` (see :func:`run_scan`).
     """
 
     ess: Array
@@ -135,6 +137,7 @@ class SMCInfo(NamedTuple):
     log_evidence_increment: Array
     num_nan_potentials: Array
     all_dead: Array
+    observed: PyTree = None
 
 
 class SMCResult(NamedTuple):
@@ -223,7 +226,9 @@ def step(
     return _step(k_prop, k_res, smc_state, propagate, log_potential, schedule, params, resampler)
 
 
-def _step(k_prop, k_res, smc_state, propagate, log_potential, schedule, params, resampler):
+def _step(
+    k_prop, k_res, smc_state, propagate, log_potential, schedule, params, resampler, observe=None
+):
     """:func:`step` with its key already split (so a scan can split every key up front)."""
     resample_fn = get_resampler(resampler)
     particles = smc_state.particles
@@ -231,6 +236,7 @@ def _step(k_prop, k_res, smc_state, propagate, log_potential, schedule, params, 
     k = smc_state.step
 
     new_state, correction = propagate(k_prop, particles.state, k, params)
+    observed = None if observe is None else observe(new_state)
     lp_new, num_nan = _drop_nan(log_potential(new_state, k + 1, params))
     old = smc_state.log_potential
     ratio = jnp.where(
@@ -259,7 +265,7 @@ def _step(k_prop, k_res, smc_state, propagate, log_potential, schedule, params, 
         smc_state.log_evidence + mass,
         k + 1,
     )
-    info = SMCInfo(ess_now, do_resample, ancestors, unique, mass, num_nan, ~alive)
+    info = SMCInfo(ess_now, do_resample, ancestors, unique, mass, num_nan, ~alive, observed)
     return out, info
 
 
@@ -286,6 +292,7 @@ def run_scan(
     params: PyTree = None,
     resampler: str | Callable = "systematic",
     propagate_last: Propagate | None = None,
+    observe: Callable[[PyTree], PyTree] | None = None,
 ) -> SMCResult:
     """The whole loop as one ``lax.scan`` (un-jitted: call it inside your own jitted program).
 
@@ -297,11 +304,16 @@ def run_scan(
             ``K - 1`` steps and the last one is traced separately, so ``propagate`` never needs a
             ``lax.cond`` on ``k == K - 1`` (e.g. to skip a model call whose output only later
             steps use).
+        observe: optional ``state -> pytree`` per-step diagnostic of the propagated particles
+            (before resampling, e.g. their best reward), stacked in ``info.observed`` with a
+            leading step axis ``K``.
     """
     smc_state, num_nan_initial, step_keys = _start(key, state, log_potential, schedule, params)
 
     def body(carry, keys, propagate=propagate):
-        return _step(keys[0], keys[1], carry, propagate, log_potential, schedule, params, resampler)
+        return _step(
+            keys[0], keys[1], carry, propagate, log_potential, schedule, params, resampler, observe
+        )
 
     if propagate_last is None:
         final, info = jax.lax.scan(body, smc_state, step_keys)

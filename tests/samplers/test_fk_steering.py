@@ -93,6 +93,18 @@ def test_nan_rewards_raise_by_default_and_drop_on_request():
         assert int(out.info["num_nan_rewards"]) == 4, potential
 
 
+def test_best_reward_per_step_follows_the_reward_calls_and_resampling():
+    # Rewards at steps 9, 19, 29 (each followed by resampling) and at the last step (none).
+    out = _run(0, 64, schedule=smc.every(40, 10, include_last=False))
+    best = np.asarray(out.info["best_reward"])
+    assert best.shape == (40,)
+    assert np.all(best[:9] == -np.inf)  # no reward call yet
+    for call in (9, 19, 29):  # until the next call: the resampled particles' rewards
+        kept = best[call + 1 : call + 10]
+        assert np.all(kept == kept[0]) and kept[0] <= best[call]
+    assert best[-1] == np.max(np.asarray(out.rewards))  # the samples' rewards, not resampled
+
+
 def test_budget_accounting():
     out = _run(0, 16)
     assert int(out.nfe) == 40 * 16

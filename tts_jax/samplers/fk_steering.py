@@ -129,10 +129,19 @@ def _fk_steering(
         model, reward, grid, diffusion, potential, eval_mask, cond
     )
     out = smc.run_scan(
-        k_run, state, propagate, log_potential, schedule, lam, resampler, propagate_last
+        k_run,
+        state,
+        propagate,
+        log_potential,
+        schedule,
+        lam,
+        resampler,
+        propagate_last,
+        observe=lambda state: jnp.max(state["reward"]),
     )
     final = out.particles.state
     info = out.info._asdict()
+    info["best_reward"] = info.pop("observed")
     info["num_nan_rewards"] = jnp.sum(out.info.num_nan_potentials)  # NaN rewards, once each
     return SampleResult(
         samples=final["x"],
@@ -184,7 +193,12 @@ def fk_steering(
 
     Returns:
         :class:`SampleResult`: weighted particles targeting ``p(x0) exp(lam r(x0)) / Z``,
-        ``log_evidence`` estimating ``log E_p[exp(lam r(x0))]``, per-step SMC diagnostics.
+        ``log_evidence`` estimating ``log E_p[exp(lam r(x0))]``, per-step SMC diagnostics
+        (:class:`~tts_jax.smc.SMCInfo`: ``ess``, ``resampled``, ``ancestors``,
+        ``unique_ancestors``, ...) and ``best_reward [K]``: after each step, the best of the
+        particles' latest rewards (on the Tweedie estimate before the last step, whose reward is
+        the samples'; at steps without a reward call, the previous call's rewards of the current
+        particles), ``num_nan_rewards``.
     """
     if potential not in POTENTIALS:
         raise ValueError(f"unknown potential {potential!r}; known: {POTENTIALS}")

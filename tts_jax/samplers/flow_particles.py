@@ -40,9 +40,9 @@ Budget accounting (``result.nfe`` counts model forward passes per particle):
 Every method rejects budgets below its minimum with a message that states it, returns
 :class:`~tts_jax.samplers.result.SampleResult` whose ``samples`` are the outputs at ``t = 0``
 (particles, chains or BoN candidates) with their rewards, and ``info`` with per-step
-diagnostics (``nfe`` per step, ``init_nfe``, ``best_reward`` = running best reward, plus
-method-specific entries). Rewards passed as ``held_out`` are evaluated on the outputs only
-(``info["held_out"][name]``), never used for selection.
+diagnostics (``nfe`` per step, ``init_nfe``, ``best_reward``: the running best reward, for SMC
+each step's best, plus method-specific entries). Rewards passed as ``held_out`` are evaluated
+on the outputs only (``info["held_out"][name]``), never used for selection.
 
 NaN rewards: a proposal whose reward is NaN is scored ``-inf`` and never selected (if all of a
 chain's proposals are NaN it keeps the first one); the count is ``info["num_nan_rewards"]`` and,
@@ -249,8 +249,9 @@ def smc(
     Returns:
         :class:`SampleResult` of the ``N`` particles with FK's SMC diagnostics (``ess``,
         ``unique_ancestors``, ``resampled``, ``log_evidence_increment`` per step), ``nfe [S]``
-        and ``init_nfe``. ``best_reward`` is not reported per step: resampled-away particles'
-        rewards are not kept; the output's best is ``result.best_reward``.
+        and ``init_nfe``; ``best_reward [S]`` is each step's best reward of the particles'
+        x0-predictions (the samples' at the last step), not a running maximum: intermediate
+        rewards are on Tweedie estimates, not samples.
     """
     grid = _validate(grid, budget, nan_policy, held_out)
     num_steps = grid.shape[0] - 1

@@ -181,6 +181,7 @@ def _pf_jit(key, model, prompt, prompt_length, scorer_params, cfg: DecodeConfig,
     out = smc.run_scan(k_run, state, propagate, log_potential, schedule, hyper, res_fn)
     final, lw = out.particles.state, out.particles.log_weights
     info = out.info._asdict()
+    del info["observed"]  # no per-step observation requested
     info["num_nan"] = jnp.sum(out.info.num_nan_potentials) + out.num_nan_initial
     # The reference of the next Gibbs sweep, drawn by final weight.
     ref = jax.random.categorical(k_ref, jnp.where(jnp.isnan(lw), -jnp.inf, lw))
@@ -400,6 +401,7 @@ def _token_smc_jit(key, model, prompt, cfg, params, ess_threshold, *, potential,
     scores = log_potential(final, jnp.int32(max_new_tokens), params)
     final = final._replace(score=scores)
     info = out.info._asdict()
+    del info["observed"]  # no per-step observation requested
     info["num_nan"] = jnp.sum(out.info.num_nan_potentials) + out.num_nan_initial
     best = jnp.argmax(jnp.where(jnp.isnan(lw), -jnp.inf, lw)).astype(jnp.int32)
     return make_result(final, lw, best, out.log_evidence, out.all_dead, info)
