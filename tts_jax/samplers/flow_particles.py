@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tts_jax import smc as smc_engine
-from tts_jax.interpolants import Diffusion, sde_step
+from tts_jax.interpolants import Diffusion, sde_step, sde_step_mean_std, velocity_to_x0
 from tts_jax.models.base import FlowModel
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers.fk_steering import fk_steering
@@ -519,6 +519,32 @@ class _Chains(NamedTuple):
     it: Array
 
 
+class _Transitions(NamedTuple):
+    """Coefficients of the transition ``grid[k] -> grid[k + 1]`` for every ``k < S``: the
+    Euler-Maruyama proposal is ``mean_x[k] x + mean_u[k] u + std[k] z`` and the x0-prediction at
+    its landing point ``x0_u[k] u' + x0_x[k] x'`` (both linear in the state and its velocity, for
+    every interpolant). RBF's chains sit at different grid indices; gathering these ``[S]``
+    scalars per chain costs less than evaluating the interpolant at per-chain times."""
+
+    mean_x: Array
+    mean_u: Array
+    std: Array
+    x0_u: Array
+    x0_x: Array
+
+
+def _transitions(model: FlowModel, diffusion: Diffusion, grid: Array) -> _Transitions:
+    """:class:`_Transitions` of ``grid`` (``[S]`` each), from unit states and velocities."""
+    t, t_next = grid[:-1], grid[1:]
+    one, zero = jnp.ones_like(t), jnp.zeros_like(t)
+    g = diffusion(t, model.interpolant)
+    mean_x, std = sde_step_mean_std(model.interpolant, zero, one, t, t_next, g)
+    mean_u, _ = sde_step_mean_std(model.interpolant, one, zero, t, t_next, g)
+    x0_u = velocity_to_x0(model.interpolant, one, zero, t_next)
+    x0_x = velocity_to_x0(model.interpolant, zero, one, t_next)
+    return _Transitions(mean_x, mean_u, jnp.broadcast_to(std, t.shape), x0_u, x0_x)
+
+
 def _rbf_init(key, model, reward, grid, diffusion, cond, num_chains, num_init, quota):
     """The initial pool: each chain starts from the best of ``num_init`` noises after one SDE step.
 
@@ -575,15 +601,17 @@ def _rbf_init(key, model, reward, grid, diffusion, cond, num_chains, num_init, q
     ), pool_reward.T
 
 
-def _rbf_iteration(key, model, reward, grid, diffusion, cond, quota, chain_budget, c: _Chains):
+def _rbf_iteration(key, model, reward, grid, tr: _Transitions, cond, quota, chain_budget, c):
     """Every chain still short of ``t = grid[S - 1]`` draws one proposal (1 NFE) and decides."""
     num_steps = grid.shape[0] - 1
     active = c.k < num_steps - 1
     kk = jnp.minimum(c.k, num_steps - 2)
-    t, t_next = grid[kk], grid[kk + 1]
-    xp = _propose(jax.random.fold_in(key, c.it), model, diffusion, c.x, c.u, t, t_next)
-    up = model.velocity(xp, t_next, cond)  # computed for all rows, counted for active ones
-    r, nan = _score(model, reward, xp, t_next, up, cond)
+    z = jax.random.normal(jax.random.fold_in(key, c.it), c.x.shape, c.x.dtype)
+    xp = _rows(tr.mean_x[kk], c.x) * c.x + _rows(tr.mean_u[kk], c.x) * c.u
+    xp = xp + _rows(tr.std[kk], c.x) * z
+    up = model.velocity(xp, grid[kk + 1], cond)  # computed for all rows, counted for active ones
+    x0 = _rows(tr.x0_u[kk], xp) * up + _rows(tr.x0_x[kk], xp) * xp
+    r, nan = nan_to_neg_inf(reward(x0, cond))
     used = c.used + active
     spent = c.spent + active
     step_better = active & ((r > c.step_r) | (used == 1))
@@ -639,7 +667,15 @@ def _rbf(
     chains = jax.lax.while_loop(
         lambda c: jnp.any(c.k < num_steps - 1),
         functools.partial(
-            _rbf_iteration, k_loop, model, reward, grid, diffusion, cond, quota, chain_budget
+            _rbf_iteration,
+            k_loop,
+            model,
+            reward,
+            grid,
+            _transitions(model, diffusion, grid),
+            cond,
+            quota,
+            chain_budget,
         ),
         chains,
     )
