@@ -162,7 +162,8 @@ def resamplings(key, width, num, resampler):
     def one(total, k):
         k_weights, k_draws = jax.random.split(jax.random.fold_in(key, k))
         log_weights = jax.random.normal(k_weights, (width,))
-        return total + resampling.get_resampler(resampler)(k_draws, log_weights, width)[0], None
+        ancestors = resampling.get_resampler(resampler)(k_draws, log_weights, width)
+        return total + jnp.sum(ancestors), None  # every ancestor is used: nothing is sliced away
 
     return jax.lax.scan(one, jnp.int32(0), jnp.arange(num))[0]
 
@@ -173,7 +174,7 @@ def weight_draws(key, width, num):
 
     def one(total, k):
         k_weights, _ = jax.random.split(jax.random.fold_in(key, k))
-        return total + jax.random.normal(k_weights, (width,))[0], None
+        return total + jnp.sum(jax.random.normal(k_weights, (width,))), None
 
     return jax.lax.scan(one, jnp.float32(0), jnp.arange(num))[0]
 
