@@ -210,15 +210,15 @@ def why(label: str, model, reward) -> str:
             for w, s in shares.items()
         )
         return (
-            "The closed-form 2-D GMM step costs about 70 ns per particle, about what resampling "
-            "that particle costs. One resampling of N particles over one reference step of N "
+            "The closed-form 2-D GMM step costs about 70 ns per particle (overhead profile "
+            "below), so any per-particle work that bare steps do not do is a visible fraction "
+            "of it. One resampling of N particles over one reference step of N "
             f"rows (forward, Euler-Maruyama update and reward call): {measured}. SMC resamples "
             "multinomially at every step (Kim et al.'s baseline), so its ratio is at least one "
             "plus that share before any bookkeeping; FK resamples every second step. Search "
             "over paths draws the paper's exact forward re-noising (N x D normals per round, "
             "where the ODE reference draws none) and keeps the top N of 4N candidates per "
-            "round (an exact top-k); with both switched off it is within 6% of the bare "
-            "steps. RBF's "
+            "round (an exact top-k): work of the algorithm that bare steps do not do. RBF's "
             "per-iteration bookkeeping (per-chain step index, allowance, step-best proposal and "
             "three [S, B] diagnostics, updated with masks) is a handful of [B]-sized passes, "
             "again comparable to a 2-D GMM step; at N = 1024 a step takes about 70 us and the "
