@@ -19,6 +19,11 @@ the noise and drift correction that any SDE sampling draws, with or without part
 repeats each call for about 50 ms; the ratio is the median of the per-round ratios); the first
 call (incl. compilation) is reported apart.
 
+When GMM cells miss the target, the same run measures the work that SMC, FK and search over
+paths must do on top of bare steps (a resampling, an exact re-noising, a top-k selection, each
+over one reference step: :func:`extra_work`) and the lower bound on their ratios it implies
+(:func:`floors`).
+
 How ``N`` maps onto each method (its width of parallel model calls):
 
 * ``best_of_n``: N candidates, budget ``N S``;
