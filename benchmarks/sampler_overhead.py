@@ -20,7 +20,7 @@ repeats each call for about 50 ms; the ratio is the median of the per-round rati
 call (incl. compilation) is reported apart.
 
 When GMM cells miss the target, the same run measures the work that SMC, FK and search over
-paths must do on top of bare steps (a resampling, an exact re-noising, a top-k selection, each
+paths must do on top of bare steps (a resampling, an exact re-noising, a best-N/4 selection, each
 over one reference step: :func:`extra_work`) and the lower bound on their ratios it implies
 (:func:`floors`).
 
@@ -201,14 +201,14 @@ def renoisings(key, model, grid, width, num):
 
 @functools.partial(jax.jit, static_argnames=("width", "num", "shape"))
 def selections(key, width, num, shape):
-    """``num`` selection rounds of search over paths with 4 branches: keep the top ``width / 4``
-    of ``width`` scored rows (the sampler's exact top-k) and repeat each 4 times, in one
-    ``lax.scan``; scores are fresh normals (subtract :func:`weight_draws`)."""
+    """``num`` selection rounds of search over paths with 4 branches: keep the best ``width / 4``
+    of ``width`` scored rows (the sampler's exact selection of an intermediate round) and repeat
+    each 4 times, in one ``lax.scan``; scores are fresh normals (subtract :func:`weight_draws`)."""
 
     def one(rows, k):
         scores = jax.random.normal(jax.random.split(jax.random.fold_in(key, k))[0], (width,))
-        top, kept = noise_search._keep_top(scores, rows, width // 4)
-        return jnp.repeat(kept, 4, axis=0) + jnp.sum(top), None
+        kept = rows[noise_search._top_set(scores, width // 4)]
+        return jnp.repeat(kept, 4, axis=0), None
 
     return jax.lax.scan(one, jnp.zeros((width, *shape)), jnp.arange(num))[0]
 
@@ -218,7 +218,7 @@ def extra_work(model, reward, width: int) -> dict[str, float]:
     (forward, integrator update and reward call) of ``width`` rows: one multinomial or
     systematic resampling of ``width`` particles (over an Euler-Maruyama step), and one round of
     search over paths' own work over an Euler step (its reference): the exact forward
-    re-noising of ``width`` rows and the top-k selection with the branching copy."""
+    re-noising of ``width`` rows and the selection of the best with the branching copy."""
     key, grid = jax.random.key(0), I.uniform_grid(STEPS)
     calls = {
         "sde_step": lambda: reference(key, model, reward, grid, SDE, width, STEPS, STEPS),
@@ -264,8 +264,8 @@ def why(label: str, model, reward, widths, grid) -> str:
             bounds = floors(shares, width, grid)
             parts.append(
                 f"N = {width}: multinomial {shares['multinomial']:.2f}, systematic "
-                f"{shares['systematic']:.2f}, re-noising {shares['renoise']:.2f}, top-k "
-                f"selection {shares['select']:.2f}; so smc >= "
+                f"{shares['systematic']:.2f}, re-noising {shares['renoise']:.2f}, "
+                f"best-N/4 selection {shares['select']:.2f}; so smc >= "
                 f"{bounds['smc']:.2f}, fk >= {bounds['fk']:.2f}, paths >= {bounds['paths']:.2f}"
             )
         return (
@@ -278,7 +278,7 @@ def why(label: str, model, reward, widths, grid) -> str:
             "al.'s baseline, ALGORITHMS.md 3: N uniforms and a binary search per step), FK "
             "at every second step here; search over paths draws the paper's exact forward "
             "re-noising (N x D normals per round, where the ODE reference draws none) and "
-            "keeps the exact top N/4 of its N candidates per round (XLA's top-k), then copies "
+            "keeps the exact best N/4 of its N candidates per round, then copies "
             "each 4 times to branch. RBF's per-iteration "
             "bookkeeping (per-chain step index, allowance, step-best proposal and three "
             "[S, B] diagnostics, updated with masks) is a handful of [B]-sized passes over a "

@@ -191,6 +191,22 @@ def test_zero_order_diagnostics_and_paths_plan():
     assert ns.paths_plan(10, 3, 3, 2, 5) == ns.PathsPlan((3, 6, 9), (5, 5, 3), (21, 39, 48))
 
 
+@pytest.mark.parametrize("size, num", [(1, 1), (7, 3), (64, 16), (4096, 1024)])
+def test_top_set_is_the_set_that_top_k_keeps(size, num):
+    """Paths' intermediate selection (bisection on order-preserving keys) against lax.top_k on
+    continuous scores, heavy ties (straddling the cut), signs and -inf."""
+    top_set = jax.jit(ns._top_set, static_argnums=1)
+    key = jax.random.key(size)
+    normal = jax.random.normal(key, (size,))
+    tied = jnp.round(normal * 2.0) / 2.0  # a handful of distinct values, many ties
+    dead = jnp.where(jax.random.bernoulli(key, 0.5, (size,)), -jnp.inf, -jnp.abs(normal))
+    for scores in (normal, tied, dead, jnp.full((size,), -jnp.inf)):
+        got = np.asarray(top_set(scores, num))
+        assert got.dtype == np.int32 and (np.diff(got) > 0).all()  # distinct, index order
+        want = np.sort(np.asarray(jax.lax.top_k(scores, num)[1]))
+        np.testing.assert_array_equal(got, want)
+
+
 def test_sphere_neighbours_keep_the_norm_and_the_cosine():
     pivot = jax.random.normal(jax.random.key(0), (3, 4))
     flat = np.asarray(pivot, np.float64).reshape(-1)
