@@ -5,11 +5,14 @@ Every method generates the same number of tokens per row (no stop token, so each
 full budget) from one shared prompt. Step-level particle filtering uses a free in-graph oracle
 scorer, so its ratio isolates step segmentation, weighting, resampling (a gather of the whole KV
 cache every step) and bookkeeping; the same filter with a PRM (a random
-:class:`~tts_jax.models.lm_reward.RewardModel` of the same size, full forward over prompt +
-completion at every step) is reported separately with its PRM forward count. Token-level SMC
-resamples by ESS with a tilting potential. Reported: median wall time over ``--repeats`` runs
-after one warm-up call (which compiles), tokens/s, and the tokens/s ratio to ``generate`` (the
-median over calls alternating with ``generate``, which cancels slow changes of the load).
+:class:`~tts_jax.models.lm_reward.RewardModel` of the same size) is reported separately, twice:
+``+PRM`` runs a full PRM forward over prompt + completion at every step (``P + L`` tokens per
+row and step), ``+cached PRM`` keeps the PRM's KV cache in the particle state and feeds it only
+each step's new tokens (:data:`~tts_jax.samplers.lm_scoring.cached_prm_scorer`, same scores).
+Token-level SMC resamples by ESS with a tilting potential. Reported: median wall time over
+``--repeats`` runs after one warm-up call (which compiles), tokens/s, and the tokens/s ratio to
+``generate`` (the median over calls alternating with ``generate``, which cancels slow changes of
+the load).
 A measurement, not a test.
 
     python -m benchmarks.lm_steering_overhead [--sizes 16x64,64x256]
@@ -29,7 +32,7 @@ from benchmarks.timing import time_call, time_pair
 from tts_jax.models import lm
 from tts_jax.models.lm_reward import RewardModel
 from tts_jax.samplers import lm_smc
-from tts_jax.samplers.lm_scoring import prm_scorer
+from tts_jax.samplers.lm_scoring import cached_prm_scorer, prm_scorer
 
 
 def measure(n: int, new: int, args: argparse.Namespace) -> None:
@@ -39,7 +42,7 @@ def measure(n: int, new: int, args: argparse.Namespace) -> None:
     config = model.config
     prm = RewardModel(config, 2, rngs=nnx.Rngs(1))
     prompt = np.arange(1, 9, dtype=np.int32)
-    keys = iter(jax.random.split(jax.random.key(0), 8 * (args.repeats + 1)))
+    keys = iter(jax.random.split(jax.random.key(0), 10 * (args.repeats + 1)))
     pf_kwargs = dict(num_particles=n, max_steps=new // step, max_step_tokens=step,
                      max_new_tokens=new, temperature=1.0)
 
@@ -53,18 +56,20 @@ def measure(n: int, new: int, args: argparse.Namespace) -> None:
             potential=even_token_tilt, potential_params=jnp.float32(0.3)).tokens,
         "particle_filter+PRM": lambda: lm_smc.particle_filter(
             next(keys), model, prompt, prm_scorer, prm, **pf_kwargs).tokens,
+        "particle_filter+cached PRM": lambda: lm_smc.particle_filter(
+            next(keys), model, prompt, cached_prm_scorer, prm, **pf_kwargs).tokens,
     }
     print(f"\nN={n}, {new} new tokens per row, steps of {step} tokens, model "
           f"{config.num_hidden_layers}x{config.hidden_size}, vocab {config.vocab_size}, "
           f"backend {jax.default_backend()}")
     generate = runs.pop("generate")
     first, base = time_call(generate, args.repeats)
-    print(f"{'generate':>22}: {base * 1e3:8.1f} ms  {n * new / base:9.0f} tok/s  "
+    print(f"{'generate':>26}: {base * 1e3:8.1f} ms  {n * new / base:9.0f} tok/s  "
           f"(first call {first:.1f} s)", flush=True)
     for name, run in runs.items():
         first, median, _, ratio = time_pair(run, generate, args.repeats)
-        extra = f", {n * (new // step)} PRM forwards per run" if "PRM" in name else ""
-        print(f"{name:>22}: {median * 1e3:8.1f} ms  {n * new / median:9.0f} tok/s  "
+        extra = f", {n * (new // step)} PRM scorings per run" if "PRM" in name else ""
+        print(f"{name:>26}: {median * 1e3:8.1f} ms  {n * new / median:9.0f} tok/s  "
               f"tokens/s ratio to generate {1 / ratio:5.2f}  (first call {first:.1f} s{extra})",
               flush=True)
 

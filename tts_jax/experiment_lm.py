@@ -65,7 +65,7 @@ from tts_jax.models.lm import LM
 from tts_jax.models.lm_reward import RewardModel
 from tts_jax.samplers import lm_search, lm_smc
 from tts_jax.samplers.lm_result import LMResult, extract_answers
-from tts_jax.samplers.lm_scoring import StepScorer, host_scorer, prm_scorer
+from tts_jax.samplers.lm_scoring import StepScorer, cached_prm_scorer, host_scorer
 from tts_jax.tasks.arith_tokenizer import ArithTokenizer
 from tts_jax.tasks.arithmetic import (
     PROMPT_PREFIX,
@@ -256,7 +256,7 @@ def scorer_of(bundle: LMBundle, name: str) -> tuple[StepScorer, Any]:
             "scorer 'prm' needs the arithmetic PRM: train it with "
             "`python experiments/train_arith_prm.py` or use scorer='oracle'"
         )
-    return prm_scorer, bundle.prm
+    return cached_prm_scorer, bundle.prm  # particle filters feed its KV cache step by step
 
 
 # --------------------------------------------------------------------------- methods

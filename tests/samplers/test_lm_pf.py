@@ -7,16 +7,26 @@ every quantity reduces to the exactly known first-token distribution ``p0``.
 """
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from tts_jax.models.lm_reward import RewardModel
 from tts_jax.samplers import lm_smc
 from tts_jax.samplers.lm_exact import enumerate_completions
+from tts_jax.samplers.lm_scoring import (
+    AGGREGATIONS,
+    cached_prm_scorer,
+    prm_scorer,
+    score_sequences,
+)
+from tts_jax.samplers.lm_state import sequences
 
-from .test_lm_smc import EOS, iid_tv, tiny_lm
+from .test_lm_smc import EOS, VOCAB, iid_tv, random_module, tiny_lm
 
 PROMPT = np.array([2, 3], np.int32)
 SEP, N, RUNS = 1, 16, 40
@@ -151,3 +161,56 @@ def test_new_temperatures_or_weighting_compile_nothing():
     run(2, softmax_temperature=4.0, weighting="twisted", ess_threshold=0.8)
     run(3, method=lm_smc.particle_gibbs, n=2 * N, num_sweeps=2).tokens.block_until_ready()
     assert lm_smc._pf_jit._cache_size() == size
+
+
+@functools.cache
+def tiny_prm() -> RewardModel:
+    config = tiny_lm().config  # outside the abstract trace of random_module
+    return random_module(lambda: RewardModel(config, 2, rngs=nnx.Rngs(0)), 3)
+
+
+@pytest.mark.parametrize("how", AGGREGATIONS)
+def test_cached_prm_scorer_equals_rescoring_the_whole_sequence(how):
+    """Ragged chunks (0 to 3 new tokens per row and update, a padded prompt) fed to the PRM's
+    cache give, after every update, the aggregate of a full-prefix PRM pass."""
+    n, length_max, window = 5, 9, 3
+    rng = np.random.default_rng(0)
+    prompt, prompt_length = jnp.asarray([2, 3, 0], jnp.int32), jnp.int32(2)
+    completion = jnp.asarray(rng.integers(0, VOCAB, (n, length_max)), jnp.int32)
+    marks = jnp.asarray(rng.random((n, length_max)) < 0.4)
+    state = cached_prm_scorer.init(tiny_prm(), prompt, prompt_length, n, length_max)
+    update = jax.jit(cached_prm_scorer.update, static_argnums=(5, 6))
+    full = jax.jit(score_sequences, static_argnums=(0, 4))
+    length = np.zeros(n, np.int32)
+    for _ in range(4):
+        length = np.minimum(length + rng.integers(0, window + 1, n), length_max).astype(np.int32)
+        written = jnp.arange(length_max)[None, :] < length[:, None]
+        score, state = update(tiny_prm(), state, completion, jnp.asarray(length), marks & written,
+                              window, how)
+        view = types.SimpleNamespace(tokens=completion, step_ends=marks & written)
+        tokens, ends = sequences(prompt, view, prompt_length)
+        expected = full(prm_scorer, tiny_prm(), tokens, ends, how)
+        np.testing.assert_allclose(np.asarray(score), np.asarray(expected), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(state.fed), length)
+
+
+@pytest.mark.parametrize("method, options", [
+    (lm_smc.particle_filter, {}),
+    (lm_smc.entropic_particle_filter, {}),
+    (lm_smc.particle_gibbs, {"num_sweeps": 2}),
+])
+def test_particle_filters_with_the_cached_prm_reproduce_full_rescoring(method, options):
+    """Same key: the same particles, ancestors and scores whether the PRM re-reads every
+    sequence or keeps its cache in the (resampled) particle state."""
+    def sample(scorer):
+        return method(jax.random.key(4), tiny_lm(), PROMPT, scorer, tiny_prm(), num_particles=8,
+                      max_steps=4, max_step_tokens=2, max_new_tokens=7, temperature=1.0,
+                      sep_id=SEP, stop_ids=[EOS], pad_id=EOS, aggregation="min", **options)
+
+    full, cached = sample(prm_scorer), sample(cached_prm_scorer)
+    assert np.asarray(full.info["resampled"]).any()
+    np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(full.tokens))
+    np.testing.assert_array_equal(np.asarray(cached.info["ancestors"]),
+                                  np.asarray(full.info["ancestors"]))
+    np.testing.assert_allclose(np.asarray(cached.scores), np.asarray(full.scores), rtol=1e-5)
+    assert int(cached.budget.prm_calls) == int(full.budget.prm_calls)

@@ -16,18 +16,26 @@ Probabilistic Inference Approach to Inference-Time Scaling of LLMs using Particl
 Carlo Methods", ALGORITHMS.md 4.1): ``last`` (the newest step's score, the default), ``min``,
 ``prod``, or ``model`` (only the final position is marked, so the PRM scores the whole response as
 one step).
+
+A PRM scorer re-reads the whole prompt + completion at every step (``[N, P + L]`` tokens per
+call, quadratic in the number of steps). :data:`cached_prm_scorer` keeps the PRM's own KV cache in
+each particle's state instead and feeds it only the tokens written since the last step, with the
+same scores (causal attention); the particle filters use it incrementally, other samplers call it
+like :func:`prm_scorer`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tts_jax.models.lm_reward import RewardModel, prm_scores
+from tts_jax.models.lm import KVCache, init_cache
+from tts_jax.models.lm_reward import RewardModel, prm_scores, reward_logits
+from tts_jax.particles import gather
 
 Array = jax.Array
 StepScorer = Callable[[Any, Array, Array], Array]
@@ -49,6 +57,92 @@ def prm_scorer(prm: RewardModel, tokens: Array, step_ends: Array) -> Array:
         ``float32[N, T]`` ``P(correct)`` at step ends, 0 elsewhere.
     """
     return prm_scores(prm, tokens, step_ends)
+
+
+class PRMCache(NamedTuple):
+    """Per-particle state of :class:`CachedPRMScorer` (leading axis ``N``).
+
+    Attributes:
+        cache: the PRM's :class:`~tts_jax.models.lm.KVCache` over the prompt and the fed tokens.
+        fed: ``int32[N]`` completion tokens already fed.
+        last: ``float32[N]`` score of the newest step end (0 before any).
+        low: ``float32[N]`` minimum step score (``+inf`` before any).
+        log_prod: ``float32[N]`` sum of the log step scores (0 before any).
+    """
+
+    cache: KVCache
+    fed: Array
+    last: Array
+    low: Array
+    log_prod: Array
+
+
+class CachedPRMScorer:
+    """Step scorer for a 2-label PRM that keeps the PRM's KV cache per particle.
+
+    Called as a :data:`StepScorer` (``scorer(prm, tokens, step_ends)``) it is :func:`prm_scorer`.
+    The particle filters of :mod:`tts_jax.samplers.lm_smc` see ``incremental = True`` and
+    instead call :meth:`init` once (prefill the prompt on one row, broadcast to ``N``) and
+    :meth:`update` after every step (feed each row its new tokens, at most one step's worth):
+    ``P + L`` PRM token-forwards per particle over a whole run instead of ``P + L`` per step.
+    The state is part of :class:`~tts_jax.samplers.lm_state.LMState` and is resampled with it.
+    Use the module's instance :data:`cached_prm_scorer` (runners compile per scorer object).
+    """
+
+    incremental = True
+
+    def __call__(self, prm: RewardModel, tokens: Array, step_ends: Array) -> Array:
+        return prm_scores(prm, tokens, step_ends)
+
+    @staticmethod
+    def init(prm: RewardModel, prompt: Array, prompt_length: Array | None, num_particles: int,
+             max_new_tokens: int) -> PRMCache:
+        """Prefill ``prompt`` (``int32[P]``, right-padded to ``prompt_length``) once and
+        broadcast it to ``num_particles`` rows of a cache for ``P + max_new_tokens`` tokens."""
+        if prm.num_labels != 2:
+            raise ValueError(f"cached_prm_scorer needs a 2-label PRM head, got num_labels="
+                             f"{prm.num_labels}")
+        p = prompt.shape[0]
+        length = jnp.reshape(jnp.asarray(p if prompt_length is None else prompt_length,
+                                         jnp.int32), (1,))
+        _, cache = reward_logits(prm, prompt[None, :], init_cache(prm.config, 1, p +
+                                                                  max_new_tokens), length)
+        n = num_particles
+        zeros = jnp.zeros((n,), jnp.float32)
+        return PRMCache(gather(cache, jnp.zeros((n,), jnp.int32)), jnp.zeros((n,), jnp.int32),
+                        zeros, jnp.full((n,), jnp.inf, jnp.float32), zeros)
+
+    @staticmethod
+    def update(prm: RewardModel, state: PRMCache, completion: Array, length: Array,
+               step_ends: Array, window: int, how: str) -> tuple[Array, PRMCache]:
+        """Feed every row its completion tokens ``[fed, length)`` and aggregate the new step
+        ends' scores.
+
+        Args:
+            completion: ``int32[N, L]`` completion buffer; ``length``: ``int32[N]`` tokens written.
+            step_ends: ``bool[N, L]`` step-end marks of the completion.
+            window: static bound on the tokens a row writes between two updates (one step).
+            how: aggregation (see :func:`aggregate`).
+
+        Returns:
+            ``(score float32[N], state)``: the same aggregate as :func:`score_sequences` with a
+            PRM scorer over the whole prompt + completion.
+        """
+        positions = state.fed[:, None] + jnp.arange(window, dtype=jnp.int32)[None, :]
+        safe = jnp.minimum(positions, completion.shape[1] - 1)
+        tokens = jnp.take_along_axis(completion, safe, axis=1)
+        ends = jnp.take_along_axis(step_ends, safe, axis=1) & (positions < length[:, None])
+        logits, cache = reward_logits(prm, tokens, state.cache, length - state.fed)
+        p = jax.nn.softmax(logits, axis=-1)[..., 1]
+        newest = jnp.sum(jnp.where(last_step_only(ends), p, 0.0), axis=1)
+        last = jnp.where(jnp.any(ends, axis=1), newest, state.last)
+        low = jnp.minimum(state.low, jnp.min(jnp.where(ends, p, jnp.inf), axis=1))
+        log_prod = state.log_prod + jnp.sum(jnp.where(ends, jnp.log(p), 0.0), axis=1)
+        score = {"last": last, "model": last, "min": low, "prod": jnp.exp(log_prod)}[how]
+        return score, PRMCache(cache, length, last, low, log_prod)
+
+
+cached_prm_scorer = CachedPRMScorer()
 
 
 def host_scorer(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> StepScorer:

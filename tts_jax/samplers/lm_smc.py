@@ -147,7 +147,15 @@ def _pf_callbacks(model, prompt, prompt_length, scorer, scorer_params, cfg, ref_
             tokens, ends = sequences(prompt, st, prompt_length)
             return score_sequences(scorer, scorer_params, tokens, ends, aggregation)
 
-        fresh = jax.lax.cond(all_done, lambda st: st.score, score, s)
+        if getattr(scorer, "incremental", False):
+            # Rows with nothing new are fed nothing; no lax.cond, whose output would copy the
+            # scorer's cache.
+            fresh, scorer_state = scorer.update(scorer_params, s.scorer_state, s.tokens,
+                                                s.length, s.step_ends, max_step_tokens,
+                                                aggregation)
+            s = s._replace(scorer_state=scorer_state)
+        else:
+            fresh = jax.lax.cond(all_done, lambda st: st.score, score, s)
         r = jnp.where(was_done, s.score, fresh)
         a = log_odds(r) / hyper["softmax_temperature"]
         a = a / jnp.where(hyper["anneal"], entropic_temperature(a, (k + 1) / max_steps), 1.0)
@@ -172,6 +180,9 @@ def _pf_jit(key, model, prompt, prompt_length, scorer_params, cfg: DecodeConfig,
     k_run, k_ref = jax.random.split(key)
     state = init_state(model, prompt, num_particles, max_new_tokens, cfg.pad_id,
                        prompt_length=prompt_length)
+    if getattr(scorer, "incremental", False):
+        state = state._replace(scorer_state=scorer.init(
+            scorer_params, prompt, prompt_length, num_particles, max_new_tokens))
     propagate, log_potential = _pf_callbacks(
         model, prompt, prompt_length, scorer, scorer_params, cfg, ref_tokens, max_steps=max_steps,
         max_step_tokens=max_step_tokens, aggregation=aggregation)
@@ -242,7 +253,9 @@ def particle_filter(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer
         model: :class:`~tts_jax.models.lm.LM` policy.
         prompt: ``int[P]`` prompt tokens (prefilled once).
         scorer: :data:`~tts_jax.samplers.lm_scoring.StepScorer` (e.g.
-            :func:`~tts_jax.samplers.lm_scoring.prm_scorer`); static, hashed by identity.
+            :func:`~tts_jax.samplers.lm_scoring.prm_scorer`, or
+            :data:`~tts_jax.samplers.lm_scoring.cached_prm_scorer`: the same scores from a PRM
+            KV cache kept per particle, fed one step at a time); static, hashed by identity.
         scorer_params: its parameters (e.g. the PRM module; traced).
         num_particles: N (static).
         max_steps: K SMC steps (static); particles not done after K steps are returned

@@ -64,6 +64,9 @@ class LMState(NamedTuple):
         score: ``float32[N]`` latest aggregated step score (method-specific; 0 before scoring).
         phi: ``float32[N]`` cumulative log potential used by the SMC engine.
         budget: :class:`Budget` replicated totals.
+        scorer_state: per-particle state of an incremental step scorer (e.g. the PRM's own KV
+            cache, :class:`~tts_jax.samplers.lm_scoring.CachedPRMScorer`), resampled with the
+            rest; ``None`` for scorers that re-read the whole sequence.
     """
 
     tokens: Array
@@ -77,6 +80,7 @@ class LMState(NamedTuple):
     score: Array
     phi: Array
     budget: Budget
+    scorer_state: Any = None
 
 
 class DecodeConfig(NamedTuple):
