@@ -14,9 +14,9 @@ from flax import nnx
 from tts_jax.models.lm_reward import RewardModel, prm_scores
 from tts_jax.samplers import lm_search
 from tts_jax.samplers.lm_result import select
-from tts_jax.samplers.lm_scoring import aggregate, host_scorer, prm_scorer
+from tts_jax.samplers.lm_scoring import aggregate, cached_prm_scorer, host_scorer, prm_scorer
 
-from .test_lm_pf import PROMPT, SEP, TABLE, first_token_scorer
+from .test_lm_pf import PROMPT, SEP, TABLE, first_token_scorer, tiny_prm
 from .test_lm_smc import EOS, VOCAB, random_module, tiny_lm
 
 N, BEAM = 16, 4
@@ -95,6 +95,28 @@ def test_prm_adapter_scores_with_the_reward_model_in_graph():
     ends[np.arange(N), PROMPT.shape[0] + lengths - 1] = True  # the last step's end
     expected = jax.jit(prm_scores)(prm, jnp.asarray(tokens), jnp.asarray(ends))
     np.testing.assert_allclose(np.asarray(r.scores), np.asarray(expected).max(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("method, options", [
+    (lm_search.best_of_n, {"aggregation": "model"}),
+    (lm_search.beam_search, {"beam_width": 4, "aggregation": "prod"}),
+    (lm_search.dvts, {"beam_width": 2, "aggregation": "last"}),
+])
+def test_searches_with_the_cached_prm_reproduce_full_rescoring(method, options):
+    """Same key: the same selections and scores whether the PRM re-reads every sequence or is
+    fed one step at a time from its cache (best-of-N reads the cache's aggregate at the end)."""
+    def search(scorer):
+        return method(jax.random.key(5), tiny_lm(), PROMPT, scorer, tiny_prm(), num_particles=8,
+                      max_steps=4, max_step_tokens=2, max_new_tokens=7, temperature=1.0,
+                      sep_id=SEP, stop_ids=[EOS], pad_id=EOS, **options)
+
+    full, cached = search(prm_scorer), search(cached_prm_scorer)
+    np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(full.tokens))
+    np.testing.assert_array_equal(np.asarray(cached.info["ancestors"]),
+                                  np.asarray(full.info["ancestors"]))
+    np.testing.assert_allclose(np.asarray(cached.scores), np.asarray(full.scores), rtol=1e-5)
+    assert np.ptp(np.asarray(full.scores)) > 0  # the PRM tells the particles apart
+    assert int(cached.budget.prm_calls) == int(full.budget.prm_calls)
 
 
 def test_nan_scores_raise_or_are_never_selected():

@@ -20,8 +20,9 @@ one step).
 A PRM scorer re-reads the whole prompt + completion at every step (``[N, P + L]`` tokens per
 call, quadratic in the number of steps). :data:`cached_prm_scorer` keeps the PRM's own KV cache in
 each particle's state instead and feeds it only the tokens written since the last step, with the
-same scores (causal attention); the particle filters use it incrementally, other samplers call it
-like :func:`prm_scorer`.
+same scores (causal attention). The step-level samplers (particle filters, best-of-N, beam
+search, DVTS) feed it one step at a time through :func:`step_scores`; called directly it is
+:func:`prm_scorer`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np
 from tts_jax.models.lm import KVCache, init_cache
 from tts_jax.models.lm_reward import RewardModel, prm_scores, reward_logits
 from tts_jax.particles import gather
+from tts_jax.samplers.lm_state import LMState, sequences
 
 Array = jax.Array
 StepScorer = Callable[[Any, Array, Array], Array]
@@ -81,9 +83,10 @@ class CachedPRMScorer:
     """Step scorer for a 2-label PRM that keeps the PRM's KV cache per particle.
 
     Called as a :data:`StepScorer` (``scorer(prm, tokens, step_ends)``) it is :func:`prm_scorer`.
-    The particle filters of :mod:`tts_jax.samplers.lm_smc` see ``incremental = True`` and
-    instead call :meth:`init` once (prefill the prompt on one row, broadcast to ``N``) and
-    :meth:`update` after every step (feed each row its new tokens, at most one step's worth):
+    The step-level samplers of :mod:`~tts_jax.samplers.lm_smc` and
+    :mod:`~tts_jax.samplers.lm_search` see ``incremental = True`` and instead call :meth:`init`
+    once (prefill the prompt on one row, broadcast to ``N``) and :meth:`update` after every step
+    (feed each row its new tokens, at most one step's worth):
     ``P + L`` PRM token-forwards per particle over a whole run instead of ``P + L`` per step.
     The state is part of :class:`~tts_jax.samplers.lm_state.LMState` and is resampled with it.
     Use the module's instance :data:`cached_prm_scorer` (runners compile per scorer object).
@@ -138,8 +141,14 @@ class CachedPRMScorer:
         last = jnp.where(jnp.any(ends, axis=1), newest, state.last)
         low = jnp.minimum(state.low, jnp.min(jnp.where(ends, p, jnp.inf), axis=1))
         log_prod = state.log_prod + jnp.sum(jnp.where(ends, jnp.log(p), 0.0), axis=1)
-        score = {"last": last, "model": last, "min": low, "prod": jnp.exp(log_prod)}[how]
-        return score, PRMCache(cache, length, last, low, log_prod)
+        state = PRMCache(cache, length, last, low, log_prod)
+        return CachedPRMScorer.read(state, how), state
+
+    @staticmethod
+    def read(state: PRMCache, how: str) -> Array:
+        """The aggregate ``float32[N]`` of every step end fed so far (see :func:`aggregate`)."""
+        return {"last": state.last, "model": state.last, "min": state.low,
+                "prod": jnp.exp(state.log_prod)}[how]
 
 
 cached_prm_scorer = CachedPRMScorer()
@@ -207,6 +216,49 @@ def score_sequences(scorer: StepScorer, scorer_params: Any, tokens: Array, step_
         raise ValueError(f"unknown aggregation {how!r}; known: {AGGREGATIONS}")
     ends = last_step_only(step_ends) if how == "model" else step_ends
     return aggregate(scorer(scorer_params, tokens, ends), ends, how)
+
+
+def is_incremental(scorer: StepScorer) -> bool:
+    """Whether the samplers should keep ``scorer``'s state in the particles and feed it one step
+    at a time (:class:`CachedPRMScorer`) instead of rescoring whole sequences."""
+    return getattr(scorer, "incremental", False)
+
+
+def with_scorer_state(scorer: StepScorer, scorer_params: Any, state: LMState, prompt: Array,
+                      prompt_length: Array | None) -> LMState:
+    """``state`` (fresh from :func:`~tts_jax.samplers.lm_state.init_state`) with the incremental
+    scorer's initial state; unchanged for other scorers."""
+    if not is_incremental(scorer):
+        return state
+    n, max_new_tokens = state.tokens.shape
+    return state._replace(scorer_state=scorer.init(scorer_params, prompt, prompt_length, n,
+                                                   max_new_tokens))
+
+
+def step_scores(scorer: StepScorer, scorer_params: Any, state: LMState, prompt: Array,
+                prompt_length: Array | None, window: int, how: str,
+                needed: Array) -> tuple[Array, LMState]:
+    """Aggregated scores ``float32[N]`` of the particles after a step, and the state.
+
+    A full-sequence scorer runs only when ``needed`` (traced bool; else the previous
+    ``state.score`` is returned), inside a ``lax.cond``. An incremental scorer is fed every step
+    (each token must reach its cache once; a row with no new tokens costs nothing) and no
+    conditional copies its cache; its scores replace ``state.score`` only when ``needed``.
+
+    Args:
+        window: static bound on the tokens a particle writes in one step.
+    """
+    if is_incremental(scorer):
+        fresh, scorer_state = scorer.update(scorer_params, state.scorer_state, state.tokens,
+                                            state.length, state.step_ends, window, how)
+        return (jnp.where(needed, fresh, state.score),
+                state._replace(scorer_state=scorer_state))
+
+    def full(st):
+        tokens, ends = sequences(prompt, st, prompt_length)
+        return score_sequences(scorer, scorer_params, tokens, ends, how)
+
+    return jax.lax.cond(needed, full, lambda st: st.score, state), state
 
 
 def log_odds(score: Array) -> Array:

@@ -44,7 +44,14 @@ from tts_jax.samplers.lm_result import (
     make_result,
     select,
 )
-from tts_jax.samplers.lm_scoring import AGGREGATIONS, StepScorer, score_sequences
+from tts_jax.samplers.lm_scoring import (
+    AGGREGATIONS,
+    StepScorer,
+    is_incremental,
+    score_sequences,
+    step_scores,
+    with_scorer_state,
+)
 from tts_jax.samplers.lm_state import (
     add_budget,
     decode_config,
@@ -104,6 +111,7 @@ def _search_jit(key, model, prompt, prompt_length, scorer_params, cfg, plan, *, 
     step; else score once at the end), ``dedup``."""
     state = init_state(model, prompt, num_particles, max_new_tokens, cfg.pad_id,
                        prompt_length=prompt_length)
+    state = with_scorer_state(scorer, scorer_params, state, prompt, prompt_length)
     n = num_particles
     identity = jnp.arange(n, dtype=jnp.int32)
 
@@ -116,7 +124,8 @@ def _search_jit(key, model, prompt, prompt_length, scorer_params, cfg, plan, *, 
         was_done = s.done
         s = generate_step(model, s, jax.random.fold_in(key, k), cfg, max_step_tokens)
         scoring = plan["score_steps"] & ~all_done
-        fresh = jax.lax.cond(scoring, score, lambda st: st.score, s)
+        fresh, s = step_scores(scorer, scorer_params, s, prompt, prompt_length, max_step_tokens,
+                               aggregation, scoring)
         r = jnp.where(was_done, s.score, fresh)
         s = s._replace(score=r, budget=add_budget(
             s.budget, prm_calls=jnp.where(scoring, jnp.sum(~was_done), 0)))
@@ -129,8 +138,13 @@ def _search_jit(key, model, prompt, prompt_length, scorer_params, cfg, plan, *, 
 
     final, info = jax.lax.scan(body, state, jnp.arange(max_steps))
     final_only = ~plan["score_steps"]
+    if is_incremental(scorer):  # every token already reached the scorer's cache
+        final_score = jnp.where(final_only, scorer.read(final.scorer_state, aggregation),
+                                final.score)
+    else:
+        final_score = jax.lax.cond(final_only, score, lambda st: st.score, final)
     final = final._replace(
-        score=jax.lax.cond(final_only, score, lambda st: st.score, final),
+        score=final_score,
         budget=add_budget(final.budget, prm_calls=jnp.where(final_only, n, 0)))
     info["num_nan"] = jnp.sum(jnp.isnan(final.score)) + jnp.sum(jnp.isnan(info["scores"]))
     lw = jnp.full((n,), -jnp.log(n), jnp.float32)

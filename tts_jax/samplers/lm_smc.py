@@ -69,7 +69,13 @@ from tts_jax.samplers.lm_result import (
     check_prompt_length,
     make_result,
 )
-from tts_jax.samplers.lm_scoring import AGGREGATIONS, StepScorer, log_odds, score_sequences
+from tts_jax.samplers.lm_scoring import (
+    AGGREGATIONS,
+    StepScorer,
+    log_odds,
+    step_scores,
+    with_scorer_state,
+)
 from tts_jax.samplers.lm_state import (
     Budget,
     DecodeConfig,
@@ -78,7 +84,6 @@ from tts_jax.samplers.lm_state import (
     decode_config,
     generate_step,
     init_state,
-    sequences,
 )
 
 Array = jax.Array
@@ -143,19 +148,8 @@ def _pf_callbacks(model, prompt, prompt_length, scorer, scorer_params, cfg, ref_
         forced = (jnp.arange(s.done.shape[0]) == 0) & hyper["has_ref"]
         s = generate_step(model, s, key, cfg, max_step_tokens, forced, ref_tokens)
 
-        def score(st):
-            tokens, ends = sequences(prompt, st, prompt_length)
-            return score_sequences(scorer, scorer_params, tokens, ends, aggregation)
-
-        if getattr(scorer, "incremental", False):
-            # Rows with nothing new are fed nothing; no lax.cond, whose output would copy the
-            # scorer's cache.
-            fresh, scorer_state = scorer.update(scorer_params, s.scorer_state, s.tokens,
-                                                s.length, s.step_ends, max_step_tokens,
-                                                aggregation)
-            s = s._replace(scorer_state=scorer_state)
-        else:
-            fresh = jax.lax.cond(all_done, lambda st: st.score, score, s)
+        fresh, s = step_scores(scorer, scorer_params, s, prompt, prompt_length, max_step_tokens,
+                               aggregation, ~all_done)
         r = jnp.where(was_done, s.score, fresh)
         a = log_odds(r) / hyper["softmax_temperature"]
         a = a / jnp.where(hyper["anneal"], entropic_temperature(a, (k + 1) / max_steps), 1.0)
@@ -180,9 +174,7 @@ def _pf_jit(key, model, prompt, prompt_length, scorer_params, cfg: DecodeConfig,
     k_run, k_ref = jax.random.split(key)
     state = init_state(model, prompt, num_particles, max_new_tokens, cfg.pad_id,
                        prompt_length=prompt_length)
-    if getattr(scorer, "incremental", False):
-        state = state._replace(scorer_state=scorer.init(
-            scorer_params, prompt, prompt_length, num_particles, max_new_tokens))
+    state = with_scorer_state(scorer, scorer_params, state, prompt, prompt_length)
     propagate, log_potential = _pf_callbacks(
         model, prompt, prompt_length, scorer, scorer_params, cfg, ref_tokens, max_steps=max_steps,
         max_step_tokens=max_step_tokens, aggregation=aggregation)
