@@ -86,8 +86,8 @@ class CachedPRMScorer:
     The step-level samplers of :mod:`~tts_jax.samplers.lm_smc` and
     :mod:`~tts_jax.samplers.lm_search` see ``incremental = True`` and instead call :meth:`init`
     once (prefill the prompt on one row, broadcast to ``N``) and :meth:`update` after every step
-    (feed each row its new tokens, at most one step's worth):
-    ``P + L`` PRM token-forwards per particle over a whole run instead of ``P + L`` per step.
+    (feed each row its new tokens, at most one step's worth): a PRM pass over ``window`` token
+    positions per particle and step (each written token is fed once) instead of ``P + L``.
     The state is part of :class:`~tts_jax.samplers.lm_state.LMState` and is resampled with it.
     Use the module's instance :data:`cached_prm_scorer` (runners compile per scorer object).
     """
@@ -242,7 +242,7 @@ def step_scores(scorer: StepScorer, scorer_params: Any, state: LMState, prompt: 
 
     A full-sequence scorer runs only when ``needed`` (traced bool; else the previous
     ``state.score`` is returned), inside a ``lax.cond``. An incremental scorer is fed every step
-    (each token must reach its cache once; a row with no new tokens costs nothing) and no
+    (each token must reach its cache once; a row with no new tokens is left unchanged) and no
     conditional copies its cache; its scores replace ``state.score`` only when ``needed``.
 
     Args:
