@@ -1,8 +1,10 @@
-"""Token-level SMC sharded over 4 host devices gives the unsharded tokens (in a subprocess).
+"""Token-level SMC, and particle filtering with the cached PRM, sharded over 4 host devices give
+the unsharded tokens (in subprocesses).
 
-token_smc creates its particles inside its jitted program (prompt prefill), so the sharded run
-constrains the program's particle outputs (:func:`tts_jax.sharding.constrain_particles`) and XLA
-carries the sharding back through the SMC loop.
+Both samplers create their particles inside their jitted programs (prompt prefill), so the
+sharded run constrains the program's particle outputs
+(:func:`tts_jax.sharding.constrain_particles`) and XLA carries the sharding back through the SMC
+loop.
 """
 
 import textwrap
@@ -55,3 +57,50 @@ SCRIPT = textwrap.dedent(
 
 def test_sharded_token_smc_matches_unsharded():
     run_on_host_devices(SCRIPT, 4, "SHARDED-LM-OK")
+
+
+PF_SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    from tts_jax.samplers import lm_smc
+    from tts_jax.samplers.lm_scoring import cached_prm_scorer
+    from tts_jax.samplers.lm_state import decode_config
+    from tts_jax.sharding import constrain_particles, particle_mesh
+    from tests.samplers.test_lm_pf import PROMPT, SEP, tiny_prm
+    from tests.samplers.test_lm_smc import EOS, tiny_lm
+
+    assert len(jax.devices()) == 4, jax.devices()
+    N, STEPS, STEP_TOKENS, TOKENS = 16, 4, 2, 7
+    plain = lm_smc.particle_filter(jax.random.key(1), tiny_lm(), PROMPT, cached_prm_scorer,
+                                   tiny_prm(), num_particles=N, max_steps=STEPS,
+                                   max_step_tokens=STEP_TOKENS, max_new_tokens=TOKENS,
+                                   temperature=1.0, sep_id=SEP, stop_ids=[EOS], pad_id=EOS)
+    cfg = decode_config(1.0, SEP, [EOS], EOS)
+    hyper = {"softmax_temperature": jnp.float32(1.0), "ess_threshold": jnp.float32(1.0),
+             "puri": jnp.asarray(True), "anneal": jnp.asarray(False),
+             "has_ref": jnp.asarray(False)}
+    mesh = particle_mesh(4)
+
+    @jax.jit
+    def sharded_program(key, model, prm):
+        out = lm_smc._pf_jit(key, model, jnp.asarray(PROMPT), None, prm, cfg, hyper,
+                             jnp.zeros((TOKENS,), jnp.int32), scorer=cached_prm_scorer,
+                             num_particles=N, max_steps=STEPS, max_step_tokens=STEP_TOKENS,
+                             max_new_tokens=TOKENS, aggregation="last", resampler="multinomial")
+        return constrain_particles(out, mesh, N)
+
+    sharded = sharded_program(jax.random.key(1), tiny_lm(), tiny_prm())
+    assert len(sharded.tokens.sharding.device_set) == 4
+    assert int(plain.info["resampled"].sum()) > 0
+    np.testing.assert_array_equal(sharded.tokens, plain.tokens)
+    np.testing.assert_array_equal(sharded.info["ancestors"], plain.info["ancestors"])
+    np.testing.assert_allclose(sharded.scores, plain.scores, rtol=1e-5)
+    print("SHARDED-PF-OK")
+    """
+)
+
+
+def test_sharded_particle_filter_with_the_cached_prm_matches_unsharded():
+    """The PRM's KV cache is particle state too: sharded with the rest, resampled across
+    shards."""
+    run_on_host_devices(PF_SCRIPT, 4, "SHARDED-PF-OK")
