@@ -37,7 +37,7 @@ import numpy as np
 from tts_jax.models.lm import KVCache, init_cache
 from tts_jax.models.lm_reward import RewardModel, prm_scores, reward_logits
 from tts_jax.particles import gather
-from tts_jax.samplers.lm_state import LMState, sequences
+from tts_jax.samplers.lm_state import LMState, prompt_length_row, sequences
 
 Array = jax.Array
 StepScorer = Callable[[Any, Array, Array], Array]
@@ -105,11 +105,9 @@ class CachedPRMScorer:
         if prm.num_labels != 2:
             raise ValueError(f"cached_prm_scorer needs a 2-label PRM head, got num_labels="
                              f"{prm.num_labels}")
-        p = prompt.shape[0]
-        length = jnp.reshape(jnp.asarray(p if prompt_length is None else prompt_length,
-                                         jnp.int32), (1,))
-        _, cache = reward_logits(prm, prompt[None, :], init_cache(prm.config, 1, p +
-                                                                  max_new_tokens), length)
+        rows = init_cache(prm.config, 1, prompt.shape[0] + max_new_tokens)
+        _, cache = reward_logits(prm, prompt[None, :], rows,
+                                 prompt_length_row(prompt, prompt_length))
         n = num_particles
         zeros = jnp.zeros((n,), jnp.float32)
         return PRMCache(gather(cache, jnp.zeros((n,), jnp.int32)), jnp.zeros((n,), jnp.int32),
@@ -253,12 +251,27 @@ def step_scores(scorer: StepScorer, scorer_params: Any, state: LMState, prompt: 
                                             state.length, state.step_ends, window, how)
         return (jnp.where(needed, fresh, state.score),
                 state._replace(scorer_state=scorer_state))
+    return _rescored(scorer, scorer_params, state, prompt, prompt_length, how, needed), state
+
+
+def final_scores(scorer: StepScorer, scorer_params: Any, state: LMState, prompt: Array,
+                 prompt_length: Array | None, how: str, needed: Array) -> Array:
+    """Aggregated scores ``float32[N]`` of the finished particles when ``needed`` (traced bool),
+    else ``state.score``: for samplers that score only at the end. An incremental scorer, fed
+    by :func:`step_scores` at every step, already holds them; others rescore once."""
+    if is_incremental(scorer):
+        return jnp.where(needed, scorer.read(state.scorer_state, how), state.score)
+    return _rescored(scorer, scorer_params, state, prompt, prompt_length, how, needed)
+
+
+def _rescored(scorer, scorer_params, state, prompt, prompt_length, how, needed) -> Array:
+    """Full-sequence scores of ``state``'s particles inside a ``lax.cond`` on ``needed``."""
 
     def full(st):
         tokens, ends = sequences(prompt, st, prompt_length)
         return score_sequences(scorer, scorer_params, tokens, ends, how)
 
-    return jax.lax.cond(needed, full, lambda st: st.score, state), state
+    return jax.lax.cond(needed, full, lambda st: st.score, state)
 
 
 def log_odds(score: Array) -> Array:

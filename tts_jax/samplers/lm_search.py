@@ -47,8 +47,7 @@ from tts_jax.samplers.lm_result import (
 from tts_jax.samplers.lm_scoring import (
     AGGREGATIONS,
     StepScorer,
-    is_incremental,
-    score_sequences,
+    final_scores,
     step_scores,
     with_scorer_state,
 )
@@ -57,7 +56,6 @@ from tts_jax.samplers.lm_state import (
     decode_config,
     generate_step,
     init_state,
-    sequences,
 )
 
 Array = jax.Array
@@ -115,10 +113,6 @@ def _search_jit(key, model, prompt, prompt_length, scorer_params, cfg, plan, *, 
     n = num_particles
     identity = jnp.arange(n, dtype=jnp.int32)
 
-    def score(s):
-        tokens, ends = sequences(prompt, s, prompt_length)
-        return score_sequences(scorer, scorer_params, tokens, ends, aggregation)
-
     def body(s, k):
         all_done = jnp.all(s.done)
         was_done = s.done
@@ -138,13 +132,9 @@ def _search_jit(key, model, prompt, prompt_length, scorer_params, cfg, plan, *, 
 
     final, info = jax.lax.scan(body, state, jnp.arange(max_steps))
     final_only = ~plan["score_steps"]
-    if is_incremental(scorer):  # every token already reached the scorer's cache
-        final_score = jnp.where(final_only, scorer.read(final.scorer_state, aggregation),
-                                final.score)
-    else:
-        final_score = jax.lax.cond(final_only, score, lambda st: st.score, final)
     final = final._replace(
-        score=final_score,
+        score=final_scores(scorer, scorer_params, final, prompt, prompt_length, aggregation,
+                           final_only),
         budget=add_budget(final.budget, prm_calls=jnp.where(final_only, n, 0)))
     info["num_nan"] = jnp.sum(jnp.isnan(final.score)) + jnp.sum(jnp.isnan(info["scores"]))
     lw = jnp.full((n,), -jnp.log(n), jnp.float32)

@@ -112,6 +112,14 @@ def _replicated(n: int, value: int) -> Array:
     return jnp.full((n,), value, jnp.int32)
 
 
+def prompt_length_row(prompt: Array, prompt_length: Array | None) -> Array:
+    """``int32[1]``: the real tokens of a right-padded ``prompt [P]`` (``P`` when ``None``), the
+    ``num_new`` of the one-row prompt prefill."""
+    p = prompt.shape[0]
+    return jnp.reshape(jnp.asarray(p if prompt_length is None else prompt_length, jnp.int32),
+                       (1,))
+
+
 def init_state(model: lm.LM, prompt: Array, num_particles: int, max_new_tokens: int,
                pad_id: Array, cache_dtype: Any = jnp.float32,
                prompt_length: Array | None = None) -> LMState:
@@ -131,8 +139,7 @@ def init_state(model: lm.LM, prompt: Array, num_particles: int, max_new_tokens: 
         :class:`LMState` with empty completions and the prompt's next-token logits.
     """
     n, p = num_particles, prompt.shape[0]
-    length = jnp.reshape(jnp.asarray(p if prompt_length is None else prompt_length, jnp.int32),
-                         (1,))
+    length = prompt_length_row(prompt, prompt_length)
     cache = lm.init_cache(model.model.config, 1, p + max_new_tokens, cache_dtype)
     logits, cache = lm.forward(model, prompt[None, :], cache, length)
     last = jnp.take_along_axis(logits, (length - 1)[:, None, None], axis=1)[:, 0]
