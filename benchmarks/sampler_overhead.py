@@ -69,6 +69,10 @@ TARGET_CLASS = 3
 REPEATS = 7
 SHORT_CALL, SHORT_REPEATS = 0.02, 15  # calls under 20 ms: more rounds, for a steadier median
 TARGET = 1.10
+# search over paths: N / 4 paths x 4 branches from the middle of the grid; FK resamples every 2
+PATHS_BRANCHES = 4
+PATHS_PLAN = dict(start_step=STEPS // 2, forward_steps=1, backward_steps=2)
+FK_SCHEDULE = smc.every(STEPS, 2)
 
 
 @functools.partial(jax.jit, static_argnames=("width", "num_forwards", "num_reward_calls"))
@@ -94,7 +98,8 @@ def reference(key, model, reward, grid, diffusion, width, num_forwards, num_rewa
 
 def samplers(width: int, grid):
     """``name -> call(key, model, reward)`` for every image sampler at batch width ``width``."""
-    paths_budget = (width // 4) * noise_search.paths_plan(STEPS, 4, STEPS // 2, 1, 2).nfe_per_path
+    num_paths = width // PATHS_BRANCHES
+    plan = noise_search.paths_plan(STEPS, PATHS_BRANCHES, **PATHS_PLAN)
     svdd_chains, svdd_proposals = max(width // 8, 1), 8
     chain_budget = svdd_chains * (1 + svdd_proposals * (STEPS - 1))
     rbf_init, rbf_quota = 4, 4
@@ -107,16 +112,14 @@ def samplers(width: int, grid):
             k,
             m,
             r,
-            paths_budget,
+            num_paths * plan.nfe_per_path,
             grid,
-            num_paths=width // 4,
-            num_branches=4,
-            start_step=STEPS // 2,
-            forward_steps=1,
-            backward_steps=2,
+            num_paths=num_paths,
+            num_branches=PATHS_BRANCHES,
+            **PATHS_PLAN,
         ),
         "fk": lambda k, m, r: fk_steering(
-            k, m, r, width, grid, SDE, 10.0, schedule=smc.every(STEPS, 2), potential="diff"
+            k, m, r, width, grid, SDE, 10.0, schedule=FK_SCHEDULE, potential="diff"
         ),
         "smc": lambda k, m, r: flow_particles.smc(k, m, r, grid, SDE, width * STEPS, lam=10.0),
         "code": lambda k, m, r: flow_particles.code(
@@ -207,8 +210,8 @@ def selections(key, width, num, shape):
 
     def one(rows, k):
         scores = jax.random.normal(jax.random.split(jax.random.fold_in(key, k))[0], (width,))
-        kept = rows[noise_search._top_set(scores, width // 4)]
-        return jnp.repeat(kept, 4, axis=0), None
+        kept = rows[noise_search._top_set(scores, width // PATHS_BRANCHES)]
+        return jnp.repeat(kept, PATHS_BRANCHES, axis=0), None
 
     return jax.lax.scan(one, jnp.zeros((width, *shape)), jnp.arange(num))[0]
 
@@ -245,9 +248,9 @@ def floors(shares: dict[str, float], width: int, grid) -> dict[str, float]:
     """Lower bounds on the ratios of SMC, FK and search over paths at ``width`` from
     :func:`extra_work`: one plus the extra work per reference step. Conservative: the
     reference steps of FK and paths call the reward less often than the unit step does."""
-    plan = noise_search.paths_plan(STEPS, 4, STEPS // 2, 1, 2)
-    paths_steps = math.ceil((width // 4) * plan.nfe_per_path / width)
-    fk_resamplings = int(np.sum(np.asarray(smc.every(STEPS, 2).mask)))
+    plan = noise_search.paths_plan(STEPS, PATHS_BRANCHES, **PATHS_PLAN)
+    paths_steps = math.ceil((width // PATHS_BRANCHES) * plan.nfe_per_path / width)
+    fk_resamplings = int(np.sum(FK_SCHEDULE.mask))
     return {
         "smc": 1 + shares["multinomial"],  # resamples after every step
         "fk": 1 + shares["multinomial"] * fk_resamplings / STEPS,
