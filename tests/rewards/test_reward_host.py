@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from tts_jax.rewards.host import host_reward
 
@@ -62,6 +61,7 @@ def test_vmap_makes_one_host_call_on_the_flattened_batch():
 
 
 def test_torch_function():
+    torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1))
 
