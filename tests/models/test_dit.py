@@ -1,5 +1,8 @@
 """Parity of the NNX DiT against diffusers' PyTorch ``DiTTransformer2DModel`` on tiny configs."""
 
+import json
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +10,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from tts_jax.models.dit import DiTConfig, dit_apply, init_dit, load_dit, save_dit
+from tts_jax.models.dit import DiTConfig, dit_apply, init_dit, load_dit, save_dit, sincos_2d
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -43,9 +46,9 @@ def _torch_out(model, x, timestep, labels):
     return out.numpy()
 
 
-def _inputs(n=4):
+def _inputs(n=4, size=8):
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((n, 3, 8, 8)).astype(np.float32)
+    x = rng.standard_normal((n, 3, size, size)).astype(np.float32)
     timestep = np.array([0.0, 17.5, 500.0, 999.0], np.float32)[:n]
     labels = np.array([0, 3, 9, 10])[:n]  # 10 = the null label
     return x, timestep, labels
@@ -77,6 +80,57 @@ def test_parity_scalar_timestep(saved):
     ours = model(jnp.asarray(x), 250.0, jnp.asarray(labels))
     ref = _torch_out(torch_model, x, np.full(4, 250.0, np.float32), labels)
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("size", [16, 4, 9])
+def test_parity_at_other_resolutions(saved, size):
+    """2x and 0.5x the 8-pixel ``sample_size`` (the positional embedding is rescaled to the
+    training grid) and 9 pixels (not a whole number of patches: the remainder is dropped)."""
+    torch_model, folder = saved
+    config, model = load_dit(folder)
+    x, timestep, labels = _inputs(size=size)
+    ours = jax.jit(dit_apply)(nnx.split(model), jnp.asarray(x), timestep, labels)
+    ref = _torch_out(torch_model, x, timestep, labels)
+    side = size // config.patch_size * config.patch_size
+    assert ours.shape == ref.shape == (4, config.output_channels, side, side)
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "grid, base", [((4, 4), 4), ((8, 8), 4), ((2, 2), 4), ((3, 5), 4), ((6, 2), 3)]
+)
+def test_positional_embedding_is_diffusers(grid, base):
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    ref = get_2d_sincos_pos_embed(16, grid, base_size=base, output_type="pt").float().numpy()
+    np.testing.assert_allclose(sincos_2d(16, *grid, base), ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(8, 16), (4, 6), (1, 1)])
+def test_sizes_diffusers_cannot_run_are_refused_by_name(shape):
+    model = init_dit(DiTConfig(**CONFIGS["learned_sigma"]))
+    x = jnp.zeros((1, 3, *shape))
+    with pytest.raises(ValueError, match=f"{shape[0]}x{shape[1]} pixels"):
+        model(x, 0.0, 0)
+
+
+def test_legacy_interpolation_scale_is_ignored_like_diffusers(saved, tmp_path):
+    """A ``Transformer2DModel`` config with ``interpolation_scale = 2``: diffusers'
+    ``from_pretrained`` builds a ``DiTTransformer2DModel`` (scale 1), and so does ``load_dit``;
+    compared at 2x resolution, where the scale would matter."""
+    _, folder = saved
+    config = json.loads((folder / "config.json").read_text())
+    config.update(_class_name="Transformer2DModel", interpolation_scale=2.0)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shutil.copy(folder / "diffusion_pytorch_model.safetensors", tmp_path)
+    reference = diffusers.Transformer2DModel.from_pretrained(tmp_path).eval()
+    assert type(reference).__name__ == "DiTTransformer2DModel"
+    _, model = load_dit(tmp_path)
+    x, timestep, labels = _inputs(size=16)
+    ours = model(jnp.asarray(x), timestep, jnp.asarray(labels))
+    np.testing.assert_allclose(
+        np.asarray(ours), _torch_out(reference, x, timestep, labels), atol=1e-4, rtol=0
+    )
 
 
 def test_save_then_diffusers_from_pretrained(saved, tmp_path):

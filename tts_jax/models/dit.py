@@ -11,7 +11,8 @@ e.g. 0..999) and ``class_labels [N]`` are ints in ``[0, num_classes]``, the inde
 (``= num_embeds_ada_norm``) being the null / unconditional label used for classifier-free guidance.
 
 Forward pass (per sample):
-    tokens = conv_patch(x) + sincos2d            [T, D], T = (H / p) (W / p)
+    tokens = conv_patch(x) + sincos2d            [T, D], T = (H / p)^2, positions rescaled to
+                                                 the sample_size / p training grid
     c_l    = MLP_l(timestep_freqs(t)) + E_l[y]   one conditioning embedding per block l
     block: h = LN(x) (1 + scale) + shift; x += gate * Attn(h); same for the MLP
     out    = Linear(LN(x) (1 + scale) + shift) with (shift, scale) from c_0; unpatchify.
@@ -92,7 +93,11 @@ class DiTConfig:
     def from_dict(cls, raw: dict[str, Any]) -> DiTConfig:
         """Parse a diffusers ``config.json`` dict (``DiTTransformer2DModel`` or the older
         ``Transformer2DModel`` layout of the published DiT checkpoints); unrelated keys are ignored,
-        keys that would change the architecture are checked."""
+        keys that would change the architecture are checked.
+
+        A legacy config's ``interpolation_scale`` is ignored, as diffusers' ``from_pretrained``
+        does: it builds a ``DiTTransformer2DModel`` (no such field) for an ``ada_norm_zero``
+        ``Transformer2DModel``, whose positional embedding then always has scale 1."""
         name = raw.get("_class_name", CLASS_NAMES[0])
         if name not in CLASS_NAMES:
             raise ValueError(f"not a DiT config: _class_name {name!r}")
@@ -125,23 +130,38 @@ def timestep_frequencies(timestep: Array, dim: int = _TIME_FREQ_DIM) -> Array:
 
 
 @functools.lru_cache(maxsize=16)
-def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+def sincos_2d(embed_dim: int, grid_h: int, grid_w: int, base_size: int) -> np.ndarray:
     """Fixed 2-D sine-cosine positional embedding ``[grid_h * grid_w, embed_dim]`` (row-major).
 
-    The first half of the channels encodes the column, the second half the row, each as
-    ``[sin(pos w_k), cos(pos w_k)]`` with ``w_k = 10^(-4 k / (D/4))`` (computed in float64).
+    As diffusers' ``get_2d_sincos_pos_embed(embed_dim, (grid_h, grid_w), base_size=base_size,
+    interpolation_scale=1)`` (the embedding of its ``PatchEmbed``, Peebles & Xie 2023 after
+    MAE): the positions of each axis are rescaled to span ``[0, base_size)``, ``pos_i = i /
+    (grid / base_size)`` in float32, so a grid of ``base_size`` (the training resolution) uses
+    the integer positions and a larger or smaller grid interpolates between them. The first half
+    of the channels encodes the column, the second half the row, each as ``[sin(pos w_k),
+    cos(pos w_k)]`` with ``w_k = 10^(-4 k / (D/4))`` (computed in float64).
+
+    Args:
+        embed_dim: ``D``, a multiple of 4.
+        grid_h, grid_w: patch rows and columns.
+        base_size: patches per side at the training resolution (``sample_size // patch_size``).
+
+    Returns:
+        ``float32[grid_h * grid_w, D]``.
     """
     if embed_dim % 4:
         raise ValueError("the DiT hidden size must be a multiple of 4")
 
+    def positions(grid: int) -> np.ndarray:
+        return np.arange(grid, dtype=np.float32) / np.float32(grid / base_size)
+
     def one_axis(pos: np.ndarray) -> np.ndarray:
         omega = 1.0 / 10000 ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4))
-        out = np.outer(pos.reshape(-1), omega)
+        out = np.outer(pos.reshape(-1).astype(np.float64), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
-    emb = np.concatenate([one_axis(cols.astype(np.float64)), one_axis(rows.astype(np.float64))], 1)
-    return emb.astype(np.float32)
+    rows, cols = np.meshgrid(positions(grid_h), positions(grid_w), indexing="ij")
+    return np.concatenate([one_axis(cols), one_axis(rows)], axis=1).astype(np.float32)
 
 
 def _layer_norm(x: Array, eps: float) -> Array:
@@ -267,18 +287,21 @@ class DiTBlock(nnx.Module):
 
 
 class PatchEmbed(nnx.Module):
-    """Non-overlapping ``p x p`` patch projection (a strided convolution) plus sincos positions."""
+    """Non-overlapping ``p x p`` patch projection (a strided convolution) plus sincos positions
+    rescaled to the training grid of ``base_size`` patches per side (diffusers ``PatchEmbed``)."""
 
-    def __init__(self, in_channels: int, dim: int, patch: int, *, rngs: nnx.Rngs):
+    def __init__(self, in_channels: int, dim: int, patch: int, base_size: int, *, rngs: nnx.Rngs):
+        self.base_size = base_size
         self.proj = nnx.Conv(
             in_channels, dim, (patch, patch), strides=(patch, patch), padding="VALID", rngs=rngs
         )
 
     def __call__(self, x: Array) -> Array:
-        """``x [N, C, H, W] -> tokens [N, (H/p)(W/p), D]`` in row-major patch order."""
+        """``x [N, C, H, W] -> tokens [N, (H//p)(W//p), D]`` in row-major patch order."""
         h = self.proj(jnp.transpose(x, (0, 2, 3, 1)))
         n, gh, gw, d = h.shape
-        return h.reshape(n, gh * gw, d) + jnp.asarray(sincos_2d(d, gh, gw))[None]
+        pos = sincos_2d(d, gh, gw, self.base_size)
+        return h.reshape(n, gh * gw, d) + jnp.asarray(pos)[None]
 
 
 class DiT(nnx.Module):
@@ -287,7 +310,13 @@ class DiT(nnx.Module):
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
         self.config = config
         dim = config.inner_dim
-        self.pos_embed = PatchEmbed(config.in_channels, dim, config.patch_size, rngs=rngs)
+        self.pos_embed = PatchEmbed(
+            config.in_channels,
+            dim,
+            config.patch_size,
+            config.sample_size // config.patch_size,
+            rngs=rngs,
+        )
         self.transformer_blocks = nnx.List(
             [DiTBlock(config, rngs=rngs) for _ in range(config.num_layers)]
         )
@@ -298,16 +327,30 @@ class DiT(nnx.Module):
     def __call__(self, x: Array, timestep: Array, class_labels: Array) -> Array:
         """Predict from noisy images.
 
+        Any square patch grid is accepted, as by diffusers: a size other than ``sample_size``
+        rescales the positional embedding to the training grid (:func:`sincos_2d`), and pixels
+        beyond the last whole patch are dropped by the strided patch convolution.
+
         Args:
-            x: ``[N, C, H, W]`` float32 (H, W multiples of the patch size).
+            x: ``[N, C, H, W]`` float32 with ``H // p == W // p >= 1`` (``p`` the patch size).
             timestep: ``[N]`` (or scalar) diffusers timestep, float.
             class_labels: ``[N]`` (or scalar) int labels; ``config.null_class`` = unconditional.
 
         Returns:
-            ``[N, out_channels, H, W]``.
+            ``[N, out_channels, (H // p) p, (W // p) p]``.
+
+        Raises:
+            ValueError: naming the size, for an input smaller than one patch or a non-square
+                patch grid (diffusers' ``DiTTransformer2DModel`` unpatchifies a square grid only:
+                it fails or returns a wrongly shaped output on those).
         """
         n, _, height, width = x.shape
         p = self.config.patch_size
+        if min(height, width) < p or height // p != width // p:
+            raise ValueError(
+                f"DiT input of {height}x{width} pixels: needs a square grid of at least one "
+                f"{p}x{p} patch (H // {p} == W // {p} >= 1), as diffusers' DiTTransformer2DModel"
+            )
         timestep = jnp.broadcast_to(jnp.asarray(timestep, jnp.float32), (n,))
         labels = jnp.broadcast_to(jnp.asarray(class_labels, jnp.int32), (n,))
         h = self.pos_embed(x)

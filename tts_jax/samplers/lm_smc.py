@@ -19,11 +19,19 @@ then the scorer (e.g. a PRM) scores the partial solutions, aggregated by ``last`
   counted again at every step, so the particles do not target a fixed tilted distribution (and
   ``log_evidence`` is NaN). It is implemented in the engine by a cumulative potential
   ``phi_k = sum_{j <= k} logit(r_j) / T``, whose increments are exactly the absolute weights.
-  Steps where every particle was already done change nothing.
+  Steps where every particle was already done change nothing. The weights hold no ``p / q``
+  factor, so at a sampling ``temperature`` ``T != 1`` what they tilt is the tempered LM
+  ``q_T(y | x) = prod_t softmax(logits_t / T)[y_t]`` (each next-token distribution tempered and
+  renormalised), not ``p``: with one step (``max_steps = 1``) the weighted particles target
+  ``q_T(y | x) (r(y) / (1 - r(y)))^(1 / T_softmax) / Z``; ``q_1 = p``.
 * ``weighting="twisted"``: proper twisted SMC (ALGORITHMS.md 0.5 / 4.2): the cumulative potential
-  is ``phi_k = logit(r_k) / T_softmax`` and weights multiply by ``exp(phi_k - phi_{k-1})``, so the
-  final weighted particles target ``p(y | x) (r(y) / (1 - r(y)))^(1 / T_softmax) / Z`` with
-  ``log_evidence`` estimating ``log Z``; ESS-triggered resampling (default 0.5 N).
+  is ``phi_k = logit(r_k) / T_softmax`` and weights multiply by ``exp(phi_k - phi_{k-1})`` times
+  the importance ratio ``prod_t p(y_t | x, y_<t) / q_T(y_t | x, y_<t)`` of the step's tokens
+  (``q_T`` the proposal above, ``T > 0``; the ratio is 1 at ``T = 1``), so at any sampling
+  temperature the final weighted particles target the untempered LM tilted by the last score,
+  ``p(y | x) (r(y) / (1 - r(y)))^(1 / T_softmax) / Z``, with ``log_evidence`` estimating
+  ``log Z``; ESS-triggered resampling (default 0.5 N). Particles not done after ``max_steps``
+  steps are prefixes ``y`` and ``p(y | x)`` is then the prefix probability.
 
 Finished particles (stop token, or buffer full) stay in the pool with their final score and their
 copies stay finished ("resample inactive"). With ``weighting="puri"`` a resampling is skipped only
@@ -82,7 +90,6 @@ from tts_jax.samplers.lm_state import (
     add_budget,
     append_token,
     decode_config,
-    generate_step,
     init_state,
 )
 
@@ -133,6 +140,54 @@ def _best_alive(scores: Array, log_weights: Array) -> Array:
     return jnp.argmax(jnp.where(alive, scores, -jnp.inf)).astype(jnp.int32)
 
 
+def token_log_ratio(logits: Array, token: Array, temperature: Array) -> Array:
+    """Importance ratio of a token drawn from the LM at ``temperature`` for the untempered LM.
+
+    Args:
+        logits: ``float32[N, V]`` next-token logits.
+        token: ``int32[N]`` the drawn (or forced) tokens.
+        temperature: scalar ``T > 0`` of the proposal ``q_T = softmax(logits / T)``.
+
+    Returns:
+        ``float32[N]`` ``log p(token) - log q_T(token)`` with ``p = softmax(logits)`` (0 when
+        ``T = 1``; a non-positive ``T`` is read as 1).
+    """
+    safe = jnp.where(temperature > 0, temperature, 1.0)
+    pick = token[:, None]
+    scaled = logits / safe
+    log_p = jnp.take_along_axis(logits, pick, axis=1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+    log_q = jnp.take_along_axis(scaled, pick, axis=1)[:, 0] - jax.nn.logsumexp(scaled, axis=-1)
+    return log_p - log_q
+
+
+def _generate_step_weighted(model, state, key, cfg, max_step_tokens, forced, forced_tokens):
+    """:func:`~tts_jax.samplers.lm_state.generate_step` (the same draws from the same key) that
+    also returns the step's ``sum_t log p(y_t | ...) - log q_T(y_t | ...)`` ``float32[N]`` over
+    the tokens each row wrote (forced tokens included; 0 for rows that wrote none)."""
+
+    def cond(carry):
+        i, _, paused, _ = carry
+        return (i < max_step_tokens) & ~jnp.all(paused)
+
+    def body(carry):
+        i, s, paused, log_ratio = carry
+        go = ~paused
+        token = lm.sample_token(jax.random.fold_in(key, i), s.logits, cfg.temperature)
+        copied = jnp.take(forced_tokens, jnp.minimum(s.length, forced_tokens.shape[0] - 1))
+        token = jnp.where(forced, copied, token)
+        log_ratio = log_ratio + jnp.where(
+            go, token_log_ratio(s.logits, token, cfg.temperature), 0.0
+        )
+        s, ended = append_token(
+            model, s, token, go, jnp.broadcast_to(i + 1 >= max_step_tokens, go.shape), cfg
+        )
+        return i + 1, s, paused | ended, log_ratio
+
+    init = (jnp.int32(0), state, state.done, jnp.zeros(state.done.shape, jnp.float32))
+    _, state, _, log_ratio = jax.lax.while_loop(cond, body, init)
+    return state, log_ratio
+
+
 def _pf_callbacks(model, prompt, prompt_length, scorer, scorer_params, cfg, ref_tokens, *,
                   max_steps,
                   max_step_tokens, aggregation):
@@ -146,7 +201,9 @@ def _pf_callbacks(model, prompt, prompt_length, scorer, scorer_params, cfg, ref_
         all_done = jnp.all(s.done)
         was_done = s.done
         forced = (jnp.arange(s.done.shape[0]) == 0) & hyper["has_ref"]
-        s = generate_step(model, s, key, cfg, max_step_tokens, forced, ref_tokens)
+        s, log_ratio = _generate_step_weighted(
+            model, s, key, cfg, max_step_tokens, forced, ref_tokens
+        )
 
         fresh, s = step_scores(scorer, scorer_params, s, prompt, prompt_length, max_step_tokens,
                                aggregation, ~all_done)
@@ -157,7 +214,8 @@ def _pf_callbacks(model, prompt, prompt_length, scorer, scorer_params, cfg, ref_
         phi = jnp.where(hyper["puri"], absolute, a)
         budget = add_budget(s.budget, prm_calls=jnp.where(all_done, 0, jnp.sum(~was_done)))
         s = s._replace(score=r, phi=phi, budget=budget)
-        return s, jnp.zeros_like(phi)
+        # Twisted: p / q_T of the step's tokens (Puri weights are not importance weights).
+        return s, jnp.where(hyper["puri"], 0.0, log_ratio)
 
     def log_potential(s, k, hyper):
         return s.phi
@@ -213,6 +271,15 @@ def _run_pf(key, model, prompt, scorer, scorer_params, *, num_particles, max_ste
     prompt = _check_pf_args(prompt, num_particles, max_steps, max_step_tokens, max_new_tokens,
                             aggregation, weighting, resampler)
     length = check_prompt_length(prompt, prompt_length)
+    if (
+        weighting == "twisted"
+        and not isinstance(temperature, jax.core.Tracer)
+        and np.any(np.asarray(temperature) <= 0)
+    ):
+        raise ValueError(
+            f"weighting='twisted' needs a temperature > 0 (a proposal with full "
+            f"support for the p / q correction), got {temperature}"
+        )
     if ess_threshold is None:
         ess_threshold = 1.0 if weighting == "puri" else 0.5
     hyper = {"softmax_temperature": jnp.asarray(softmax_temperature, jnp.float32),
@@ -254,15 +321,18 @@ def particle_filter(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer
             unfinished.
         max_step_tokens: token limit of one step (static).
         max_new_tokens: L, completion buffer (static; a full buffer finishes a particle).
-        temperature: LM sampling temperature (array; default 0.8 as in the paper).
+        temperature: LM sampling temperature ``T`` of the proposal ``q_T`` (array; default 0.8
+            as in the paper). ``twisted`` needs ``T > 0`` and corrects ``q_T`` back to the
+            untempered LM; ``puri`` does not correct it (module docstring).
         softmax_temperature: ``T_softmax`` of the weights (array). ``T -> inf``: uniform weights,
             independent sampling; ``T -> 0``: greedy selection of the best-scored prefix.
         sep_id: step separator token (``None``: steps end only at ``max_step_tokens``).
         stop_ids: token id(s) that finish a particle (EOS, answer marker).
         pad_id: buffer filler.
         aggregation: ``last`` | ``min`` | ``prod`` | ``model``.
-        weighting: ``puri`` (absolute softmax weights) or ``twisted`` (incremental ratios; see the
-            module docstring for the targets).
+        weighting: ``puri`` (absolute softmax weights, tilting ``q_T``) or ``twisted``
+            (incremental importance ratios targeting ``p(y | x) odds^(1 / T_softmax) / Z``; see
+            the module docstring for both targets).
         resampler: ``multinomial`` (paper) | ``stratified`` | ``systematic``.
         ess_threshold: resample when ``ESS < threshold * N`` (array); default 1.0 for ``puri``
             (every step unless exactly uniform), 0.5 for ``twisted``.
@@ -276,7 +346,8 @@ def particle_filter(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer
         step: ``ess``, ``resampled``, ``ancestors``, ``unique_ancestors``, ...).
 
     Raises:
-        ValueError: empty budget, unknown options, bad prompt, NaN scores (``raise`` policy).
+        ValueError: empty budget, unknown options, bad prompt, NaN scores (``raise`` policy),
+            ``twisted`` with a temperature ``<= 0``.
     """
     return _run_pf(key, model, prompt, scorer, scorer_params, num_particles=num_particles,
                    max_steps=max_steps, max_step_tokens=max_step_tokens,
