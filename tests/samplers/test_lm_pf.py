@@ -115,10 +115,9 @@ def test_twisted_weighting_corrects_a_tempered_proposal_back_to_the_lm():
         r = run(100 + s, temperature=temperature, softmax_temperature=t, weighting="twisted")
         w = np.exp(np.asarray(r.log_weights, np.float64) + float(r.log_evidence))
         est[s] = np.bincount(np.asarray(r.tokens)[:, 0], weights=w, minlength=len(TABLE))
-    se = est.std(axis=0, ddof=1) / np.sqrt(runs)
-    z = (est.mean(axis=0) - gamma) / se
-    z_total = (est.sum(axis=1).mean() - gamma.sum()) / (est.sum(axis=1).std(ddof=1)
-                                                          / np.sqrt(runs))
+    z = (est.mean(axis=0) - gamma) / (est.std(axis=0, ddof=1) / np.sqrt(runs))
+    z_hat = est.sum(axis=1)
+    z_total = (z_hat.mean() - gamma.sum()) / (z_hat.std(ddof=1) / np.sqrt(runs))
     assert np.abs(z).max() < 4 and abs(z_total) < 4, (z, z_total)
 
 
