@@ -1,11 +1,17 @@
 """The ``tts-jax`` command line.
 
 * ``tts-jax demo``: the main job on the embedded defaults.
+* ``tts-jax presets``: every preset (model, method, defaults) and every option.
 * ``tts-jax run PRESET``: one steering run; ``PRESET`` is ``<model>-<method>`` (``gmm-fk``,
-  ``digits-rbf``, ...) or ``path/to/config.py:<method>`` for a user file defining ``make_bundle``.
+  ``digits-rbf``, ``arith-pf``, ...) or ``path/to/config.py:<method>`` for a user file defining
+  ``make_bundle``.
 * ``tts-jax sweep PRESET --methods ... --budgets ... --seeds ...``: a resumable scaling study with
-  a plot.
-* ``tts-jax train MODEL``: retrain an embedded model with its script in ``experiments/``.
+  a plot, in a folder that holds one configuration.
+* ``tts-jax train MODEL``: retrain an embedded model with its script in ``experiments/``, into an
+  output folder (``--install`` copies it over the shipped asset).
+
+Options left unset take the preset's defaults (the settings its published results were made
+with); an option the preset does not read is an error, never silently ignored.
 """
 
 from __future__ import annotations
@@ -15,15 +21,40 @@ import logging
 import pathlib
 import subprocess
 import sys
+from typing import Annotated, Any
 
 import tyro
 
 from tts_jax import experiment, experiment_lm, plots, runs
+from tts_jax.demos import arith as arith_demo
 from tts_jax.demos import digits as digits_demo
+from tts_jax.demos.arith import ArithDemoConfig
 from tts_jax.demos.digits import DigitsDemoConfig
 from tts_jax.demos.gmm import GMMDemoConfig, format_table, run_gmm_demo
 
 log = logging.getLogger("tts_jax")
+
+PER_PRESET = "(default: per preset, see `tts-jax presets`)"
+
+
+def _option(help: str, hint: str = PER_PRESET, metavar: str | None = None) -> Any:
+    return tyro.conf.arg(help=help, help_behavior_hint=hint, metavar=metavar)
+
+
+# Meaning of every run/sweep option, shared by the parser's help and `tts-jax presets`.
+OPTION_HELP = {
+    "budget": "image presets: model forward passes (NFE) the method may spend",
+    "num_steps": "image presets: denoising steps of one trajectory",
+    "lam": "image fk/smc: inverse temperature of the reward tilt p(x) exp(lam r(x))",
+    "diffusion_norm": "image SDE methods (fk, smc, svdd, code, rbf): g(t) = norm t^2",
+    "target_class": "digits and user files: the class the reward steers toward",
+    "nan_policy": "image presets: raise (a NaN reward is an error) | drop (zero weight)",
+    "num_particles": "arith presets: N, the number of samples / particles / beams",
+    "problems": "arith presets: held-out problem range START STOP",
+    "scorer": "arith presets that use a verifier: prm (the embedded PRM) | oracle (exact checker)",
+    "seed": "PRNG seed",
+    "out_dir": "output folder",
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,10 +67,15 @@ class Demo:
     """
 
     parts: tuple[str, ...] = ("gmm", "digits", "arith")
+    """which parts to run: gmm, digits, arith"""
     gmm: GMMDemoConfig = GMMDemoConfig()
     digits: DigitsDemoConfig = DigitsDemoConfig()
-    arith_particles: int = 8
-    arith_problems: tuple[int, int] = (0, 10)
+    arith: ArithDemoConfig = ArithDemoConfig()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Presets:
+    """List every preset (model, method, defaults) and every run/sweep option."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,50 +83,105 @@ class Run:
     """One steering run of PRESET (``<model>-<method>`` or ``file.py:<method>``).
 
     Image presets spend ``--budget`` NFE; ``arith-<method>`` presets use ``--num-particles`` N on
-    ``--problems START STOP`` held-out arithmetic problems with the ``--scorer`` (prm | oracle).
+    ``--problems START STOP`` held-out arithmetic problems. `tts-jax presets` lists the presets
+    and the options each reads.
     """
 
-    preset: tyro.conf.Positional[str]
-    budget: int = 2000
-    num_particles: int = 8
-    problems: tuple[int, int] = (0, 10)
-    scorer: str = "prm"
-    num_steps: int = 20
-    lam: float = 10.0
-    target_class: int = 3
-    diffusion_norm: float = 3.0
-    seed: int = 0
-    out_dir: str = ""
+    preset: Annotated[
+        str, tyro.conf.Positional, tyro.conf.arg(metavar="PRESET", help="<model>-<method>")
+    ]
+    budget: Annotated[int | None, _option(OPTION_HELP["budget"], metavar="INT")] = None
+    num_steps: Annotated[int | None, _option(OPTION_HELP["num_steps"], metavar="INT")] = None
+    lam: Annotated[float | None, _option(OPTION_HELP["lam"], metavar="FLOAT")] = None
+    diffusion_norm: Annotated[
+        float | None, _option(OPTION_HELP["diffusion_norm"], metavar="FLOAT")
+    ] = None
+    target_class: Annotated[int | None, _option(OPTION_HELP["target_class"], metavar="INT")] = None
+    nan_policy: Annotated[
+        str | None, _option(OPTION_HELP["nan_policy"], "(default: raise)", "{raise,drop}")
+    ] = None
+    num_particles: Annotated[
+        int | None, _option(OPTION_HELP["num_particles"], "(default: 8)", "INT")
+    ] = None
+    problems: Annotated[
+        tuple[int, int] | None, _option(OPTION_HELP["problems"], "(default: 0 10)", "START STOP")
+    ] = None
+    scorer: Annotated[
+        str | None, _option(OPTION_HELP["scorer"], "(default: prm)", "{prm,oracle}")
+    ] = None
+    seed: Annotated[int | None, _option(OPTION_HELP["seed"], "(default: 0)", "INT")] = None
+    out_dir: Annotated[
+        str | None,
+        _option(OPTION_HELP["out_dir"], "(default: outputs/<preset>-seed<seed>)", "DIR"),
+    ] = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Sweep:
-    """A scaling study: every method x budget x seed, resumable, with a plot."""
+    """A scaling study: every method x budget x seed, resumable, with a plot.
 
-    preset: tyro.conf.Positional[str]
-    methods: tuple[str, ...] = ()
-    budgets: tuple[int, ...] = (100, 200, 400, 800)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    problems: tuple[int, int] = (0, 10)
-    scorer: str = "prm"
-    num_steps: int = 20
-    lam: float = 10.0
-    target_class: int = 3
-    out_dir: str = ""
+    The output folder holds one configuration: resuming with the same settings skips finished
+    runs; other settings are refused (the default folder name carries a hash of the settings).
+    """
+
+    preset: Annotated[
+        str, tyro.conf.Positional, tyro.conf.arg(metavar="PRESET", help="<model>-<method>")
+    ]
+    methods: Annotated[
+        tuple[str, ...], _option("methods to compare", "(default: the preset's method)")
+    ] = ()
+    budgets: Annotated[
+        tuple[int, ...] | None,
+        _option(
+            "NFE budgets (image) or N (arith)",
+            "(default: 100 200 400 800 | 1 2 4 8)",
+            "INT [INT ...]",
+        ),
+    ] = None
+    seeds: Annotated[tuple[int, ...], _option("PRNG seeds", "(default: 0 1 2)")] = (0, 1, 2)
+    num_steps: Annotated[int | None, _option(OPTION_HELP["num_steps"], metavar="INT")] = None
+    lam: Annotated[float | None, _option(OPTION_HELP["lam"], metavar="FLOAT")] = None
+    diffusion_norm: Annotated[
+        float | None, _option(OPTION_HELP["diffusion_norm"], metavar="FLOAT")
+    ] = None
+    target_class: Annotated[int | None, _option(OPTION_HELP["target_class"], metavar="INT")] = None
+    nan_policy: Annotated[
+        str | None, _option(OPTION_HELP["nan_policy"], "(default: raise)", "{raise,drop}")
+    ] = None
+    problems: Annotated[
+        tuple[int, int] | None, _option(OPTION_HELP["problems"], "(default: 0 10)", "START STOP")
+    ] = None
+    scorer: Annotated[
+        str | None, _option(OPTION_HELP["scorer"], "(default: prm)", "{prm,oracle}")
+    ] = None
+    out_dir: Annotated[
+        str | None,
+        _option(OPTION_HELP["out_dir"], "(default: outputs/sweep-<model>-<settings hash>)", "DIR"),
+    ] = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Train:
     """Retrain an embedded model with its script (resumes from its orbax checkpoints).
 
-    The scripts live in ``experiments/`` of a source checkout and write into
-    ``tts_jax/assets/``; extra script flags go after ``--args``.
+    The scripts live in ``experiments/`` of a source checkout. They write into ``--out-dir``;
+    only ``--install`` copies the result over the shipped asset in ``tts_jax/assets/``. Extra
+    script flags go after ``--args``.
     """
 
-    model: tyro.conf.Positional[str]
+    model: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="MODEL")]
+    out_dir: Annotated[
+        str | None, _option("output folder", "(default: outputs/train/<model>)", "DIR")
+    ] = None
+    install: bool = False
+    """copy the trained model over the shipped asset in tts_jax/assets/"""
     args: tuple[str, ...] = ()
+    """extra flags passed to the training script"""
 
 
+# --------------------------------------------------------------------------- presets
+
+ARITH = "arith"
 TRAIN_SCRIPTS = {
     "digits-dit": "train_digits_flow.py",
     "digits-classifiers": "train_digits_classifiers.py",
@@ -98,6 +189,208 @@ TRAIN_SCRIPTS = {
     "arith-lm": "train_arith_lm.py",
     "arith-prm": "train_arith_prm.py",
 }
+
+
+def parse_preset(preset: str) -> tuple[str, str]:
+    """Split ``<model>-<method>`` or ``file.py:<method>`` into ``(model, method)``."""
+    if ".py:" in preset:
+        model, method = preset.rsplit(":", 1)
+    elif "-" in preset:
+        model, method = preset.split("-", 1)
+    else:
+        raise ValueError(f"preset {preset!r} must look like <model>-<method>; {known_presets()}")
+    if model == ARITH:
+        if method not in experiment_lm.LM_METHODS:
+            raise ValueError(f"unknown method in preset {preset!r}; {known_presets()}")
+        return model, method
+    if not model.endswith(".py") and model not in experiment.MODELS:
+        raise ValueError(f"unknown model in preset {preset!r}; {known_presets()}")
+    if method not in experiment.METHODS:
+        raise ValueError(f"unknown method in preset {preset!r}; {known_presets()}")
+    return model, method
+
+
+def known_presets() -> str:
+    names = [f"{m}-{k}" for m in experiment.MODELS for k in experiment.METHODS]
+    names += [f"{ARITH}-{k}" for k in experiment_lm.LM_METHODS]
+    return "known presets: " + ", ".join(names) + " (or file.py:<method>)"
+
+
+def arith_options(method: str) -> frozenset[str]:
+    """Options an ``arith-<method>`` preset reads."""
+    entry = experiment_lm.LM_METHODS[method]
+    options = {"problems", "seed", "out_dir"}
+    if not entry.budget_independent:
+        options.add("num_particles")
+    if entry.uses_scorer:
+        options.add("scorer")
+    return frozenset(options)
+
+
+def preset_options(model: str, method: str) -> frozenset[str]:
+    """Options the preset ``model-method`` reads."""
+    if model == ARITH:
+        return arith_options(method)
+    return (
+        experiment.METHODS[method].options
+        | experiment.model_options(model)
+        | experiment.COMMON_OPTIONS
+    )
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def given_options(cmd: Run | Sweep, swept: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The options set on the command line (unset ones are ``None``)."""
+    skip = {"preset", *swept}
+    return {
+        f.name: getattr(cmd, f.name)
+        for f in dataclasses.fields(cmd)
+        if f.name not in skip and getattr(cmd, f.name) is not None
+    }
+
+
+def check_applicable(given: dict[str, Any], reads: frozenset[str], what: str) -> None:
+    """Refuse options that ``what`` does not read, naming them and the ones it does."""
+    extra = sorted(set(given) - reads)
+    if extra:
+        raise ValueError(
+            f"{', '.join(_flag(k) for k in extra)} "
+            f"{'does' if len(extra) == 1 else 'do'} not apply to {what}; it reads "
+            + ", ".join(_flag(k) for k in sorted(reads))
+        )
+
+
+def image_config(model: str, method: str, given: dict[str, Any]) -> experiment.RunConfig:
+    """The resolved config of an image run: RunConfig < the model's preset defaults < flags."""
+    fields = {**experiment.model_defaults(model), **given, "model": model, "method": method}
+    return experiment.RunConfig(**fields)
+
+
+def arith_config(method: str, given: dict[str, Any]) -> experiment_lm.LMRunConfig:
+    """The resolved config of an arith run (the CLI runs problems 0-10 unless told otherwise)."""
+    fields = {"problems": (0, 10), **given, "method": method}
+    fields.pop("out_dir", None)
+    return experiment_lm.LMRunConfig(**fields)
+
+
+def _presets(_cmd: Presets) -> None:
+    print(presets_text())
+
+
+def presets_text() -> str:
+    """Every preset with its model, method, defaults and options, then every option's meaning."""
+    lines = ["Presets (tts-jax run PRESET, tts-jax sweep PRESET):", ""]
+    for model, entry in experiment.MODELS.items():
+        lines.append(f"{model}: {entry.description}")
+        for name, method in experiment.METHODS.items():
+            reads = preset_options(model, name) - {"seed", "out_dir", "nan_policy"}
+            defaults = experiment.model_defaults(model)
+            shown = ", ".join(f"{_flag(k)} {defaults[k]}" for k in sorted(reads) if k in defaults)
+            lines.append(f"  {model}-{name:<8} {method.description}; {shown}")
+        lines.append("")
+    lines.append("arith: embedded arithmetic policy LM with its PRM (or the exact oracle)")
+    for name, entry in experiment_lm.LM_METHODS.items():
+        doc = (entry.run.__doc__ or name).strip().splitlines()[0].rstrip(".")
+        reads = ", ".join(_flag(k) for k in sorted(arith_options(name) - {"seed", "out_dir"}))
+        lines.append(f"  {ARITH}-{name:<9} {doc}; reads {reads}")
+    lines += [
+        "",
+        "file.py:<method>: your own model and reward (make_bundle(config) -> Bundle), any image "
+        "method",
+        "",
+        "Options (unset: the preset's default):",
+    ]
+    lines += [f"  {_flag(k):<18} {v}" for k, v in OPTION_HELP.items()]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- run / sweep
+
+
+def _run(cmd: Run) -> None:
+    model, method = parse_preset(cmd.preset)
+    given = given_options(cmd)
+    check_applicable(given, preset_options(model, method), cmd.preset)
+    seed = given.get("seed", 0)
+    out_dir = cmd.out_dir or f"outputs/{pathlib.Path(model).stem}-{method}-seed{seed}"
+    given.pop("out_dir", None)
+    if model == ARITH:
+        config = arith_config(method, given)
+        summary = experiment_lm.run_lm(config)
+        _warn_lm_collapse(cmd.preset, summary)
+        files = experiment_lm.write_lm_run(out_dir, config, summary)
+        summary.pop("records")
+    else:
+        config = dataclasses.replace(image_config(model, method, given), out_dir=out_dir)
+        summary = experiment.run_one(config)
+        files = summary["files"]
+    for key, value in summary.items():
+        if key not in ("files", "config"):
+            print(f"{key:>24}: {value}")
+    print(f"wrote {out_dir}/: {', '.join(files)}")
+
+
+def _warn_lm_collapse(what: str, summary: dict[str, Any]) -> None:
+    collapsed = summary.get("collapsed_problems", 0)
+    if collapsed:
+        log.warning(
+            "%s: the particle weights collapsed (ESS < 5%% of N or < 2 distinct ancestors) on "
+            "%d of %d problems; see step_ess in samples.jsonl",
+            what,
+            collapsed,
+            len(summary["records"]),
+        )
+
+
+def _sweep(cmd: Sweep) -> None:
+    model, first_method = parse_preset(cmd.preset)
+    methods = list(cmd.methods) or [first_method]
+    given = given_options(cmd, swept=("methods", "budgets", "seeds"))
+    out_dir = given.pop("out_dir", None)
+    reads = frozenset().union(*(preset_options(model, m) for m in _checked(model, methods)))
+    check_applicable(given, reads, f"a sweep of {', '.join(methods)} on {model}")
+    if model == ARITH:
+        _sweep_arith(cmd, methods, given, out_dir)
+        return
+    budgets = list(cmd.budgets or (100, 200, 400, 800))
+    base = image_config(model, methods[0], given)
+    shared = experiment.sweep_identity(base)
+    out_dir = out_dir or f"outputs/sweep-{pathlib.Path(model).stem}-{runs.config_id(shared)[:8]}"
+    records = experiment.sweep(base, methods, budgets, list(cmd.seeds), out_dir)
+    held = sorted({k for r in records for k in r if k.endswith("_best") and k != "best_reward"})
+    paths = plots.scaling_plot(records, ["best_reward", *held], f"{out_dir}/scaling")
+    print(plots.markdown_table(records, "best_reward"))
+    print(f"{len(records)} runs of this configuration in {out_dir}/runs.jsonl")
+    print(f"wrote {', '.join(paths)}")
+
+
+def _checked(model: str, methods: list[str]) -> list[str]:
+    known = experiment_lm.LM_METHODS if model == ARITH else experiment.METHODS
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown} for {model}; known: {sorted(known)}")
+    return methods
+
+
+def _sweep_arith(cmd: Sweep, methods: list[str], given: dict, out_dir: str | None) -> None:
+    problems = given.pop("problems", (0, 10))
+    base = experiment_lm.LMRunConfig(method=methods[0], problems=problems, **given)
+    shared = experiment_lm.sweep_identity(base)
+    out_dir = out_dir or f"outputs/sweep-{ARITH}-{runs.config_id(shared)[:8]}"
+    budgets = cmd.budgets or (1, 2, 4, 8)
+    records = experiment_lm.sweep_lm(
+        methods, budgets, cmd.seeds, range(*problems), out_dir, base=base
+    )
+    paths = plots.scaling_plot(records, ["correct"], f"{out_dir}/scaling", xlabel="N")
+    print(plots.markdown_table(records, "correct"))
+    print(f"{len(records)} runs of this configuration in {out_dir}/runs.jsonl")
+    print(f"wrote {', '.join(paths)}")
+
+
+# --------------------------------------------------------------------------- train
 
 
 def training_script(model: str) -> pathlib.Path:
@@ -112,116 +405,22 @@ def training_script(model: str) -> pathlib.Path:
     return script
 
 
-def _train(cmd: Train) -> None:
+def training_command(cmd: Train) -> list[str]:
+    """The training script's command line: into ``--out-dir``, over the asset only if
+    ``--install``."""
     script = training_script(cmd.model)
-    log.info("running %s %s", script, " ".join(cmd.args))
-    subprocess.run([sys.executable, str(script), *cmd.args], check=True)
+    out_dir = cmd.out_dir or f"outputs/train/{cmd.model}"
+    argv = [sys.executable, str(script), "--out", out_dir, *cmd.args]
+    return [*argv, "--install"] if cmd.install else argv
 
 
-def parse_preset(preset: str) -> tuple[str, str]:
-    """Split ``<model>-<method>`` or ``file.py:<method>`` into ``(model, method)``."""
-    if preset.startswith("arith-"):
-        method = preset.removeprefix("arith-")
-        if method not in experiment_lm.LM_METHODS:
-            raise ValueError(f"unknown method in preset {preset!r}; {known_presets()}")
-        return "arith", method
-    if ".py:" in preset:
-        model, method = preset.rsplit(":", 1)
-    elif "-" in preset:
-        model, method = preset.split("-", 1)
-    else:
-        raise ValueError(f"preset {preset!r} must look like <model>-<method>; {known_presets()}")
-    if not model.endswith(".py") and model not in experiment.MODELS:
-        raise ValueError(f"unknown model in preset {preset!r}; {known_presets()}")
-    if method not in experiment.METHODS:
-        raise ValueError(f"unknown method in preset {preset!r}; {known_presets()}")
-    return model, method
+def _train(cmd: Train) -> None:
+    argv = training_command(cmd)
+    log.info("running %s", " ".join(argv[1:]))
+    subprocess.run(argv, check=True)
 
 
-def known_presets() -> str:
-    names = [f"{m}-{k}" for m in experiment.MODELS for k in experiment.METHODS]
-    names += [f"arith-{k}" for k in experiment_lm.LM_METHODS]
-    return "known presets: " + ", ".join(names) + " (or file.py:<method>)"
-
-
-def _run(cmd: Run) -> None:
-    model, method = parse_preset(cmd.preset)
-    if model == "arith":
-        _run_arith(cmd, method)
-        return
-    out_dir = cmd.out_dir or f"outputs/{pathlib.Path(model).stem}-{method}-seed{cmd.seed}"
-    config = experiment.RunConfig(
-        model=model,
-        method=method,
-        budget=cmd.budget,
-        num_steps=cmd.num_steps,
-        lam=cmd.lam,
-        target_class=cmd.target_class,
-        diffusion_norm=cmd.diffusion_norm,
-        seed=cmd.seed,
-        out_dir=out_dir,
-    )
-    record = experiment.run_one(config)
-    for key, value in record.items():
-        print(f"{key:>24}: {value}")
-    print(f"wrote {out_dir}/config.json, result.json, samples.npz, diagnostics.npz (+ samples.png)")
-
-
-def _run_arith(cmd: Run, method: str) -> None:
-    out_dir = pathlib.Path(cmd.out_dir or f"outputs/arith-{method}-seed{cmd.seed}")
-    config = experiment_lm.LMRunConfig(
-        method=method,
-        num_particles=cmd.num_particles,
-        problems=cmd.problems,
-        seed=cmd.seed,
-        scorer=cmd.scorer,
-    )
-    summary = experiment_lm.run_lm(config)
-    records = summary.pop("records")
-    runs.write_json(out_dir / "config.json", {"config": config, "environment": runs.environment()})
-    runs.write_json(out_dir / "result.json", summary)
-    (out_dir / "samples.jsonl").unlink(missing_ok=True)
-    for record in records:
-        runs.append_jsonl(out_dir / "samples.jsonl", record)
-    for key, value in summary.items():
-        print(f"{key:>24}: {value}")
-    print(f"wrote {out_dir}/config.json, result.json, samples.jsonl")
-
-
-def _sweep_arith(cmd: Sweep, methods: list[str]) -> None:
-    out_dir = cmd.out_dir or "outputs/sweep-arith"
-    problems = range(cmd.problems[0], cmd.problems[1])
-    base = experiment_lm.LMRunConfig(method=methods[0], scorer=cmd.scorer)
-    records = experiment_lm.sweep_lm(methods, cmd.budgets, cmd.seeds, problems, out_dir, base=base)
-    paths = plots.scaling_plot(records, ["correct"], f"{out_dir}/scaling", xlabel="N")
-    print(plots.markdown_table(records, "correct"))
-    print(f"{len(records)} runs in {out_dir}/runs.jsonl; plots: {', '.join(paths)}")
-
-
-def _sweep(cmd: Sweep) -> None:
-    model, first_method = parse_preset(cmd.preset)
-    methods = list(cmd.methods) or [first_method]
-    if model == "arith":
-        _sweep_arith(cmd, methods)
-        return
-    for m in methods:
-        if m not in experiment.METHODS:
-            raise ValueError(f"unknown method {m!r}; known: {sorted(experiment.METHODS)}")
-    out_dir = cmd.out_dir or f"outputs/sweep-{pathlib.Path(model).stem}"
-    base = experiment.RunConfig(
-        model=model,
-        method=methods[0],
-        budget=max(cmd.budgets),
-        num_steps=cmd.num_steps,
-        lam=cmd.lam,
-        target_class=cmd.target_class,
-        out_dir=out_dir,
-    )
-    records = experiment.sweep(base, methods, list(cmd.budgets), list(cmd.seeds), out_dir)
-    held = sorted({k for r in records for k in r if k.endswith("_best") and k != "best_reward"})
-    paths = plots.scaling_plot(records, ["best_reward", *held], f"{out_dir}/scaling")
-    print(plots.markdown_table(records, "best_reward"))
-    print(f"{len(records)} runs in {out_dir}/runs.jsonl; plots: {', '.join(paths)}")
+# --------------------------------------------------------------------------- demo
 
 
 def _demo(cmd: Demo) -> None:
@@ -233,31 +432,18 @@ def _demo(cmd: Demo) -> None:
     if "digits" in cmd.parts:
         _demo_digits(cmd.digits)
     if "arith" in cmd.parts:
-        _demo_arith(cmd.arith_particles, cmd.arith_problems)
+        _demo_arith(cmd.arith)
 
 
-def _demo_arith(num_particles: int, problems: tuple[int, int]) -> None:
-    bundle = experiment_lm.load_lm_bundle()
+def _demo_arith(config: ArithDemoConfig) -> None:
+    result = arith_demo.run_arith_demo(config)
+    start, stop = config.problems
     print(
-        f"\nArithmetic LM, {problems[1] - problems[0]} held-out problems, N = {num_particles} "
+        f"\nArithmetic LM, {stop - start} held-out problems, N = {config.num_particles} "
         "(accuracy by the exact checker)"
     )
-    print(f"{'method':<10}{'scorer':<8}{'accuracy':>10}{'tokens':>9}{'PRM calls':>11}")
-    for method, scorer in [
-        ("greedy", "prm"),
-        ("bon", "prm"),
-        ("pf", "prm"),
-        ("bon", "oracle"),
-        ("pf", "oracle"),
-    ]:
-        config = experiment_lm.LMRunConfig(
-            method=method, num_particles=num_particles, problems=problems, scorer=scorer
-        )
-        s = experiment_lm.run_lm(config, bundle)
-        shown = "-" if method == "greedy" else scorer
-        print(
-            f"{method:<10}{shown:<8}{s['correct']:>10.2f}{s['tokens']:>9.0f}{s['prm_calls']:>11.1f}"
-        )
+    print(arith_demo.format_table(result))
+    print(f"wrote {config.out_dir}/: {', '.join(result['files'])}")
 
 
 def _demo_digits(config: DigitsDemoConfig) -> None:
@@ -267,7 +453,7 @@ def _demo_digits(config: DigitsDemoConfig) -> None:
         f"(reward: verifier log p; check: held-out classifier), {len(config.seeds)} seeds"
     )
     print(digits_demo.format_table(result))
-    print(f"wrote {config.out_dir}/result.json, config.json, digits_steering.png")
+    print(f"wrote {config.out_dir}/: {', '.join(result['files'])}")
 
 
 def _demo_gmm(config: GMMDemoConfig) -> None:
@@ -278,15 +464,24 @@ def _demo_gmm(config: GMMDemoConfig) -> None:
         f"NFE {result['nfe']}, reward calls {result['reward_calls']}, "
         f"resampling events {result['resampling_events']}, wall {result['wall_time_s']:.1f} s"
     )
-    print(f"wrote {config.out_dir}/result.json, config.json, samples.npz, gmm_steering.png")
+    print(f"wrote {config.out_dir}/: {', '.join(result['files'])}")
 
 
 COMMANDS = {
     "demo": (Demo, _demo),
+    "presets": (Presets, _presets),
     "run": (Run, _run),
     "sweep": (Sweep, _sweep),
     "train": (Train, _train),
 }
+
+DESCRIPTION = (
+    "Inference-time steering of flow models and language models. Presets are <model>-<method>: "
+    f"models {', '.join([*experiment.MODELS, ARITH])}; image methods "
+    f"{', '.join(experiment.METHODS)}; arith methods {', '.join(experiment_lm.LM_METHODS)}. "
+    "`tts-jax presets` lists them with their defaults and options; `tts-jax run --help` explains "
+    "every option."
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -294,7 +489,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     cmd = tyro.extras.subcommand_cli_from_dict(
-        {name: cls for name, (cls, _) in COMMANDS.items()}, args=argv, prog="tts-jax"
+        {name: cls for name, (cls, _) in COMMANDS.items()},
+        args=argv,
+        prog="tts-jax",
+        description=DESCRIPTION,
     )
     handler = next(h for cls, h in COMMANDS.values() if isinstance(cmd, cls))
     try:

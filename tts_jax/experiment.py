@@ -15,22 +15,29 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import pathlib
+import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tts_jax import diagnostics, plots, runs, smc
 from tts_jax import interpolants as I
-from tts_jax import plots, runs, smc
 from tts_jax.models.base import FlowModel, linear_to_vp
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers import flow_particles, noise_search
 from tts_jax.samplers.fk_steering import fk_steering
 from tts_jax.samplers.result import SampleResult
+
+log = logging.getLogger("tts_jax")
+
+
+NAN_POLICIES = ("raise", "drop")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,20 +53,34 @@ class RunConfig:
         target_class: steering target for class-conditional rewards (digits).
         diffusion_norm: ``g = norm t^2`` of the SDE for stochastic methods.
         seed: PRNG seed.
-        out_dir: folder for this run's files.
+        nan_policy: ``raise`` (a NaN reward is an error) or ``drop`` (its particle gets zero
+            weight / is never selected).
+        out_dir: folder for this run's files (not part of the run's identity).
+
+    The defaults are the settings of the digits results in ``experiments/RESULTS.md``
+    (20 steps, ``lam = 1``, ``g = 3 t^2``).
     """
 
     model: str = "gmm"
     method: str = "fk"
     budget: int = 2000
     num_steps: int = 20
-    lam: float = 10.0
+    lam: float = 1.0
     target_class: int = 3
     diffusion_norm: float = 3.0
     seed: int = 0
+    nan_policy: str = "raise"
     out_dir: str = "outputs/run"
 
     def __post_init__(self):
+        for name in ("lam", "diffusion_norm"):
+            value = getattr(self, name)
+            if not np.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        if self.diffusion_norm < 0:
+            raise ValueError(f"diffusion_norm must be >= 0, got {self.diffusion_norm}")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
         if self.budget < 1 or self.num_steps < 1:
             raise ValueError(
                 f"budget ({self.budget}) and num_steps ({self.num_steps}) must be >= 1"
@@ -69,6 +90,11 @@ class RunConfig:
                 f"budget {self.budget} NFE is below one trajectory of {self.num_steps} steps; "
                 f"the minimum budget is {self.num_steps}"
             )
+
+
+def identity(config: RunConfig) -> dict[str, Any]:
+    """The fields that define a run's result: every config field but the output folder."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k != "out_dir"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,24 +151,94 @@ def _classified_as_target(params, x, cond=None):
     return (jnp.argmax(logits, axis=-1) == params["target"]).astype(jnp.float32)
 
 
-MODELS: dict[str, Callable[[RunConfig], Bundle]] = {"gmm": _gmm_bundle, "digits": _digits_bundle}
+class ImageModel(NamedTuple):
+    """A registry entry: how to build the bundle, what it is, the options it reads.
+
+    Attributes:
+        build: ``config -> Bundle``.
+        description: one line for ``tts-jax presets``.
+        options: config fields the bundle reads (beyond the method's).
+        defaults: the preset's default config fields (the settings its results were made with).
+    """
+
+    build: Callable[[RunConfig], Bundle]
+    description: str
+    options: frozenset[str] = frozenset()
+    defaults: dict[str, Any] = {}
+
+
+RESULT_DEFAULTS = {"num_steps": 20, "lam": 1.0, "diffusion_norm": 3.0}
+
+MODELS: dict[str, ImageModel] = {
+    "gmm": ImageModel(
+        _gmm_bundle,
+        "exact 2-D Gaussian mixture flow; reward -|x - rare mode|^2, held-out a.x",
+        defaults={**RESULT_DEFAULTS, "budget": 2000},
+    ),
+    "digits": ImageModel(
+        _digits_bundle,
+        "embedded 8x8 digits DiT; reward verifier log p(class), held-out classifier",
+        options=frozenset({"target_class"}),
+        defaults={**RESULT_DEFAULTS, "budget": 400, "target_class": 3},
+    ),
+}
+USER_FILE_OPTIONS = frozenset({"target_class"})  # a user's make_bundle may read it
+
+
+def load_user_bundle(config: RunConfig) -> Bundle:
+    """Import the user file ``config.model`` (its folder importable) and call its ``make_bundle``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: no ``make_bundle``, or it returns something other than a :class:`Bundle`.
+    """
+    path = pathlib.Path(config.model).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"user config file {config.model} does not exist")
+    folder = str(path.parent)
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)  # sibling modules of the user's file import as usual
+    try:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not callable(getattr(module, "make_bundle", None)):
+            raise ValueError(f"{path} must define make_bundle(config) -> tts_jax.experiment.Bundle")
+        bundle = module.make_bundle(config)
+    finally:
+        if added:
+            sys.path.remove(folder)
+    if not isinstance(bundle, Bundle):
+        raise ValueError(
+            f"{path}: make_bundle returned {type(bundle).__module__}.{type(bundle).__qualname__}, "
+            "expected tts_jax.experiment.Bundle(model, reward, held_out)"
+        )
+    if not isinstance(bundle.model, FlowModel) or not isinstance(bundle.reward, Reward):
+        raise ValueError(
+            f"{path}: make_bundle's Bundle needs a FlowModel and a Reward, got "
+            f"{type(bundle.model).__name__} and {type(bundle.reward).__name__}"
+        )
+    return bundle
 
 
 def load_bundle(config: RunConfig) -> Bundle:
     """Build the bundle named by ``config.model`` (a registry name or a user Python file)."""
     if config.model.endswith(".py"):
-        path = pathlib.Path(config.model)
-        if not path.is_file():
-            raise FileNotFoundError(f"user config file {path} does not exist")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if not hasattr(module, "make_bundle"):
-            raise ValueError(f"{path} must define make_bundle(config) -> tts_jax.experiment.Bundle")
-        return module.make_bundle(config)
+        return load_user_bundle(config)
     if config.model not in MODELS:
         raise ValueError(f"unknown model {config.model!r}; known: {sorted(MODELS)} or a .py file")
-    return MODELS[config.model](config)
+    return MODELS[config.model].build(config)
+
+
+def model_options(model: str) -> frozenset[str]:
+    """Config fields that ``model`` (a registry name or a user file) reads."""
+    return USER_FILE_OPTIONS if model.endswith(".py") else MODELS[model].options
+
+
+def model_defaults(model: str) -> dict[str, Any]:
+    """A model's preset defaults (a user file gets the results' settings and RunConfig's)."""
+    return MODELS[model].defaults if model in MODELS else dict(RESULT_DEFAULTS)
 
 
 # --------------------------------------------------------------------------- methods
@@ -163,6 +259,7 @@ def _fk(key, bundle: Bundle, config: RunConfig) -> SampleResult:
         schedule=smc.every(config.num_steps, max(config.num_steps // 5, 1)),
         potential="max",
         cond=bundle.cond,
+        nan_policy=config.nan_policy,
     )
 
 
@@ -179,7 +276,15 @@ def _search(search_fn, single: bool = False):
     def run(key, bundle: Bundle, config: RunConfig) -> SampleResult:
         budget = config.num_steps if single else config.budget
         grid = I.uniform_grid(config.num_steps)
-        return search_fn(key, bundle.model, bundle.reward, budget, grid, cond=bundle.cond)
+        return search_fn(
+            key,
+            bundle.model,
+            bundle.reward,
+            budget,
+            grid,
+            cond=bundle.cond,
+            nan_policy=config.nan_policy,
+        )
 
     return run
 
@@ -196,28 +301,58 @@ def _particles(method: str):
             I.diffusion("square", config.diffusion_norm),
             config.budget,
         )
+        common = {"cond": bundle.cond, "nan_policy": config.nan_policy}
         if method == "smc":
-            return flow_particles.smc(*args, config.lam, cond=bundle.cond)
+            return flow_particles.smc(*args, config.lam, **common)
         if method == "rbf":
             # A pool of 4 per chain (2 NFE each): at 100 NFE and 20 steps, 25 would not fit.
-            return flow_particles.rbf(*args, num_init=4, cond=bundle.cond)
-        return getattr(flow_particles, method)(*args, cond=bundle.cond)
+            return flow_particles.rbf(*args, num_init=4, **common)
+        return getattr(flow_particles, method)(*args, **common)
 
     run.__doc__ = f"flow_particles.{method} on the VP-SDE"
     return run
 
 
-METHODS: dict[str, Callable[[Any, Bundle, RunConfig], SampleResult]] = {
-    "single": _search(noise_search.best_of_n, single=True),
-    "bon": _search(noise_search.best_of_n),
-    "zo": _search(noise_search.zero_order_search),
-    "paths": _search(noise_search.search_over_paths),
-    "fk": _fk,
-    "smc": _particles("smc"),
-    "svdd": _particles("svdd"),
-    "code": _particles("code"),
-    "rbf": _particles("rbf"),
+class ImageMethod(NamedTuple):
+    """A registry entry.
+
+    Attributes:
+        run: ``(key, bundle, config) -> SampleResult`` spending ``config.budget`` NFE.
+        description: one line for ``tts-jax presets``.
+        options: config fields the method reads (besides seed, nan_policy and out_dir).
+    """
+
+    run: Callable[[Any, Bundle, RunConfig], SampleResult]
+    description: str
+    options: frozenset[str]
+
+
+SEARCH = frozenset({"budget", "num_steps"})
+SDE = frozenset({"budget", "num_steps", "diffusion_norm"})
+TILTED = SDE | {"lam"}
+
+METHODS: dict[str, ImageMethod] = {
+    "single": ImageMethod(
+        _search(noise_search.best_of_n, single=True),
+        "one ODE trajectory, no search (baseline)",
+        frozenset({"num_steps"}),
+    ),
+    "bon": ImageMethod(
+        _search(noise_search.best_of_n), "best-of-N / random search (Ma et al. 2025)", SEARCH
+    ),
+    "zo": ImageMethod(
+        _search(noise_search.zero_order_search), "zero-order search (Ma et al. 2025)", SEARCH
+    ),
+    "paths": ImageMethod(
+        _search(noise_search.search_over_paths), "search over paths (Ma et al. 2025)", SEARCH
+    ),
+    "fk": ImageMethod(_fk, "FK steering, max potential, VP-SDE (Singhal et al. 2025)", TILTED),
+    "smc": ImageMethod(_particles("smc"), "SMC on the reward tilt (Kim et al. 2025)", TILTED),
+    "svdd": ImageMethod(_particles("svdd"), "SVDD (Kim et al. 2025)", SDE),
+    "code": ImageMethod(_particles("code"), "CoDe (Kim et al. 2025)", SDE),
+    "rbf": ImageMethod(_particles("rbf"), "rollover budget forcing (Kim et al. 2025)", SDE),
 }
+COMMON_OPTIONS = frozenset({"seed", "nan_policy", "out_dir"})
 
 
 # --------------------------------------------------------------------------- running
@@ -234,26 +369,42 @@ def evaluate_held_out(bundle: Bundle, result: SampleResult) -> dict[str, float]:
 
 
 def run_one(config: RunConfig, bundle: Bundle | None = None, write: bool = True) -> dict[str, Any]:
-    """Run one method at one budget and seed; returns the JSON-able record."""
+    """Run one method at one budget and seed; returns the JSON-able record.
+
+    The record holds the full resolved config (``config``) and its identity hash
+    (``config_id``, see :func:`tts_jax.runs.config_id`), the costs, rewards, held-out rewards and,
+    for weighted particle methods, ``weight_collapse`` (:func:`tts_jax.diagnostics.weight_collapse`;
+    a collapse is also logged as a warning). With ``write``, the files listed in
+    ``record["files"]`` are written to ``config.out_dir``.
+    """
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; known: {sorted(METHODS)}")
     bundle = load_bundle(config) if bundle is None else bundle
     start = time.perf_counter()
-    result = METHODS[config.method](jax.random.key(config.seed), bundle, config)
+    result = METHODS[config.method].run(jax.random.key(config.seed), bundle, config)
     jax.block_until_ready(result)
     wall = time.perf_counter() - start
     if int(result.nfe) > config.budget:
         raise AssertionError(
             f"{config.method} spent {int(result.nfe)} NFE over its budget {config.budget}"
         )
+    num = int(np.shape(result.rewards)[0])
+    collapse = diagnostics.weight_collapse(result.info, num)
+    warning = diagnostics.collapse_message(f"{config.model}-{config.method}", collapse, num)
+    if warning:
+        log.warning(warning)
+    fields = identity(config)
     record = {
         "model": config.model,
         "method": config.method,
         "budget": config.budget,
         "seed": config.seed,
         "target_class": config.target_class,
+        "config": fields,
+        "config_id": runs.config_id(fields),
         "nfe": int(result.nfe),
         "reward_calls": int(result.reward_calls),
+        "num_samples": num,
         "best_reward": float(result.best_reward),
         "mean_reward": float(
             jnp.mean(jnp.where(jnp.isfinite(result.rewards), result.rewards, 0.0))
@@ -262,23 +413,65 @@ def run_one(config: RunConfig, bundle: Bundle | None = None, write: bool = True)
         "best_sample": np.asarray(result.best_sample, np.float32).ravel(),
         **evaluate_held_out(bundle, result),
     }
+    if collapse is not None:
+        record["weight_collapse"] = collapse
     if write:
-        out = pathlib.Path(config.out_dir)
-        runs.write_json(out / "config.json", {"config": config, "environment": runs.environment()})
-        runs.write_json(out / "result.json", record)
-        np.savez(
-            out / "samples.npz",
-            samples=np.asarray(result.samples),
-            rewards=np.asarray(result.rewards),
-            log_weights=np.asarray(result.log_weights),
-        )
-        diagnostics = {k: np.asarray(v) for k, v in result.info.items() if np.ndim(v) >= 1}
-        np.savez(out / "diagnostics.npz", **diagnostics)
-        if np.ndim(result.samples) == 4:  # [N, C, H, W] images
-            plots.image_grid(
-                np.asarray(result.samples), np.asarray(result.rewards), out / "samples.png"
-            )
+        record["files"] = write_run(pathlib.Path(config.out_dir), config, record, result)
     return record
+
+
+def write_run(out: pathlib.Path, config: RunConfig, record: dict, result: SampleResult) -> list:
+    """Write a run's files into ``out``; returns the names of the files written."""
+    files = ["config.json", "result.json", "samples.npz", "diagnostics.npz"]
+    is_image = np.ndim(result.samples) == 4  # [N, C, H, W]
+    if is_image:
+        files.append("samples.png")
+    record = {**record, "files": files}
+    runs.write_json(out / "config.json", {"config": config, "environment": runs.environment()})
+    runs.write_json(out / "result.json", record)
+    np.savez(
+        out / "samples.npz",
+        samples=np.asarray(result.samples),
+        rewards=np.asarray(result.rewards),
+        log_weights=np.asarray(result.log_weights),
+    )
+    per_step = {k: np.asarray(v) for k, v in result.info.items() if np.ndim(v) >= 1}
+    np.savez(out / "diagnostics.npz", **per_step)
+    if is_image:
+        plots.image_grid(
+            np.asarray(result.samples), np.asarray(result.rewards), out / "samples.png"
+        )
+    return files
+
+
+def check_feasible(config: RunConfig, bundle: Bundle) -> None:
+    """Raise the error ``run_one(config)`` would raise for its budget or settings, without running.
+
+    The samplers check their arguments on the host before tracing; this traces the run abstractly
+    (``jax.eval_shape``: no compilation, no model evaluation), so those checks fire here.
+
+    Raises:
+        ValueError: the sampler refuses the config (e.g. a budget below its minimum).
+    """
+    method = METHODS[config.method]
+
+    def dry(key):
+        # Only the key is abstract: settings built inside the adapter stay concrete, so the
+        # samplers' host checks can read them.
+        with jax.ensure_compile_time_eval():
+            return method.run(key, bundle, config)
+
+    try:
+        jax.eval_shape(dry, jax.random.key(0))
+    except ValueError:
+        raise
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        pass  # the host checks passed; the post-run checks need concrete values
+
+
+def sweep_identity(base: RunConfig) -> dict[str, Any]:
+    """What every run of a sweep shares: the config but the swept method, budget and seed."""
+    return {k: v for k, v in identity(base).items() if k not in ("method", "budget", "seed")}
 
 
 def sweep(
@@ -291,25 +484,46 @@ def sweep(
 ) -> list[dict[str, Any]]:
     """Run every (method, budget, seed), appending each finished run to ``out_dir/runs.jsonl``.
 
-    Runs already recorded there are skipped, so an interrupted sweep resumes where it stopped.
+    The folder holds ONE configuration (:func:`tts_jax.runs.claim_sweep_folder`: its
+    ``config.json`` names the shared settings and versions; another configuration is refused with
+    the differences named). Runs recorded there with the same identity (``config_id``: every
+    config field and the package versions) are skipped, so an interrupted sweep resumes where it
+    stopped. Every (method, budget) is checked before the first run.
+
+    Returns:
+        The records of exactly the requested runs (never runs of other settings).
+
+    Raises:
+        ValueError: an unknown method, an infeasible (method, budget), or a folder of another
+            configuration, before anything runs.
     """
     from tqdm.auto import tqdm
 
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {sorted(METHODS)}")
+    plan = [
+        dataclasses.replace(base, method=m, budget=b, seed=s, out_dir=out_dir)
+        for m in methods
+        for b in budgets
+        for s in seeds
+    ]  # RunConfig's own checks run here, for every run, before anything runs
     path = pathlib.Path(out_dir) / "runs.jsonl"
-    target = base.target_class
-    done = {
-        (r["method"], r["budget"], r["seed"])
-        for r in runs.read_jsonl(path)
-        if r.get("target_class", target) == target
-    }
-    todo = [(m, b, s) for m in methods for b in budgets for s in seeds if (m, b, s) not in done]
-    if not todo:
-        return runs.read_jsonl(path)
-    bundle = load_bundle(base)
-    # disable=None: tqdm stays quiet when stderr is not a terminal (CI, logs, notebooks' files).
-    quiet = None if progress else True
-    for method, budget, seed in tqdm(todo, disable=quiet, desc="sweep"):
-        cfg = dataclasses.replace(base, method=method, budget=budget, seed=seed, out_dir=out_dir)
-        record = run_one(cfg, bundle, write=False)
-        runs.append_jsonl(path, record)
-    return runs.read_jsonl(path)
+    runs.claim_sweep_folder(out_dir, sweep_identity(base))
+    done = {r.get("config_id") for r in runs.read_jsonl(path)}
+    todo = [c for c in plan if runs.config_id(identity(c)) not in done]
+    wanted = {runs.config_id(identity(c)) for c in plan}
+    if todo:
+        bundle = load_bundle(base)
+        for config in {(c.method, c.budget): c for c in todo}.values():
+            try:
+                check_feasible(config, bundle)
+            except ValueError as err:
+                raise ValueError(
+                    f"sweep: method {config.method} at budget {config.budget} is infeasible: {err}"
+                ) from None
+        # disable=None: tqdm stays quiet when stderr is not a terminal (CI, logs, notebooks' files).
+        quiet = None if progress else True
+        for config in tqdm(todo, disable=quiet, desc="sweep"):
+            runs.append_jsonl(path, run_one(config, bundle, write=False))
+    return [r for r in runs.read_jsonl(path) if r.get("config_id") in wanted]

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tts_jax import runs
+from tts_jax import diagnostics, runs
 from tts_jax.models.arith import (
     MAX_NEW_TOKENS,
     N_EVAL_PROBLEMS,
@@ -140,7 +140,8 @@ class LMRunConfig:
         }
         if min(sizes.values()) < 1:
             raise ValueError(f"every size must be >= 1, got {sizes}")
-        if self.temperature < 0 or self.softmax_temperature <= 0:
+        temps = (self.temperature, self.softmax_temperature)
+        if not np.isfinite(temps).all() or self.temperature < 0 or self.softmax_temperature <= 0:
             raise ValueError(
                 f"need temperature >= 0 and softmax_temperature > 0, got "
                 f"{self.temperature}, {self.softmax_temperature}"
@@ -337,7 +338,7 @@ def _best_of_n(weighted: bool):
 
 
 def _beam(key, bundle, config, prompt):
-    """Step-level beam search, beam width gcd(4, N) (ALGORITHMS.md 4.3)."""
+    """Step-level beam search, beam width gcd(4, N) (Snell et al. 2024)."""
     width = math.gcd(BEAM_WIDTH, config.num_particles)
     result = _sample(lm_search.beam_search, key, bundle, config, prompt, beam_width=width)
     return result, int(result.best)
@@ -354,8 +355,15 @@ def _particle_method(name: str):
     extra = {"num_sweeps": GIBBS_SWEEPS} if name == "gibbs" else {}
 
     def run(key, bundle, config, prompt):
-        result = _sample(PARTICLE_SAMPLERS[name], key, bundle, config, prompt,
-                         softmax_temperature=config.softmax_temperature, **extra)
+        result = _sample(
+            PARTICLE_SAMPLERS[name],
+            key,
+            bundle,
+            config,
+            prompt,
+            softmax_temperature=config.softmax_temperature,
+            **extra,
+        )
         return result, int(result.best)
 
     run.__doc__ = f"{name} (Puri et al. 2025), final answer the highest-scored particle"
@@ -410,6 +418,7 @@ def run_problem(config: LMRunConfig, index: int, bundle: LMBundle) -> dict[str, 
         scorer). The wall time includes compilation on the first run of each program.
     """
     method = LM_METHODS[config.method]
+    fields = problem_identity(config, index)
     problem = bundle.problems[index]
     prompt = encode_prompt(bundle.tokenizer, problem)
     key = jax.random.fold_in(jax.random.key(config.seed), index)
@@ -438,8 +447,29 @@ def run_problem(config: LMRunConfig, index: int, bundle: LMBundle) -> dict[str, 
         "lm_calls": int(result.budget.lm_calls),
         "prm_calls": int(result.budget.prm_calls) if method.uses_scorer else 0,
         "wall_time_s": wall,
+        "config": fields,
+        "config_id": runs.config_id(fields),
         **step_diagnostics(result.info),
     }
+
+
+def problem_identity(config: LMRunConfig, index: int) -> dict[str, Any]:
+    """The fields that define one problem's result: the config (its range replaced by the problem
+    index), with the budget and scorer as recorded (greedy ignores N and the scorer)."""
+    fields = dataclasses.asdict(config)
+    del fields["problems"]
+    fields.update(
+        problem=index, num_particles=recorded_budget(config), scorer=recorded_scorer(config)
+    )
+    return fields
+
+
+def sweep_identity(base: LMRunConfig) -> dict[str, Any]:
+    """What every run of an LM sweep shares: the config but method, N, seed and problems."""
+    fields = dataclasses.asdict(base)
+    for swept in ("method", "num_particles", "seed", "problems"):
+        del fields[swept]
+    return fields
 
 
 DIAGNOSTICS = ("ess", "resampled", "unique_ancestors")
@@ -450,14 +480,64 @@ def step_diagnostics(info: dict[str, Any]) -> dict[str, list]:
     return {f"step_{k}": np.asarray(info[k]).tolist() for k in DIAGNOSTICS if k in info}
 
 
-def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Accuracy (mean and standard error over problems) and mean costs of per-problem records."""
+def record_collapse(record: dict[str, Any]) -> dict[str, Any] | None:
+    """:func:`tts_jax.diagnostics.weight_collapse` of one problem's record (``None`` without
+    per-step ESS: methods that do not weight particles)."""
+    steps = {k: record[f"step_{k}"] for k in DIAGNOSTICS if f"step_{k}" in record}
+    return diagnostics.weight_collapse(steps, record["budget"])
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy (mean and standard error over problems), mean costs and the number of problems
+    whose particle weights collapsed (``collapsed_problems``, for weighted particle methods)."""
     correct = np.asarray([float(r["correct"]) for r in records])
     se = correct.std(ddof=1) / np.sqrt(len(correct)) if len(correct) > 1 else 0.0
     out = {"correct": float(correct.mean()), "correct_se": float(se)}
     for name in ("tokens", "lm_calls", "prm_calls", "wall_time_s"):
         out[name] = float(np.mean([r[name] for r in records]))
+    collapses = [record_collapse(r) for r in records]
+    if any(c is not None for c in collapses):
+        out["collapsed_problems"] = sum(bool(c and c["collapsed"]) for c in collapses)
     return out
+
+
+def write_lm_run(out_dir: str | pathlib.Path, config: LMRunConfig, summary: dict) -> list[str]:
+    """Write a :func:`run_lm` summary as a run folder; returns the names of the files written.
+
+    ``config.json`` (config, versions), ``result.json`` (the summary without its records),
+    ``samples.jsonl`` (one record per problem), ``samples.npz`` (per problem: ``problem``,
+    ``completion``, ``answer`` (0 where ``has_answer`` is false), ``expected``,
+    ``correct``) and ``diagnostics.npz``
+    (per problem ``tokens``, ``prm_calls`` and, for particle methods, ``ess``, ``resampled``,
+    ``unique_ancestors`` as ``[P, steps]``).
+    """
+    out = pathlib.Path(out_dir)
+    records = summary["records"]
+    files = ["config.json", "result.json", "samples.jsonl", "samples.npz", "diagnostics.npz"]
+    result = {k: v for k, v in summary.items() if k != "records"} | {"files": files}
+    runs.write_json(out / "config.json", {"config": config, "environment": runs.environment()})
+    runs.write_json(out / "result.json", result)
+    (out / "samples.jsonl").unlink(missing_ok=True)
+    for record in records:
+        runs.append_jsonl(out / "samples.jsonl", record)
+    np.savez(
+        out / "samples.npz",
+        problem=np.asarray([r["problem"] for r in records], np.int32),
+        completion=np.asarray([r["completion"] for r in records], dtype=np.str_),
+        answer=np.asarray([r["answer"] or 0 for r in records], np.int64),
+        has_answer=np.asarray([r["answer"] is not None for r in records], bool),
+        expected=np.asarray([r["expected"] for r in records], np.int64),
+        correct=np.asarray([r["correct"] for r in records], bool),
+    )
+    per_problem = {
+        "tokens": np.asarray([r["tokens"] for r in records], np.int64),
+        "prm_calls": np.asarray([r["prm_calls"] for r in records], np.int64),
+    }
+    for k in DIAGNOSTICS:
+        if all(f"step_{k}" in r for r in records):
+            per_problem[k] = np.asarray([r[f"step_{k}"] for r in records])
+    np.savez(out / "diagnostics.npz", **per_problem)
+    return files
 
 
 def run_lm(config: LMRunConfig, bundle: LMBundle | None = None) -> dict[str, Any]:
@@ -486,12 +566,8 @@ def run_lm(config: LMRunConfig, bundle: LMBundle | None = None) -> dict[str, Any
     }
 
 
-def _run_key(record: dict[str, Any]) -> tuple:
-    return (record["method"], record["budget"], record["seed"], record["problem"], record["scorer"])
-
-
-def _planned_key(config: LMRunConfig, index: int) -> tuple:
-    return (config.method, recorded_budget(config), config.seed, index, recorded_scorer(config))
+def _planned_id(config: LMRunConfig, index: int) -> str:
+    return runs.config_id(problem_identity(config, index))
 
 
 def plan_sweep(
@@ -533,9 +609,11 @@ def sweep_lm(
 ) -> list[dict[str, Any]]:
     """Run every (method, N, seed, problem), appending each record to ``out_dir/runs.jsonl``.
 
-    Runs already recorded there (same method, budget, seed, problem and recorded scorer) are
-    skipped, so an interrupted sweep resumes where it stopped (a truncated last line is re-run).
-    Use one ``out_dir`` per setting of the other config fields (temperatures, step limits).
+    The folder holds ONE configuration of the fields that are not swept (scorer, temperatures,
+    step limits; :func:`tts_jax.runs.claim_sweep_folder` refuses another one, naming the
+    differences). Runs recorded there with the same identity (``config_id``: the whole config and
+    the package versions) are skipped, so an interrupted sweep resumes where it stopped (a
+    truncated last line is re-run).
 
     Args:
         methods: names in :data:`LM_METHODS`.
@@ -548,23 +626,25 @@ def sweep_lm(
         progress: show a progress bar.
 
     Returns:
-        The records of the requested runs.
+        The records of exactly the requested runs.
 
     Raises:
-        ValueError: an invalid config (unknown method, N < 1, ...) before anything runs.
+        ValueError: an invalid config (unknown method, N < 1, ...) or a folder of another
+            configuration, before anything runs.
     """
     from tqdm.auto import tqdm
 
     base = LMRunConfig() if base is None else base
     plan = plan_sweep(base, methods, budgets, seeds, problems)
     path = pathlib.Path(out_dir) / "runs.jsonl"
-    done = {_run_key(r) for r in runs.read_jsonl(path)}
-    wanted = {_planned_key(c, i) for c, i in plan}
-    todo = [(c, i) for c, i in plan if _planned_key(c, i) not in done]
+    runs.claim_sweep_folder(out_dir, sweep_identity(base))
+    done = {r.get("config_id") for r in runs.read_jsonl(path)}
+    wanted = {_planned_id(c, i) for c, i in plan}
+    todo = [(c, i) for c, i in plan if _planned_id(c, i) not in done]
     if todo and bundle is None:
         bundle = load_lm_bundle(with_prm=any(recorded_scorer(c) == "prm" for c, _ in todo))
     # disable=None: tqdm stays quiet when stderr is not a terminal (CI, logs).
     quiet = None if progress else True
     for config, index in tqdm(todo, disable=quiet, desc="sweep_lm"):
         runs.append_jsonl(path, run_problem(config, index, bundle))
-    return [r for r in runs.read_jsonl(path) if _run_key(r) in wanted]
+    return [r for r in runs.read_jsonl(path) if r.get("config_id") in wanted]

@@ -8,6 +8,7 @@ a truncated last line, which :func:`read_jsonl` skips, so a resumed sweep simply
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -91,3 +92,77 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+# --------------------------------------------------------------------------- run identity
+
+IDENTITY_PACKAGES = ("tts-jax", "jax", "jaxlib", "flax", "numpy")
+
+
+def identity_versions() -> dict[str, str | None]:
+    """Versions of the packages whose change can change a run's numbers (part of its identity)."""
+    versions = environment()["versions"]
+    return {name: versions.get(name) for name in IDENTITY_PACKAGES}
+
+
+def config_id(config: dict[str, Any], versions: dict[str, Any] | None = None) -> str:
+    """A short stable hash of a resolved config and the package versions: a run's identity.
+
+    Two runs share an id exactly when every config field and every version in
+    :data:`IDENTITY_PACKAGES` agree, so a resumed sweep never mistakes a run of other settings
+    for a finished one.
+    """
+    versions = identity_versions() if versions is None else versions
+    payload = json.dumps(to_jsonable({"config": config, "versions": versions}), sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"key: old -> new"`` for every field (recursively) on which two JSON configs differ."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def claim_sweep_folder(out_dir: str | os.PathLike, shared: dict[str, Any]) -> None:
+    """Make ``out_dir`` the folder of ONE sweep configuration, or refuse it.
+
+    A sweep folder's ``config.json`` records the configuration every run in it shares (all fields
+    but the swept method, budget and seed) and the package versions. A new folder gets it
+    written; a folder that holds another configuration, other versions, or runs without a
+    recorded configuration is refused with the differences named, so results of different
+    settings are never resumed, averaged or plotted together.
+
+    Args:
+        out_dir: the sweep folder.
+        shared: the JSON-able shared configuration.
+
+    Raises:
+        ValueError: the folder belongs to another configuration.
+    """
+    path = pathlib.Path(out_dir) / "config.json"
+    mine = {"sweep": to_jsonable(shared), "versions": identity_versions()}
+    if path.exists():
+        try:
+            theirs = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); use another --out-dir") from None
+        stored = {"sweep": theirs.get("sweep", {}), "versions": theirs.get("versions", {})}
+        diff = config_differences(stored, mine)
+        if diff:
+            raise ValueError(
+                f"{out_dir} holds a sweep of another configuration ({'; '.join(diff)}); "
+                "use another --out-dir, or the same settings to resume it"
+            )
+        return
+    if read_jsonl(pathlib.Path(out_dir) / "runs.jsonl"):
+        raise ValueError(
+            f"{out_dir}/runs.jsonl holds runs without a recorded sweep configuration "
+            "(config.json); use another --out-dir"
+        )
+    write_json(path, {**mine, "environment": environment()})

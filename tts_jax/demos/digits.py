@@ -2,7 +2,10 @@
 
 Single sample, best-of-N, FK steering and rollover budget forcing spend the same NFE budget; the
 verifier's ``log p(class | x)`` is the reward, the held-out classifier checks the result. Writes a
-PNG grid (one row per method, one column per seed) and ``result.json``.
+PNG grid (one row per method, one column per seed), ``config.json``, ``result.json``,
+``samples.npz`` (per method: the selected sample of each seed, ``[seeds, 1, 8, 8]``) and
+``diagnostics.npz`` (per method and seed: NFE, reward, held-out verdict and, for particle methods,
+the smallest ESS).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def run_digits_demo(config: DigitsDemoConfig = DigitsDemoConfig()) -> dict:
         out_dir=config.out_dir,
     )
     bundle = experiment.load_bundle(base)
-    rows, images = {}, {}
+    rows, images, per_seed = {}, {}, {}
     for method in METHODS:
         records = [
             experiment.run_one(
@@ -59,10 +62,31 @@ def run_digits_demo(config: DigitsDemoConfig = DigitsDemoConfig()) -> dict:
             "heldout_log_prob": float(np.mean([r["heldout_log_prob_best"] for r in records])),
         }
         images[method] = [np.asarray(r["best_sample"]).reshape(8, 8) for r in records]
+        per_seed[f"{method}/nfe"] = np.asarray([r["nfe"] for r in records])
+        per_seed[f"{method}/best_reward"] = np.asarray([r["best_reward"] for r in records])
+        per_seed[f"{method}/heldout_correct"] = np.asarray(
+            [r["heldout_correct_best"] for r in records]
+        )
+        if all("weight_collapse" in r for r in records):
+            per_seed[f"{method}/min_ess"] = np.asarray(
+                [r["weight_collapse"]["min_ess"] for r in records]
+            )
     out = pathlib.Path(config.out_dir)
-    result = {"target_class": config.target_class, "budget": config.budget, "methods": rows}
+    files = ["config.json", "result.json", "samples.npz", "diagnostics.npz", "digits_steering.png"]
+    result = {
+        "target_class": config.target_class,
+        "budget": config.budget,
+        "methods": rows,
+        "files": files,
+    }
     runs.write_json(out / "config.json", {"config": config, "environment": runs.environment()})
     runs.write_json(out / "result.json", result)
+    np.savez(
+        out / "samples.npz",
+        seeds=np.asarray(config.seeds),
+        **{m: np.stack(v)[:, None] for m, v in images.items()},
+    )
+    np.savez(out / "diagnostics.npz", **per_seed)
     _grid(images, out / "digits_steering.png", config.target_class)
     return result
 
