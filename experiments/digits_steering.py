@@ -3,7 +3,7 @@
 The steering reward is the verifier classifier's ``log p(class | x)`` (lambda = 1 targets
 ``p(x | class)``); the held-out classifier (another architecture, other data) measures whether the
 selected sample really is that digit. For each method and NFE budget, every class and seed is run
-once; a record per run is appended to ``runs.jsonl`` (resumable), then the script writes
+once; a record per run is appended to ``class-<c>/runs.jsonl`` (resumable), then the script writes
 ``experiments/results_digits.md`` and a scaling plot.
 
 Run: ``python experiments/digits_steering.py [--quick]`` (CPU, ~10 minutes; --quick: smoke run).
@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from tts_jax import experiment, plots, runs
+from tts_jax import experiment, plots
 from tts_jax.data.digits import load_digits
 from tts_jax.rewards.classifier import load_digits_heldout
 from tts_jax.rewards.metrics import classifier_features, frechet_distance
@@ -114,16 +114,16 @@ def main() -> None:
         model="digits", method="bon", num_steps=20, lam=1.0, out_dir=args.out
     )
     start = time.perf_counter()
-    for c in classes:
-        records = experiment.sweep(
-            dataclasses.replace(base, target_class=c), METHODS, budgets, seeds, args.out
+    records = []
+    for c in classes:  # one sweep folder per target class: a folder holds one configuration
+        records += experiment.sweep(
+            dataclasses.replace(base, target_class=c),
+            METHODS,
+            budgets,
+            seeds,
+            str(pathlib.Path(args.out) / f"class-{c}"),
         )
     wall = time.perf_counter() - start
-    records = [
-        r
-        for r in runs.read_jsonl(pathlib.Path(args.out) / "runs.jsonl")
-        if r["target_class"] in classes and r["seed"] in seeds and r["budget"] in budgets
-    ]
     figure = HERE / "figures" / "digits_scaling"
     plots.scaling_plot(
         records, ["best_reward", "heldout_correct_best", "heldout_log_prob_best"], str(figure)
