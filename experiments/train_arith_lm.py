@@ -1,4 +1,4 @@
-"""Train the embedded arithmetic policy LM and export it to ``tts_jax/assets/arith-lm/``.
+"""Train the embedded arithmetic policy LM (the ``arith-lm`` asset).
 
 A small Qwen2-style decoder (GQA, tied embeddings, attention biases; stored in the Llama layout,
 see ``TrainConfig.model_config``) is trained from scratch on generated
@@ -8,21 +8,24 @@ with a linear warmup and cosine decay (Loshchilov & Hutter 2019), gradients clip
 
 The run is deterministic in its seed: the batch of step ``i`` is drawn from a fixed problem pool
 by ``np.random.default_rng([seed, i])``. Orbax checkpoints (parameters + optimizer state) go to
-``experiments/checkpoints/arith-lm-<config hash>/`` every ``checkpoint_every`` steps, with a
-JSON-lines loss log beside them, so a killed run resumes where it stopped and a changed recipe
-starts a fresh directory. The model is sized to be *good but fallible* on
+``<out>/checkpoints/arith-lm-<config hash>/`` every ``checkpoint_every`` steps, with a JSON-lines
+loss log beside them, so a killed run rerun with the same ``--out`` resumes where it stopped and a
+changed recipe starts a fresh directory. The model is sized to be *good but fallible* on
 :data:`tts_jax.models.arith.ARITH_TASK`: single samples at temperature 0.8 fail often while most
 problems have a correct answer among 64 samples, the regime where inference-time search pays off.
 
 The export (``config.json``, ``model.safetensors``, ``generation_config.json`` and
-``training.json``) sits beside the tokenizer and loads with ``transformers.AutoTokenizer`` /
-``AutoModelForCausalLM`` as well as :func:`tts_jax.models.arith.load_arith_policy`.
+``training.json``, plus a copy of the tokenizer files it was trained with, read from
+``--tokenizer``, default ``tts_jax/assets/arith-lm``) goes into ``--out`` (default
+``outputs/train/arith-lm``) and loads with ``transformers.AutoTokenizer`` /
+``AutoModelForCausalLM`` as well as :func:`tts_jax.models.arith.load_arith_policy`. ``--install``
+then copies these files into ``tts_jax/assets/arith-lm``, which is never written without it.
 
-Run: ``python experiments/train_arith_lm.py`` then a second phase with a fresh optimizer,
-``python experiments/train_arith_lm.py --steps 400 --learning-rate 2e-3 --init-from
-tts_jax/assets/arith-lm`` (each about 12-15 minutes on 2 busy CPU cores). The shipped phase 1 ran
-as ``model_type="qwen2"`` (no o_proj bias) and was converted exactly to this layout (zero o_proj
-bias) before phase 2.
+Run: ``python experiments/train_arith_lm.py [--out DIR] [--install]`` then a second phase with a
+fresh optimizer, ``python experiments/train_arith_lm.py --steps 400 --learning-rate 2e-3
+--init-from outputs/train/arith-lm [--install]`` (each about 12-15 minutes on 2 busy CPU cores).
+The shipped phase 1 ran as ``model_type="qwen2"`` (no o_proj bias) and was converted exactly to
+this layout (zero o_proj bias) before phase 2.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from train_arith_tokenizer import TOKENIZER_FILES
+from train_common import add_output_args, check_out, install_asset
 
 from tts_jax.models.arith import ARITH_LM_DIR, ARITH_TASK, N_EVAL_PROBLEMS
 from tts_jax.models.lm import (
@@ -56,7 +61,14 @@ from tts_jax.runs import append_jsonl, environment, read_jsonl, to_jsonable, wri
 from tts_jax.tasks.arith_data import make_sft_batch, make_splits
 from tts_jax.tasks.arith_tokenizer import MAX_LENGTH, ArithTokenizer
 
-CHECKPOINTS = pathlib.Path(__file__).resolve().parent / "checkpoints"
+NAME = "arith-lm"
+EXPORTED = (
+    "config.json",
+    "model.safetensors",
+    "generation_config.json",
+    "training.json",
+    *TOKENIZER_FILES,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,8 +93,8 @@ class TrainConfig:
     init_from: str | None = None
 
     def __post_init__(self):
-        if min(self.steps, self.batch_size, self.pool_size, self.checkpoint_every,
-               self.log_every) < 1:
+        counts = (self.steps, self.batch_size, self.pool_size, self.checkpoint_every)
+        if min(*counts, self.log_every) < 1:
             raise ValueError(f"counts must be positive: {self}")
         if not 0 <= self.warmup_fraction < 1 or self.learning_rate <= 0:
             raise ValueError(f"need 0 <= warmup_fraction < 1 and learning_rate > 0: {self}")
@@ -110,9 +122,18 @@ class TrainConfig:
         )
 
     def digest(self, tokenizer: ArithTokenizer) -> str:
-        """Short hash of the recipe, the architecture and the task difficulty."""
-        text = json.dumps(to_jsonable({"train": self, "task": ARITH_TASK,
-                                       "model": self.model_config(tokenizer)}), sort_keys=True)
+        """Short hash of the recipe, the architecture, the vocabulary and the task difficulty."""
+        text = json.dumps(
+            to_jsonable(
+                {
+                    "train": self,
+                    "task": ARITH_TASK,
+                    "model": self.model_config(tokenizer),
+                    "vocab": tokenizer.hf.get_vocab(),
+                }
+            ),
+            sort_keys=True,
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
@@ -129,8 +150,7 @@ def next_token_loss(model: nnx.Module, input_ids: jax.Array, loss_mask: jax.Arra
     """
     n, t = input_ids.shape
     hidden, _ = hidden_states(model, input_ids[:, :-1], init_cache(model.config, n, t - 1))
-    ce = optax.softmax_cross_entropy_with_integer_labels(lm_logits(model, hidden),
-                                                         input_ids[:, 1:])
+    ce = optax.softmax_cross_entropy_with_integer_labels(lm_logits(model, hidden), input_ids[:, 1:])
     weights = loss_mask[:, 1:].astype(jnp.float32)
     return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
@@ -138,10 +158,15 @@ def next_token_loss(model: nnx.Module, input_ids: jax.Array, loss_mask: jax.Arra
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """Clip to global norm 1, then AdamW on a warmup + cosine schedule."""
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, int(cfg.warmup_fraction * cfg.steps), cfg.steps,
-        end_value=cfg.learning_rate * cfg.end_lr_fraction)
-    return optax.chain(optax.clip_by_global_norm(1.0),
-                       optax.adamw(schedule, weight_decay=cfg.weight_decay))
+        0.0,
+        cfg.learning_rate,
+        int(cfg.warmup_fraction * cfg.steps),
+        cfg.steps,
+        end_value=cfg.learning_rate * cfg.end_lr_fraction,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay)
+    )
 
 
 def batch_indices(cfg: TrainConfig, step: int) -> np.ndarray:
@@ -180,8 +205,9 @@ def train(cfg: TrainConfig, tokenizer: ArithTokenizer, run_dir: pathlib.Path) ->
 
     graphdef, params = nnx.split(initial_model(cfg, tokenizer))
     opt = make_optimizer(cfg)
-    manager = ocp.CheckpointManager(run_dir.resolve() / "orbax",
-                                    options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    manager = ocp.CheckpointManager(
+        run_dir.resolve() / "orbax", options=ocp.CheckpointManagerOptions(max_to_keep=2)
+    )
     start, params, opt_state = restore_or_init(manager, params, opt.init(params))
 
     @jax.jit
@@ -199,12 +225,14 @@ def train(cfg: TrainConfig, tokenizer: ArithTokenizer, run_dir: pathlib.Path) ->
         if (step + 1) % cfg.log_every == 0:
             mean = float(jnp.mean(jnp.stack(losses)))
             seconds, tic, losses = time.perf_counter() - tic, time.perf_counter(), []
-            append_jsonl(run_dir / "log.jsonl", {"step": step + 1, "loss": mean,
-                                                 "seconds": seconds})
+            append_jsonl(
+                run_dir / "log.jsonl", {"step": step + 1, "loss": mean, "seconds": seconds}
+            )
             print(f"step {step + 1}/{cfg.steps} loss {mean:.4f} ({seconds:.1f} s)", flush=True)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            manager.save(step + 1, args=ocp.args.StandardSave(
-                {"params": params, "opt_state": opt_state}))
+            manager.save(
+                step + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state})
+            )
     manager.wait_until_finished()
     return nnx.merge(graphdef, params)
 
@@ -222,45 +250,94 @@ def loss_summary(log: list[dict]) -> dict:
     }
 
 
-def export(cfg: TrainConfig, tokenizer: ArithTokenizer, model: LM, log: list[dict],
-           previous: dict | None, out: pathlib.Path) -> None:
-    """Writes the transformers folder (beside the tokenizer) and ``training.json``."""
+def export(
+    cfg: TrainConfig,
+    tokenizer: ArithTokenizer,
+    model: LM,
+    log: list[dict],
+    previous: dict | None,
+    out: pathlib.Path,
+    tokenizer_dir: pathlib.Path,
+) -> None:
+    """Writes the transformers folder, ``training.json`` and a copy of the tokenizer files."""
     from transformers import GenerationConfig
 
     config = cfg.model_config(tokenizer)
     save_lm(out, config, model)
-    GenerationConfig(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-                     bos_token_id=None).save_pretrained(str(out))
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).resolve() != (out / name).resolve():
+            shutil.copyfile(tokenizer_dir / name, out / name)
+    GenerationConfig(
+        eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, bos_token_id=None
+    ).save_pretrained(str(out))
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    write_json(out / "training.json", {
-        "recipe": cfg, "task": ARITH_TASK, "num_params": num_params,
-        "loss": loss_summary(log), "environment": environment(),
-        "script": "experiments/train_arith_lm.py", "previous_phase": previous,
-    })
+    write_json(
+        out / "training.json",
+        {
+            "recipe": cfg,
+            "task": ARITH_TASK,
+            "num_params": num_params,
+            "loss": loss_summary(log),
+            "environment": environment(),
+            "script": "experiments/train_arith_lm.py",
+            "previous_phase": previous,
+        },
+    )
     print(f"wrote {out} ({num_params} parameters)")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + "\n\nRun: " + __doc__.split("Run: ")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_output_args(parser, NAME, f"tts_jax/assets/{NAME}")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
-    parser.add_argument("--init-from", type=pathlib.Path, default=None,
-                        help="continue from an exported folder (a new phase, fresh optimizer)")
-    parser.add_argument("--out", type=pathlib.Path, default=ARITH_LM_DIR)
+    parser.add_argument(
+        "--init-from",
+        type=pathlib.Path,
+        default=None,
+        help="continue from an exported folder (a new phase, fresh optimizer)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        type=pathlib.Path,
+        default=ARITH_LM_DIR,
+        metavar="DIR",
+        help="folder to read the tokenizer from, e.g. the --out of "
+        "train_arith_tokenizer.py (default: the asset %(default)s; only read)",
+    )
     args = parser.parse_args()
-    cfg = TrainConfig(steps=args.steps, seed=args.seed, learning_rate=args.learning_rate,
-                      init_from=None if args.init_from is None else str(args.init_from))
-    tokenizer = ArithTokenizer.load(ARITH_LM_DIR)
-    run_dir = CHECKPOINTS / f"arith-lm-{cfg.digest(tokenizer)}"
+    out = check_out(args.out)
+    cfg = TrainConfig(
+        steps=args.steps,
+        seed=args.seed,
+        learning_rate=args.learning_rate,
+        init_from=None if args.init_from is None else str(args.init_from),
+    )
+    tokenizer = ArithTokenizer.load(args.tokenizer)
+    run_dir = out / "checkpoints" / f"arith-lm-{cfg.digest(tokenizer)}"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.json").write_text(json.dumps(to_jsonable(cfg), indent=2))
     previous = run_dir / "previous_training.json"
     if cfg.init_from is not None and not previous.is_file():
         shutil.copy(pathlib.Path(cfg.init_from) / "training.json", previous)
     model = train(cfg, tokenizer, run_dir)
-    export(cfg, tokenizer, model, read_jsonl(run_dir / "log.jsonl"),
-           json.loads(previous.read_text()) if previous.is_file() else None, args.out)
+    export(
+        cfg,
+        tokenizer,
+        model,
+        read_jsonl(run_dir / "log.jsonl"),
+        json.loads(previous.read_text()) if previous.is_file() else None,
+        out,
+        args.tokenizer,
+    )
+    if args.install:
+        install_asset(out, NAME, EXPORTED)
+    else:
+        print(f"package assets untouched; rerun with --install to copy into assets/{NAME}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
-"""Train the embedded arithmetic process reward model; export it to ``tts_jax/assets/arith-prm/``.
+"""Train the embedded arithmetic process reward model (the ``arith-prm`` asset).
 
-Data: the trained policy (``assets/arith-lm``) samples solutions of training problems (never the
-held-out split) at temperatures 0.8 and 1.2, so the PRM sees the policy's own mistakes. Every
-step end (newline or EOS) of a sample is labelled by the exact checker
-(:func:`tts_jax.tasks.arith_data.prm_step_labels` / ``make_prm_batch``): 1 iff the solution prefix
-up to it is still correct, so after the first wrong step every label is 0. To these are added
-the canonical solutions of the same problems and copies with one result off by a small delta
-(``corrupt_solution``): contrast pairs without which the PRM mostly learns problem difficulty.
+Data: the trained policy (``--policy``, default the asset ``tts_jax/assets/arith-lm``) samples
+solutions of training problems (never the held-out split) at temperatures 0.8 and 1.2, so the PRM
+sees the policy's own mistakes. Every step end (newline or EOS) of a sample is labelled by the
+exact checker (:func:`tts_jax.tasks.arith_data.prm_step_labels` / ``make_prm_batch``): 1 iff the
+solution prefix up to it is still correct, so after the first wrong step every label is 0. To
+these are added the canonical solutions of the same problems and copies with one result off by a
+small delta (``corrupt_solution``): contrast pairs without which the PRM mostly learns problem
+difficulty.
 
 Model: a ``Qwen2ForProcessRewardModel`` (:class:`tts_jax.models.lm_reward.RewardModel`, two
 classes) whose backbone starts from the policy's weights (use the policy's tokenizer; the folder
@@ -16,10 +17,15 @@ use for particle filtering. There is no separate ORM: the label at the EOS after
 "every step and the final answer are correct", so the same PRM read at the EOS is the outcome
 reward of a finished solution.
 
-Sampled data and orbax checkpoints live in ``experiments/checkpoints/arith-prm-<hash>/``, so a
-killed run resumes (same optimizer recipe as the policy: AdamW, warmup + cosine).
+Sampled data and orbax checkpoints live in ``<out>/checkpoints/arith-prm-<hash>/``, so a killed
+run rerun with the same ``--out`` resumes (same optimizer recipe as the policy: AdamW, warmup +
+cosine). The export (``config.json``, ``model.safetensors``, ``training.json``) goes into
+``--out`` (default ``outputs/train/arith-prm``); ``--install`` then copies it into
+``tts_jax/assets/arith-prm``, which is never written without it.
 
-Run: ``python experiments/train_arith_prm.py`` after ``train_arith_lm.py`` (under 10 minutes).
+Run: ``python experiments/train_arith_prm.py [--out DIR] [--install] [--policy DIR]`` after
+``train_arith_lm.py`` (under 10 minutes); pass ``--policy outputs/train/arith-lm`` to train on a
+policy that is not installed yet.
 """
 
 from __future__ import annotations
@@ -37,11 +43,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from train_arith_lm import CHECKPOINTS, loss_summary, make_optimizer, restore_or_init
+from train_arith_lm import loss_summary, make_optimizer, restore_or_init
+from train_common import add_output_args, check_out, install_asset
 
 from tts_jax.models.arith import (
     ARITH_LM_DIR,
-    ARITH_PRM_DIR,
     ARITH_TASK,
     N_EVAL_PROBLEMS,
     load_arith_policy,
@@ -53,6 +59,9 @@ from tts_jax.runs import append_jsonl, environment, read_jsonl, to_jsonable, wri
 from tts_jax.tasks.arith_data import PRMBatch, make_prm_batch, make_splits
 from tts_jax.tasks.arith_tokenizer import ArithTokenizer
 from tts_jax.tasks.arithmetic import ANSWER_PREFIX, STEP_DELIMITER, Problem
+
+NAME = "arith-prm"
+EXPORTED = ("config.json", "model.safetensors", "training.json")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,8 +88,9 @@ class TrainConfig:
         if min(self.num_problems, self.samples_per_problem, self.steps, self.batch_size) < 1:
             raise ValueError(f"counts must be positive: {self}")
         if (self.num_problems * self.samples_per_problem) % self.sample_batch:
-            raise ValueError("num_problems * samples_per_problem must be a multiple of "
-                             f"sample_batch: {self}")
+            raise ValueError(
+                f"num_problems * samples_per_problem must be a multiple of sample_batch: {self}"
+            )
 
     def digest(self, policy_dir: pathlib.Path) -> str:
         """Short hash of the recipe, the task and the policy weights it samples from."""
@@ -91,24 +101,32 @@ class TrainConfig:
 
 def sample_training_data(cfg: TrainConfig, policy: LM, tokenizer: ArithTokenizer) -> PRMBatch:
     """Policy samples of training problems, labelled at every step end by the checker."""
-    train_problems, _ = make_splits(cfg.num_problems, N_EVAL_PROBLEMS, ARITH_TASK,
-                                    train_seed=cfg.seed + 100)
+    train_problems, _ = make_splits(
+        cfg.num_problems, N_EVAL_PROBLEMS, ARITH_TASK, train_seed=cfg.seed + 100
+    )
     problems = [p for p in train_problems for _ in range(cfg.samples_per_problem)]
     temps = np.resize(np.asarray(cfg.temperatures, np.float32), len(problems))
     key = jax.random.key(cfg.seed)
     chunks = []
     for start in range(0, len(problems), cfg.sample_batch):
         stop = start + cfg.sample_batch
-        chunks.append(sample_solutions(policy, tokenizer, problems[start:stop],
-                                       jax.random.fold_in(key, start),
-                                       temperature=temps[start:stop]))
+        chunks.append(
+            sample_solutions(
+                policy,
+                tokenizer,
+                problems[start:stop],
+                jax.random.fold_in(key, start),
+                temperature=temps[start:stop],
+            )
+        )
     completions = np.concatenate(chunks)
     prompt_width = max(len(tokenizer.encode(p.prompt)) for p in problems)
     return make_prm_batch(tokenizer, problems, completions, prompt_width + completions.shape[1])
 
 
-def load_or_sample(cfg: TrainConfig, policy: LM, tokenizer: ArithTokenizer,
-                   run_dir: pathlib.Path) -> PRMBatch:
+def load_or_sample(
+    cfg: TrainConfig, policy: LM, tokenizer: ArithTokenizer, run_dir: pathlib.Path
+) -> PRMBatch:
     """The labelled samples, cached in ``run_dir/samples.npz``."""
     file = run_dir / "samples.npz"
     if file.is_file():
@@ -121,8 +139,7 @@ def load_or_sample(cfg: TrainConfig, policy: LM, tokenizer: ArithTokenizer,
     return data
 
 
-def corrupt_solution(problem: Problem, rng: np.random.Generator,
-                     deltas: tuple[int, ...]) -> str:
+def corrupt_solution(problem: Problem, rng: np.random.Generator, deltas: tuple[int, ...]) -> str:
     """The worked solution with one result (a step or the answer) off by a random delta.
 
     Later steps are computed correctly from the wrong value, as a policy that slipped once would
@@ -145,20 +162,24 @@ def contrast_data(cfg: TrainConfig, tokenizer: ArithTokenizer, width: int) -> PR
     Pairs that differ in one result force the PRM to check the arithmetic instead of judging
     how hard the problem looks (with policy samples alone it learns mostly the latter).
     """
-    train_problems, _ = make_splits(cfg.num_problems, N_EVAL_PROBLEMS, ARITH_TASK,
-                                    train_seed=cfg.seed + 100)
+    train_problems, _ = make_splits(
+        cfg.num_problems, N_EVAL_PROBLEMS, ARITH_TASK, train_seed=cfg.seed + 100
+    )
     rng = np.random.default_rng([cfg.seed, 1])
     problems, texts = [], []
     for problem in train_problems:
         problems += [problem] * (1 + cfg.corrupted_per_problem)
-        texts += [problem.solution] + [corrupt_solution(problem, rng, cfg.corruption_deltas)
-                                       for _ in range(cfg.corrupted_per_problem)]
+        texts += [problem.solution] + [
+            corrupt_solution(problem, rng, cfg.corruption_deltas)
+            for _ in range(cfg.corrupted_per_problem)
+        ]
     completions = [tokenizer.encode(t) + [tokenizer.eos_id] for t in texts]
     return make_prm_batch(tokenizer, problems, completions, width)
 
 
-def step_loss(prm: RewardModel, input_ids: jax.Array, step_mask: jax.Array,
-              labels: jax.Array) -> jax.Array:
+def step_loss(
+    prm: RewardModel, input_ids: jax.Array, step_mask: jax.Array, labels: jax.Array
+) -> jax.Array:
     """Mean cross-entropy of the PRM's two-class head at the labelled step ends.
 
     Args:
@@ -198,8 +219,9 @@ def train(cfg: TrainConfig, data: PRMBatch, policy: LM, run_dir: pathlib.Path) -
     """Runs (or resumes) the optimization and returns the trained PRM."""
     graphdef, params = nnx.split(init_prm(policy, cfg.seed))
     opt = make_optimizer(cfg)
-    manager = ocp.CheckpointManager(run_dir.resolve() / "orbax",
-                                    options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    manager = ocp.CheckpointManager(
+        run_dir.resolve() / "orbax", options=ocp.CheckpointManagerOptions(max_to_keep=2)
+    )
     start, params, opt_state = restore_or_init(manager, params, opt.init(params))
     width = int(data.attention_mask.sum(1).max())
     ids, mask, labels = (x[:, :width] for x in (data.input_ids, data.step_mask, data.labels))
@@ -219,12 +241,14 @@ def train(cfg: TrainConfig, data: PRMBatch, policy: LM, run_dir: pathlib.Path) -
         if (step + 1) % cfg.log_every == 0:
             mean = float(jnp.mean(jnp.stack(losses)))
             seconds, tic, losses = time.perf_counter() - tic, time.perf_counter(), []
-            append_jsonl(run_dir / "log.jsonl", {"step": step + 1, "loss": mean,
-                                                 "seconds": seconds})
+            append_jsonl(
+                run_dir / "log.jsonl", {"step": step + 1, "loss": mean, "seconds": seconds}
+            )
             print(f"step {step + 1}/{cfg.steps} loss {mean:.4f} ({seconds:.1f} s)", flush=True)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            manager.save(step + 1, args=ocp.args.StandardSave(
-                {"params": params, "opt_state": opt_state}))
+            manager.save(
+                step + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state})
+            )
     manager.wait_until_finished()
     return nnx.merge(graphdef, params)
 
@@ -232,33 +256,65 @@ def train(cfg: TrainConfig, data: PRMBatch, policy: LM, run_dir: pathlib.Path) -
 def label_stats(data: PRMBatch) -> dict:
     """How many step labels there are and the fraction that are positive."""
     labels = data.labels[data.step_mask]
-    return {"num_solutions": len(data.input_ids), "num_step_labels": int(labels.size),
-            "positive_fraction": round(float(labels.mean()), 4)}
+    return {
+        "num_solutions": len(data.input_ids),
+        "num_step_labels": int(labels.size),
+        "positive_fraction": round(float(labels.mean()), 4),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + "\n\nRun: " + __doc__.split("Run: ")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_output_args(parser, NAME, f"tts_jax/assets/{NAME}")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--out", type=pathlib.Path, default=ARITH_PRM_DIR)
+    parser.add_argument(
+        "--policy",
+        type=pathlib.Path,
+        default=ARITH_LM_DIR,
+        metavar="DIR",
+        help="policy folder (weights + tokenizer) to sample from and initialise "
+        "the PRM with (default: the asset %(default)s; only read)",
+    )
     args = parser.parse_args()
+    out = check_out(args.out)
     cfg = TrainConfig(steps=args.steps, seed=args.seed)
-    config, policy, tokenizer = load_arith_policy()
-    run_dir = CHECKPOINTS / f"arith-prm-{cfg.digest(ARITH_LM_DIR)}"
+    config, policy, tokenizer = load_arith_policy(args.policy)
+    run_dir = out / "checkpoints" / f"arith-prm-{cfg.digest(args.policy)}"
     run_dir.mkdir(parents=True, exist_ok=True)
     samples = load_or_sample(cfg, policy, tokenizer, run_dir)
     contrast = contrast_data(cfg, tokenizer, samples.input_ids.shape[1])
     data = PRMBatch(*(np.concatenate(x) for x in zip(samples, contrast, strict=True)))
     print("labels:", label_stats(data))
     prm = train(cfg, data, policy, run_dir)
-    save_reward_model(args.out, prm_config(config), prm)
+    save_reward_model(out, prm_config(config), prm)
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(prm, nnx.Param)))
-    write_json(args.out / "training.json", {
-        "recipe": cfg, "task": ARITH_TASK, "num_params": num_params, "data": label_stats(data),
-        "loss": loss_summary(read_jsonl(run_dir / "log.jsonl")), "environment": environment(),
-        "script": "experiments/train_arith_prm.py", "policy": "tts_jax/assets/arith-lm",
-    })
-    print(f"wrote {args.out} ({num_params} parameters)")
+    policy_name = (
+        "tts_jax/assets/arith-lm"
+        if args.policy.resolve() == ARITH_LM_DIR.resolve()
+        else str(args.policy)
+    )
+    write_json(
+        out / "training.json",
+        {
+            "recipe": cfg,
+            "task": ARITH_TASK,
+            "num_params": num_params,
+            "data": label_stats(data),
+            "loss": loss_summary(read_jsonl(run_dir / "log.jsonl")),
+            "environment": environment(),
+            "script": "experiments/train_arith_prm.py",
+            "policy": policy_name,
+        },
+    )
+    print(f"wrote {out} ({num_params} parameters)")
+    if args.install:
+        install_asset(out, NAME, EXPORTED)
+    else:
+        print(f"package assets untouched; rerun with --install to copy into assets/{NAME}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Train the two embedded digit classifiers and export them to ``tts_jax/assets``.
+"""Train the two embedded digit classifiers (the ``digits-verifier`` and ``digits-heldout`` assets).
 
 - ``digits-verifier``: a small CNN trained on part ``"a"`` of the seeded digits split; the reward
   that steering / search optimizes.
@@ -11,26 +11,32 @@ of up to one pixel, Gaussian pixel noise, clipped to the pixel range [-1, 1]) ma
 imperfect generated samples. Each folder gets ``config.json``, ``model.safetensors`` and
 ``metrics.json`` (held-out accuracy, clean and with noise, and the training recipe).
 
-Run: ``python experiments/train_digits_classifiers.py`` (about a minute on 2 CPU cores).
+Run: ``python experiments/train_digits_classifiers.py [--out DIR] [--install]`` (about a minute on
+2 CPU cores). Writes the folders ``digits-verifier/`` and ``digits-heldout/`` into ``--out``
+(default ``outputs/train/digits-classifiers``); ``--install`` then copies their files into
+``tts_jax/assets/digits-verifier`` and ``tts_jax/assets/digits-heldout``, which are never written
+without it.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from train_common import add_output_args, check_out, install_asset
 
 from tts_jax.data.digits import Digits, split_digits
 from tts_jax.models.classifier import ClassifierConfig, build_module, save_classifier
 
-ASSETS = Path(__file__).resolve().parents[1] / "tts_jax" / "assets"
+NAME = "digits-classifiers"
+EXPORTED = ("config.json", "model.safetensors", "metrics.json")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -137,6 +143,14 @@ def train(cfg: TrainConfig, data: Digits) -> nnx.Module:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + "\n\nRun: " + __doc__.split("Run: ")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    names = " and ".join(f"tts_jax/assets/{cfg.name}" for cfg in CONFIGS)
+    add_output_args(parser, NAME, names)
+    args = parser.parse_args()
+    out_root = check_out(args.out)
     for cfg in CONFIGS:
         start = time.perf_counter()
         train_set, heldout = split_digits(cfg.part, cfg.split_seed)
@@ -158,10 +172,15 @@ def main() -> None:
             "train_seconds": round(time.perf_counter() - start, 1),
             "train": {**dataclasses.asdict(cfg), "model": cfg.model.to_dict()},
         }
-        out = ASSETS / cfg.name
+        out = out_root / cfg.name
         save_classifier(out, cfg.model, module)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"{cfg.name}: {json.dumps({k: v for k, v in metrics.items() if k != 'train'})}")
+    print(f"wrote {out_root}")
+    for cfg in CONFIGS if args.install else ():
+        install_asset(out_root / cfg.name, cfg.name, EXPORTED)
+    if not args.install:
+        print(f"package assets untouched; rerun with --install to copy into {names}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Train the embedded digits flow model and export it to ``tts_jax/assets/digits-dit``.
+"""Train the embedded digits flow model (the ``digits-dit`` asset).
 
 A small class-conditional DiT (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers";
 diffusers ``DiTTransformer2DModel`` layout, :mod:`tts_jax.models.dit`) learns the velocity of the
@@ -21,11 +21,14 @@ Recipe:
   an exponential moving average (EMA) of the iterates.
 - determinism: the step-``k`` batch, times, noises and label drops all come from
   ``fold_in(key(seed), k)``, so a run resumed from a checkpoint follows the same trajectory.
-- checkpoints: orbax, every ``checkpoint_every`` steps under ``experiments/checkpoints/digits-dit``
-  (gitignored); a killed run resumes from the latest one. ``--fresh`` discards them.
+- checkpoints: orbax, every ``checkpoint_every`` steps under ``<out>/checkpoints``; a killed run
+  rerun with the same ``--out`` resumes from the latest one. ``--fresh`` discards them.
 
-Run: ``python experiments/train_digits_flow.py`` (about 18 minutes on 2 shared CPU cores). Writes
-``config.json`` + ``diffusion_pytorch_model.safetensors`` (EMA weights) and ``training.json``.
+Run: ``python experiments/train_digits_flow.py [--out DIR] [--install] [--fresh]`` (about 18
+minutes on 2 shared CPU cores). Writes ``config.json`` + ``diffusion_pytorch_model.safetensors``
+(EMA weights) and ``training.json`` into ``--out`` (default ``outputs/train/digits-dit``);
+``--install`` then copies those three files into ``tts_jax/assets/digits-dit``, which is never
+written without it.
 """
 
 from __future__ import annotations
@@ -44,14 +47,14 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from train_common import add_output_args, check_out, install_asset
 
 from tts_jax.data.digits import NUM_CLASSES, load_digits
 from tts_jax.models.dit import DiT, DiTConfig, init_dit, save_dit
 from tts_jax.models.wrappers import FLOW_TIMESTEP_SCALE
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSET = ROOT / "tts_jax" / "assets" / "digits-dit"
-CHECKPOINTS = ROOT / "experiments" / "checkpoints" / "digits-dit"
+NAME = "digits-dit"
+EXPORTED = ("config.json", "diffusion_pytorch_model.safetensors", "training.json")
 PACKAGES = ("jax", "flax", "optax", "orbax-checkpoint", "numpy", "scikit-learn", "safetensors")
 
 
@@ -164,11 +167,13 @@ def init_state(cfg: TrainConfig, opt) -> tuple[nnx.GraphDef, dict]:
     return graphdef, {"params": params, "opt_state": opt.init(params), "ema": params}
 
 
-def checkpoint_manager(fresh: bool) -> ocp.CheckpointManager:
-    if fresh and CHECKPOINTS.exists():
-        shutil.rmtree(CHECKPOINTS)
+def checkpoint_manager(directory: Path, fresh: bool) -> ocp.CheckpointManager:
+    """Orbax manager of ``directory`` (emptied first if ``fresh``)."""
+    directory = directory.resolve()
+    if fresh and directory.exists():
+        shutil.rmtree(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=2)
-    return ocp.CheckpointManager(CHECKPOINTS, options=options)
+    return ocp.CheckpointManager(directory, options=options)
 
 
 def restore(manager: ocp.CheckpointManager, cfg: TrainConfig, state: dict):
@@ -189,7 +194,7 @@ def restore(manager: ocp.CheckpointManager, cfg: TrainConfig, state: dict):
         ),
     )
     if restored.log["config"] != json.loads(json.dumps(cfg.to_dict())):
-        raise ValueError(f"{CHECKPOINTS} holds a different recipe; rerun with --fresh")
+        raise ValueError(f"{manager.directory} holds a different recipe; rerun with --fresh")
     restored.log["resumed_at"].append(step)
     print(f"resumed from step {step}")
     return step, restored.state, restored.log
@@ -213,10 +218,10 @@ def loss_summary(losses: list[float], log_every: int) -> dict:
     }
 
 
-def export(cfg: TrainConfig, graphdef: nnx.GraphDef, state: dict, log: dict) -> None:
+def export(cfg: TrainConfig, graphdef: nnx.GraphDef, state: dict, log: dict, out: Path) -> None:
     """EMA weights -> ``config.json`` + safetensors; the recipe and loss curve -> training.json."""
     model: DiT = nnx.merge(graphdef, state["ema"])
-    save_dit(ASSET, cfg.model, model)
+    save_dit(out, cfg.model, model)
     record = {
         "data": "all 1797 scikit-learn digits (tts_jax.data.digits.load_digits)",
         "objective": "flow matching, linear path, velocity eps - x0, timestep = 1000 t",
@@ -228,15 +233,16 @@ def export(cfg: TrainConfig, graphdef: nnx.GraphDef, state: dict, log: dict) -> 
         "recipe": cfg.to_dict(),
         "versions": {p: importlib.metadata.version(p) for p in PACKAGES},
     }
-    (ASSET / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def train(cfg: TrainConfig, fresh: bool) -> None:
+def train(cfg: TrainConfig, fresh: bool, out: Path) -> None:
+    """Runs (or resumes, from ``out/checkpoints``) the optimization and exports into ``out``."""
     data = load_digits()
     images, labels = jnp.asarray(data.images), jnp.asarray(data.labels)
     opt = make_optimizer(cfg)
     graphdef, state = init_state(cfg, opt)
-    manager = checkpoint_manager(fresh)
+    manager = checkpoint_manager(out / "checkpoints", fresh)
     start, state, log = restore(manager, cfg, state)
     train_step = make_train_step(cfg, graphdef, opt, images, labels)
     window, tic = [], time.perf_counter()
@@ -251,14 +257,26 @@ def train(cfg: TrainConfig, fresh: bool) -> None:
             log["seconds"] += time.perf_counter() - tic
             tic = time.perf_counter()
             save(manager, step + 1, state, log)
-    export(cfg, graphdef, state, log)
-    print(f"exported to {ASSET} after {log['seconds']:.0f} s of training")
+    export(cfg, graphdef, state, log, out)
+    print(f"exported to {out} after {log['seconds']:.0f} s of training")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fresh", action="store_true", help="discard existing checkpoints")
-    train(TrainConfig(), parser.parse_args().fresh)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + "\n\nRun: " + __doc__.split("Run: ")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_output_args(parser, NAME, f"tts_jax/assets/{NAME}")
+    parser.add_argument(
+        "--fresh", action="store_true", help="discard existing checkpoints under <out>/checkpoints"
+    )
+    args = parser.parse_args()
+    out = check_out(args.out)
+    train(TrainConfig(), args.fresh, out)
+    if args.install:
+        install_asset(out, NAME, EXPORTED)
+    else:
+        print(f"package assets untouched; rerun with --install to copy into assets/{NAME}")
 
 
 if __name__ == "__main__":
