@@ -79,7 +79,7 @@ def test_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
     # Simulate a run killed mid-write: a truncated line, then resume with one more seed.
     with open(out / "runs.jsonl", "a") as f:
         f.write('{"method": "fk", "bud')
-    main([*argv[:-4], "--seeds", "0", "1", "--out-dir", str(out)])
+    main([*argv[:-6], "--seeds", "0", "1", "--num-steps", "10", "--out-dir", str(out)])
     records = runs.read_jsonl(out / "runs.jsonl")
     assert sorted((r["budget"], r["seed"]) for r in records) == [(20, 0), (20, 1), (40, 0), (40, 1)]
     assert (out / "scaling.png").exists() and (out / "scaling.svg").exists()
