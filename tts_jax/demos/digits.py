@@ -25,10 +25,15 @@ class DigitsDemoConfig:
     """Configuration of the digits demo."""
 
     target_class: int = 3
+    """the digit to steer toward"""
     budget: int = 400
+    """NFE every method spends per seed"""
     num_steps: int = 20
+    """denoising steps of one trajectory"""
     seeds: tuple[int, ...] = (0, 1, 2, 3)
+    """PRNG seeds (one column of the grid each)"""
     out_dir: str = "outputs/digits-demo"
+    """output folder"""
 
     def __post_init__(self):
         if not 0 <= self.target_class <= 9:

@@ -36,13 +36,21 @@ class GMMDemoConfig:
     """Configuration of the GMM steering demo."""
 
     seed: int = 0
+    """PRNG seed"""
     num_particles: int = 4096
+    """FK particles N"""
     num_steps: int = 60
+    """SDE steps"""
     lam: float = 1.5
+    """inverse temperature of the tilt p(x) exp(lam a.x)"""
     direction: tuple[float, float] = (1.0, -0.5)
+    """the reward direction a"""
     diffusion_norm: float = 2.0
+    """SDE noise g(t) = norm t^2"""
     potential: str = "diff"
+    """FK potential: diff | max | sum | final"""
     out_dir: str = "outputs/gmm-demo"
+    """output folder"""
 
     def __post_init__(self):
         if self.num_particles < 2 or self.num_steps < 1:
