@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from tts_jax.models.checkpoint_errors import require_file
 from tts_jax.models.lm import LM, LMConfig, generate, load_lm
 from tts_jax.models.lm_reward import RewardModel, load_reward_model
 from tts_jax.tasks.arith_data import EVAL_SEED
@@ -58,11 +59,9 @@ def eval_problems(n: int) -> list[Problem]:
     return generate_problems(n, EVAL_SEED, ARITH_TASK)
 
 
-def _require(path: pathlib.Path, script: str) -> None:
-    missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"embedded checkpoint {path} lacks {missing}; train it with `python {script}`")
+def _require(path: pathlib.Path, files: Sequence[str], loader: str, script: str) -> None:
+    for file in files:
+        require_file(path, file, loader, hint=f"train it with `python {script}`")
 
 
 def load_arith_policy(path: str | pathlib.Path = ARITH_LM_DIR
@@ -76,10 +75,14 @@ def load_arith_policy(path: str | pathlib.Path = ARITH_LM_DIR
         ``(config, model, tokenizer)``.
 
     Raises:
-        FileNotFoundError: the weights are missing (naming the training script).
+        FileNotFoundError: the folder or one of its files is missing (naming the folder, the
+            file and the training script).
+        ValueError: a broken config (naming the folder, the file and the key) or weights that
+            do not match it (naming the tensor).
     """
     path = pathlib.Path(path)
-    _require(path, "experiments/train_arith_lm.py")
+    _require(path, ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"),
+             "load_arith_policy", "experiments/train_arith_lm.py")
     config, model = load_lm(path)
     return config, model, ArithTokenizer.load(path)
 
@@ -95,10 +98,14 @@ def load_arith_prm(path: str | pathlib.Path = ARITH_PRM_DIR) -> tuple[LMConfig, 
         ``ArithTokenizer.step_end_mask`` positions.
 
     Raises:
-        FileNotFoundError: the weights are missing (naming the training script).
+        FileNotFoundError: the folder or one of its files is missing (naming the folder, the
+            file and the training script).
+        ValueError: a broken config (naming the folder, the file and the key) or weights that
+            do not match it (naming the tensor).
     """
     path = pathlib.Path(path)
-    _require(path, "experiments/train_arith_prm.py")
+    _require(path, ("config.json", "model.safetensors"), "load_arith_prm",
+             "experiments/train_arith_prm.py")
     return load_reward_model(path)
 
 

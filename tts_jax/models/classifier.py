@@ -30,6 +30,15 @@ import numpy as np
 from flax import nnx, struct
 from safetensors.numpy import load_file, save_file
 
+from tts_jax.models.checkpoint_errors import (
+    CheckpointError,
+    field_types,
+    read_config_file,
+    require_file,
+    required_fields,
+    safetensors_errors,
+)
+
 Array = jax.Array
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -194,39 +203,41 @@ def save_classifier(path: str | Path, config: ClassifierConfig, model: CNN | MLP
     save_file(tensors, path / WEIGHTS_NAME)
 
 
-def load_classifier(path: str | Path) -> Classifier:
+def load_classifier(path: str | Path, *, loader: str = "load_classifier") -> Classifier:
     """Load a folder written by :func:`save_classifier`.
+
+    Args:
+        path: the checkpoint folder.
+        loader: the name the error messages start with.
 
     Raises:
         FileNotFoundError: the folder, its ``config.json`` or its ``model.safetensors`` is missing.
-        ValueError: the config is not valid JSON or names unknown fields; tensors are missing,
+        ValueError: the config is not valid JSON, lacks a key, has a wrongly typed value or names
+            unknown fields (naming the folder, the file and the key); tensors are missing,
             unexpected, of the wrong shape, or not float32.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"classifier folder {path} does not exist")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"classifier folder {path} has no {name}")
-    try:
-        config = ClassifierConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
-    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(f"invalid {path / CONFIG_NAME}: {e}") from e
+    config_file = read_config_file(path, loader, CONFIG_NAME)
+    path = config_file.folder
+    weights = require_file(path, WEIGHTS_NAME, loader)
+    config_file.check(field_types(ClassifierConfig), required_fields(ClassifierConfig))
+    with config_file.errors():
+        config = ClassifierConfig.from_dict(config_file.raw)
     abstract = nnx.eval_shape(lambda: build_module(config))
     graphdef, state = nnx.split(abstract)
     expected = _flatten(nnx.to_pure_dict(state))
-    tensors = load_file(path / WEIGHTS_NAME)
+    with safetensors_errors(weights, loader):
+        tensors = load_file(weights)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(
-            f"{path / WEIGHTS_NAME} does not match {config.architecture} config: "
+        raise CheckpointError(
+            f"{loader}: {WEIGHTS_NAME} in {path} does not match its {config.architecture} config: "
             f"missing tensors {missing}, unexpected tensors {unexpected}"
         )
     for name, spec in expected.items():
         t = tensors[name]
         if t.shape != spec.shape or t.dtype != np.float32:
-            raise ValueError(
-                f"{path / WEIGHTS_NAME}: tensor {name!r} is {t.dtype}{list(t.shape)}, "
+            raise CheckpointError(
+                f"{loader}: {WEIGHTS_NAME} in {path}: tensor {name!r} is {t.dtype}{list(t.shape)}, "
                 f"expected float32{list(spec.shape)}"
             )
     params = jax.tree_util.tree_map_with_path(

@@ -12,7 +12,7 @@ Only safetensors files are read or written (never pickles).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
+
+from tts_jax.models.checkpoint_errors import (
+    CheckpointError,
+    field_types,
+    read_config_file,
+    require_file,
+    required_fields,
+    safetensors_errors,
+)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
@@ -52,9 +61,54 @@ def _to_torch_layout(leaf: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def read_config(folder: str | Path) -> dict[str, Any]:
-    """The ``config.json`` of a diffusers model folder as a dict."""
-    return json.loads((Path(folder) / CONFIG_NAME).read_text())
+def read_config(
+    folder: str | Path,
+    *,
+    loader: str = "load_dit",
+    config_cls: type | None = None,
+    required: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The ``config.json`` of a diffusers model folder as a dict, checked against ``config_cls``.
+
+    The folder and the file must exist, the file must be a JSON object, the ``required`` keys
+    must be present, every ``config_cls`` field present must have its annotated type, and
+    ``config_cls.from_dict`` must accept the dict. Every error names the loader, the folder, the
+    file and the key (:mod:`tts_jax.models.checkpoint_errors`).
+
+    Args:
+        folder: the checkpoint folder.
+        loader: the calling loader's name (first word of the messages).
+        config_cls: a config dataclass with a ``from_dict`` classmethod. Default:
+            :class:`~tts_jax.models.dit.DiTConfig` with ``patch_size`` required, the settings of
+            :func:`~tts_jax.models.dit.load_dit`, which calls this with the folder only.
+        required: keys that must be present (default: the fields of ``config_cls`` without a
+            default).
+
+    Raises:
+        CheckpointNotFoundError: the folder or its ``config.json`` does not exist.
+        CheckpointConfigError: invalid JSON, a missing or wrongly typed key, or a value the
+            config class refuses.
+    """
+    if config_cls is None:
+        from tts_jax.models.dit import DiTConfig  # dit imports this module
+
+        config_cls = DiTConfig
+        required = ("patch_size",) if required is None else required
+    if required is None:
+        required = required_fields(config_cls)
+    config_file = read_config_file(folder, loader, CONFIG_NAME)
+    config_file.check(field_types(config_cls), required)
+    with config_file.errors():
+        config_cls.from_dict(config_file.raw)
+    return config_file.raw
+
+
+class TensorFile(dict):
+    """The tensors of one safetensors file (name -> array), remembering the file for messages."""
+
+    def __init__(self, tensors: dict[str, np.ndarray], source: str):
+        super().__init__(tensors)
+        self.source = source
 
 
 def load_state(abstract_model: nnx.Module, tensors: dict[str, np.ndarray], key_fn: KeyFn):
@@ -69,29 +123,31 @@ def load_state(abstract_model: nnx.Module, tensors: dict[str, np.ndarray], key_f
         The populated module (float32 parameters).
 
     Raises:
-        ValueError: naming the tensor, if a parameter is missing, has the wrong shape, or the file
-            holds a tensor the model does not use.
+        CheckpointError: a ``ValueError`` naming the tensor (and the file, for a
+            :class:`TensorFile`) if a parameter is missing, has the wrong shape, or the file holds
+            a tensor the model does not use.
     """
+    source = getattr(tensors, "source", "checkpoint")
     graphdef, abstract_state = nnx.split(abstract_model)
     flat = []
     used = set()
     for path, var in nnx.to_flat_state(abstract_state):
         key = torch_key(path, key_fn)
         if key not in tensors:
-            raise ValueError(
-                f"checkpoint is missing tensor {key!r} (shape {var.get_value().shape})"
+            raise CheckpointError(
+                f"{source} is missing tensor {key!r} (shape {var.get_value().shape})"
             )
         value = _to_jax_layout(str(path[-1]), np.asarray(tensors[key]))
         if value.shape != var.get_value().shape:
-            raise ValueError(
-                f"tensor {key!r} has shape {tensors[key].shape}, the config expects the "
-                f"PyTorch-layout shape of {var.get_value().shape}"
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {tensors[key].shape}, the config expects "
+                f"the PyTorch-layout shape of {var.get_value().shape}"
             )
         flat.append((path, var.replace(jnp.asarray(value, jnp.float32))))
         used.add(key)
     unexpected = sorted(set(tensors) - used)
     if unexpected:
-        raise ValueError(f"checkpoint has tensors the config does not use: {unexpected}")
+        raise CheckpointError(f"{source} has tensors the config does not use: {unexpected}")
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -104,12 +160,18 @@ def export_state(model: nnx.Module, key_fn: KeyFn) -> dict[str, np.ndarray]:
     return out
 
 
-def load_tensors(folder: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of ``folder/diffusion_pytorch_model.safetensors``."""
-    path = Path(folder) / WEIGHTS_NAME
-    if not path.exists():
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder} (only safetensors are supported)")
-    return load_file(str(path))
+def load_tensors(folder: str | Path, loader: str = "load_dit") -> TensorFile:
+    """All tensors of ``folder/diffusion_pytorch_model.safetensors``.
+
+    Raises:
+        CheckpointNotFoundError: the folder or the file does not exist (only safetensors are
+            read, never pickles).
+        CheckpointError: the file is not a readable safetensors file.
+    """
+    path = require_file(folder, WEIGHTS_NAME, loader, hint="only safetensors are supported")
+    with safetensors_errors(path, loader):
+        tensors = load_file(str(path))
+    return TensorFile(tensors, f"{WEIGHTS_NAME} in {path.parent}")
 
 
 def save_folder(folder: str | Path, config: dict[str, Any], tensors: dict[str, np.ndarray]):

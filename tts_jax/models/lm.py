@@ -33,6 +33,13 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.flax import save_file
 
+from tts_jax.models.checkpoint_errors import (
+    CheckpointError,
+    read_config_file,
+    require_files,
+    safetensors_errors,
+)
+
 Array = jax.Array
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
@@ -630,12 +637,60 @@ def generate(model: LM, prompt: Array, key: Array, *, max_new_tokens: int,
 # --------------------------------------------------------------------------------------------
 # Checkpoints (transformers layout, safetensors only)
 # --------------------------------------------------------------------------------------------
-def read_hf_config(path: str | pathlib.Path) -> dict[str, Any]:
-    """The ``config.json`` dict of a local transformers folder."""
-    file = pathlib.Path(path) / "config.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"no config.json in {path}")
-    return json.loads(file.read_text())
+# Types of the transformers config.json keys :meth:`LMConfig.from_hf_dict` reads (other keys are
+# not checked) and the keys it cannot default.
+HF_CONFIG_TYPES: dict[str, Any] = {
+    "architectures": list[str] | None,
+    "model_type": str,
+    "vocab_size": int,
+    "hidden_size": int,
+    "intermediate_size": int,
+    "num_hidden_layers": int,
+    "num_attention_heads": int,
+    "num_key_value_heads": int | None,
+    "head_dim": int | None,
+    "hidden_act": str,
+    "rope_theta": float,
+    "rope_parameters": dict | None,
+    "rope_scaling": dict | None,
+    "rms_norm_eps": float,
+    "tie_word_embeddings": bool,
+    "attention_bias": bool,
+    "mlp_bias": bool,
+    "use_sliding_window": bool | None,
+    "layer_types": list[str] | None,
+    "max_position_embeddings": int,
+    "bos_token_id": int | None,
+    "eos_token_id": int | list[int] | None,
+    "pad_token_id": int | None,
+}
+HF_REQUIRED_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+                    "num_hidden_layers", "num_attention_heads")
+
+
+def read_lm_config(path: str | pathlib.Path, allowed: Iterable[str], *,
+                   loader: str) -> tuple[str, LMConfig]:
+    """Reads and checks a folder's ``config.json`` for a Qwen2 / Llama model.
+
+    Args:
+        path: the checkpoint folder.
+        allowed: accepted ``architectures`` names.
+        loader: the calling loader's name (first word of the messages).
+
+    Returns:
+        ``(architecture name, config)``.
+
+    Raises:
+        FileNotFoundError: the folder or its ``config.json`` does not exist.
+        ValueError: invalid JSON, a missing (:data:`HF_REQUIRED_KEYS`) or wrongly typed
+            (:data:`HF_CONFIG_TYPES`) key, or an unsupported architecture/config; every message
+            names the folder, the file and the key.
+    """
+    config_file = read_config_file(path, loader)
+    config_file.check(HF_CONFIG_TYPES, HF_REQUIRED_KEYS)
+    with config_file.errors():
+        architecture = check_architecture(config_file.raw, allowed)
+        return architecture, LMConfig.from_hf_dict(config_file.raw)
 
 
 def check_architecture(raw: dict[str, Any], allowed: Iterable[str]) -> str:
@@ -647,13 +702,12 @@ def check_architecture(raw: dict[str, Any], allowed: Iterable[str]) -> str:
     return archs[0]
 
 
-def _read_tensors(path: pathlib.Path) -> dict[str, Array]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {path} (pickle checkpoints are refused)")
+def _read_tensors(path: pathlib.Path, loader: str = "load_weights") -> dict[str, Array]:
+    files = require_files(path, "*.safetensors", loader, "expected model.safetensors or its "
+                          "shards model-*-of-*.safetensors; pickle checkpoints are refused")
     tensors = {}
     for file in files:
-        with safe_open(file, framework="flax") as f:
+        with safetensors_errors(file, loader), safe_open(file, framework="flax") as f:
             tensors |= {name: f.get_tensor(name) for name in f.keys()}
     return tensors
 
@@ -663,16 +717,17 @@ def _name(path: tuple) -> str:
 
 
 def load_weights(abstract: nnx.Module, path: str | pathlib.Path, dtype: Any,
-                 ignore: Iterable[str] = ()) -> nnx.Module:
+                 ignore: Iterable[str] = (), *, loader: str = "load_weights") -> nnx.Module:
     """Fills an abstract module (``nnx.eval_shape``) from a folder's ``*.safetensors``.
 
     Parameter ``a.b.0.c`` reads tensor ``"a.b.0.c"``; tensors in ``ignore`` or ending in a known
     buffer suffix are skipped, any other unused tensor is an error.
 
     Raises:
+        FileNotFoundError: the folder does not exist or holds no ``*.safetensors``.
         ValueError: naming every missing, mis-shaped or unexpected tensor.
     """
-    tensors = _read_tensors(pathlib.Path(path))
+    tensors = _read_tensors(pathlib.Path(path), loader)
     graphdef, state = nnx.split(abstract)
     flat, problems = [], []
     for p, var in nnx.to_flat_state(state):
@@ -687,7 +742,9 @@ def load_weights(abstract: nnx.Module, path: str | pathlib.Path, dtype: Any,
     extra = sorted(k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES))
     problems += [f"unexpected tensor {k!r}" for k in extra]
     if problems:
-        raise ValueError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
+        raise CheckpointError(
+            f"{loader}: the *.safetensors in {path} do not match config.json: "
+            + "; ".join(problems))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -712,14 +769,15 @@ def load_lm(path: str | pathlib.Path, *, dtype: Any = jnp.float32) -> tuple[LMCo
         ``(config, model)``.
 
     Raises:
-        ValueError: unsupported architecture/config, or missing / mis-shaped tensors (named).
+        FileNotFoundError: the folder, its ``config.json`` or its ``*.safetensors`` is missing.
+        ValueError: invalid JSON, a missing or wrongly typed config key, an unsupported
+            architecture/config (naming the folder, the file and the key), or missing /
+            mis-shaped tensors (named).
     """
-    raw = read_hf_config(path)
-    check_architecture(raw, CAUSAL_LM_ARCHITECTURES.values())
-    config = LMConfig.from_hf_dict(raw)
+    _, config = read_lm_config(path, CAUSAL_LM_ARCHITECTURES.values(), loader="load_lm")
     abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0), dtype=dtype))
     ignore = ("lm_head.weight",) if config.tie_word_embeddings else ()
-    return config, load_weights(abstract, path, dtype, ignore)
+    return config, load_weights(abstract, path, dtype, ignore, loader="load_lm")
 
 
 def save_lm(path: str | pathlib.Path, config: LMConfig, model: LM) -> None:

@@ -22,11 +22,10 @@ from tts_jax.models.lm import (
     KVCache,
     Linear,
     LMConfig,
-    check_architecture,
     hidden_states,
     init_cache,
     load_weights,
-    read_hf_config,
+    read_lm_config,
     save_weights,
 )
 
@@ -117,14 +116,16 @@ def load_reward_model(path: str | pathlib.Path, *,
     """Loads a ``Qwen2ForProcessRewardModel`` / ``Qwen2ForRewardModel`` folder (safetensors).
 
     Raises:
-        ValueError: other architectures, or missing / mis-shaped tensors (named).
+        FileNotFoundError: the folder, its ``config.json`` or its ``*.safetensors`` is missing.
+        ValueError: invalid JSON, a missing or wrongly typed config key, another architecture
+            (naming the folder, the file and the key), or missing / mis-shaped tensors (named).
     """
-    raw = read_hf_config(path)
-    num_labels = REWARD_ARCHITECTURES[check_architecture(raw, REWARD_ARCHITECTURES)]
-    config = LMConfig.from_hf_dict(raw)
+    loader = "load_reward_model"
+    architecture, config = read_lm_config(path, REWARD_ARCHITECTURES, loader=loader)
+    num_labels = REWARD_ARCHITECTURES[architecture]
     abstract = nnx.eval_shape(lambda: RewardModel(config, num_labels, rngs=nnx.Rngs(0),
                                                   dtype=dtype))
-    return config, load_weights(abstract, path, dtype)
+    return config, load_weights(abstract, path, dtype, loader=loader)
 
 
 def save_reward_model(path: str | pathlib.Path, config: LMConfig, rm: RewardModel) -> None:

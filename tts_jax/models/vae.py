@@ -321,15 +321,28 @@ def _torch_key(dotted: str) -> str:
     )
 
 
+# Keys a usable AutoencoderKL config.json must set: the defaults would silently build another
+# network (the other keys default as in diffusers).
+VAE_REQUIRED_KEYS = ("block_out_channels", "latent_channels")
+
+
 def load_vae(path: str | Path) -> tuple[VAEConfig, AutoencoderKL]:
     """Load a diffusers ``AutoencoderKL`` folder (safetensors only).
 
     Raises:
-        ValueError: naming the tensor when the weights do not match the config.
+        FileNotFoundError: the folder, its ``config.json`` or its
+            ``diffusion_pytorch_model.safetensors`` is missing (all named).
+        ValueError: invalid JSON, a missing (:data:`VAE_REQUIRED_KEYS`) or wrongly typed config
+            key, an unsupported config (naming the file and the key), or weights that do not
+            match the config (naming the tensor).
     """
-    config = VAEConfig.from_dict(ckpt.read_config(path))
+    raw = ckpt.read_config(
+        path, loader="load_vae", config_cls=VAEConfig, required=VAE_REQUIRED_KEYS
+    )
+    config = VAEConfig.from_dict(raw)
     abstract = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)))
-    return config, ckpt.load_state(abstract, ckpt.load_tensors(path), _torch_key)
+    tensors = ckpt.load_tensors(path, loader="load_vae")
+    return config, ckpt.load_state(abstract, tensors, _torch_key)
 
 
 def save_vae(path: str | Path, config: VAEConfig, model: AutoencoderKL) -> None:

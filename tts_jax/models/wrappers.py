@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -35,12 +34,30 @@ from flax import nnx
 
 from tts_jax.interpolants import Interpolant, Linear, eps_to_velocity
 from tts_jax.models.base import FlowModel
+from tts_jax.models.checkpoint_errors import (
+    CheckpointConfigError,
+    CheckpointNotFoundError,
+    check_config,
+    read_json_file,
+    require_file,
+    require_folder,
+)
 from tts_jax.models.dit import DiT, load_dit
 from tts_jax.models.vae import load_vae
 
 Array = jax.Array
 FLOW_TIMESTEP_SCALE = 1000.0
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# Types of the scheduler_config.json keys DDPMInterpolant.from_scheduler_config reads.
+SCHEDULER_CONFIG_TYPES: dict[str, Any] = {
+    "num_train_timesteps": int,
+    "beta_start": float,
+    "beta_end": float,
+    "beta_schedule": str,
+    "prediction_type": str,
+    "trained_betas": list[float] | None,
+    "rescale_betas_zero_snr": bool,
+}
 
 
 # --------------------------------------------------------------------------- DDPM interpolant
@@ -95,18 +112,39 @@ class DDPMInterpolant(Interpolant):
     @classmethod
     def from_scheduler_config(cls, config: dict[str, Any] | str | Path) -> DDPMInterpolant:
         """From a diffusers ``scheduler_config.json`` (a dict or its path): DDPM/DDIM/... with
-        eps prediction, no ``trained_betas`` and no zero-terminal-SNR rescaling."""
-        if not isinstance(config, dict):
-            config = json.loads(Path(config).read_text())
+        eps prediction, no ``trained_betas`` and no zero-terminal-SNR rescaling.
+
+        Raises:
+            FileNotFoundError: the file or its folder does not exist.
+            ValueError: invalid JSON, a wrongly typed key (:data:`SCHEDULER_CONFIG_TYPES`) or an
+                unsupported schedule; for a path, naming the folder, the file and the key.
+        """
+        if isinstance(config, dict):
+            where = "DDPMInterpolant.from_scheduler_config: scheduler config"
+        else:
+            file = Path(config)
+            config = read_json_file(file, "DDPMInterpolant.from_scheduler_config")
+            where = f"DDPMInterpolant.from_scheduler_config: {file.name} in {file.parent}"
+        check_config(config, SCHEDULER_CONFIG_TYPES, (), where)
         if config.get("prediction_type", "epsilon") != "epsilon":
-            raise ValueError(f"expected an eps-prediction schedule: {config['prediction_type']}")
+            raise CheckpointConfigError(
+                f'{where}: "prediction_type" must be "epsilon" (an eps-prediction schedule), '
+                f"got {config['prediction_type']!r}"
+            )
         if config.get("trained_betas") is not None or config.get("rescale_betas_zero_snr"):
-            raise ValueError("trained_betas and rescale_betas_zero_snr are not supported")
+            raise CheckpointConfigError(
+                f'{where}: "trained_betas" and "rescale_betas_zero_snr" are not supported'
+            )
+        schedule = config.get("beta_schedule", "linear")
+        if schedule not in BETA_SCHEDULES:
+            raise CheckpointConfigError(
+                f'{where}: unsupported "beta_schedule" {schedule!r}; known: {BETA_SCHEDULES}'
+            )
         return cls(
-            num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+            num_train_timesteps=config.get("num_train_timesteps", 1000),
             beta_start=float(config.get("beta_start", 0.0001)),
             beta_end=float(config.get("beta_end", 0.02)),
-            beta_schedule=config.get("beta_schedule", "linear"),
+            beta_schedule=schedule,
         )
 
     def _table(self) -> np.ndarray:
@@ -288,9 +326,23 @@ def load_ddpm_dit_pipeline(
 
     Returns:
         ``(flow model on the DDPM interpolant, vae_params for decode_images or None)``.
+
+    Raises:
+        FileNotFoundError: the folder, ``transformer/``, ``scheduler/scheduler_config.json`` or a
+            file of a sub-model is missing (all named).
+        ValueError: a broken config (naming the folder, the file and the key) or weights that do
+            not match their config (naming the tensor).
     """
-    path = Path(path)
+    loader = "load_ddpm_dit_pipeline"
+    path = require_folder(path, loader)
+    for sub in ("transformer", "scheduler"):
+        if not (path / sub).is_dir():
+            raise CheckpointNotFoundError(
+                f"{loader}: folder {path} has no {sub}/ sub-folder (a diffusers DiT pipeline has "
+                "transformer/, scheduler/ and optionally vae/)"
+            )
+    scheduler = require_file(path / "scheduler", "scheduler_config.json", loader)
     _, dit = load_dit(path / "transformer")
-    interp = DDPMInterpolant.from_scheduler_config(path / "scheduler" / "scheduler_config.json")
+    interp = DDPMInterpolant.from_scheduler_config(scheduler)
     vae_params = nnx.split(load_vae(path / "vae")[1]) if (path / "vae").exists() else None
     return ddpm_dit_flow(dit, interp, guided=guided, guidance=guidance), vae_params

@@ -12,7 +12,8 @@ Every asset is trained by a script in ``experiments/`` and shipped in a standard
   layout).
 
 Loading an asset whose weights have not been built raises :class:`AssetNotBuiltError` naming the
-script that builds it.
+folder, the missing file and the script that builds it; a broken config or weights file raises
+the model loader's error, which names the folder, the file and the key or tensor.
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from tts_jax.models.base import FlowModel
+from tts_jax.models.checkpoint_errors import CheckpointNotFoundError, require_file
 from tts_jax.models.classifier import load_classifier
 from tts_jax.models.dit import load_dit
 from tts_jax.models.wrappers import velocity_dit_flow
 
+# Where the embedded assets live (a module attribute, so tests can point it elsewhere).
+ASSETS_DIR = Path(str(files("tts_jax") / "assets"))
 
-class AssetNotBuiltError(FileNotFoundError):
+
+class AssetNotBuiltError(CheckpointNotFoundError):
     """An embedded asset is registered but its files are not in this installation."""
 
 
@@ -98,18 +103,23 @@ def asset_path(name: str) -> Path:
 
     Raises:
         KeyError: ``name`` is not a registered asset.
-        AssetNotBuiltError: the asset's files are missing (names the script that builds them).
+        AssetNotBuiltError: the asset's folder or one of its files is missing (names the folder,
+            the file and the script that builds them).
     """
     if name not in EMBEDDED:
         raise KeyError(f"unknown embedded asset {name!r}; known: {sorted(EMBEDDED)}")
     asset = EMBEDDED[name]
-    folder = Path(str(files("tts_jax") / "assets" / name))
-    missing = [f for f in asset.files if not (folder / f).is_file()]
-    if missing:
-        raise AssetNotBuiltError(
-            f"embedded asset {name!r} is not built: {folder} lacks {missing}; "
-            f"run `python {asset.script}`"
-        )
+    folder = ASSETS_DIR / name
+    try:
+        for file in asset.files:
+            require_file(
+                folder,
+                file,
+                f"embedded asset {name!r} is not built",
+                hint=f"run `python {asset.script}`",
+            )
+    except CheckpointNotFoundError as e:
+        raise AssetNotBuiltError(str(e)) from None
     return folder
 
 

@@ -14,7 +14,6 @@ so finite inputs always give finite rewards. A particle with any non-finite pixe
 
 from __future__ import annotations
 
-from importlib.resources import files
 from typing import Any
 
 import jax
@@ -108,17 +107,26 @@ def class_margin_reward(classifier: Classifier, target_class, name: str = "class
     return Reward(_reward_params(classifier, target_class), _margin_apply, name)
 
 
-def load_asset_classifier(name: str) -> Classifier:
-    """The classifier embedded in ``tts_jax/assets/<name>`` (config.json + model.safetensors)."""
-    return load_classifier(files("tts_jax") / "assets" / name)
+def load_asset_classifier(name: str, *, loader: str = "load_asset_classifier") -> Classifier:
+    """The classifier embedded in ``tts_jax/assets/<name>`` (config.json + model.safetensors).
+
+    Raises:
+        KeyError: ``name`` is not a registered asset (:data:`tts_jax.models.zoo.EMBEDDED`).
+        FileNotFoundError: its files are missing (naming the folder, the file and the script
+            that builds them).
+        ValueError: its config or weights are broken (naming the folder, the file and the key).
+    """
+    from tts_jax.models.zoo import asset_path  # the zoo imports the flow models: load lazily
+
+    return load_classifier(asset_path(name), loader=loader)
 
 
 def load_digits_verifier() -> Classifier:
     """The steering verifier: a CNN trained on part ``"a"`` of the digits split (see
     ``experiments/train_digits_classifiers.py``; accuracy in its ``metrics.json``)."""
-    return load_asset_classifier("digits-verifier")
+    return load_asset_classifier("digits-verifier", loader="load_digits_verifier")
 
 
 def load_digits_heldout() -> Classifier:
     """The held-out evaluator: an MLP trained on the disjoint part ``"b"``; never steer on it."""
-    return load_asset_classifier("digits-heldout")
+    return load_asset_classifier("digits-heldout", loader="load_digits_heldout")
