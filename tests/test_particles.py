@@ -82,3 +82,52 @@ def test_particles_is_a_pytree_usable_under_jit():
     p = Particles(jnp.ones((3, 2)), jnp.zeros(3))
     out = jax.jit(lambda q: gather(q, jnp.array([2, 0, 0])))(p)
     assert out.state.shape == (3, 2) and out.num_particles == 3
+
+
+def test_particles_built_directly_reject_leaves_with_another_particle_axis():
+    with pytest.raises(ValueError, match=r"state leaf \['b'\] has shape \(5, 2\).*N = 4"):
+        Particles({"a": jnp.zeros((4, 3)), "b": jnp.zeros((5, 2))}, jnp.zeros(4))
+    with pytest.raises(ValueError, match=r"state leaf \['step'\] has a scalar"):
+        Particles({"a": jnp.zeros((4, 3)), "step": jnp.int32(0)}, jnp.zeros(4))
+    p = Particles(jnp.zeros((4, 3)), jnp.zeros(4))
+    with pytest.raises(ValueError, match=r"log_weights has shape \(3,\)"):
+        p._replace(log_weights=jnp.zeros(3))
+    with pytest.raises(ValueError, match=r"has shape \(3,\)"):  # shapes are checked when traced
+        jax.jit(lambda: Particles(jnp.zeros(3), jnp.zeros(4)))()
+
+
+def test_particles_check_leaves_jax_tree_operations_working():
+    p = Particles({"x": jnp.ones((4, 2)), "done": jnp.zeros(4, bool)}, jnp.zeros(4))
+    treedef = jax.tree.structure(p)
+    # JAX rebuilds the node with placeholder leaves and with reductions of the leaves.
+    assert jax.tree_util.tree_unflatten(treedef, [object()] * 3).state["x"] is not None
+    assert jax.tree.map(lambda leaf: leaf.shape, p).log_weights == (4,)
+    assert float(jax.tree.map(jnp.sum, p).state["x"]) == 8.0
+    assert jax.eval_shape(lambda q: q, p).state["x"].shape == (4, 2)
+    # Under vmap each example's leaves agree; stacked sets compare the leading axis only.
+    stacked = jax.vmap(lambda c: Particles(c * jnp.ones((4, 2)), jnp.zeros(4)))(jnp.arange(3.0))
+    assert stacked.state.shape == (3, 4, 2) and stacked.log_weights.shape == (3, 4)
+    per_example = jax.vmap(lambda q: jnp.sum(q.state, axis=1) + q.log_weights)(stacked)
+    np.testing.assert_array_equal(per_example[:, 0], [0.0, 2.0, 4.0])
+    _, ys = jax.lax.scan(lambda c, _: (c, c.log_weights), p, None, length=2)
+    assert ys.shape == (2, 4)
+
+
+def test_gather_rejects_out_of_range_concrete_ancestors():
+    p = make_particles({"x": jnp.arange(4.0)}, jnp.zeros(4))
+    with pytest.raises(ValueError, match=r"ancestor indices \[4\] are outside \[0, 4\)"):
+        gather(p, jnp.array([0, 4, 1, 1]))
+    with pytest.raises(ValueError, match=r"ancestor indices \[-1\] are outside \[0, 4\)"):
+        gather(p, np.array([-1, 0, 1, 2]))  # no Python-style wrap-around either
+    with pytest.raises(ValueError, match=r"outside \[0, 2\) for leaf \['short'\]"):
+        gather({"long": jnp.zeros(4), "short": jnp.zeros(2)}, jnp.array([0, 3]))
+
+
+def test_gather_inside_jit_never_writes_nan():
+    """Traced ancestors cannot be checked without a host callback: out-of-range ones read the
+    nearest end row (clip mode, a bare gather) instead of the NaN of jnp.take's fill mode."""
+    p = make_particles({"x": jnp.arange(4.0), "i": jnp.arange(4)}, jnp.zeros(4))
+    out = jax.jit(gather)(p, jnp.array([3, 7, 0, 1]))
+    np.testing.assert_array_equal(out.state["x"], [3.0, 3.0, 0.0, 1.0])
+    np.testing.assert_array_equal(out.state["i"], [3, 3, 0, 1])
+    assert "select" not in jax.jit(gather).lower(p, jnp.zeros(4, jnp.int32)).as_text()

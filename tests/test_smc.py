@@ -205,6 +205,56 @@ def test_bad_initial_state_is_rejected():
         smc.run(jax.random.key(0), jnp.zeros((0, 1)), propagate, pot, smc.never(1))
 
 
+def _still(key, state, k, params):
+    return state, jnp.zeros(state.shape[:1])
+
+
+def test_log_potential_of_the_wrong_length_is_named_at_trace_time():
+    """Regression: a wrong-length potential used to fail with a broadcasting TypeError deep
+    inside the loop."""
+
+    def too_short(state, k, params):
+        return jnp.zeros(state.shape[0] - 1)
+
+    def per_dimension(state, k, params):
+        return state  # [N, 1], not [N]
+
+    state = jnp.zeros((4, 1))
+    with pytest.raises(ValueError, match=r"must have shape \[N\] = \(4,\).*got shape \(3,\)"):
+        smc.run(jax.random.key(0), state, _still, too_short, smc.never(2))
+    with pytest.raises(ValueError, match=r"got shape \(4, 1\)"):
+        smc.run(jax.random.key(0), state, _still, per_dimension, smc.never(2))
+    with pytest.raises(ValueError, match=r"got shape \(3,\)"):  # the un-jitted API as well
+        smc.init(state, too_short)
+
+
+def test_propagate_that_changes_the_particle_count_is_named():
+    def duplicate(key, state, k, params):
+        return jnp.concatenate([state, state]), jnp.zeros(state.shape[0])
+
+    def bad_correction(key, state, k, params):
+        return state, jnp.zeros((state.shape[0], 2))
+
+    def flat(state, k, params):
+        return jnp.zeros(state.shape[0])
+
+    state = jnp.zeros((4, 1))
+    with pytest.raises(ValueError, match="propagate returned a state with 8 particles, expected"):
+        smc.run(jax.random.key(0), state, duplicate, flat, smc.never(2))
+    with pytest.raises(ValueError, match=r"correction must have shape \[N\] = \(4,\)"):
+        smc.run(jax.random.key(0), state, bad_correction, flat, smc.never(2))
+
+
+def test_non_finite_ess_threshold_is_rejected():
+    def flat(state, k, params):
+        return jnp.zeros(state.shape[0])
+
+    for bad in (np.nan, np.inf):
+        schedule = smc.ResampleSchedule(np.ones(2, bool), np.float32(bad))
+        with pytest.raises(ValueError, match=f"ess_threshold must be finite.*got {bad}"):
+            smc.run(jax.random.key(0), jnp.zeros((4, 1)), _still, flat, schedule)
+
+
 def _clock_propagate(key, state, k, params):
     """Particles ``[N, 3]``: a random walk in column 0 and a step counter in column 1, frozen
     once the counter reaches the particle's own horizon ``params["horizon"]``; column 2 counts
@@ -240,8 +290,9 @@ def test_run_until_stops_when_finished_and_matches_the_idle_scan():
     state = jnp.zeros((n, 3))
     key = jax.random.key(3)
     early = jax.jit(
-        lambda: smc.run_until(key, state, counting_propagate, _clock_potential, schedule, params,
-                              finished=finished)
+        lambda: smc.run_until(
+            key, state, counting_propagate, _clock_potential, schedule, params, finished=finished
+        )
     )()
     full = jax.jit(
         lambda: smc.run_scan(key, state, _clock_propagate, _clock_potential, schedule, params)

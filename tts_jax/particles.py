@@ -20,20 +20,73 @@ Array = jax.Array
 PyTree = Any
 
 
-class Particles(NamedTuple):
-    """N weighted particles.
+class _ParticlesFields(NamedTuple):
+    state: PyTree
+    log_weights: Array
+
+
+class Particles(_ParticlesFields):
+    """N weighted particles (a NamedTuple, hence a pytree).
 
     Attributes:
         state: pytree whose every leaf has shape ``[N, ...]``.
         log_weights: ``Float[N]`` unnormalized log-weights (``-inf`` marks a dead particle).
+
+    Construction checks that every state leaf's leading axis equals ``log_weights.shape[0]``
+    and raises ``ValueError`` naming the leaf and both sizes otherwise. Shapes are known at
+    trace time, so the check runs under ``jit``, ``vmap`` and ``scan`` too (per example under
+    ``vmap``, where the sizes still agree). It only compares leaves that have a ``shape``: JAX's
+    own tree operations rebuild a ``Particles`` with placeholder leaves (``None``, ``object()``,
+    shape tuples, ``in_axes`` integers), and a scalar ``log_weights`` (e.g. after
+    ``jax.tree.map(jnp.sum, p)``) switches it off. Stacked sets (``log_weights [K, N]``, leaves
+    ``[K, N, ...]``) pass: only the leading axis is compared. :func:`make_particles` checks more
+    (a 1-D ``log_weights``, no scalar or empty state).
     """
 
-    state: PyTree
-    log_weights: Array
+    __slots__ = ()
+
+    def __new__(cls, state: PyTree, log_weights: Array) -> Particles:
+        _check_particle_axes(state, log_weights)
+        return super().__new__(cls, state, log_weights)
+
+    @classmethod
+    def _make(cls, iterable) -> Particles:
+        # NamedTuple's _make (used by _replace) bypasses __new__: route it through the check.
+        return cls(*iterable)
 
     @property
     def num_particles(self) -> int:
         return self.log_weights.shape[0]
+
+
+def _leading_size(leaf) -> int | None:
+    """``leaf.shape[0]``; ``-1`` for a scalar; ``None`` when ``leaf`` has no shape (a
+    placeholder) or a symbolic leading dimension (nothing to compare)."""
+    shape = getattr(leaf, "shape", None)
+    if not isinstance(shape, tuple):
+        return None
+    if not shape:
+        return -1
+    return shape[0] if isinstance(shape[0], int) else None
+
+
+def _check_particle_axes(state: PyTree, log_weights: Array) -> None:
+    """Raise if a state leaf with a shape does not have ``log_weights.shape[0]`` leading rows."""
+    n = _leading_size(log_weights)
+    if n is None or n < 0:
+        return
+    leaves = jax.tree_util.tree_leaves(state)
+    if all(_leading_size(leaf) in (None, n) for leaf in leaves):
+        return
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        size = _leading_size(leaf)
+        if size not in (None, n):
+            shown = "a scalar" if size == -1 else f"shape {leaf.shape}"
+            raise ValueError(
+                f"Particles: state leaf {jax.tree_util.keystr(path) or '(root)'} has {shown} "
+                f"but log_weights has shape {log_weights.shape}: every state leaf needs the "
+                f"particle axis first, of size N = {n}"
+            )
 
 
 def num_particles(state: PyTree) -> int:
@@ -128,14 +181,44 @@ def gather(tree: PyTree, ancestors: Array) -> PyTree:
     the single operation resampling needs: latents, KV caches, token buffers, done flags and running
     rewards all move together with the same ancestor index.
 
+    Out-of-range indices. Every index must lie in ``[0, N)`` (no negative indices). When
+    ``ancestors`` is concrete (an eager call, or a NumPy array inside a traced function) they
+    are checked and a ``ValueError`` names the offending indices and ``N``. Traced indices
+    cannot be checked without a host callback per call, so inside ``jit`` the gather runs in
+    ``clip`` mode: a bare XLA gather (no masking pass, unlike ``jnp.take``'s default ``fill``
+    mode, which would write NaN), where an out-of-range index reads the nearest end row. The
+    resamplers of :mod:`tts_jax.resampling` return in-range indices for valid weights, and the
+    SMC engine never resamples an all-dead set.
+
     Args:
         tree: pytree of ``[N, ...]`` leaves.
-        ancestors: ``Int[M]`` indices into the particle axis.
+        ancestors: ``Int[M]`` indices into the particle axis, in ``[0, N)``.
 
     Returns:
         pytree of ``[M, ...]`` leaves.
+
+    Raises:
+        ValueError: concrete ``ancestors`` with an index outside ``[0, N)`` for some leaf.
     """
-    return jax.tree.map(lambda leaf: jnp.take(leaf, ancestors, axis=0), tree)
+    if not isinstance(ancestors, jax.core.Tracer):
+        _check_ancestors(tree, np.asarray(ancestors))
+    return jax.tree.map(lambda leaf: jnp.take(leaf, ancestors, axis=0, mode="clip"), tree)
+
+
+def _check_ancestors(tree: PyTree, ancestors: np.ndarray) -> None:
+    """Host-side range check of concrete ``ancestors`` against every leaf's particle axis."""
+    if ancestors.size == 0:
+        return
+    low, high = int(ancestors.min()), int(ancestors.max())
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        n = np.shape(leaf)[0] if np.ndim(leaf) else 0
+        if low < 0 or high >= n:
+            flat = ancestors.reshape(-1)
+            bad = flat[(flat < 0) | (flat >= n)]
+            raise ValueError(
+                f"gather: ancestor indices {np.unique(bad)[:10].tolist()} are outside [0, {n}) "
+                f"for leaf {jax.tree_util.keystr(path) or '(root)'} of shape {np.shape(leaf)}"
+            )
 
 
 def check_log_weights(log_weights: Array, what: str = "log_weights") -> None:

@@ -22,6 +22,11 @@ Two levels of API:
 Numeric hyper-parameters live in ``params`` (any pytree passed to ``propagate`` and
 ``log_potential``) and in the :class:`ResampleSchedule` arrays, so sweeping them never recompiles.
 
+Shapes are checked when the loop is traced: ``log_potential`` must return ``[N]`` and
+``propagate`` must keep ``N`` particles (its correction ``[N]`` or a scalar); a mismatch is a
+``ValueError`` naming the expected ``[N]`` and the shape received, not a broadcasting error
+deep inside the loop.
+
 Reference: Chopin & Papaspiliopoulos (2020), "An Introduction to Sequential Monte Carlo", ch. 10.
 """
 
@@ -158,6 +163,23 @@ class SMCResult(NamedTuple):
     num_nan_initial: Array
 
 
+def _check_shape(value: Array, n: int, what: str, allow_scalar: bool = False) -> None:
+    """Trace-time check (shapes are static) that a callback returned one value per particle."""
+    shape = np.shape(value)
+    if shape != (n,) and not (allow_scalar and shape == ()):
+        also = " (or a scalar)" if allow_scalar else ""
+        raise ValueError(
+            f"{what} must have shape [N] = ({n},){also}, one entry per particle; got shape {shape}"
+        )
+
+
+def _potential(log_potential: LogPotential, state: PyTree, k, params, n: int) -> Array:
+    """``log_potential(state, k, params)``, its shape checked against ``[N]``."""
+    lp = log_potential(state, k, params)
+    _check_shape(lp, n, "log_potential(state, step, params)")
+    return lp
+
+
 def _drop_nan(log_potential: Array) -> tuple[Array, Array]:
     nan = jnp.isnan(log_potential)
     return jnp.where(nan, -jnp.inf, log_potential), jnp.sum(nan).astype(jnp.int32)
@@ -190,13 +212,17 @@ def init(state: PyTree, log_potential: LogPotential, params: PyTree = None) -> S
         state: pytree of ``[N, ...]`` leaves (the particles at step 0).
         log_potential: ``(state, step, params) -> [N]``.
         params: numeric hyper-parameters passed through to the callbacks.
+
+    Raises:
+        ValueError: leaves with different particle axes, or a log-potential whose shape is not
+            ``[N]`` (checked at trace time: shapes are static).
     """
     return _init(state, log_potential, params)[0]
 
 
 def _init(state, log_potential, params) -> tuple[SMCState, Array]:
     n = num_particles(state)
-    lp0, num_nan = _drop_nan(log_potential(state, jnp.int32(0), params))
+    lp0, num_nan = _drop_nan(_potential(log_potential, state, jnp.int32(0), params, n))
     lw, mass, _ = _reweight(jnp.full((n,), -jnp.log(n), jnp.float32), lp0)
     return SMCState(make_particles(state, lw), lp0, mass, jnp.int32(0)), num_nan
 
@@ -216,11 +242,16 @@ def step(
         key: PRNG key for this step (split here for the proposal and the resampler).
         smc_state: current :class:`SMCState`.
         propagate: ``(key, state, step, params) -> (state, log_correction [N])``; ``step`` is the
-            index ``k`` of the transition ``x_k -> x_{k+1}``.
+            index ``k`` of the transition ``x_k -> x_{k+1}``. The correction may be a scalar
+            (the same for every particle).
         log_potential: ``(state, step, params) -> [N]``, called with ``step = k + 1``.
         schedule: :class:`ResampleSchedule` indexed by ``k``.
         params: numeric hyper-parameters (array leaves; never static).
         resampler: name or function of :mod:`tts_jax.resampling`.
+
+    Raises:
+        ValueError: at trace time, when ``log_potential`` does not return shape ``[N]``, the
+            correction is neither ``[N]`` nor a scalar, or ``propagate`` changes ``N``.
     """
     k_prop, k_res = jax.random.split(key)
     return _step(k_prop, k_res, smc_state, propagate, log_potential, schedule, params, resampler)
@@ -236,8 +267,14 @@ def _step(
     k = smc_state.step
 
     new_state, correction = propagate(k_prop, particles.state, k, params)
+    if num_particles(new_state) != n:
+        raise ValueError(
+            f"propagate returned a state with {num_particles(new_state)} particles, expected "
+            f"N = {n}"
+        )
+    _check_shape(correction, n, "propagate's log-weight correction", allow_scalar=True)
     observed = None if observe is None else observe(new_state)
-    lp_new, num_nan = _drop_nan(log_potential(new_state, k + 1, params))
+    lp_new, num_nan = _drop_nan(_potential(log_potential, new_state, k + 1, params, n))
     old = smc_state.log_potential
     ratio = jnp.where(
         jnp.isneginf(lp_new), -jnp.inf, lp_new - jnp.where(jnp.isfinite(old), old, 0.0)
@@ -417,6 +454,12 @@ def run(
     Returns:
         :class:`SMCResult`. If every particle died, ``all_dead`` is True and ``log_evidence`` is
         ``-inf``; the particles keep their last states and all-``-inf`` log-weights.
+
+    Raises:
+        ValueError: before the run, for an unknown ``nan_policy``, a bad state or schedule, a
+            non-finite ESS threshold, or callbacks returning the wrong shapes
+            (``log_potential`` must return ``[N]``); after it, for NaN potentials under
+            ``nan_policy="raise"``.
     """
     if nan_policy not in ("raise", "drop"):
         raise ValueError(f"nan_policy must be 'raise' or 'drop', got {nan_policy!r}")
@@ -424,6 +467,12 @@ def run(
     if schedule.mask.ndim != 1 or schedule.mask.shape[0] < 1:
         raise ValueError(
             f"schedule.mask must be Bool[K] with K >= 1, got shape {schedule.mask.shape}"
+        )
+    threshold = schedule.ess_threshold
+    if not isinstance(threshold, jax.core.Tracer) and not np.isfinite(np.asarray(threshold)).all():
+        raise ValueError(
+            f"schedule.ess_threshold must be finite (0: never resample, above 1: always), "
+            f"got {threshold}"
         )
     result = _run_jit(key, state, propagate, log_potential, schedule, params, resampler)
     if nan_policy == "raise":
