@@ -27,6 +27,26 @@ def _nan_reward(params, x, cond=None):
     return jnp.where(jnp.arange(x.shape[0]) == 0, jnp.nan, r)
 
 
+def _override_reward(params, x, cond=None):
+    """``direction . x`` with row 0 set to ``params["first"]`` where ``params["set_first"]`` and
+    every row set to ``params["every"]`` where ``params["set_every"]`` (one apply function, so
+    every variant below shares one compiled program)."""
+    r = x @ params["direction"]
+    r = jnp.where((jnp.arange(x.shape[0]) == 0) & params["set_first"], params["first"], r)
+    return jnp.where(params["set_every"], params["every"], r)
+
+
+def _override(first=None, every=None, name="override") -> Reward:
+    params = {
+        "direction": DIRECTION,
+        "set_first": jnp.bool_(first is not None),
+        "first": jnp.float32(0.0 if first is None else first),
+        "set_every": jnp.bool_(every is not None),
+        "every": jnp.float32(0.0 if every is None else every),
+    }
+    return Reward(params, _override_reward, name)
+
+
 def _run(seed, n, lam=1.2, diffusion=None, schedule=None, reward=None, **kw):
     gmm = G.asymmetric_gmm_2d()
     return fk.fk_steering(
@@ -91,6 +111,63 @@ def test_nan_rewards_raise_by_default_and_drop_on_request():
         assert np.isfinite(np.asarray(out.samples)).all()
         # Row 0 of every reward call is NaN: one NaN per evaluated step (4 of 40), counted once.
         assert int(out.info["num_nan_rewards"]) == 4, potential
+
+
+def test_plus_inf_rewards_raise_by_default_and_drop_on_request():
+    """Regression: a +inf reward used to give every particle zero weight and the misleading
+    error "all rewards -inf or NaN"."""
+    reward = _override(first=np.inf, name="plus_inf")
+    with pytest.raises(ValueError, match=r"fk_steering: reward 'plus_inf' returned \+inf in 4 "):
+        _run(0, 16, reward=reward)
+    out = _run(0, 16, reward=reward, nan_policy="drop")
+    # Row 0 of every reward call is +inf: one per evaluated step (4 of 40), counted once.
+    assert int(out.info["num_inf_rewards"]) == 4 and int(out.info["num_nan_rewards"]) == 0
+    assert int(np.asarray(out.info["num_nan_potentials"]).sum()) == 4  # dropped by the engine
+    assert np.isfinite(float(out.log_evidence))
+    # The last step resamples: its +inf particle (zero weight) has no copy among the outputs.
+    assert np.isfinite(np.asarray(out.rewards)).all()
+
+
+def test_all_minus_inf_rewards_say_every_particle_was_rejected():
+    with pytest.raises(
+        ValueError,
+        match="fk_steering: every particle has zero weight at step 10 "
+        "of 40: reward 'override' was -inf for each of them",
+    ):
+        _run(0, 16, reward=_override(every=-np.inf))
+
+
+def test_all_nan_rewards_raise_the_nan_error_not_the_all_dead_one():
+    reward = _override(every=np.nan)
+    with pytest.raises(ValueError, match="reward 'override' returned NaN in 64 evaluations"):
+        _run(0, 16, reward=reward)
+    with pytest.raises(ValueError, match="invalid one dropped under nan_policy='drop'"):
+        _run(0, 16, reward=reward, nan_policy="drop")
+
+
+def test_plus_inf_potential_is_reported_as_an_overflow():
+    # lam < 0 turns a legal -inf reward into a +inf log-potential.
+    with pytest.raises(ValueError, match="fk_steering: the particle weights overflowed at step 10"):
+        _run(0, 16, lam=-1.0, reward=_override(first=-np.inf))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_hyperparameters_are_rejected_at_the_call(bad):
+    reward = Reward({"direction": DIRECTION}, _counting_reward, "counting")
+    before = TRACES["reward"]
+    with pytest.raises(ValueError, match=f"fk_steering: lam must be finite, got {bad}"):
+        _run(0, 16, lam=bad, reward=reward)
+    with pytest.raises(ValueError, match=f"fk_steering: diffusion.norm must be finite, got {bad}"):
+        _run(0, 16, reward=reward, diffusion=I.diffusion("square", bad))
+    schedule = smc.ResampleSchedule(np.ones(40, bool), np.float32(bad))
+    with pytest.raises(ValueError, match="fk_steering: schedule.ess_threshold must be finite"):
+        _run(0, 16, reward=reward, schedule=schedule)
+    assert TRACES["reward"] == before  # rejected before tracing
+
+
+def test_unknown_nan_policy_is_rejected():
+    with pytest.raises(ValueError, match="fk_steering: unknown nan_policy 'ignore'"):
+        _run(0, 16, nan_policy="ignore")
 
 
 def test_best_reward_per_step_follows_the_reward_calls_and_resampling():

@@ -28,15 +28,23 @@ TRACES = {"reward": 0}
 
 
 def _reward_apply(params, x, cond=None):
-    """``-||x - target||^2``, NaN where ``x[:, 1] > nan_above`` (a module-level apply: its trace
-    count is the compile count of every sampler using it)."""
+    """``-||x - target||^2``, NaN / ``+inf`` / ``-inf`` where ``x[:, 1]`` is above ``nan_above``
+    / ``inf_above`` / ``neg_inf_above`` (NaN wins, then ``+inf``); a module-level apply: its
+    trace count is the compile count of every sampler using it."""
     TRACES["reward"] += 1
     r = -jnp.sum((x - params["target"][None]) ** 2, axis=-1)
+    r = jnp.where(x[:, 1] > params["neg_inf_above"], -jnp.inf, r)
+    r = jnp.where(x[:, 1] > params["inf_above"], jnp.inf, r)
     return jnp.where(x[:, 1] > params["nan_above"], jnp.nan, r)
 
 
-def make_reward(target=RARE, nan_above=np.inf) -> Reward:
-    params = {"target": jnp.asarray(target, jnp.float32), "nan_above": jnp.float32(nan_above)}
+def make_reward(target=RARE, nan_above=np.inf, inf_above=np.inf, neg_inf_above=np.inf) -> Reward:
+    params = {
+        "target": jnp.asarray(target, jnp.float32),
+        "nan_above": jnp.float32(nan_above),
+        "inf_above": jnp.float32(inf_above),
+        "neg_inf_above": jnp.float32(neg_inf_above),
+    }
     return Reward(params, _reward_apply, "rare_mode")
 
 
@@ -128,7 +136,7 @@ def test_grid_must_end_at_the_data():
 def test_nan_rewards_raise_or_are_never_selected():
     nan_reward = make_reward(nan_above=0.0)  # NaN away from the (lower) target mode
     for name in ("svdd", "rbf"):
-        with pytest.raises(ValueError, match=f"{name}: the reward returned NaN"):
+        with pytest.raises(ValueError, match=f"{name}: reward 'rare_mode' returned NaN in"):
             _run(name, 0, reward=nan_reward)
         out = _run(name, 0, reward=nan_reward, nan_policy="drop")
         assert int(out.info["num_nan_rewards"]) > 0
@@ -136,6 +144,44 @@ def test_nan_rewards_raise_or_are_never_selected():
         # best never has a NaN reward.
         assert np.isfinite(float(out.best_reward))
         assert float(out.best_sample[1]) <= 0.0
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_plus_inf_rewards_raise_or_are_never_selected(name):
+    """Regression: a +inf reward used to be selected (``best_reward: inf`` from BoN and SVDD) or,
+    in SMC, to kill every particle with a misleading "all rewards -inf or NaN"."""
+    inf_reward = make_reward(inf_above=0.3)  # +inf in the upper part of the frequent modes
+    out = _run(name, 0, reward=inf_reward, nan_policy="drop")
+    num_inf = int(out.info["num_inf_rewards"])
+    assert num_inf > 0 and int(out.info["num_nan_rewards"]) == 0
+    assert np.isfinite(float(out.best_reward))
+    assert float(out.best_sample[1]) <= 0.3
+    with pytest.raises(
+        ValueError, match=rf"{name}: reward 'rare_mode' returned \+inf in {num_inf} "
+    ):
+        _run(name, 0, reward=inf_reward)
+
+
+def test_minus_inf_rewards_are_legal_and_reject_their_proposal():
+    reject = make_reward(neg_inf_above=0.3)
+    for name in ("bon", "svdd", "rbf"):
+        out = _run(name, 0, reward=reject)  # no error under the default "raise"
+        assert int(out.info["num_nan_rewards"]) == 0 and int(out.info["num_inf_rewards"]) == 0
+        assert np.isfinite(float(out.best_reward))
+        assert float(out.best_sample[1]) <= 0.3
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_hyperparameters_are_rejected_at_the_call(bad):
+    traces = TRACES["reward"]
+    with pytest.raises(ValueError, match=f"smc: lam must be finite, got {bad}"):
+        _run("smc", 0, lam=bad)
+    for name in ("bon", "svdd", "code", "rbf"):
+        with pytest.raises(ValueError, match=f"{name}: diffusion.norm must be finite, got {bad}"):
+            _run(name, 0, diffusion=I.diffusion("square", bad))
+    with pytest.raises(ValueError, match="nan_policy"):
+        _run("svdd", 0, nan_policy="ignore")
+    assert TRACES["reward"] == traces  # nothing was traced
 
 
 def test_rbf_without_improvements_spends_the_quota_and_rolls_the_rest_to_the_last_step():

@@ -42,12 +42,21 @@ def _counted_velocity(params, x, t, cond=None):
 
 
 def _linear_or_nan(params, x, cond=None):
-    """``direction . x``, or NaN where ``x[:, 0] > nan_above`` (``inf``: never)."""
-    return jnp.where(x[:, 0] > params["nan_above"], jnp.nan, x @ params["direction"])
+    """``direction . x``, or NaN / ``+inf`` / ``-inf`` where ``x[:, 0]`` is above ``nan_above``
+    / ``inf_above`` / ``neg_inf_above`` (``inf``: never; NaN wins, then ``+inf``)."""
+    r = x @ params["direction"]
+    r = jnp.where(x[:, 0] > params["neg_inf_above"], -jnp.inf, r)
+    r = jnp.where(x[:, 0] > params["inf_above"], jnp.inf, r)
+    return jnp.where(x[:, 0] > params["nan_above"], jnp.nan, r)
 
 
-def _reward(direction, nan_above=np.inf) -> Reward:
-    params = {"direction": jnp.asarray(direction, jnp.float32), "nan_above": jnp.float32(nan_above)}
+def _reward(direction, nan_above=np.inf, inf_above=np.inf, neg_inf_above=np.inf) -> Reward:
+    params = {
+        "direction": jnp.asarray(direction, jnp.float32),
+        "nan_above": jnp.float32(nan_above),
+        "inf_above": jnp.float32(inf_above),
+        "neg_inf_above": jnp.float32(neg_inf_above),
+    }
     return Reward(params, _linear_or_nan, "linear")
 
 
@@ -278,16 +287,73 @@ def test_budget_below_one_trajectory_is_rejected_with_the_minimum():
         ns.best_of_n(jax.random.key(0), MODEL, REWARD, K, GRID, cond=jnp.zeros((3,)))
 
 
-@pytest.mark.parametrize(
-    "run, budget",
-    [(_best_of_n, 16 * K), (_zero_order, 150), (_paths, 4 * PATH_NFE + 3)],
+SEARCHES = pytest.mark.parametrize(
+    "method, run, budget",
+    [
+        ("best_of_n", _best_of_n, 16 * K),
+        ("zero_order_search", _zero_order, 150),
+        ("search_over_paths", _paths, 4 * PATH_NFE + 3),
+    ],
     ids=["best_of_n", "zero_order_search", "search_over_paths"],
 )
-def test_nan_rewards_raise_by_default_and_are_never_selected(run, budget):
+
+
+@SEARCHES
+def test_nan_rewards_raise_by_default_and_are_never_selected(method, run, budget):
     nan_right = _reward(DIRECTION, nan_above=0.0)  # same structure as REWARD: no recompile
-    with pytest.raises(ValueError, match="the reward returned NaN"):
+    with pytest.raises(ValueError, match=rf"{method}: reward 'linear' returned NaN in \d+ eval"):
         run(jax.random.key(0), budget, reward=nan_right)
     out = run(jax.random.key(0), budget, reward=nan_right, nan_policy="drop")
     assert int(out.info["num_nan_rewards"]) > 0
+    assert int(out.info["num_inf_rewards"]) == 0
     assert np.isfinite(float(out.best_reward))
     assert float(out.best_sample[0]) <= 0
+
+
+@SEARCHES
+def test_plus_inf_rewards_raise_by_default_and_are_never_selected(method, run, budget):
+    """Regression: a +inf score used to win the search and come back as ``best_reward: inf``."""
+    inf_right = _reward(DIRECTION, inf_above=0.0)
+    out = run(jax.random.key(0), budget, reward=inf_right, nan_policy="drop")
+    num_inf = int(out.info["num_inf_rewards"])
+    assert num_inf > 0 and int(out.info["num_nan_rewards"]) == 0
+    assert np.isfinite(float(out.best_reward))
+    assert float(out.best_sample[0]) <= 0
+    # The error names the method, the reward and the count the run reports under "drop".
+    with pytest.raises(
+        ValueError, match=rf"{method}: reward 'linear' returned \+inf in {num_inf} "
+    ):
+        run(jax.random.key(0), budget, reward=inf_right)
+
+
+@SEARCHES
+def test_minus_inf_rewards_are_legal_and_reject_their_candidate(method, run, budget):
+    reject_right = _reward(DIRECTION, neg_inf_above=0.0)
+    out = run(jax.random.key(0), budget, reward=reject_right)  # no error under "raise"
+    assert int(out.info["num_nan_rewards"]) == 0 and int(out.info["num_inf_rewards"]) == 0
+    assert np.isfinite(float(out.best_reward))
+    assert float(out.best_sample[0]) <= 0
+
+
+def test_non_finite_hyperparameters_are_rejected_before_tracing():
+    traces = COUNTS["traces"]
+    for bad in (np.nan, np.inf):
+        with pytest.raises(
+            ValueError, match=rf"best_of_n: diffusion.norm must be finite, got {bad}"
+        ):
+            ns.best_of_n(jax.random.key(0), MODEL, REWARD, K, GRID, I.diffusion("square", bad))
+        with pytest.raises(ValueError, match="search_over_paths: diffusion.norm must be finite"):
+            ns.search_over_paths(
+                jax.random.key(0),
+                MODEL,
+                REWARD,
+                PATH_NFE,
+                GRID,
+                I.diffusion("square", bad),
+                **PATHS,
+            )
+    with pytest.raises(ValueError, match=r"zero_order_search: grid must be finite, got \[nan"):
+        ns.zero_order_search(jax.random.key(0), MODEL, REWARD, 50, GRID.at[0].set(jnp.nan))
+    with pytest.raises(ValueError, match="lambda_cos must be a scalar in"):
+        ns.zero_order_search(jax.random.key(0), MODEL, REWARD, 50, GRID, lambda_cos=np.nan)
+    assert COUNTS["traces"] == traces  # rejected before anything was traced

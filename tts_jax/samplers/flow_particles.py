@@ -44,11 +44,14 @@ diagnostics (``nfe`` per step, ``init_nfe``, ``best_reward``: the running best r
 each step's best, plus method-specific entries). Rewards passed as ``held_out`` are evaluated
 on the outputs only (``info["held_out"][name]``), never used for selection.
 
-NaN rewards: a proposal whose reward is NaN is scored ``-inf`` and never selected (if all of a
-chain's proposals are NaN it keeps the first one); the count is ``info["num_nan_rewards"]`` and,
-with ``nan_policy="raise"`` (default), a run that saw any is a host-side error.
+Non-finite rewards: a NaN or ``+inf`` reward is invalid. The proposal is scored ``-inf`` and never
+selected (if all of a chain's proposals are invalid it keeps the first one; SMC gives the
+particle zero weight); the counts are ``info["num_nan_rewards"]`` and ``info["num_inf_rewards"]``
+and, with ``nan_policy="raise"`` (default), a run that saw any is a host-side error naming the
+method, the reward and both counts. A ``-inf`` reward is valid: it rejects the proposal.
 
-Hyper-parameters are arrays (``lam``, ``diffusion.norm``): sweeping them never recompiles. Sizes
+Hyper-parameters are arrays (``lam``, ``diffusion.norm``): sweeping them never recompiles; a NaN
+or infinite one is an error at the call, before anything is traced. Sizes
 (budget-derived particle / proposal counts, ``num_chains``, ``num_init``, ``block``) are static.
 ``cond`` is passed unchanged to the model and the rewards (one condition shared by all particles).
 """
@@ -67,17 +70,20 @@ from tts_jax import smc as smc_engine
 from tts_jax.interpolants import Diffusion, sde_step, sde_step_mean_std, velocity_to_x0
 from tts_jax.models.base import FlowModel
 from tts_jax.rewards.base import Reward
-from tts_jax.samplers.fk_steering import fk_steering
+from tts_jax.samplers.fk_steering import check_fk_result, fk_steering_unchecked
 from tts_jax.samplers.integrate import initial_noise, solve, tweedie
 from tts_jax.samplers.result import (
     SampleResult,
+    check_finite_hyperparameters,
     check_finite_rewards,
+    check_nan_policy,
+    count_invalid,
     held_out_scores,
-    nan_to_neg_inf,
+    invalid_reward_info,
+    mask_invalid_rewards,
 )
 
 Array = jax.Array
-NAN_POLICIES = ("raise", "drop")
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -88,20 +94,29 @@ def _rows(mask: Array, x: Array) -> Array:
     return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
 
 
-def _validate(grid, budget: int, nan_policy: str, held_out) -> Array:
-    """Host-side checks shared by every method; returns the grid as float32 ``[S + 1]``."""
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+def _validate(
+    method: str, grid, budget: int, nan_policy: str, held_out, diffusion: Diffusion
+) -> Array:
+    """Host-side checks shared by every method (before tracing); returns the grid as float32
+    ``[S + 1]``."""
+    check_nan_policy(method, nan_policy)
     if not isinstance(budget, int | np.integer) or budget < 1:
-        raise ValueError(f"budget must be a positive int (NFE), got {budget!r}")
+        raise ValueError(f"{method}: budget must be a positive int (NFE), got {budget!r}")
     names = list(held_out) if isinstance(held_out, dict) else [r.name for r in held_out]
     if len(set(names)) != len(names):
-        raise ValueError(f"held-out rewards need distinct names, got {names}")
+        raise ValueError(f"{method}: held-out rewards need distinct names, got {names}")
     grid = np.asarray(grid, np.float32)  # host-side: no eager device op per call
     if grid.ndim != 1 or grid.shape[0] < 2:
-        raise ValueError(f"grid must be [S + 1] times with S >= 1, got shape {grid.shape}")
+        raise ValueError(
+            f"{method}: grid must be [S + 1] times with S >= 1, got shape {grid.shape}"
+        )
+    check_finite_hyperparameters(
+        method, {"grid": grid, "diffusion.norm": getattr(diffusion, "norm", None)}
+    )
     if grid[-1] != 0.0 or not (np.diff(grid) < 0).all():
-        raise ValueError(f"grid must decrease strictly from noise to the data end 0, got {grid}")
+        raise ValueError(
+            f"{method}: grid must decrease strictly from noise to the data end 0, got {grid}"
+        )
     return grid
 
 
@@ -119,21 +134,28 @@ def _need_steps(num_steps: int, method: str) -> None:
 
 
 def _finish(
-    result: SampleResult, method: str, held_out: Sequence[Reward], cond: Any, nan_policy: str
+    result: SampleResult,
+    method: str,
+    reward: Reward,
+    held_out: Sequence[Reward],
+    cond: Any,
+    nan_policy: str,
 ) -> SampleResult:
-    """Held-out rewards on the outputs, then the host-side NaN check."""
+    """Held-out rewards on the outputs, then the host-side NaN / ``+inf`` check."""
     if held_out:
         info = dict(result.info, held_out=held_out_scores(held_out, result.samples, cond))
         result = result._replace(info=info)
-    return result if nan_policy == "drop" else check_finite_rewards(result, method)
+    return check_finite_rewards(result, method, reward, nan_policy)
 
 
 def _score(model: FlowModel, reward: Reward, x: Array, t: Array, u: Array, cond) -> tuple:
     """Reward of the x0-prediction of ``x [N, ...]`` at a time ``t > 0`` from its velocity ``u``.
 
-    Returns ``(rewards [N] with NaN -> -inf, nan mask [N])``.
+    Returns ``(rewards [N] with NaN and +inf -> -inf, invalid Bool[2, N])`` (see
+    :func:`~tts_jax.samplers.result.mask_invalid_rewards`).
     """
-    return nan_to_neg_inf(reward(tweedie(model, x, jnp.broadcast_to(t, x.shape[:1]), u), cond))
+    x0 = tweedie(model, x, jnp.broadcast_to(t, x.shape[:1]), u)
+    return mask_invalid_rewards(reward(x0, cond))
 
 
 def _propose(key, model: FlowModel, diffusion: Diffusion, x, u, t, t_next) -> Array:
@@ -171,13 +193,13 @@ def _chain_result(x, r, nfe, reward_calls, info) -> SampleResult:
 def _bon(key, model, reward, grid, diffusion, cond, num_samples):
     k_init, k_run = jax.random.split(key)
     x = solve(k_run, model, initial_noise(k_init, model, num_samples), grid, diffusion, cond)
-    r, nan = nan_to_neg_inf(reward(x, cond))
+    r, invalid = mask_invalid_rewards(reward(x, cond))
     num_steps = grid.shape[0] - 1
     info = {
         "best_reward": jax.lax.cummax(r),
         "nfe": jnp.full((num_samples,), num_steps, jnp.int32),
         "init_nfe": jnp.int32(0),
-        "num_nan_rewards": jnp.sum(nan, dtype=jnp.int32),
+        **invalid_reward_info(count_invalid(invalid)),
     }
     out = _chain_result(x, r, jnp.int32(num_steps * num_samples), jnp.int32(num_samples), info)
     return out
@@ -210,13 +232,18 @@ def bon(
     Returns:
         :class:`SampleResult` with ``samples [N, ...]``; ``info["best_reward"] [N]`` is the
         best-of-n curve (running best over the first n samples, i.e. at budget ``n S``) and
-        ``info["nfe"] [N]`` the NFE of each sample (``S``).
+        ``info["nfe"] [N]`` the NFE of each sample (``S``); ``num_nan_rewards`` and
+        ``num_inf_rewards`` count the NaN and ``+inf`` rewards.
+
+    Raises:
+        ValueError: bad arguments, a non-finite grid or diffusion norm, or (unless
+            ``nan_policy="drop"``) a NaN or ``+inf`` reward.
     """
-    grid = _validate(grid, budget, nan_policy, held_out)
+    grid = _validate("bon", grid, budget, nan_policy, held_out, diffusion)
     num_steps = grid.shape[0] - 1
     _require(budget, num_steps, "bon", f"one trajectory of {num_steps} steps")
     result = _bon(key, model, reward, grid, diffusion, cond, budget // num_steps)
-    return _finish(result, "bon", held_out, cond, nan_policy)
+    return _finish(result, "bon", reward, held_out, cond, nan_policy)
 
 
 # --------------------------------------------------------------------------- SMC
@@ -242,7 +269,7 @@ def smc(
     (so the output particles are equally weighted draws targeting ``p(x0) exp(lam r(x0)) / Z``).
 
     Args:
-        lam: inverse temperature (array; sweeping it does not recompile).
+        lam: inverse temperature (array; sweeping it does not recompile); must be finite.
         budget: NFE; at least ``S`` (one particle).
         Others: as :func:`bon` (use a stochastic ``diffusion``: ODE copies stay identical).
 
@@ -251,31 +278,37 @@ def smc(
         ``unique_ancestors``, ``resampled``, ``log_evidence_increment`` per step), ``nfe [S]``
         and ``init_nfe``; ``best_reward [S]`` is each step's best reward of the particles'
         x0-predictions (the samples' at the last step), not a running maximum: intermediate
-        rewards are on Tweedie estimates, not samples.
+        rewards are on Tweedie estimates, not samples. ``num_nan_rewards`` and
+        ``num_inf_rewards`` count the invalid rewards (their particles get zero weight).
+
+    Raises:
+        ValueError: as :func:`bon`, a non-finite ``lam``, or every particle with zero weight
+            (see :func:`~tts_jax.samplers.fk_steering.fk_steering`).
     """
-    grid = _validate(grid, budget, nan_policy, held_out)
+    grid = _validate("smc", grid, budget, nan_policy, held_out, diffusion)
     num_steps = grid.shape[0] - 1
     _require(budget, num_steps, "smc", f"one particle for {num_steps} steps")
     n = budget // num_steps
-    result = fk_steering(
+    result = fk_steering_unchecked(
+        "smc",
         key,
         model,
         reward,
         n,
         grid,
         diffusion,
-        np.asarray(lam, np.float32),
+        lam,
         schedule=smc_engine.every(num_steps, 1),
         potential="diff",
         resampler="multinomial",
         cond=cond,
-        nan_policy="drop",
+        held_out=held_out,
     )
     # fk_steering evaluates the velocity at grid[0] and at every landing point except t = 0.
     per_step = np.full(num_steps, n, np.int32)
     per_step[-1] = 0
     info = dict(result.info, nfe=per_step, init_nfe=np.int32(n))  # host values: no device op
-    return _finish(result._replace(info=info), "smc", held_out, cond, nan_policy)
+    return check_fk_result(result._replace(info=info), "smc", reward, nan_policy)
 
 
 # --------------------------------------------------------------------------- SVDD / CoDe
@@ -314,14 +347,14 @@ def _code(key, model, reward, grid, diffusion, cond, num_chains, num_proposals, 
     def copies(x, u):
         return jnp.repeat(x, num_proposals, axis=0), jnp.repeat(u, num_proposals, axis=0)
 
-    def keep_best(xs, us, r, nan, end, nfe):
+    def keep_best(xs, us, r, invalid, end, nfe):
         idx, pick = _best_of(r, num_chains)
         record = {
             "chain_reward": r[idx],
             "selected": pick,
             "step_end": jnp.asarray(end, jnp.int32),
             "nfe": jnp.asarray(nfe * particles, jnp.int32),
-            "num_nan": jnp.sum(nan).astype(jnp.int32),
+            "num_invalid": count_invalid(invalid),
         }
         return xs[idx], us[idx], record
 
@@ -337,8 +370,8 @@ def _code(key, model, reward, grid, diffusion, cond, num_chains, num_proposals, 
             block,
             cond,
         )
-        r, nan = _score(model, reward, xs, grid[end], us, cond)
-        x, u, record = keep_best(xs, us, r, nan, end, block)
+        r, invalid = _score(model, reward, xs, grid[end], us, cond)
+        x, u, record = keep_best(xs, us, r, invalid, end, block)
         return (x, u), record
 
     (x, u), per = jax.lax.scan(select, (x, u), jnp.arange(num_blocks - 1))
@@ -349,7 +382,9 @@ def _code(key, model, reward, grid, diffusion, cond, num_chains, num_proposals, 
     xs = _propose(
         jax.random.fold_in(key_last, last_block - 1), model, diffusion, xs, us, grid[k], grid[k + 1]
     )
-    x, _, last = keep_best(xs, us, *nan_to_neg_inf(reward(xs, cond)), num_steps, last_block - 1)
+    x, _, last = keep_best(
+        xs, us, *mask_invalid_rewards(reward(xs, cond)), num_steps, last_block - 1
+    )
     per = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), per, last)
     r = last["chain_reward"]
     info = {
@@ -359,7 +394,7 @@ def _code(key, model, reward, grid, diffusion, cond, num_chains, num_proposals, 
         "step_end": per["step_end"],
         "nfe": per["nfe"],
         "init_nfe": jnp.int32(num_chains),
-        "num_nan_rewards": jnp.sum(per["num_nan"]),
+        **invalid_reward_info(jnp.sum(per["num_invalid"], axis=0)),
     }
     nfe = num_chains + jnp.sum(per["nfe"])
     return _chain_result(x, r, nfe, jnp.int32(num_blocks * particles), info)
@@ -397,7 +432,10 @@ def code(
         :class:`SampleResult` of the ``B`` chains at ``t = 0``; per selection step ``j``
         (``ceil(S / L)`` of them): ``best_reward`` (running best over chains), ``chain_reward
         [j, B]`` of the kept proposal, ``selected [j, B]`` its index, ``step_end [j]`` its grid
-        index and ``nfe [j]``.
+        index and ``nfe [j]``; ``num_nan_rewards`` and ``num_inf_rewards``.
+
+    Raises:
+        ValueError: as :func:`bon`.
     """
     return _code_method(
         "code",
@@ -465,7 +503,7 @@ def _code_method(
     held_out,
     nan_policy,
 ):
-    grid = _validate(grid, budget, nan_policy, held_out)
+    grid = _validate(method, grid, budget, nan_policy, held_out, diffusion)
     num_steps = grid.shape[0] - 1
     _need_steps(num_steps, method)
     if num_chains < 1 or block < 1:
@@ -478,7 +516,7 @@ def _code_method(
     )
     num_proposals = (budget // num_chains - 1) // (num_steps - 1)
     result = _code(key, model, reward, grid, diffusion, cond, num_chains, num_proposals, block)
-    return _finish(result, method, held_out, cond, nan_policy)
+    return _finish(result, method, reward, held_out, cond, nan_policy)
 
 
 # --------------------------------------------------------------------------- RBF
@@ -498,7 +536,7 @@ class _Chains(NamedTuple):
         chain_nfe: ``int32[S, B]`` NFE spent per step.
         chain_reward: ``[S, B]`` reward of the proposal each step advanced to.
         early: ``bool[S, B]`` the step advanced on an improvement (quota rolled over).
-        num_nan: NaN rewards seen.
+        num_invalid: ``int32[2]`` NaN and ``+inf`` rewards seen.
         it: loop iterations.
     """
 
@@ -515,7 +553,7 @@ class _Chains(NamedTuple):
     chain_nfe: Array
     chain_reward: Array
     early: Array
-    num_nan: Array
+    num_invalid: Array
     it: Array
 
 
@@ -571,16 +609,16 @@ def _rbf_init(key, model, reward, grid, diffusion, cond, num_chains, num_init, q
         u = model.velocity(x, t0, cond)
         xp = _propose(jax.random.fold_in(k_step, j), model, diffusion, x, u, grid[0], grid[1])
         up = model.velocity(xp, t1, cond)
-        r, nan = _score(model, reward, xp, t1, up, cond)
+        r, invalid = _score(model, reward, xp, t1, up, cond)
         better = (r > best[2]) | (j == 0)
         best = jax.tree.map(
             lambda new, old: jnp.where(_rows(better, new), new, old), (xp, up, r), best
         )
-        return best, (r, jnp.sum(nan).astype(jnp.int32))
+        return best, (r, count_invalid(invalid))
 
     shape = (num_chains, *model.sample_shape)
     start = (jnp.zeros(shape), jnp.zeros(shape), jnp.full((num_chains,), -jnp.inf))
-    (x, u, r), (pool_reward, nan) = jax.lax.scan(member, start, jnp.arange(num_init))
+    (x, u, r), (pool_reward, invalid) = jax.lax.scan(member, start, jnp.arange(num_init))
     zeros = jnp.zeros((num_chains,), jnp.int32)
     return _Chains(
         k=jnp.ones((num_chains,), jnp.int32),
@@ -596,7 +634,7 @@ def _rbf_init(key, model, reward, grid, diffusion, cond, num_chains, num_init, q
         chain_nfe=jnp.zeros((num_steps, num_chains), jnp.int32).at[0].set(num_init),
         chain_reward=jnp.full((num_steps, num_chains), -jnp.inf, jnp.float32).at[0].set(r),
         early=jnp.zeros((num_steps, num_chains), bool),
-        num_nan=jnp.sum(nan),
+        num_invalid=jnp.sum(invalid, axis=0),
         it=jnp.int32(0),
     ), pool_reward.T
 
@@ -611,7 +649,7 @@ def _rbf_iteration(key, model, reward, grid, tr: _Transitions, cond, quota, chai
     xp = xp + _rows(tr.std[kk], c.x) * z
     up = model.velocity(xp, grid[kk + 1], cond)  # computed for all rows, counted for active ones
     x0 = _rows(tr.x0_u[kk], xp) * up + _rows(tr.x0_x[kk], xp) * xp
-    r, nan = nan_to_neg_inf(reward(x0, cond))
+    r, invalid = mask_invalid_rewards(reward(x0, cond))
     used = c.used + active
     spent = c.spent + active
     step_better = active & ((r > c.step_r) | (used == 1))
@@ -640,7 +678,7 @@ def _rbf_iteration(key, model, reward, grid, tr: _Transitions, cond, quota, chai
             jnp.where(advance, step_r, c.chain_reward[kk, rows])
         ),
         early=c.early.at[kk, rows].set(c.early[kk, rows] | improved),
-        num_nan=c.num_nan + jnp.sum(nan & active).astype(jnp.int32),
+        num_invalid=c.num_invalid + count_invalid(invalid & active[None]),
         it=c.it + 1,
     )
 
@@ -683,7 +721,7 @@ def _rbf(
     xs = jnp.repeat(chains.x, final_proposals, axis=0)
     us = jnp.repeat(chains.u, final_proposals, axis=0)
     xs = _propose(k_final, model, diffusion, xs, us, grid[-2], grid[-1])
-    r, nan = nan_to_neg_inf(reward(xs, cond))
+    r, invalid = mask_invalid_rewards(reward(xs, cond))
     idx, _ = _best_of(r, num_chains)
     chain_reward = chains.chain_reward.at[-1].set(r[idx])
     # The pool's velocities at grid[0] are init_nfe; those at grid[1] are step 0's chain_nfe.
@@ -699,7 +737,7 @@ def _rbf(
         "init_nfe": jnp.int32(init_nfe),
         "pool_reward": pool_reward,
         "iterations": chains.it,
-        "num_nan_rewards": chains.num_nan + jnp.sum(nan).astype(jnp.int32),
+        **invalid_reward_info(chains.num_invalid + count_invalid(invalid)),
     }
     reward_calls = init_nfe + loop_nfe + num_chains * final_proposals
     return _chain_result(xs[idx], r[idx], 2 * init_nfe + loop_nfe, reward_calls, info)
@@ -763,9 +801,12 @@ def rbf(
         (running best over chains), ``running_best [B]`` final ``r*``, ``advanced_early [S, B]``
         (the step rolled its quota over), ``init_nfe``, ``pool_reward [B, num_init]`` (the
         initial pool's rewards at ``grid[1]``; ``chain_reward[0]`` is each chain's maximum),
-        ``iterations``.
+        ``iterations``, ``num_nan_rewards`` and ``num_inf_rewards``.
+
+    Raises:
+        ValueError: as :func:`bon`.
     """
-    grid = _validate(grid, budget, nan_policy, held_out)
+    grid = _validate("rbf", grid, budget, nan_policy, held_out, diffusion)
     num_steps = grid.shape[0] - 1
     if num_steps < 3:
         raise ValueError(
@@ -802,4 +843,4 @@ def rbf(
         num_init,
         final,
     )
-    return _finish(result, "rbf", held_out, cond, nan_policy)
+    return _finish(result, "rbf", reward, held_out, cond, nan_policy)

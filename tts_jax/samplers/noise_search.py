@@ -18,12 +18,16 @@ count and is never exceeded (any remainder too small for another candidate is le
 ``reward_calls`` counts verifier evaluations per candidate separately. Budgets below the cheapest
 run of a method are rejected with an error that names the minimum.
 
-Verifiers and NaN. Selection only ever compares scores computed in the same verifier batch, so
-batch-relative verifiers (mean-rank ensembles) select correctly. A NaN score becomes ``-inf``:
-such a candidate is never selected while any finite one exists. After the run the host raises an
-error if any NaN was seen unless ``nan_policy="drop"``. ``held_out`` verifiers (``name ->
-Reward``) are evaluated on the returned samples only, reported in ``info["held_out"]`` and never
-used for selection: optimizing one verifier can lower the others, which users need to see.
+Verifiers and non-finite scores. Selection only ever compares scores computed in the same
+verifier batch, so batch-relative verifiers (mean-rank ensembles) select correctly. A NaN or
+``+inf`` score is invalid and becomes ``-inf``: such a candidate is never selected while any
+other exists; ``info["num_nan_rewards"]`` and ``info["num_inf_rewards"]`` count them. After the
+run the host raises an error naming the method, the verifier and both counts if any was seen,
+unless ``nan_policy="drop"``. A ``-inf`` score is valid (it rejects the candidate). Non-finite
+hyper-parameters (``lambda_cos``, the diffusion norm, grid times) are an error at the call.
+``held_out`` verifiers (``name -> Reward``) are evaluated on the returned samples only, reported
+in ``info["held_out"]`` and never used for selection: optimizing one verifier can lower the
+others, which users need to see.
 
 Conditioning and batching. All candidates search for one sample of one condition: ``cond`` is
 ``None`` or a pytree whose leaves have a leading axis of size 1 (e.g. a class label ``[1]``),
@@ -47,10 +51,17 @@ from tts_jax.interpolants import Diffusion, forward_renoise, ode
 from tts_jax.models.base import FlowModel
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers.integrate import initial_noise, solve_rows, tweedie
-from tts_jax.samplers.result import SampleResult, check_finite_rewards, nan_to_neg_inf
+from tts_jax.samplers.result import (
+    SampleResult,
+    check_finite_hyperparameters,
+    check_finite_rewards,
+    check_nan_policy,
+    count_invalid,
+    invalid_reward_info,
+    mask_invalid_rewards,
+)
 
 Array = jax.Array
-NAN_POLICIES = ("raise", "drop")
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -103,8 +114,9 @@ def _velocity(model, x, t, cond, batch_size):
 
 
 def _score(reward, x, cond):
-    """Verifier scores ``[C]`` of the batch ``x [C, ...]`` (NaN -> ``-inf``) and the NaN mask."""
-    return nan_to_neg_inf(reward(x, _broadcast_cond(cond, x.shape[0])))
+    """Verifier scores ``[C]`` of the batch ``x [C, ...]`` (NaN and ``+inf`` -> ``-inf``) and
+    the mask ``Bool[2, C]`` of the NaN and ``+inf`` scores."""
+    return mask_invalid_rewards(reward(x, _broadcast_cond(cond, x.shape[0])))
 
 
 def _held_out(held_out, samples, cond):
@@ -113,10 +125,15 @@ def _held_out(held_out, samples, cond):
     return {name: r(samples, cond) for name, r in held_out.items()}
 
 
-def _result(samples, rewards, nfe, reward_calls, nan, held_out, cond, info) -> SampleResult:
-    """Uniformly weighted search output ``samples [N, ...]``, held-out scores added to ``info``."""
+def _result(samples, rewards, nfe, reward_calls, invalid, held_out, cond, info) -> SampleResult:
+    """Uniformly weighted search output ``samples [N, ...]``; ``invalid Int32[2]`` counts the
+    NaN and ``+inf`` scores; held-out scores added to ``info``."""
     num = samples.shape[0]
-    info = {**info, "num_nan_rewards": nan, "held_out": _held_out(held_out, samples, cond)}
+    info = {
+        **info,
+        **invalid_reward_info(invalid),
+        "held_out": _held_out(held_out, samples, cond),
+    }
     return SampleResult(
         samples=samples,
         rewards=rewards,
@@ -129,13 +146,19 @@ def _result(samples, rewards, nfe, reward_calls, nan, held_out, cond, info) -> S
     )
 
 
-def _validate(method, grid, cond, held_out, nan_policy, batch_size) -> tuple[Array, dict]:
-    """Host-side input checks shared by the three searches; returns ``(grid, held_out)``."""
+def _validate(
+    method, grid, diffusion, cond, held_out, nan_policy, batch_size
+) -> tuple[Array, Diffusion, dict]:
+    """Host-side input checks shared by the three searches; returns ``(grid, diffusion,
+    held_out)`` with the default ``ode()`` filled in."""
     grid = np.asarray(grid, np.float32)  # host-side: no device op before the one jitted call
     if grid.ndim != 1 or grid.shape[0] < 2:
         raise ValueError(f"{method}: grid must be [K + 1] times with K >= 1, got {grid.shape}")
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"{method}: unknown nan_policy {nan_policy!r}; known: {NAN_POLICIES}")
+    check_nan_policy(method, nan_policy)
+    diffusion = ode() if diffusion is None else diffusion
+    check_finite_hyperparameters(
+        method, {"grid": grid, "diffusion.norm": getattr(diffusion, "norm", None)}
+    )
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"{method}: batch_size must be >= 1 or None, got {batch_size}")
     for leaf in jax.tree.leaves(cond):
@@ -148,7 +171,7 @@ def _validate(method, grid, cond, held_out, nan_policy, batch_size) -> tuple[Arr
     for name, r in held_out.items():
         if not isinstance(r, Reward):
             raise ValueError(f"{method}: held_out[{name!r}] is not a Reward")
-    return grid, held_out
+    return grid, diffusion, held_out
 
 
 def _check_budget(method: str, budget: int, minimum: int, what: str) -> None:
@@ -158,8 +181,9 @@ def _check_budget(method: str, budget: int, minimum: int, what: str) -> None:
         )
 
 
-def _finish(result: SampleResult, method: str, nan_policy: str) -> SampleResult:
-    return result if nan_policy == "drop" else check_finite_rewards(result, method)
+def _finish(result: SampleResult, method: str, reward: Reward, nan_policy: str) -> SampleResult:
+    """The host-side check of NaN / ``+inf`` scores (an error unless ``nan_policy="drop"``)."""
+    return check_finite_rewards(result, method, reward, nan_policy)
 
 
 # --------------------------------------------------------------------------- random search
@@ -170,14 +194,22 @@ def _best_of_n(key, model, reward, grid, diffusion, cond, held_out, num_samples,
     keys = jax.vmap(jax.random.split)(_fold_in_range(key, num_samples))  # [N, 2]
     noise = jax.vmap(lambda k: initial_noise(k, model, 1)[0])(keys[:, 0])
     samples = _denoise(keys[:, 1], model, noise, grid, diffusion, cond, batch_size)
-    scores, nan = _score(reward, samples, cond)
-    nan = jnp.sum(nan, dtype=jnp.int32)
+    scores, invalid = _score(reward, samples, cond)
     num_steps = grid.shape[0] - 1
     info = {
         "best_reward": jax.lax.cummax(scores),
         "nfe": num_steps * jnp.arange(1, num_samples + 1, dtype=jnp.int32),
     }
-    return _result(samples, scores, num_steps * num_samples, num_samples, nan, held_out, cond, info)
+    return _result(
+        samples,
+        scores,
+        num_steps * num_samples,
+        num_samples,
+        count_invalid(invalid),
+        held_out,
+        cond,
+        info,
+    )
 
 
 def best_of_n(
@@ -211,22 +243,29 @@ def best_of_n(
         held_out: ``name -> Reward`` evaluated on the returned samples only.
         cond: shared condition (leaves ``[1, ...]``) or ``None``.
         batch_size: denoise at most this many candidates at once (``lax.map``); ``None``: all.
-        nan_policy: ``raise`` (default) or ``drop`` (NaN-scored candidates are never selected).
+        nan_policy: ``raise`` (default: a NaN or ``+inf`` score is an error after the run) or
+            ``drop`` (such candidates score ``-inf``: never selected).
 
     Returns:
         :class:`SampleResult` with all ``N`` candidates ``[N, ...]``, their scores ``[N]``,
         ``best`` the argmax, ``nfe = N K``, ``reward_calls = N``; ``info``: ``best_reward [N]``
         and ``nfe [N]`` (the best score and cost after each of the first ``n`` candidates),
-        ``num_nan_rewards``, ``held_out`` (``name -> [N]``).
+        ``num_nan_rewards`` and ``num_inf_rewards`` (NaN and ``+inf`` scores),
+        ``held_out`` (``name -> [N]``).
+
+    Raises:
+        ValueError: bad arguments, a non-finite ``grid`` or diffusion norm, or (unless
+            ``nan_policy="drop"``) a NaN or ``+inf`` score.
     """
-    grid, held_out = _validate("best_of_n", grid, cond, held_out, nan_policy, batch_size)
+    grid, diffusion, held_out = _validate(
+        "best_of_n", grid, diffusion, cond, held_out, nan_policy, batch_size
+    )
     num_steps = grid.shape[0] - 1
     _check_budget("best_of_n", budget, num_steps, f"one trajectory of {num_steps} steps")
-    diffusion = ode() if diffusion is None else diffusion
     result = _best_of_n(
         key, model, reward, grid, diffusion, cond, held_out, budget // num_steps, batch_size
     )
-    return _finish(result, "best_of_n", nan_policy)
+    return _finish(result, "best_of_n", reward, nan_policy)
 
 
 # --------------------------------------------------------------------------- zero-order search
@@ -265,7 +304,7 @@ class _PivotState(NamedTuple):
     pivot_x0: Array  # [*shape] its denoised sample (cached: never denoised again)
     pivot_scored: Array  # bool; False right after a restart (fresh noise, not denoised)
     best_x0: Array  # [*shape] best sample seen so far
-    nan: Array  # int32 NaN scores among freshly denoised candidates
+    invalid: Array  # int32[2] NaN and +inf scores among freshly denoised candidates
 
 
 def _zero_order_iteration(
@@ -281,7 +320,7 @@ def _zero_order_iteration(
         # Rescore the cached best and pivot samples with the neighbours (0 NFE) so that
         # batch-relative verifiers compare all three within one batch.
         batch = jnp.concatenate([state.best_x0[None], state.pivot_x0[None], cand])
-        scores, nan = _score(reward, batch, cond)
+        scores, invalid = _score(reward, batch, cond)
         pivot_score = jnp.where(state.pivot_scored, scores[1], -jnp.inf)
         j = jnp.argmax(scores[2:])
         nb_score = scores[2 + j]
@@ -293,7 +332,7 @@ def _zero_order_iteration(
             pivot_x0=jnp.where(move, cand[j], state.pivot_x0),
             pivot_scored=move,
             best_x0=jnp.where(improved, cand[j], state.best_x0),
-            nan=state.nan + jnp.sum(nan[2:]),
+            invalid=state.invalid + count_invalid(invalid[:, 2:]),
         )
         diag = {
             "best_reward": jnp.maximum(scores[0], nb_score),
@@ -322,8 +361,8 @@ def _zero_order_search(
     k_init, k_solve, k_loop = jax.random.split(key, 3)
     pivot = initial_noise(k_init, model, 1)
     x0 = _denoise(k_solve[None], model, pivot, grid, diffusion, cond, batch_size)
-    score, nan = _score(reward, x0, cond)
-    init = _PivotState(pivot[0], x0[0], jnp.bool_(True), x0[0], jnp.sum(nan, dtype=jnp.int32))
+    score, invalid = _score(reward, x0, cond)
+    init = _PivotState(pivot[0], x0[0], jnp.bool_(True), x0[0], count_invalid(invalid))
     iteration = _zero_order_iteration(
         model, reward, grid, diffusion, lambda_cos, cond, num_neighbours, batch_size
     )
@@ -340,7 +379,7 @@ def _zero_order_search(
         info["best_reward"][-1:],
         num_steps * (1 + num_neighbours * num_iterations),
         1 + (num_neighbours + 2) * num_iterations,
-        final.nan,
+        final.invalid,
         held_out,
         cond,
         info,
@@ -395,10 +434,16 @@ def zero_order_search(
         :class:`SampleResult` with the best sample ``[1, ...]`` and its score ``[1]``; ``info``:
         per iteration (index 0 is the initial pivot) ``best_reward [I + 1]`` (best so far),
         ``pivot_reward [I + 1]`` (``-inf`` after a restart), ``restarted [I + 1]``,
-        ``nfe [I + 1]`` (spent so far); ``num_nan_rewards``; ``held_out`` (``name -> [1]``).
+        ``nfe [I + 1]`` (spent so far); ``num_nan_rewards``, ``num_inf_rewards``; ``held_out``
+        (``name -> [1]``).
+
+    Raises:
+        ValueError: as :func:`best_of_n`, and ``lambda_cos`` outside ``[-1, 1]`` (NaN included).
     """
     method = "zero_order_search"
-    grid, held_out = _validate(method, grid, cond, held_out, nan_policy, batch_size)
+    grid, diffusion, held_out = _validate(
+        method, grid, diffusion, cond, held_out, nan_policy, batch_size
+    )
     num_steps = grid.shape[0] - 1
     _check_budget(method, budget, num_steps, f"the initial pivot's {num_steps}-step trajectory")
     if num_neighbours < 1:
@@ -406,7 +451,6 @@ def zero_order_search(
     lambda_cos = np.asarray(lambda_cos, np.float32)
     if lambda_cos.ndim != 0 or not abs(float(lambda_cos)) <= 1.0:
         raise ValueError(f"{method}: lambda_cos must be a scalar in [-1, 1], got {lambda_cos}")
-    diffusion = ode() if diffusion is None else diffusion
     result = _zero_order_search(
         key,
         model,
@@ -420,7 +464,7 @@ def zero_order_search(
         num_neighbours,
         batch_size,
     )
-    return _finish(result, method, nan_policy)
+    return _finish(result, method, reward, nan_policy)
 
 
 # --------------------------------------------------------------------------- search over paths
@@ -563,24 +607,24 @@ def _search_over_paths(
     round_keys = jax.random.split(k_loop, len(plan.levels))
 
     def intermediate_round(carry, inputs):
-        x, nan = carry
+        x, num_invalid = carry
         k, level = inputs
         cand = _branch_and_solve(k, model, grid, diffusion, x, level, backward_steps, settings)
         t = grid[level - forward_steps + backward_steps]
         x0_hat = tweedie(model, cand, t, _velocity(model, cand, t, cond, batch_size))
-        scores, is_nan = _score(reward, x0_hat, cond)
+        scores, invalid = _score(reward, x0_hat, cond)
         kept = cand[_top_set(scores, num_paths)]
-        return (kept, nan + jnp.sum(is_nan)), jnp.max(scores)
+        return (kept, num_invalid + count_invalid(invalid)), jnp.max(scores)
 
     num_full = len(plan.levels) - 1
     levels = jnp.asarray(plan.levels[:num_full], jnp.int32)
-    (x, nan), round_best = jax.lax.scan(
-        intermediate_round, (x, jnp.int32(0)), (round_keys[:num_full], levels)
+    (x, num_invalid), round_best = jax.lax.scan(
+        intermediate_round, (x, jnp.zeros((2,), jnp.int32)), (round_keys[:num_full], levels)
     )
     cand = _branch_and_solve(
         round_keys[-1], model, grid, diffusion, x, plan.levels[-1], plan.lengths[-1], settings
     )
-    scores, is_nan = _score(reward, cand, cond)
+    scores, invalid = _score(reward, cand, cond)
     top, kept = _keep_top(scores, cand, num_paths)
     ends = np.asarray(plan.levels) - forward_steps + np.asarray(plan.lengths)
     info = {
@@ -593,7 +637,7 @@ def _search_over_paths(
         top,
         num_paths * plan.nfe_per_path,
         len(plan.levels) * num_paths * num_branches,
-        nan + jnp.sum(is_nan),
+        num_invalid + count_invalid(invalid),
         held_out,
         cond,
         info,
@@ -648,10 +692,16 @@ def search_over_paths(
         :class:`SampleResult` with the final ``N`` candidates ``[N, ...]`` and scores ``[N]``;
         ``info`` per round: ``best_reward`` (the best kept score: on the Tweedie estimate for
         intermediate rounds, on the sample for the last), ``nfe`` (spent so far), ``time`` (the
-        level the round ends at); ``num_nan_rewards``; ``held_out`` (``name -> [N]``).
+        level the round ends at); ``num_nan_rewards``, ``num_inf_rewards``; ``held_out``
+        (``name -> [N]``).
+
+    Raises:
+        ValueError: as :func:`best_of_n`, and a schedule or path count that does not fit.
     """
     method = "search_over_paths"
-    grid, held_out = _validate(method, grid, cond, held_out, nan_policy, batch_size)
+    grid, diffusion, held_out = _validate(
+        method, grid, diffusion, cond, held_out, nan_policy, batch_size
+    )
     num_steps = grid.shape[0] - 1
     start_step = num_steps // 2 if start_step is None else start_step
     forward_steps = max(1, num_steps // 10) if forward_steps is None else forward_steps
@@ -675,7 +725,6 @@ def search_over_paths(
             f"{method}: {num_paths} paths cost {num_paths * plan.nfe_per_path} NFE, "
             f"the budget is {budget} ({plan.nfe_per_path} NFE per path)"
         )
-    diffusion = ode() if diffusion is None else diffusion
     result = _search_over_paths(
         key,
         model,
@@ -691,4 +740,4 @@ def search_over_paths(
         backward_steps,
         batch_size,
     )
-    return _finish(result, method, nan_policy)
+    return _finish(result, method, reward, nan_policy)
