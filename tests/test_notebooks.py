@@ -1,4 +1,8 @@
-"""The Colab-ready notebooks execute top to bottom on CPU (small budgets)."""
+"""The Colab-ready notebooks execute top to bottom on CPU (small budgets) and are stored executed.
+
+They are stored with their outputs (plots as embedded PNGs) so a reader sees the results on
+GitHub or Colab without running them; executing them here must not modify the stored files.
+"""
 
 import pathlib
 
@@ -10,10 +14,22 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOKS = sorted(
     (pathlib.Path(__file__).resolve().parents[1] / "experiments" / "notebooks").glob("*.ipynb")
 )
+MAX_BYTES = 1_000_000
+
+
+def _errors(notebook) -> list:
+    return [
+        o
+        for c in notebook.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path, tmp_path):
+    stored = path.read_bytes()
     notebook = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         notebook,
@@ -22,14 +38,26 @@ def test_notebook_executes(path, tmp_path):
         resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()
-    errors = [
-        o
-        for c in notebook.cells
-        if c.cell_type == "code"
-        for o in c.get("outputs", [])
-        if o.get("output_type") == "error"
-    ]
-    assert not errors
+    assert not _errors(notebook)
+    assert path.read_bytes() == stored, f"executing {path.name} modified the stored file"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_stored_executed(path):
+    """Every code cell ran, in order, in one session; no errors; plots are embedded PNGs."""
+    notebook = nbformat.read(path, as_version=4)
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    counts = [c.get("execution_count") for c in code]
+    assert counts == list(range(1, len(code) + 1)), (
+        f"{path.name} is not stored executed top to bottom (execution counts {counts}); "
+        "execute it and save it with its outputs"
+    )
+    assert not _errors(notebook)
+    assert any(c.get("outputs") for c in code), f"{path.name} is stored without outputs"
+    plots = sum("plt." in c.source or "display(Image" in c.source for c in code)
+    pngs = sum("image/png" in o.get("data", {}) for c in code for o in c.get("outputs", []))
+    assert pngs >= plots, f"{path.name}: {plots} plotting cells but {pngs} embedded PNGs"
+    assert path.stat().st_size < MAX_BYTES
 
 
 def test_there_are_two_notebooks():
