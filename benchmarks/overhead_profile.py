@@ -167,7 +167,7 @@ CATEGORIES = [
     ("resampling cond: keep branch", ("_step.<locals>.keep",)),
     (
         "reward on the Tweedie estimate",
-        ("Reward.__call__", "tweedie", "nan_to_neg_inf", "_flag_nan"),
+        ("Reward.__call__", "tweedie", "mask_invalid_rewards", "_flag_nan"),
     ),
     ("PRNG key derivation", ("step_keys_for", "_threefry_split", "fold_in")),
     ("reweighting: one max, two sums (logsumexp + ESS)", ("_reweight",)),

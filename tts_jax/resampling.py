@@ -15,8 +15,10 @@ that set it up cost more than the search rounds they save.)
 
 Behaviour on invalid weights: called eagerly (outside jit) with NaN or all ``-inf`` weights they
 raise ``ValueError``; inside jit they cannot raise and return the out-of-range sentinel index
-``N`` for every draw, so :func:`tts_jax.particles.gather` (``jnp.take``'s fill mode) fills float
-leaves with NaN rather than inventing particles. The SMC engine reports this as ``all_dead``.
+``N`` for every draw. :func:`tts_jax.particles.gather` refuses such indices when they are
+concrete, but inside jit it gathers in clip mode (the sentinel reads row ``N - 1``), so a caller
+that resamples under jit must check the weights first: the SMC engine never resamples a set whose
+weights are all ``-inf`` or NaN, and reports it as ``all_dead``.
 
 References: Douc, Cappé & Moulines (2005), "Comparison of resampling schemes for particle
 filtering"; Kitagawa (1996) for systematic resampling.
