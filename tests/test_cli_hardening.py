@@ -238,3 +238,34 @@ def test_train_writes_to_an_output_folder_unless_installing():
     assert "--install" not in command
     command = cli.training_command(cli.Train(model="digits-dit", out_dir="x", install=True))
     assert command[command.index("--out") + 1] == "x" and command[-1] == "--install"
+
+
+# --------------------------------------------------------------------------- 3: --nan-policy
+
+NAN_CONFIG = """
+import jax.numpy as jnp
+from tts_jax.experiment import Bundle
+from tts_jax.models import gmm as G
+from tts_jax.rewards.base import Reward
+
+
+def _half_nan(params, x, cond=None):
+    return jnp.where(x[:, 0] > 0, jnp.nan, x[:, 1])
+
+
+def make_bundle(config):
+    return Bundle(G.flow_model(G.asymmetric_gmm_2d()), Reward({}, _half_nan, "half_nan"), {})
+"""
+
+
+def test_nan_policy_flag_reaches_the_sampler(tmp_path, capsys):
+    path = tmp_path / "nan_config.py"
+    path.write_text(NAN_CONFIG)
+    argv = ["run", f"{path}:bon", "--budget", "200", "--num-steps", "10"]
+    with pytest.raises(SystemExit, match="reward 'half_nan' returned NaN"):
+        main([*argv, "--out-dir", str(tmp_path / "raise")])
+    main([*argv, "--nan-policy", "drop", "--out-dir", str(tmp_path / "drop")])
+    record = json.loads((tmp_path / "drop" / "result.json").read_text())
+    assert record["config"]["nan_policy"] == "drop" and np.isfinite(record["best_reward"])
+    with pytest.raises(SystemExit, match="nan_policy must be one of"):
+        main([*argv, "--nan-policy", "ignore"])
