@@ -18,7 +18,7 @@ import pathlib
 import subprocess
 import sys
 
-from tts_jax import runs
+from tts_jax.app import runs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = [

@@ -1,6 +1,6 @@
 """Accuracy versus particle budget N on held-out arithmetic problems (Puri et al. 2025, Fig. 1).
 
-For every method of :data:`tts_jax.experiment_lm.LM_METHODS` chosen here (greedy, majority vote,
+For every method of :data:`tts_jax.app.experiment_lm.LM_METHODS` chosen here (greedy, majority vote,
 best-of-N, weighted best-of-N, beam search, particle filtering, entropic PF), every budget N and
 every scorer (the learned PRM and the exact checker as an oracle PRM), each of the first
 ``--problems`` held-out problems is solved once; one record per run is appended to
@@ -19,8 +19,8 @@ import pathlib
 
 import numpy as np
 
-from tts_jax import experiment_lm, plots, runs
-from tts_jax.models.arith import ARITH_LM_DIR, ARITH_PRM_DIR
+from tts_jax.app import experiment_lm, plots, runs
+from tts_jax.app.tasks.arith_models import ARITH_LM_DIR, ARITH_PRM_DIR
 
 HERE = pathlib.Path(__file__).resolve().parent
 METHODS = ["greedy", "majority", "bon", "wbon", "beam", "pf", "epf"]

@@ -19,8 +19,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from tts_jax import experiment, plots
-from tts_jax.data.digits import load_digits
+from tts_jax.app import experiment, plots
+from tts_jax.app.data.digits import load_digits
 from tts_jax.rewards.classifier import load_digits_heldout
 from tts_jax.rewards.metrics import classifier_features, frechet_distance
 

@@ -1,7 +1,8 @@
 """Measure the embedded arithmetic policy and PRM on held-out problems.
 
-On the first ``--problems`` held-out problems (:func:`tts_jax.models.arith.eval_problems`, never
-trained on) this measures, with the exact checker of :mod:`tts_jax.tasks.arithmetic`:
+On the first ``--problems`` held-out problems
+(:func:`tts_jax.app.tasks.arith_models.eval_problems`, never trained on) this measures, with the
+exact checker of :mod:`tts_jax.app.tasks.arithmetic`:
 
 - greedy accuracy (one greedy completion per problem);
 - sampled single-sample accuracy at temperature 0.8 (mean over all 64 samples of each problem)
@@ -32,19 +33,19 @@ import numpy as np
 from flax import nnx
 from sklearn.metrics import roc_auc_score
 
-from tts_jax.models.arith import (
+from tts_jax.app.runs import environment, write_json
+from tts_jax.app.tasks.arith_data import make_prm_batch
+from tts_jax.app.tasks.arith_models import (
     ARITH_TASK,
     eval_problems,
     load_arith_policy,
     load_arith_prm,
     sample_solutions,
 )
+from tts_jax.app.tasks.arith_tokenizer import ArithTokenizer
+from tts_jax.app.tasks.arithmetic import Problem, extract_answer, is_correct
 from tts_jax.models.lm import LM
 from tts_jax.models.lm_reward import RewardModel, prm_scores
-from tts_jax.runs import environment, write_json
-from tts_jax.tasks.arith_data import make_prm_batch
-from tts_jax.tasks.arith_tokenizer import ArithTokenizer
-from tts_jax.tasks.arithmetic import Problem, extract_answer, is_correct
 
 HERE = pathlib.Path(__file__).resolve().parent
 TEMPERATURE = 0.8
@@ -156,7 +157,7 @@ def markdown(report: dict) -> str:
         f"Held-out problems: {report['num_problems']} (`eval_problems`, task `{report['task']}`). "
         f"Policy `assets/arith-lm` ({report['policy_params']:,} parameters), PRM "
         f"`assets/arith-prm` ({report['prm_params']:,}). Checker: "
-        "`tts_jax.tasks.arithmetic`. Produced by `experiments/eval_arith_models.py` "
+        "`tts_jax.app.tasks.arithmetic`. Produced by `experiments/eval_arith_models.py` "
         f"in {report['seconds']:.0f} s.",
         "",
         "| metric | value |",

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
-from tts_jax.data.digits import NUM_CLASSES, load_digits, split_digits
+from tts_jax.app.data.digits import NUM_CLASSES, load_digits, split_digits
 from tts_jax.interpolants import ode, uniform_grid
 from tts_jax.models.base import FlowModel
 from tts_jax.models.wrappers import with_guidance

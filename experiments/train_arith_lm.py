@@ -2,7 +2,7 @@
 
 A small Qwen2-style decoder (GQA, tied embeddings, attention biases; stored in the Llama layout,
 see ``TrainConfig.model_config``) is trained from scratch on generated
-multi-step arithmetic problems with worked solutions (:mod:`tts_jax.tasks.arithmetic`): the loss
+multi-step arithmetic problems with worked solutions (:mod:`tts_jax.app.tasks.arithmetic`): the loss
 is next-token cross-entropy on the solution tokens and the EOS only, never on the prompt. AdamW
 with a linear warmup and cosine decay (Loshchilov & Hutter 2019), gradients clipped to norm 1.
 
@@ -11,15 +11,17 @@ by ``np.random.default_rng([seed, i])``. Orbax checkpoints (parameters + optimiz
 ``<out>/checkpoints/arith-lm-<config hash>/`` every ``checkpoint_every`` steps, with a JSON-lines
 loss log beside them, so a killed run rerun with the same ``--out`` resumes where it stopped and a
 changed recipe starts a fresh directory. The model is sized to be *good but fallible* on
-:data:`tts_jax.models.arith.ARITH_TASK`: single samples at temperature 0.8 fail often while most
+:data:`tts_jax.app.tasks.arith_models.ARITH_TASK`:
+single samples at temperature 0.8 fail often while most
 problems have a correct answer among 64 samples, the regime where inference-time search pays off.
 
 The export (``config.json``, ``model.safetensors``, ``generation_config.json`` and
 ``training.json``, plus a copy of the tokenizer files it was trained with, read from
 ``--tokenizer``, default ``tts_jax/assets/arith-lm``) goes into ``--out`` (default
 ``outputs/train/arith-lm``) and loads with ``transformers.AutoTokenizer`` /
-``AutoModelForCausalLM`` as well as :func:`tts_jax.models.arith.load_arith_policy`. ``--install``
-then copies these files into ``tts_jax/assets/arith-lm``, which is never written without it.
+``AutoModelForCausalLM`` as well as :func:`tts_jax.app.tasks.arith_models.load_arith_policy`.
+``--install`` then copies these files into ``tts_jax/assets/arith-lm``, which is never written
+without it.
 
 Run: ``python experiments/train_arith_lm.py [--out DIR] [--install]`` then a second phase with a
 fresh optimizer, ``python experiments/train_arith_lm.py --steps 400 --learning-rate 2e-3
@@ -47,7 +49,10 @@ from flax import nnx
 from train_arith_tokenizer import TOKENIZER_FILES
 from train_common import add_output_args, check_out, install_asset
 
-from tts_jax.models.arith import ARITH_LM_DIR, ARITH_TASK, N_EVAL_PROBLEMS
+from tts_jax.app.runs import append_jsonl, environment, read_jsonl, to_jsonable, write_json
+from tts_jax.app.tasks.arith_data import make_sft_batch, make_splits
+from tts_jax.app.tasks.arith_models import ARITH_LM_DIR, ARITH_TASK, N_EVAL_PROBLEMS
+from tts_jax.app.tasks.arith_tokenizer import MAX_LENGTH, ArithTokenizer
 from tts_jax.models.lm import (
     LM,
     LMConfig,
@@ -57,9 +62,6 @@ from tts_jax.models.lm import (
     load_lm,
     save_lm,
 )
-from tts_jax.runs import append_jsonl, environment, read_jsonl, to_jsonable, write_json
-from tts_jax.tasks.arith_data import make_sft_batch, make_splits
-from tts_jax.tasks.arith_tokenizer import MAX_LENGTH, ArithTokenizer
 
 NAME = "arith-lm"
 EXPORTED = (

@@ -3,7 +3,7 @@
 Data: the trained policy (``--policy``, default the asset ``tts_jax/assets/arith-lm``) samples
 solutions of training problems (never the held-out split) at temperatures 0.8 and 1.2, so the PRM
 sees the policy's own mistakes. Every step end (newline or EOS) of a sample is labelled by the
-exact checker (:func:`tts_jax.tasks.arith_data.prm_step_labels` / ``make_prm_batch``): 1 iff the
+exact checker (:func:`tts_jax.app.tasks.arith_data.prm_step_labels` / ``make_prm_batch``): 1 iff the
 solution prefix up to it is still correct, so after the first wrong step every label is 0. To
 these are added the canonical solutions of the same problems and copies with one result off by a
 small delta (``corrupt_solution``): contrast pairs without which the PRM mostly learns problem
@@ -46,19 +46,19 @@ from flax import nnx
 from train_arith_lm import loss_summary, make_optimizer, restore_or_init
 from train_common import add_output_args, check_out, install_asset
 
-from tts_jax.models.arith import (
+from tts_jax.app.runs import append_jsonl, environment, read_jsonl, to_jsonable, write_json
+from tts_jax.app.tasks.arith_data import PRMBatch, make_prm_batch, make_splits
+from tts_jax.app.tasks.arith_models import (
     ARITH_LM_DIR,
     ARITH_TASK,
     N_EVAL_PROBLEMS,
     load_arith_policy,
     sample_solutions,
 )
+from tts_jax.app.tasks.arith_tokenizer import ArithTokenizer
+from tts_jax.app.tasks.arithmetic import ANSWER_PREFIX, STEP_DELIMITER, Problem
 from tts_jax.models.lm import LM, LMConfig, init_cache
 from tts_jax.models.lm_reward import RewardModel, reward_logits, save_reward_model
-from tts_jax.runs import append_jsonl, environment, read_jsonl, to_jsonable, write_json
-from tts_jax.tasks.arith_data import PRMBatch, make_prm_batch, make_splits
-from tts_jax.tasks.arith_tokenizer import ArithTokenizer
-from tts_jax.tasks.arithmetic import ANSWER_PREFIX, STEP_DELIMITER, Problem
 
 NAME = "arith-prm"
 EXPORTED = ("config.json", "model.safetensors", "training.json")

@@ -20,8 +20,8 @@ import pathlib
 
 from train_common import add_output_args, check_out, install_asset
 
-from tts_jax.tasks.arith_tokenizer import ArithTokenizer, train_tokenizer
-from tts_jax.tasks.arithmetic import ArithConfig, generate_problems
+from tts_jax.app.tasks.arith_tokenizer import ArithTokenizer, train_tokenizer
+from tts_jax.app.tasks.arithmetic import ArithConfig, generate_problems
 
 NAME = "arith-tokenizer"
 ASSET = "arith-lm"  # the tokenizer ships beside the policy's weights

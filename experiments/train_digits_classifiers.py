@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 from train_common import add_output_args, check_out, install_asset
 
-from tts_jax.data.digits import Digits, split_digits
+from tts_jax.app.data.digits import Digits, split_digits
 from tts_jax.models.classifier import ClassifierConfig, build_module, save_classifier
 
 NAME = "digits-classifiers"

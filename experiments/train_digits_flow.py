@@ -49,7 +49,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from train_common import add_output_args, check_out, install_asset
 
-from tts_jax.data.digits import NUM_CLASSES, load_digits
+from tts_jax.app.data.digits import NUM_CLASSES, load_digits
 from tts_jax.models.dit import DiT, DiTConfig, init_dit, save_dit
 from tts_jax.models.wrappers import FLOW_TIMESTEP_SCALE
 
@@ -223,7 +223,7 @@ def export(cfg: TrainConfig, graphdef: nnx.GraphDef, state: dict, log: dict, out
     model: DiT = nnx.merge(graphdef, state["ema"])
     save_dit(out, cfg.model, model)
     record = {
-        "data": "all 1797 scikit-learn digits (tts_jax.data.digits.load_digits)",
+        "data": "all 1797 scikit-learn digits (tts_jax.app.data.digits.load_digits)",
         "objective": "flow matching, linear path, velocity eps - x0, timestep = 1000 t",
         "exported_weights": f"EMA (decay {cfg.ema_decay})",
         "num_params": int(sum(np.size(p) for p in jax.tree.leaves(state["ema"]))),

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 
-from tts_jax import runs
-from tts_jax.cli import main
+from tts_jax.app import runs
+from tts_jax.app.cli import main
 
 
 def test_demo_writes_results_that_match_the_analytic_target(tmp_path, capsys):
@@ -142,7 +142,7 @@ def test_arith_run_writes_records_per_problem(tmp_path, capsys):
 def test_train_knows_every_embedded_model_and_rejects_others():
     import pytest
 
-    from tts_jax.cli import TRAIN_SCRIPTS, training_script
+    from tts_jax.app.cli import TRAIN_SCRIPTS, training_script
 
     for model in TRAIN_SCRIPTS:
         assert training_script(model).is_file()
@@ -181,7 +181,7 @@ def test_arith_sweep_records_step_diagnostics_and_resumes(tmp_path, capsys):
 
 
 USER_CONFIG = """
-from tts_jax.experiment import Bundle
+from tts_jax.app.experiment import Bundle
 from tts_jax.models import gmm as G
 from tts_jax.rewards.analytic import linear_reward
 

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from tts_jax import cli, experiment, runs
-from tts_jax.cli import main
+from tts_jax.app import cli, experiment, runs
+from tts_jax.app.cli import main
 
 README_FK = ["run", "digits-fk", "--budget", "800", "--target-class", "7", "--seed", "1"]
 
@@ -201,7 +201,7 @@ def test_gmm_demo_reports_a_collapsed_tilt_and_its_discrepancy(tmp_path, caplog,
 
 SIBLING = "DIRECTION = [0.0, 1.0]\n"
 USER_CONFIG = """
-from tts_jax.experiment import Bundle
+from tts_jax.app.experiment import Bundle
 from tts_jax.models import gmm as G
 from tts_jax.rewards.analytic import linear_reward
 from my_rewards import DIRECTION
@@ -225,7 +225,7 @@ def test_user_file_imports_its_siblings_and_wrong_types_are_named(tmp_path, caps
     bad = tmp_path / "bad_config.py"
     bad.write_text("def make_bundle(config):\n    return {'model': None}\n")
     with pytest.raises(SystemExit, match="make_bundle returned builtins.dict, expected "
-                                         "tts_jax.experiment.Bundle"):
+                                         "tts_jax.app.experiment.Bundle"):
         main(["run", f"{bad}:bon", "--budget", "100", "--num-steps", "10"])
 
 
@@ -244,7 +244,7 @@ def test_train_writes_to_an_output_folder_unless_installing():
 
 NAN_CONFIG = """
 import jax.numpy as jnp
-from tts_jax.experiment import Bundle
+from tts_jax.app.experiment import Bundle
 from tts_jax.models import gmm as G
 from tts_jax.rewards.base import Reward
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tts_jax import experiment_lm as E
-from tts_jax import runs
+from tts_jax.app import experiment_lm as E
+from tts_jax.app import runs
+from tts_jax.app.tasks.arith_models import eval_problems
+from tts_jax.app.tasks.arith_tokenizer import ArithTokenizer
 from tts_jax.models import lm
-from tts_jax.models.arith import eval_problems
 from tts_jax.models.lm_reward import RewardModel
 from tts_jax.samplers.lm_state import sequences
-from tts_jax.tasks.arith_tokenizer import ArithTokenizer
 
 N = 2
 KEYS = {"method", "budget", "seed", "problem", "scorer", "correct", "valid", "answer", "expected",

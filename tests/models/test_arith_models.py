@@ -10,17 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tts_jax.models.arith import (
+from tts_jax.app.tasks.arith_data import encode_prm_example
+from tts_jax.app.tasks.arith_models import (
     ARITH_LM_DIR,
     eval_problems,
     load_arith_policy,
     load_arith_prm,
     sample_solutions,
 )
+from tts_jax.app.tasks.arithmetic import STEP_DELIMITER, Problem, check_solution_prefix, is_correct
 from tts_jax.models.lm import forward, init_cache
 from tts_jax.models.lm_reward import prm_scores
-from tts_jax.tasks.arith_data import encode_prm_example
-from tts_jax.tasks.arithmetic import STEP_DELIMITER, Problem, check_solution_prefix, is_correct
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from tts_jax.data.digits import split_digits
+from tts_jax.app.data.digits import split_digits
 from tts_jax.models.classifier import (
     ClassifierConfig,
     build_module,

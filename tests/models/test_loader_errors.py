@@ -20,8 +20,9 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from tts_jax.app.tasks.arith_models import load_arith_policy, load_arith_prm
+from tts_jax.app.tasks.arith_tokenizer import ARITH_LM_DIR
 from tts_jax.models import zoo
-from tts_jax.models.arith import load_arith_policy, load_arith_prm
 from tts_jax.models.classifier import (
     ClassifierConfig,
     build_module,
@@ -34,7 +35,6 @@ from tts_jax.models.lm_reward import RewardModel, load_reward_model, save_reward
 from tts_jax.models.vae import AutoencoderKL, VAEConfig, load_vae, save_vae
 from tts_jax.models.wrappers import DDPMInterpolant, load_ddpm_dit_pipeline
 from tts_jax.rewards.classifier import load_digits_heldout, load_digits_verifier
-from tts_jax.tasks.arith_tokenizer import ARITH_LM_DIR
 
 DIT = DiTConfig(
     num_attention_heads=2,

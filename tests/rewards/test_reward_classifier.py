@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tts_jax.data.digits import split_digits
+from tts_jax.app.data.digits import split_digits
 from tts_jax.rewards.classifier import (
     class_log_prob_reward,
     class_margin_reward,

@@ -68,7 +68,7 @@ def test_nan_member_scores_rank_last_and_output_is_finite():
 
 
 def test_ensemble_of_classifier_rewards_in_jit_without_recompiling():
-    from tts_jax.data.digits import load_digits
+    from tts_jax.app.data.digits import load_digits
 
     data = load_digits()
     x = jnp.asarray(data.images[:30])

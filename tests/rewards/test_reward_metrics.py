@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.linalg import sqrtm
 
-from tts_jax.data.digits import load_digits, split_digits
+from tts_jax.app.data.digits import load_digits, split_digits
 from tts_jax.rewards.classifier import load_digits_heldout, load_digits_verifier
 from tts_jax.rewards.metrics import (
     class_accuracy,

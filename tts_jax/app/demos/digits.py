@@ -15,7 +15,7 @@ import pathlib
 
 import numpy as np
 
-from tts_jax import experiment, runs
+from tts_jax.app import experiment, runs
 
 METHODS = ("single", "bon", "fk", "rbf")
 

@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tts_jax.tasks.arith_tokenizer import ArithTokenizer
-from tts_jax.tasks.arithmetic import (
+from tts_jax.app.tasks.arith_tokenizer import ArithTokenizer
+from tts_jax.app.tasks.arithmetic import (
     STEP_DELIMITER,
     ArithConfig,
     Problem,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tts_jax.data.digits import load_digits, split_digits, split_indices
+from tts_jax.app.data.digits import load_digits, split_digits, split_indices
 
 
 def test_layout_and_range():

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from tts_jax.tasks import arith_data
-from tts_jax.tasks.arith_tokenizer import ARITH_LM_DIR, ArithTokenizer
-from tts_jax.tasks.arithmetic import (
+from tts_jax.app.tasks import arith_data
+from tts_jax.app.tasks.arith_tokenizer import ARITH_LM_DIR, ArithTokenizer
+from tts_jax.app.tasks.arithmetic import (
     ANSWER_PREFIX,
     EOS_TOKEN,
     STEP_DELIMITER,

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tts_jax import diagnostics, plots, runs, smc
+from tts_jax import diagnostics, smc
 from tts_jax import interpolants as I
+from tts_jax.app import plots, runs
 from tts_jax.models.base import FlowModel, linear_to_vp
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers import flow_particles, noise_search
@@ -204,7 +205,9 @@ def load_user_bundle(config: RunConfig) -> Bundle:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         if not callable(getattr(module, "make_bundle", None)):
-            raise ValueError(f"{path} must define make_bundle(config) -> tts_jax.experiment.Bundle")
+            raise ValueError(
+                f"{path} must define make_bundle(config) -> tts_jax.app.experiment.Bundle"
+            )
         bundle = module.make_bundle(config)
     finally:
         if added:
@@ -212,7 +215,7 @@ def load_user_bundle(config: RunConfig) -> Bundle:
     if not isinstance(bundle, Bundle):
         raise ValueError(
             f"{path}: make_bundle returned {type(bundle).__module__}.{type(bundle).__qualname__}, "
-            "expected tts_jax.experiment.Bundle(model, reward, held_out)"
+            "expected tts_jax.app.experiment.Bundle(model, reward, held_out)"
         )
     if not isinstance(bundle.model, FlowModel) or not isinstance(bundle.reward, Reward):
         raise ValueError(
@@ -372,10 +375,10 @@ def run_one(config: RunConfig, bundle: Bundle | None = None, write: bool = True)
     """Run one method at one budget and seed; returns the JSON-able record.
 
     The record holds the full resolved config (``config``) and its identity hash
-    (``config_id``, see :func:`tts_jax.runs.config_id`), the costs, rewards, held-out rewards and,
-    for weighted particle methods, ``weight_collapse`` (:func:`tts_jax.diagnostics.weight_collapse`;
-    a collapse is also logged as a warning). With ``write``, the files listed in
-    ``record["files"]`` are written to ``config.out_dir``.
+    (``config_id``, see :func:`tts_jax.app.runs.config_id`), the costs, rewards, held-out
+    rewards and, for weighted particle methods, ``weight_collapse``
+    (:func:`tts_jax.diagnostics.weight_collapse`; a collapse is also logged as a warning). With
+    ``write``, the files listed in ``record["files"]`` are written to ``config.out_dir``.
     """
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; known: {sorted(METHODS)}")
@@ -484,7 +487,7 @@ def sweep(
 ) -> list[dict[str, Any]]:
     """Run every (method, budget, seed), appending each finished run to ``out_dir/runs.jsonl``.
 
-    The folder holds ONE configuration (:func:`tts_jax.runs.claim_sweep_folder`: its
+    The folder holds ONE configuration (:func:`tts_jax.app.runs.claim_sweep_folder`: its
     ``config.json`` names the shared settings and versions; another configuration is refused with
     the differences named). Runs recorded there with the same identity (``config_id``: every
     config field and the package versions) are skipped, so an interrupted sweep resumes where it

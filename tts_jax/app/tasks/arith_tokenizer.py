@@ -30,9 +30,10 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from tts_jax.tasks.arithmetic import EOS_TOKEN, PAD_TOKEN, STEP_DELIMITER
+from tts_jax.app.tasks.arithmetic import EOS_TOKEN, PAD_TOKEN, STEP_DELIMITER
+from tts_jax.models.zoo import ASSETS_DIR
 
-ARITH_LM_DIR = pathlib.Path(__file__).resolve().parent.parent / "assets" / "arith-lm"
+ARITH_LM_DIR = ASSETS_DIR / "arith-lm"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN)
 MAX_LENGTH = 256
 _ALPHABET_BYTES = bytes([9, 10, 13, *range(32, 127)])

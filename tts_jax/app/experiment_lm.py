@@ -28,8 +28,8 @@ smoothed away from 0 / 1 so that the log-odds weights of particle filtering stay
 particle filter whose particles are all wrong still resamples by weight instead of dividing by
 zero; with ``T_softmax = 1`` a correct prefix outweighs a wrong one by ``(0.99 / 0.01)^2 ~ 1e4``.
 
-Prompts are right-padded to :data:`~tts_jax.models.arith.PROMPT_WIDTH` and passed with their
-length, so every problem of a given ``N`` and method shares one compiled program.
+Prompts are right-padded to :data:`~tts_jax.app.tasks.arith_models.PROMPT_WIDTH` and passed with
+their length, so every problem of a given ``N`` and method shares one compiled program.
 
 Each run gives a JSON-able record (method, budget, seed, problem, scorer, correct, answer, tokens,
 LM calls, PRM calls, wall time, ...); :func:`sweep_lm` appends one line per finished run to
@@ -51,8 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tts_jax import diagnostics, runs
-from tts_jax.models.arith import (
+from tts_jax import diagnostics
+from tts_jax.app import runs
+from tts_jax.app.tasks.arith_models import (
     MAX_NEW_TOKENS,
     N_EVAL_PROBLEMS,
     PROMPT_WIDTH,
@@ -61,13 +62,8 @@ from tts_jax.models.arith import (
     load_arith_policy,
     load_arith_prm,
 )
-from tts_jax.models.lm import LM
-from tts_jax.models.lm_reward import RewardModel
-from tts_jax.samplers import lm_search, lm_smc
-from tts_jax.samplers.lm_result import LMResult, extract_answers
-from tts_jax.samplers.lm_scoring import StepScorer, cached_prm_scorer, host_scorer
-from tts_jax.tasks.arith_tokenizer import ArithTokenizer
-from tts_jax.tasks.arithmetic import (
+from tts_jax.app.tasks.arith_tokenizer import ArithTokenizer
+from tts_jax.app.tasks.arithmetic import (
     PROMPT_PREFIX,
     PROMPT_SUFFIX,
     Problem,
@@ -77,6 +73,11 @@ from tts_jax.tasks.arithmetic import (
     is_valid_solution,
     split_steps,
 )
+from tts_jax.models.lm import LM
+from tts_jax.models.lm_reward import RewardModel
+from tts_jax.samplers import lm_search, lm_smc
+from tts_jax.samplers.lm_result import LMResult, extract_answers
+from tts_jax.samplers.lm_scoring import StepScorer, cached_prm_scorer, host_scorer
 
 SCORERS = ("prm", "oracle")
 ORACLE_HIT = 0.99
@@ -93,7 +94,7 @@ class LMRunConfig:
         method: a name in :data:`LM_METHODS`.
         num_particles: N, the budget (samples / particles / beams).
         problems: half-open range ``(start, stop)`` of held-out problem indices
-            (:func:`tts_jax.models.arith.eval_problems`).
+            (:func:`tts_jax.app.tasks.arith_models.eval_problems`).
         seed: PRNG seed (problem ``i`` uses ``fold_in(key(seed), i)``).
         temperature: LM sampling temperature (0.8 as in Puri et al. 2025).
         softmax_temperature: ``T_softmax`` of the particle weights (pf, epf, gibbs).
@@ -610,7 +611,7 @@ def sweep_lm(
     """Run every (method, N, seed, problem), appending each record to ``out_dir/runs.jsonl``.
 
     The folder holds ONE configuration of the fields that are not swept (scorer, temperatures,
-    step limits; :func:`tts_jax.runs.claim_sweep_folder` refuses another one, naming the
+    step limits; :func:`tts_jax.app.runs.claim_sweep_folder` refuses another one, naming the
     differences). Runs recorded there with the same identity (``config_id``: the whole config and
     the package versions) are skipped, so an interrupted sweep resumes where it stopped (a
     truncated last line is re-run).

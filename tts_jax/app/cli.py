@@ -25,12 +25,12 @@ from typing import Annotated, Any
 
 import tyro
 
-from tts_jax import experiment, experiment_lm, plots, runs
-from tts_jax.demos import arith as arith_demo
-from tts_jax.demos import digits as digits_demo
-from tts_jax.demos.arith import ArithDemoConfig
-from tts_jax.demos.digits import DigitsDemoConfig
-from tts_jax.demos.gmm import GMMDemoConfig, format_table, run_gmm_demo
+from tts_jax.app import experiment, experiment_lm, plots, runs
+from tts_jax.app.demos import arith as arith_demo
+from tts_jax.app.demos import digits as digits_demo
+from tts_jax.app.demos.arith import ArithDemoConfig
+from tts_jax.app.demos.digits import DigitsDemoConfig
+from tts_jax.app.demos.gmm import GMMDemoConfig, format_table, run_gmm_demo
 
 log = logging.getLogger("tts_jax")
 
@@ -397,7 +397,7 @@ def training_script(model: str) -> pathlib.Path:
     """The script that trains ``model`` (a name in :data:`TRAIN_SCRIPTS`)."""
     if model not in TRAIN_SCRIPTS:
         raise ValueError(f"unknown model {model!r} to train; known: {sorted(TRAIN_SCRIPTS)}")
-    script = pathlib.Path(__file__).resolve().parents[1] / "experiments" / TRAIN_SCRIPTS[model]
+    script = pathlib.Path(__file__).resolve().parents[2] / "experiments" / TRAIN_SCRIPTS[model]
     if not script.is_file():
         raise FileNotFoundError(
             f"{script} not found: training scripts ship with a source checkout of tts-jax"

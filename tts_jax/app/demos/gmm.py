@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tts_jax import diagnostics, runs, smc
+from tts_jax import diagnostics, smc
 from tts_jax import interpolants as I
+from tts_jax.app import runs
 from tts_jax.models import gmm as G
 from tts_jax.rewards.analytic import linear_reward
 from tts_jax.samplers.fk_steering import fk_steering

@@ -14,7 +14,7 @@ import pathlib
 
 import numpy as np
 
-from tts_jax import experiment_lm, runs
+from tts_jax.app import experiment_lm, runs
 
 ROWS = (("greedy", "prm"), ("bon", "prm"), ("pf", "prm"), ("bon", "oracle"), ("pf", "oracle"))
 

@@ -23,16 +23,26 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from tts_jax.app.tasks.arith_data import EVAL_SEED
+from tts_jax.app.tasks.arith_tokenizer import ARITH_LM_DIR, ArithTokenizer
+from tts_jax.app.tasks.arithmetic import ArithConfig, Problem, generate_problems
 from tts_jax.models.checkpoint_errors import require_file
 from tts_jax.models.lm import LM, LMConfig, generate, load_lm
 from tts_jax.models.lm_reward import RewardModel, load_reward_model
-from tts_jax.tasks.arith_data import EVAL_SEED
-from tts_jax.tasks.arith_tokenizer import ARITH_LM_DIR, ArithTokenizer
-from tts_jax.tasks.arithmetic import ArithConfig, Problem, generate_problems
 
-__all__ = ["ARITH_LM_DIR", "ARITH_PRM_DIR", "ARITH_TASK", "MAX_NEW_TOKENS", "N_EVAL_PROBLEMS",
-           "PROMPT_WIDTH", "encode_prompts", "eval_problems", "load_arith_policy",
-           "load_arith_prm", "sample_solutions"]
+__all__ = [
+    "ARITH_LM_DIR",
+    "ARITH_PRM_DIR",
+    "ARITH_TASK",
+    "MAX_NEW_TOKENS",
+    "N_EVAL_PROBLEMS",
+    "PROMPT_WIDTH",
+    "encode_prompts",
+    "eval_problems",
+    "load_arith_policy",
+    "load_arith_prm",
+    "sample_solutions",
+]
 
 ARITH_PRM_DIR = ARITH_LM_DIR.parent / "arith-prm"
 # Difficulty the embedded models are trained on and evaluated with.
@@ -64,8 +74,9 @@ def _require(path: pathlib.Path, files: Sequence[str], loader: str, script: str)
         require_file(path, file, loader, hint=f"train it with `python {script}`")
 
 
-def load_arith_policy(path: str | pathlib.Path = ARITH_LM_DIR
-                      ) -> tuple[LMConfig, LM, ArithTokenizer]:
+def load_arith_policy(
+    path: str | pathlib.Path = ARITH_LM_DIR,
+) -> tuple[LMConfig, LM, ArithTokenizer]:
     """Loads the arithmetic policy LM and its tokenizer.
 
     Args:
@@ -81,8 +92,12 @@ def load_arith_policy(path: str | pathlib.Path = ARITH_LM_DIR
             do not match it (naming the tensor).
     """
     path = pathlib.Path(path)
-    _require(path, ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"),
-             "load_arith_policy", "experiments/train_arith_lm.py")
+    _require(
+        path,
+        ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"),
+        "load_arith_policy",
+        "experiments/train_arith_lm.py",
+    )
     config, model = load_lm(path)
     return config, model, ArithTokenizer.load(path)
 
@@ -104,13 +119,18 @@ def load_arith_prm(path: str | pathlib.Path = ARITH_PRM_DIR) -> tuple[LMConfig, 
             do not match it (naming the tensor).
     """
     path = pathlib.Path(path)
-    _require(path, ("config.json", "model.safetensors"), "load_arith_prm",
-             "experiments/train_arith_prm.py")
+    _require(
+        path,
+        ("config.json", "model.safetensors"),
+        "load_arith_prm",
+        "experiments/train_arith_prm.py",
+    )
     return load_reward_model(path)
 
 
-def encode_prompts(tokenizer: ArithTokenizer, problems: Sequence[Problem],
-                   width: int = PROMPT_WIDTH) -> tuple[np.ndarray, np.ndarray]:
+def encode_prompts(
+    tokenizer: ArithTokenizer, problems: Sequence[Problem], width: int = PROMPT_WIDTH
+) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded prompt ids and their lengths.
 
     Args:
@@ -134,9 +154,15 @@ def encode_prompts(tokenizer: ArithTokenizer, problems: Sequence[Problem],
     return ids, np.array([len(r) for r in rows], np.int32)
 
 
-def sample_solutions(model: LM, tokenizer: ArithTokenizer, problems: Sequence[Problem],
-                     key: jax.Array, *, temperature: float | jax.Array,
-                     max_new_tokens: int = MAX_NEW_TOKENS) -> np.ndarray:
+def sample_solutions(
+    model: LM,
+    tokenizer: ArithTokenizer,
+    problems: Sequence[Problem],
+    key: jax.Array,
+    *,
+    temperature: float | jax.Array,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> np.ndarray:
     """One completion per problem from the policy (stops at EOS).
 
     Args:
@@ -149,9 +175,17 @@ def sample_solutions(model: LM, tokenizer: ArithTokenizer, problems: Sequence[Pr
 
     Returns:
         ``int32[N, max_new_tokens]`` completion ids (EOS included, PAD after it); decode with
-        ``tokenizer.decode`` and judge with :mod:`tts_jax.tasks.arithmetic`.
+        ``tokenizer.decode`` and judge with :mod:`tts_jax.app.tasks.arithmetic`.
     """
     ids, lengths = encode_prompts(tokenizer, problems)
-    out = generate(model, ids, key, max_new_tokens=max_new_tokens, temperature=temperature,
-                   eos_id=tokenizer.eos_id, prompt_lengths=lengths, pad_id=tokenizer.pad_id)
+    out = generate(
+        model,
+        ids,
+        key,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_id=tokenizer.eos_id,
+        prompt_lengths=lengths,
+        pad_id=tokenizer.pad_id,
+    )
     return np.asarray(out.tokens)
