@@ -28,7 +28,7 @@ import numpy as np
 
 from tts_jax import diagnostics, smc
 from tts_jax import interpolants as I
-from tts_jax.app import plots, runs
+from tts_jax.app import plots, runs, sweeps
 from tts_jax.models.base import FlowModel, linear_to_vp
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers import flow_particles, noise_search
@@ -477,6 +477,41 @@ def sweep_identity(base: RunConfig) -> dict[str, Any]:
     return {k: v for k, v in identity(base).items() if k not in ("method", "budget", "seed")}
 
 
+def _plan(base: RunConfig, methods, budgets, seeds) -> list[sweeps.Unit]:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {sorted(METHODS)}")
+    # RunConfig's own checks run here, for every run, before anything runs.
+    return [
+        sweeps.Unit(dataclasses.replace(base, method=m, budget=b, seed=s))
+        for m in methods
+        for b in budgets
+        for s in seeds
+    ]
+
+
+def _check_all(units: list[sweeps.Unit], bundle: Bundle) -> None:
+    """:func:`check_feasible` once per distinct (method, budget) of ``units``."""
+    for config in {(u.config.method, u.config.budget): u.config for u in units}.values():
+        try:
+            check_feasible(config, bundle)
+        except ValueError as err:
+            raise ValueError(
+                f"sweep: method {config.method} at budget {config.budget} is infeasible: {err}"
+            ) from None
+
+
+IMAGE_TASK = sweeps.Task(
+    name="sweep",
+    plan=_plan,
+    shared=sweep_identity,
+    identity=lambda unit: identity(unit.config),
+    load=lambda units: load_bundle(units[0].config),
+    check=_check_all,
+    run=lambda unit, bundle: run_one(unit.config, bundle, write=False),
+)
+
+
 def sweep(
     base: RunConfig,
     methods: list[str],
@@ -485,48 +520,11 @@ def sweep(
     out_dir: str,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run every (method, budget, seed), appending each finished run to ``out_dir/runs.jsonl``.
-
-    The folder holds ONE configuration (:func:`tts_jax.app.runs.claim_sweep_folder`: its
-    ``config.json`` names the shared settings and versions; another configuration is refused with
-    the differences named). Runs recorded there with the same identity (``config_id``: every
-    config field and the package versions) are skipped, so an interrupted sweep resumes where it
-    stopped. Every (method, budget) is checked before the first run.
+    """Every (method, budget, seed) of ``base``'s model with the sweep engine
+    (:func:`tts_jax.app.sweeps.sweep`: one configuration per folder, resumable, every
+    (method, budget) checked before the first run).
 
     Returns:
         The records of exactly the requested runs (never runs of other settings).
-
-    Raises:
-        ValueError: an unknown method, an infeasible (method, budget), or a folder of another
-            configuration, before anything runs.
     """
-    from tqdm.auto import tqdm
-
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; known: {sorted(METHODS)}")
-    plan = [
-        dataclasses.replace(base, method=m, budget=b, seed=s, out_dir=out_dir)
-        for m in methods
-        for b in budgets
-        for s in seeds
-    ]  # RunConfig's own checks run here, for every run, before anything runs
-    path = pathlib.Path(out_dir) / "runs.jsonl"
-    runs.claim_sweep_folder(out_dir, sweep_identity(base))
-    done = {r.get("config_id") for r in runs.read_jsonl(path)}
-    todo = [c for c in plan if runs.config_id(identity(c)) not in done]
-    wanted = {runs.config_id(identity(c)) for c in plan}
-    if todo:
-        bundle = load_bundle(base)
-        for config in {(c.method, c.budget): c for c in todo}.values():
-            try:
-                check_feasible(config, bundle)
-            except ValueError as err:
-                raise ValueError(
-                    f"sweep: method {config.method} at budget {config.budget} is infeasible: {err}"
-                ) from None
-        # disable=None: tqdm stays quiet when stderr is not a terminal (CI, logs, notebooks' files).
-        quiet = None if progress else True
-        for config in tqdm(todo, disable=quiet, desc="sweep"):
-            runs.append_jsonl(path, run_one(config, bundle, write=False))
-    return [r for r in runs.read_jsonl(path) if r.get("config_id") in wanted]
+    return sweeps.sweep(IMAGE_TASK, base, methods, budgets, seeds, out_dir, progress=progress)

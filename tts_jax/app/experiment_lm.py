@@ -44,7 +44,7 @@ import math
 import pathlib
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tts_jax import diagnostics
-from tts_jax.app import runs
+from tts_jax.app import runs, sweeps
 from tts_jax.app.tasks.arith_models import (
     MAX_NEW_TOKENS,
     N_EVAL_PROBLEMS,
@@ -567,10 +567,6 @@ def run_lm(config: LMRunConfig, bundle: LMBundle | None = None) -> dict[str, Any
     }
 
 
-def _planned_id(config: LMRunConfig, index: int) -> str:
-    return runs.config_id(problem_identity(config, index))
-
-
 def plan_sweep(
     base: LMRunConfig,
     methods: Iterable[str],
@@ -597,6 +593,30 @@ def plan_sweep(
     return plan
 
 
+def _plan(problems: Sequence[int]):
+    def plan(base: LMRunConfig, methods, budgets, seeds) -> list[sweeps.Unit]:
+        return [sweeps.Unit(c, i) for c, i in plan_sweep(base, methods, budgets, seeds, problems)]
+
+    return plan
+
+
+def _load(units: list[sweeps.Unit]) -> LMBundle:
+    return load_lm_bundle(with_prm=any(recorded_scorer(u.config) == "prm" for u in units))
+
+
+def arith_task(problems: Iterable[int]) -> sweeps.Task:
+    """The sweep engine's task for held-out arithmetic ``problems`` (one unit per problem)."""
+    return sweeps.Task(
+        name="sweep_lm",
+        plan=_plan(list(problems)),
+        shared=sweep_identity,
+        identity=lambda unit: problem_identity(unit.config, unit.item),
+        load=_load,
+        check=lambda units, bundle: None,  # LMRunConfig and plan_sweep check everything
+        run=lambda unit, bundle: run_problem(unit.config, unit.item, bundle),
+    )
+
+
 def sweep_lm(
     methods: Iterable[str],
     budgets: Iterable[int],
@@ -608,13 +628,12 @@ def sweep_lm(
     bundle: LMBundle | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run every (method, N, seed, problem), appending each record to ``out_dir/runs.jsonl``.
+    """Every (method, N, seed, problem) with the sweep engine (:func:`tts_jax.app.sweeps.sweep`).
 
     The folder holds ONE configuration of the fields that are not swept (scorer, temperatures,
-    step limits; :func:`tts_jax.app.runs.claim_sweep_folder` refuses another one, naming the
-    differences). Runs recorded there with the same identity (``config_id``: the whole config and
-    the package versions) are skipped, so an interrupted sweep resumes where it stopped (a
-    truncated last line is re-run).
+    step limits; another one is refused, naming the differences). Runs recorded there with the
+    same identity (``config_id``: the whole config, the problem and the package versions) are
+    skipped, so an interrupted sweep resumes where it stopped (a truncated last line is re-run).
 
     Args:
         methods: names in :data:`LM_METHODS`.
@@ -633,19 +652,8 @@ def sweep_lm(
         ValueError: an invalid config (unknown method, N < 1, ...) or a folder of another
             configuration, before anything runs.
     """
-    from tqdm.auto import tqdm
-
     base = LMRunConfig() if base is None else base
-    plan = plan_sweep(base, methods, budgets, seeds, problems)
-    path = pathlib.Path(out_dir) / "runs.jsonl"
-    runs.claim_sweep_folder(out_dir, sweep_identity(base))
-    done = {r.get("config_id") for r in runs.read_jsonl(path)}
-    wanted = {_planned_id(c, i) for c, i in plan}
-    todo = [(c, i) for c, i in plan if _planned_id(c, i) not in done]
-    if todo and bundle is None:
-        bundle = load_lm_bundle(with_prm=any(recorded_scorer(c) == "prm" for c, _ in todo))
-    # disable=None: tqdm stays quiet when stderr is not a terminal (CI, logs).
-    quiet = None if progress else True
-    for config, index in tqdm(todo, disable=quiet, desc="sweep_lm"):
-        runs.append_jsonl(path, run_problem(config, index, bundle))
-    return [r for r in runs.read_jsonl(path) if r.get("config_id") in wanted]
+    task = arith_task(problems)
+    return sweeps.sweep(
+        task, base, methods, budgets, seeds, out_dir, bundle=bundle, progress=progress
+    )
