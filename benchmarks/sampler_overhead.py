@@ -278,7 +278,7 @@ def why(label: str, model, reward, widths, grid) -> str:
             "reference step of N rows (forward, integrator update and reward call), the work "
             "these samplers must do on top of it, and the lower bound that alone puts on their "
             f"ratio: {'; '.join(parts)}. SMC resamples multinomially after every step (Kim et "
-            "al.'s baseline, ALGORITHMS.md 3: N uniforms and a binary search per step), FK "
+            "al.'s baseline, docs/algorithms.md 3: N uniforms and a binary search per step), FK "
             "at every second step here; search over paths draws the paper's exact forward "
             "re-noising (N x D normals per round, where the ODE reference draws none) and "
             "keeps the exact best N/4 of its N candidates per round, then copies "

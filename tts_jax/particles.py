@@ -4,7 +4,7 @@ A particle set is a pytree whose every leaf has the particle axis first (``[N, .
 with log-weights ``[N]``. Resampling produces ancestor indices, and applying them is one gather
 over every leaf (latents, token buffers, KV caches, done flags, running rewards alike), which is
 what lets one SMC engine steer a diffusion latent and a KV-cached language model
-(ALGORITHMS.md 0.4, DESIGN.md "The particle abstraction").
+(docs/algorithms.md 0.4, docs/design.md "The particle abstraction").
 """
 
 from __future__ import annotations

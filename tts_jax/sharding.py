@@ -1,4 +1,4 @@
-"""Data-parallel particles: shard the particle axis over a device mesh (DESIGN.md "Scale-out").
+"""Data-parallel particles: shard the particle axis over a device mesh (docs/design.md "Scale-out").
 
 Every leaf of a particle state has the particle axis first, so sharding a particle set is one
 ``NamedSharding(mesh, P(axis))`` per leaf. Propagation and weighting stay local to each shard;

@@ -10,7 +10,7 @@ unconditional sampling; the label ``config.null_class`` is the unconditional emb
   an eps-prediction network with learned sigma (the first ``C`` of ``2C`` output channels are
   kept), trained on a discrete DDPM schedule. :class:`DDPMInterpolant` makes that schedule a
   continuous-time interpolant and the eps prediction is converted to a velocity
-  (ALGORITHMS.md 0.1, ``tts_jax.interpolants.eps_to_velocity``).
+  (docs/algorithms.md 0.1, ``tts_jax.interpolants.eps_to_velocity``).
 
 Classifier-free guidance (Ho & Salimans 2022): with ``guided=True`` and labels given, the model is
 evaluated on a ``2N`` batch (labels and null labels) and returns ``u + w (c - u)`` of the two

@@ -1,7 +1,7 @@
 """Solving a flow model's ODE or SDE over a time grid, and its Tweedie estimate.
 
 The building blocks every image sampler shares: one Euler / Euler-Maruyama step of
-``dx = [u - 0.5 g^2 score] dt + g dW`` (ALGORITHMS.md 0.2) and a ``lax.scan`` over a grid.
+``dx = [u - 0.5 g^2 score] dt + g dW`` (docs/algorithms.md 0.2) and a ``lax.scan`` over a grid.
 """
 
 from __future__ import annotations

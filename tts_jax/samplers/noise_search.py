@@ -1,5 +1,5 @@
 """Search over initial noises and denoising paths (Ma et al. 2025, "Inference-Time Scaling for
-Diffusion Models beyond Scaling Denoising Steps", ALGORITHMS.md section 1).
+Diffusion Models beyond Scaling Denoising Steps", docs/algorithms.md 1).
 
 Three search algorithms, all driven by a verifier (any :class:`~tts_jax.rewards.base.Reward`,
 including a :func:`~tts_jax.rewards.ensemble.mean_rank_ensemble` of several) and all given a
