@@ -2,7 +2,8 @@
 
 ``host_reward(f)`` wraps ``f(np.ndarray [N, ...]) -> np.ndarray [N]`` with
 :func:`jax.pure_callback`, so samplers can call it from their jitted loop
-(docs/design.md "Protocols": rewards that need Python or another framework go through one explicit host boundary).
+(docs/design.md "Protocols": rewards that need Python or another framework go through one
+explicit host boundary).
 
 Cost: every call is a device -> host copy of ``x``, a Python call holding the GIL, and a host ->
 device copy of the rewards; it is a barrier XLA cannot fuse or reorder across, and on an

@@ -1,7 +1,8 @@
 """Synthetic multi-step arithmetic with worked solutions and an exact step checker.
 
 This is the reasoning task of the embedded policy LM and process reward model
-(docs/design.md "Models we ship"), the testbed for step-level particle filtering (Puri et al. 2025, docs/algorithms.md 4.1).
+(docs/design.md "Models we ship"), the testbed for step-level particle filtering (Puri et al.
+2025, docs/algorithms.md 4.1).
 
 A problem is a left-to-right chain ``v0 op1 a1 op2 a2 ...`` with ``op`` in ``+ - *``; the prompt
 writes it with the parentheses that make standard precedence agree with left-to-right order::
