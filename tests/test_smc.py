@@ -308,3 +308,41 @@ def test_run_until_stops_when_finished_and_matches_the_idle_scan():
     for got, want in zip(jax.tree.leaves(early.info), jax.tree.leaves(full.info), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert calls["count"] == 1  # traced once: one while-loop body, no per-step Python dispatch
+
+
+def test_step_takes_a_key_or_its_split_pair_and_reports_observations():
+    """``step(key)`` splits the key; ``step(split(key))`` takes the pair as is (what
+    ``step_keys`` derives for a whole loop): the same step either way, raw keys included."""
+    gmm = G.asymmetric_gmm_2d()
+    x0, _ = G.sample(gmm, jax.random.key(1), 64)
+    params = {"gmm": gmm, "lam": jnp.float32(2.0)}
+    schedule = smc.ResampleSchedule(np.ones(NUM_TEMPER_STEPS, bool), np.float32(2.0))
+    state = smc.init(x0, tempered_log_potential, params)
+
+    def one(key):
+        return smc.step(
+            key,
+            state,
+            tempered_propagate,
+            tempered_log_potential,
+            schedule,
+            params,
+            "multinomial",
+            observe=lambda x: jnp.max(x[:, 0]),
+        )
+
+    for key in (jax.random.key(5), jax.random.PRNGKey(5)):
+        split = one(jax.random.split(key))
+        for got, want in zip(jax.tree.leaves(one(key)), jax.tree.leaves(split), strict=True):
+            np.testing.assert_array_equal(got, want)
+    new, info = one(jax.random.key(5))
+    assert bool(info.resampled) and int(new.step) == 1
+    # observe sees the propagated particles, before resampling.
+    moved, _ = tempered_propagate(jax.random.split(jax.random.key(5))[0], x0, 0, params)
+    assert float(info.observed) == float(jnp.max(moved[:, 0]))
+    pairs = smc.step_keys(jax.random.key(5), 3)
+    assert pairs.shape == (3, 2)
+    np.testing.assert_array_equal(
+        jax.random.key_data(pairs[2]),
+        jax.random.key_data(jax.random.split(jax.random.fold_in(jax.random.key(5), 2))),
+    )

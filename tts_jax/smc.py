@@ -15,9 +15,18 @@ must be exactly the target tilt (e.g. ``lambda * r(x0)``) for the particles to t
 Two levels of API:
 
 * :func:`init` / :func:`step` are pure, un-jitted functions over :class:`SMCState` that samplers
-  compose inside their own jitted programs (optax / blackjax style);
+  compose inside their own jitted programs (optax / blackjax style): the kernels of
+  :mod:`tts_jax.samplers` (e.g. :func:`tts_jax.samplers.fk_steering.sampler`) are built on them,
+  and :func:`run_scan` / :func:`run_until` loop over :func:`step`;
 * :func:`run` jits the whole loop once (``lax.scan`` over steps), returns per-step
   :class:`SMCInfo` as scan outputs, and performs the host-side checks (NaN potentials).
+
+Keys: step ``k`` of a loop started from ``key`` uses ``jax.random.fold_in(key, k)``, split
+into the proposal's and the resampler's keys; :func:`step_keys` derives every step's pair in one
+batch before the loop and :func:`step` accepts the pair as is.
+
+Resamplers are values: any ``(key, log_weights [N], num) -> Int32[num]`` function (see
+:mod:`tts_jax.resampling`; its names stay accepted as aliases).
 
 Numeric hyper-parameters live in ``params`` (any pytree passed to ``propagate`` and
 ``log_potential``) and in the :class:`ResampleSchedule` arrays, so sweeping them never recompiles.
@@ -41,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tts_jax.particles import Particles, ess, gather, make_particles, num_particles
-from tts_jax.resampling import get_resampler
+from tts_jax.resampling import Resampler, get_resampler
 
 Array = jax.Array
 PyTree = Any
@@ -234,27 +243,50 @@ def step(
     log_potential: LogPotential,
     schedule: ResampleSchedule,
     params: PyTree = None,
-    resampler: str | Callable = "systematic",
+    resampler: str | Resampler = "systematic",
+    observe: Callable[[PyTree], PyTree] | None = None,
 ) -> tuple[SMCState, SMCInfo]:
     """One propagate / reweight / maybe-resample step (ALGORITHMS.md 0.5).
 
+    Pure and traceable: call it inside your own ``jit`` / ``lax.scan`` (``run_scan``,
+    ``run_until`` and the samplers of :mod:`tts_jax.samplers` do).
+
     Args:
-        key: PRNG key for this step (split here for the proposal and the resampler).
-        smc_state: current :class:`SMCState`.
+        key: PRNG key of this step, split here into the proposal's key and the resampler's
+            (``jax.random.split(key)``); or that pair already split (``Key[2]``, as
+            :func:`step_keys` derives for every step in one batch before a loop, which saves a
+            hash inside the loop body).
+        smc_state: current :class:`SMCState` (``N`` particles).
         propagate: ``(key, state, step, params) -> (state, log_correction [N])``; ``step`` is the
             index ``k`` of the transition ``x_k -> x_{k+1}``. The correction may be a scalar
             (the same for every particle).
         log_potential: ``(state, step, params) -> [N]``, called with ``step = k + 1``.
         schedule: :class:`ResampleSchedule` indexed by ``k``.
         params: numeric hyper-parameters (array leaves; never static).
-        resampler: name or function of :mod:`tts_jax.resampling`.
+        resampler: any ``(key, log_weights [N], num) -> Int32[num]`` ancestor function, or the
+            name of one in :mod:`tts_jax.resampling`.
+        observe: optional ``state -> pytree`` diagnostic of the propagated particles (before
+            resampling), returned in ``info.observed``.
+
+    Returns:
+        ``(new SMCState, SMCInfo of this step)``.
 
     Raises:
         ValueError: at trace time, when ``log_potential`` does not return shape ``[N]``, the
             correction is neither ``[N]`` nor a scalar, or ``propagate`` changes ``N``.
     """
-    k_prop, k_res = jax.random.split(key)
-    return _step(k_prop, k_res, smc_state, propagate, log_potential, schedule, params, resampler)
+    k_prop, k_res = _proposal_and_resampling_keys(key)
+    return _step(
+        k_prop, k_res, smc_state, propagate, log_potential, schedule, params, resampler, observe
+    )
+
+
+def _proposal_and_resampling_keys(key: Array) -> tuple[Array, Array]:
+    """``jax.random.split(key)`` unpacked, or ``key`` unpacked when it is that pair already
+    (typed keys: ``Key[2]``; raw ``uint32`` keys: ``[2, 2]``)."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    keys = key if key.ndim == (1 if typed else 2) else jax.random.split(key)
+    return keys[0], keys[1]
 
 
 def _step(
@@ -311,13 +343,18 @@ def step_keys_for(key: Array, num_steps: int) -> Array:
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_steps))
 
 
+def step_keys(key: Array, num_steps: int) -> Array:
+    """Every step's ``(propagate, resample)`` key pair, ``Key[num_steps, 2]``: step ``k`` gets
+    ``jax.random.split(jax.random.fold_in(key, k))``, what :func:`step` would split from
+    ``fold_in(key, k)`` itself, hashed in one batch before the loop: on CPU each threefry call
+    inside a loop body is a small while loop of its own (benchmarks/overhead_profile.py)."""
+    return jax.vmap(jax.random.split)(step_keys_for(key, num_steps))
+
+
 def _start(key, state, log_potential, schedule, params):
-    """Initial SMC state, its NaN count, and every step's ``(propagate, resample)`` keys
-    ``[K, 2]``, hashed in one batch before the loop: on CPU each threefry call inside the loop
-    body is a small while loop of its own (benchmarks/overhead_profile.py)."""
+    """Initial SMC state, its NaN count, and every step's key pair ``[K, 2]``."""
     smc_state, num_nan_initial = _init(state, log_potential, params)
-    step_keys = jax.vmap(jax.random.split)(step_keys_for(key, schedule.mask.shape[0]))
-    return smc_state, num_nan_initial, step_keys
+    return smc_state, num_nan_initial, step_keys(key, schedule.mask.shape[0])
 
 
 def run_scan(
@@ -327,7 +364,7 @@ def run_scan(
     log_potential: LogPotential,
     schedule: ResampleSchedule,
     params: PyTree = None,
-    resampler: str | Callable = "systematic",
+    resampler: str | Resampler = "systematic",
     propagate_last: Propagate | None = None,
     observe: Callable[[PyTree], PyTree] | None = None,
 ) -> SMCResult:
@@ -345,18 +382,16 @@ def run_scan(
             (before resampling, e.g. their best reward), stacked in ``info.observed`` with a
             leading step axis ``K``.
     """
-    smc_state, num_nan_initial, step_keys = _start(key, state, log_potential, schedule, params)
+    smc_state, num_nan_initial, keys = _start(key, state, log_potential, schedule, params)
 
-    def body(carry, keys, propagate=propagate):
-        return _step(
-            keys[0], keys[1], carry, propagate, log_potential, schedule, params, resampler, observe
-        )
+    def body(carry, pair, propagate=propagate):
+        return step(pair, carry, propagate, log_potential, schedule, params, resampler, observe)
 
     if propagate_last is None:
-        final, info = jax.lax.scan(body, smc_state, step_keys)
+        final, info = jax.lax.scan(body, smc_state, keys)
     else:
-        final, info = jax.lax.scan(body, smc_state, step_keys[:-1])
-        final, last = body(final, step_keys[-1], propagate_last)
+        final, info = jax.lax.scan(body, smc_state, keys[:-1])
+        final, last = body(final, keys[-1], propagate_last)
         info = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), info, last)
     all_dead = ~jnp.isfinite(final.log_evidence)
     return SMCResult(final.particles, final.log_evidence, info, all_dead, num_nan_initial)
@@ -369,7 +404,7 @@ def run_until(
     log_potential: LogPotential,
     schedule: ResampleSchedule,
     params: PyTree = None,
-    resampler: str | Callable = "systematic",
+    resampler: str | Resampler = "systematic",
     *,
     finished: Callable[[PyTree, PyTree], Array],
 ) -> SMCResult:
@@ -383,7 +418,7 @@ def run_until(
     the final weights, no resampling, identity ancestors, zero evidence increment. Same keys
     per step as :func:`run_scan` (un-jitted: call it inside your own jitted program).
     """
-    smc_state, num_nan_initial, step_keys = _start(key, state, log_potential, schedule, params)
+    smc_state, num_nan_initial, keys = _start(key, state, log_potential, schedule, params)
     num_steps = schedule.mask.shape[0]
     n = smc_state.particles.log_weights.shape[0]
     skipped = SMCInfo(
@@ -402,9 +437,8 @@ def run_until(
 
     def body(carry):
         s, info = carry
-        keys = step_keys[s.step]
-        new, step_info = _step(
-            keys[0], keys[1], s, propagate, log_potential, schedule, params, resampler
+        new, step_info = step(
+            keys[s.step], s, propagate, log_potential, schedule, params, resampler
         )
         info = jax.tree.map(lambda a, b: a.at[s.step].set(b), info, step_info)
         return new, info
@@ -431,7 +465,7 @@ def run(
     log_potential: LogPotential,
     schedule: ResampleSchedule,
     params: PyTree = None,
-    resampler: str = "systematic",
+    resampler: str | Resampler = "systematic",
     nan_policy: str = "raise",
 ) -> SMCResult:
     """Jit and run the SMC loop, then check the result on the host.
@@ -447,7 +481,9 @@ def run(
         log_potential: ``(state, step, params) -> [N]``.
         schedule: :class:`ResampleSchedule` (its length is the number of steps).
         params: numeric hyper-parameters.
-        resampler: ``multinomial`` | ``stratified`` | ``systematic`` | ``residual``.
+        resampler: an ancestor function ``(key, log_weights [N], num) -> Int32[num]`` or the name
+            of one in :mod:`tts_jax.resampling` (``multinomial`` | ``stratified`` |
+            ``systematic`` | ``residual``).
         nan_policy: ``raise`` (NaN potentials are an error naming the steps) or ``drop``
             (documented fallback: a particle with a NaN potential gets weight zero).
 
