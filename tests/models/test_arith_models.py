@@ -62,9 +62,9 @@ def _truncate_at_eos(tokens, eos_id):
 
 
 def test_missing_assets_name_the_training_script(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train_arith_lm.py"):
+    with pytest.raises(FileNotFoundError, match="tts-jax train arith-lm"):
         load_arith_policy(tmp_path)
-    with pytest.raises(FileNotFoundError, match="train_arith_prm.py"):
+    with pytest.raises(FileNotFoundError, match="tts-jax train arith-prm"):
         load_arith_prm(tmp_path)
 
 

@@ -7,7 +7,7 @@
   ``make_bundle``.
 * ``tts-jax sweep PRESET --methods ... --budgets ... --seeds ...``: a resumable scaling study with
   a plot, in a folder that holds one configuration.
-* ``tts-jax train MODEL``: retrain an embedded model with its script in ``experiments/``, into an
+* ``tts-jax train MODEL``: retrain an embedded model (:mod:`tts_jax.app.training`), into an
   output folder (``--install`` copies it over the shipped asset).
 
 Options left unset take the preset's defaults (the settings its published results were made
@@ -31,6 +31,7 @@ from tts_jax.app.demos import digits as digits_demo
 from tts_jax.app.demos.arith import ArithDemoConfig
 from tts_jax.app.demos.digits import DigitsDemoConfig
 from tts_jax.app.demos.gmm import GMMDemoConfig, format_table, run_gmm_demo
+from tts_jax.app.training import MODULES
 
 log = logging.getLogger("tts_jax")
 
@@ -164,9 +165,9 @@ class Sweep:
 class Train:
     """Retrain an embedded model with its script (resumes from its orbax checkpoints).
 
-    The scripts live in ``experiments/`` of a source checkout. They write into ``--out-dir``;
-    only ``--install`` copies the result over the shipped asset in ``tts_jax/assets/``. Extra
-    script flags go after ``--args``.
+    Training writes into ``--out-dir``; only ``--install`` copies the result over the shipped
+    asset in ``tts_jax/assets/``. Extra flags of the training module go after ``--args``
+    (``python -m tts_jax.app.training.<module> --help`` lists them).
     """
 
     model: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="MODEL")]
@@ -182,13 +183,6 @@ class Train:
 # --------------------------------------------------------------------------- presets
 
 ARITH = "arith"
-TRAIN_SCRIPTS = {
-    "digits-dit": "train_digits_flow.py",
-    "digits-classifiers": "train_digits_classifiers.py",
-    "arith-tokenizer": "train_arith_tokenizer.py",
-    "arith-lm": "train_arith_lm.py",
-    "arith-prm": "train_arith_prm.py",
-}
 
 
 def parse_preset(preset: str) -> tuple[str, str]:
@@ -393,24 +387,18 @@ def _sweep_arith(cmd: Sweep, methods: list[str], given: dict, out_dir: str | Non
 # --------------------------------------------------------------------------- train
 
 
-def training_script(model: str) -> pathlib.Path:
-    """The script that trains ``model`` (a name in :data:`TRAIN_SCRIPTS`)."""
-    if model not in TRAIN_SCRIPTS:
-        raise ValueError(f"unknown model {model!r} to train; known: {sorted(TRAIN_SCRIPTS)}")
-    script = pathlib.Path(__file__).resolve().parents[2] / "experiments" / TRAIN_SCRIPTS[model]
-    if not script.is_file():
-        raise FileNotFoundError(
-            f"{script} not found: training scripts ship with a source checkout of tts-jax"
-        )
-    return script
+def training_module(model: str) -> str:
+    """The module that trains ``model`` (a name in :data:`tts_jax.app.training.MODULES`)."""
+    if model not in MODULES:
+        raise ValueError(f"unknown model {model!r} to train; known: {sorted(MODULES)}")
+    return MODULES[model]
 
 
 def training_command(cmd: Train) -> list[str]:
-    """The training script's command line: into ``--out-dir``, over the asset only if
+    """The training module's command line: into ``--out-dir``, over the asset only if
     ``--install``."""
-    script = training_script(cmd.model)
     out_dir = cmd.out_dir or f"outputs/train/{cmd.model}"
-    argv = [sys.executable, str(script), "--out", out_dir, *cmd.args]
+    argv = [sys.executable, "-m", training_module(cmd.model), "--out", out_dir, *cmd.args]
     return [*argv, "--install"] if cmd.install else argv
 
 

@@ -256,7 +256,7 @@ def scorer_of(bundle: LMBundle, name: str) -> tuple[StepScorer, Any]:
     if bundle.prm is None:
         raise ValueError(
             "scorer 'prm' needs the arithmetic PRM: train it with "
-            "`python experiments/train_arith_prm.py` or use scorer='oracle'"
+            "`tts-jax train arith-prm --install` or use scorer='oracle'"
         )
     return cached_prm_scorer, bundle.prm  # particle filters feed its KV cache step by step
 

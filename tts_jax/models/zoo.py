@@ -1,6 +1,6 @@
 """The embedded default checkpoints (``tts_jax/assets/<name>``) and how to load them by name.
 
-Every asset is trained by a script in ``experiments/`` and shipped in a standard folder layout
+Every asset is trained by ``tts-jax train`` (:mod:`tts_jax.app.training`) and shipped in a standard folder layout
 (diffusers / transformers ``config.json`` + safetensors), so nothing is downloaded at run time:
 
 - ``digits-dit``: class-conditional flow-matching DiT on the 8x8 digits (Lipman et al. 2023 flow
@@ -45,7 +45,7 @@ class EmbeddedAsset:
         name: folder name under ``tts_jax/assets``.
         kind: ``"flow"``, ``"classifier"``, ``"lm"`` or ``"reward-lm"``.
         files: files that must be present for the asset to load.
-        script: the experiment script that trains and exports it.
+        script: the command that trains it (``--install`` exports it into the assets).
         description: one line for listings.
     """
 
@@ -63,35 +63,35 @@ EMBEDDED: dict[str, EmbeddedAsset] = {
             "digits-dit",
             "flow",
             ("config.json", "diffusion_pytorch_model.safetensors"),
-            "experiments/train_digits_flow.py",
+            "tts-jax train digits-dit",
             "class-conditional flow-matching DiT on 8x8 digits (null label = unconditional)",
         ),
         EmbeddedAsset(
             "digits-verifier",
             "classifier",
             ("config.json", "model.safetensors"),
-            "experiments/train_digits_classifiers.py",
+            "tts-jax train digits-classifiers",
             "CNN digit classifier on split part a: the steering verifier",
         ),
         EmbeddedAsset(
             "digits-heldout",
             "classifier",
             ("config.json", "model.safetensors"),
-            "experiments/train_digits_classifiers.py",
+            "tts-jax train digits-classifiers",
             "MLP digit classifier on split part b: the held-out evaluator",
         ),
         EmbeddedAsset(
             "arith-lm",
             "lm",
             ("config.json", "model.safetensors", "tokenizer.json"),
-            "experiments/train_arith_lm.py",
+            "tts-jax train arith-lm",
             "Qwen2-layout policy LM for multi-step arithmetic with worked steps",
         ),
         EmbeddedAsset(
             "arith-prm",
             "reward-lm",
             ("config.json", "model.safetensors"),
-            "experiments/train_arith_prm.py",
+            "tts-jax train arith-prm",
             "Qwen2-layout process reward model for the arithmetic policy",
         ),
     )
@@ -116,7 +116,7 @@ def asset_path(name: str) -> Path:
                 folder,
                 file,
                 f"embedded asset {name!r} is not built",
-                hint=f"run `python {asset.script}`",
+                hint=f"run `{asset.script} --install`",
             )
     except CheckpointNotFoundError as e:
         raise AssetNotBuiltError(str(e)) from None

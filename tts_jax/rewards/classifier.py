@@ -123,7 +123,7 @@ def load_asset_classifier(name: str, *, loader: str = "load_asset_classifier") -
 
 def load_digits_verifier() -> Classifier:
     """The steering verifier: a CNN trained on part ``"a"`` of the digits split (see
-    ``experiments/train_digits_classifiers.py``; accuracy in its ``metrics.json``)."""
+    ``tts-jax train digits-classifiers``; accuracy in its ``metrics.json``)."""
     return load_asset_classifier("digits-verifier", loader="load_digits_verifier")
 
 

@@ -1,11 +1,11 @@
 """The embedded arithmetic policy LM and process reward model, and how to load them.
 
-Both are trained by our own scripts (``experiments/train_arith_lm.py``,
-``experiments/train_arith_prm.py``) on :data:`ARITH_TASK` problems and shipped in the transformers
+Both are trained by our own scripts (``tts-jax train arith-lm``,
+``tts-jax train arith-prm``) on :data:`ARITH_TASK` problems and shipped in the transformers
 layout, so they also load with ``AutoModelForCausalLM`` / ``AutoTokenizer``:
 
 - ``assets/arith-lm/``: a small Qwen2-style policy (stored as ``LlamaForCausalLM`` with attention
-  biases, see ``experiments/train_arith_lm.py``) plus the task tokenizer;
+  biases, see :mod:`tts_jax.app.training.arith_lm`) plus the task tokenizer;
 - ``assets/arith-prm/``: a ``Qwen2ForProcessRewardModel`` (Zhang et al. 2025 layout) whose class-1
   probability at a step-end token (newline or EOS) is the probability that the solution prefix up
   to it is still correct (Puri et al. 2025 score partial solutions this way). Read at the EOS
@@ -71,7 +71,7 @@ def eval_problems(n: int) -> list[Problem]:
 
 def _require(path: pathlib.Path, files: Sequence[str], loader: str, script: str) -> None:
     for file in files:
-        require_file(path, file, loader, hint=f"train it with `python {script}`")
+        require_file(path, file, loader, hint=f"train it with `{script} --install`")
 
 
 def load_arith_policy(
@@ -96,7 +96,7 @@ def load_arith_policy(
         path,
         ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"),
         "load_arith_policy",
-        "experiments/train_arith_lm.py",
+        "tts-jax train arith-lm",
     )
     config, model = load_lm(path)
     return config, model, ArithTokenizer.load(path)
@@ -123,7 +123,7 @@ def load_arith_prm(path: str | pathlib.Path = ARITH_PRM_DIR) -> tuple[LMConfig, 
         path,
         ("config.json", "model.safetensors"),
         "load_arith_prm",
-        "experiments/train_arith_prm.py",
+        "tts-jax train arith-prm",
     )
     return load_reward_model(path)
 

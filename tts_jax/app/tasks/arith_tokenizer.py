@@ -16,7 +16,7 @@ with the prompt). Bytes outside the alphabet have no token and are dropped when 
 token sequence decodes losslessly.
 
 The trained tokenizer ships in ``tts_jax/assets/arith-lm/`` and loads with
-``transformers.AutoTokenizer.from_pretrained`` (``experiments/train_arith_tokenizer.py``).
+``transformers.AutoTokenizer.from_pretrained`` (``tts-jax train arith-tokenizer``).
 """
 
 from __future__ import annotations

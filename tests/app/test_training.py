@@ -1,4 +1,4 @@
-"""The training scripts' shared interface: they write into ``--out`` and touch the shipped assets
+"""The training modules' shared interface: they write into ``--out`` and touch the shipped assets
 (``tts_jax/assets``) only with ``--install``."""
 
 import hashlib
@@ -12,17 +12,12 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-EXPERIMENTS = ROOT / "experiments"
-ASSETS = ROOT / "tts_jax" / "assets"
-# model name (``tts-jax train <name>``) -> script
-SCRIPTS = {
-    "digits-dit": "train_digits_flow.py",
-    "digits-classifiers": "train_digits_classifiers.py",
-    "arith-tokenizer": "train_arith_tokenizer.py",
-    "arith-lm": "train_arith_lm.py",
-    "arith-prm": "train_arith_prm.py",
-}
+import tts_jax
+from tts_jax.app import training
+from tts_jax.app.training import MODULES
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+ASSETS = pathlib.Path(tts_jax.__file__).resolve().parent / "assets"
 
 
 def _env() -> dict:
@@ -62,24 +57,22 @@ def guarded_assets():
         pytest.fail(f"tts_jax/assets was written without --install (restored): {changed}")
 
 
-@pytest.fixture
-def experiments_on_path(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-
-
 def test_every_training_script_has_out_and_install_and_defaults_outside_the_assets(
-    tmp_path, monkeypatch, capsys, experiments_on_path, guarded_assets
+    tmp_path, monkeypatch, capsys, guarded_assets
 ):
-    """``python experiments/<script> --help`` of every script (run in this interpreter, as the
-    scripts' imports are slow to repeat)."""
-    scripts = {p.name for p in EXPERIMENTS.glob("train_*.py")} - {"train_common.py"}
-    assert scripts == set(SCRIPTS.values())
+    """``python -m <module> --help`` of every training module (run in this interpreter, as the
+    modules' imports are slow to repeat)."""
+    folder = pathlib.Path(training.__file__).parent
+    modules = {f"tts_jax.app.training.{p.stem}" for p in folder.glob("*.py")}
+    assert modules - {"tts_jax.app.training.__init__", "tts_jax.app.training.common"} == set(
+        MODULES.values()
+    )
     monkeypatch.setenv("COLUMNS", "1000")  # no wrapped help lines
     monkeypatch.chdir(tmp_path)
-    for name, script in SCRIPTS.items():
+    for name, script in MODULES.items():
         monkeypatch.setattr(sys, "argv", [script, "--help"])
         with pytest.raises(SystemExit) as exit_info:
-            runpy.run_path(str(EXPERIMENTS / script), run_name="__main__")
+            runpy.run_module(script, run_name="__main__", alter_sys=True)
         assert exit_info.value.code == 0
         text = " ".join(capsys.readouterr().out.split())
         assert "--out DIR" in text and "--install" in text, (script, text)
@@ -94,9 +87,8 @@ def test_every_training_script_has_out_and_install_and_defaults_outside_the_asse
 
 def test_tokenizer_training_writes_only_into_its_out_folder(tmp_path, guarded_assets):
     """A real (small) run with the default --out, from tmp_path: the assets stay byte-identical."""
-    script = EXPERIMENTS / "train_arith_tokenizer.py"
     proc = subprocess.run(
-        [sys.executable, str(script), "--n-problems", "50"],
+        [sys.executable, "-m", MODULES["arith-tokenizer"], "--n-problems", "50"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -116,12 +108,12 @@ def test_tokenizer_training_writes_only_into_its_out_folder(tmp_path, guarded_as
 
 
 def test_tokenizer_install_copies_only_the_tokenizer_files(
-    tmp_path, monkeypatch, capsys, experiments_on_path, guarded_assets
+    tmp_path, monkeypatch, capsys, guarded_assets
 ):
     """``--install`` (with the assets root pointed at tmp_path) replaces the tokenizer files of
     ``arith-lm`` and leaves the policy's weights there alone."""
-    import train_arith_tokenizer
-    import train_common
+    from tts_jax.app.training import arith_tokenizer as train_arith_tokenizer
+    from tts_jax.app.training import common as train_common
 
     assets = tmp_path / "assets"
     (assets / "arith-lm").mkdir(parents=True)
@@ -140,8 +132,8 @@ def test_tokenizer_install_copies_only_the_tokenizer_files(
     assert "replaced" in printed and "added" in printed
 
 
-def test_install_asset_copies_into_the_given_assets_root(tmp_path, capsys, experiments_on_path):
-    from train_common import install_asset
+def test_install_asset_copies_into_the_given_assets_root(tmp_path, capsys):
+    from tts_jax.app.training.common import install_asset
 
     src, root = tmp_path / "out", tmp_path / "assets"
     src.mkdir()
@@ -169,8 +161,8 @@ def test_install_asset_copies_into_the_given_assets_root(tmp_path, capsys, exper
     assert not (root / "new").exists()
 
 
-def test_out_inside_the_assets_is_refused(tmp_path, experiments_on_path):
-    from train_common import check_out
+def test_out_inside_the_assets_is_refused(tmp_path):
+    from tts_jax.app.training.common import check_out
 
     root = tmp_path / "assets"
     with pytest.raises(SystemExit, match="--install"):

@@ -24,7 +24,7 @@ Recipe:
 - checkpoints: orbax, every ``checkpoint_every`` steps under ``<out>/checkpoints``; a killed run
   rerun with the same ``--out`` resumes from the latest one. ``--fresh`` discards them.
 
-Run: ``python experiments/train_digits_flow.py [--out DIR] [--install] [--fresh]`` (about 18
+Run: ``python -m tts_jax.app.training.digits_flow [--out DIR] [--install] [--fresh]`` (about 18
 minutes on 2 shared CPU cores). Writes ``config.json`` + ``diffusion_pytorch_model.safetensors``
 (EMA weights) and ``training.json`` into ``--out`` (default ``outputs/train/digits-dit``);
 ``--install`` then copies those three files into ``tts_jax/assets/digits-dit``, which is never
@@ -47,9 +47,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from train_common import add_output_args, check_out, install_asset
 
 from tts_jax.app.data.digits import NUM_CLASSES, load_digits
+from tts_jax.app.training.common import add_output_args, check_out, install_asset
 from tts_jax.models.dit import DiT, DiTConfig, init_dit, save_dit
 from tts_jax.models.wrappers import FLOW_TIMESTEP_SCALE
 

@@ -4,10 +4,11 @@ Writes ``tokenizer.json`` + ``tokenizer_config.json`` and a training record
 ``tokenizer_training.json`` into ``--out`` (default ``outputs/train/arith-tokenizer``). With
 ``--install`` the two tokenizer files then replace those in ``tts_jax/assets/arith-lm/`` (the
 policy's weights there are left alone, but they were trained with the old vocabulary: retrain
-``arith-lm`` on the new tokenizer with ``train_arith_lm.py --tokenizer DIR``). Without
+``arith-lm`` on the new tokenizer with
+``python -m tts_jax.app.training.arith_lm --tokenizer DIR``). Without
 ``--install`` the package's assets are never written.
 
-Usage: python experiments/train_arith_tokenizer.py [--out DIR] [--install] [--n-problems N]
+Usage: python -m tts_jax.app.training.arith_tokenizer [--out DIR] [--install] [--n-problems N]
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import importlib.metadata
 import json
 import pathlib
 
-from train_common import add_output_args, check_out, install_asset
-
 from tts_jax.app.tasks.arith_tokenizer import ArithTokenizer, train_tokenizer
 from tts_jax.app.tasks.arithmetic import ArithConfig, generate_problems
+from tts_jax.app.training.common import add_output_args, check_out, install_asset
 
 NAME = "arith-tokenizer"
 ASSET = "arith-lm"  # the tokenizer ships beside the policy's weights
@@ -66,7 +66,7 @@ def main() -> None:
         "vocab_size": loaded.vocab_size,
         "merged_tokens": merged,
         "versions": {p: importlib.metadata.version(p) for p in ("tokenizers", "transformers")},
-        "script": "experiments/train_arith_tokenizer.py",
+        "script": "tts_jax.app.training.arith_tokenizer",
     }
     (out / RECORD).write_text(json.dumps(record, indent=2, default=repr) + "\n")
     print(

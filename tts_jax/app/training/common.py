@@ -1,10 +1,9 @@
-"""The output interface every ``experiments/train_*.py`` script shares: ``--out`` and ``--install``.
+"""The output interface every training module shares: ``--out`` and ``--install``.
 
 A training run writes the trained model (in the folder layout of its asset), its training record
 and its checkpoints into ``--out`` (default ``outputs/train/<model name>`` under the current
 directory). The git-tracked assets in ``tts_jax/assets/`` are only written by ``--install``, which
-copies the exported files there after training and prints what it replaced. The scripts import
-this module with ``experiments/`` on ``sys.path`` (as ``python experiments/<script>.py`` has it).
+copies the exported files there after training and prints what it replaced.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ The export (``config.json``, ``model.safetensors``, ``generation_config.json`` a
 ``--install`` then copies these files into ``tts_jax/assets/arith-lm``, which is never written
 without it.
 
-Run: ``python experiments/train_arith_lm.py [--out DIR] [--install]`` then a second phase with a
-fresh optimizer, ``python experiments/train_arith_lm.py --steps 400 --learning-rate 2e-3
+Run: ``python -m tts_jax.app.training.arith_lm [--out DIR] [--install]`` then a second phase with a
+fresh optimizer, ``python -m tts_jax.app.training.arith_lm --steps 400 --learning-rate 2e-3
 --init-from outputs/train/arith-lm [--install]`` (each about 12-15 minutes on 2 busy CPU cores).
 The shipped phase 1 ran as ``model_type="qwen2"`` (no o_proj bias) and was converted exactly to
 this layout (zero o_proj bias) before phase 2.
@@ -46,13 +46,13 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from train_arith_tokenizer import TOKENIZER_FILES
-from train_common import add_output_args, check_out, install_asset
 
 from tts_jax.app.runs import append_jsonl, environment, read_jsonl, to_jsonable, write_json
 from tts_jax.app.tasks.arith_data import make_sft_batch, make_splits
 from tts_jax.app.tasks.arith_models import ARITH_LM_DIR, ARITH_TASK, N_EVAL_PROBLEMS
 from tts_jax.app.tasks.arith_tokenizer import MAX_LENGTH, ArithTokenizer
+from tts_jax.app.training.arith_tokenizer import TOKENIZER_FILES
+from tts_jax.app.training.common import add_output_args, check_out, install_asset
 from tts_jax.models.lm import (
     LM,
     LMConfig,
@@ -281,7 +281,7 @@ def export(
             "num_params": num_params,
             "loss": loss_summary(log),
             "environment": environment(),
-            "script": "experiments/train_arith_lm.py",
+            "script": "tts_jax.app.training.arith_lm",
             "previous_phase": previous,
         },
     )
@@ -309,7 +309,7 @@ def main() -> None:
         default=ARITH_LM_DIR,
         metavar="DIR",
         help="folder to read the tokenizer from, e.g. the --out of "
-        "train_arith_tokenizer.py (default: the asset %(default)s; only read)",
+        "tts-jax train arith-tokenizer (default: the asset %(default)s; only read)",
     )
     args = parser.parse_args()
     out = check_out(args.out)

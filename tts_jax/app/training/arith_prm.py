@@ -23,9 +23,9 @@ cosine). The export (``config.json``, ``model.safetensors``, ``training.json``) 
 ``--out`` (default ``outputs/train/arith-prm``); ``--install`` then copies it into
 ``tts_jax/assets/arith-prm``, which is never written without it.
 
-Run: ``python experiments/train_arith_prm.py [--out DIR] [--install] [--policy DIR]`` after
-``train_arith_lm.py`` (under 10 minutes); pass ``--policy outputs/train/arith-lm`` to train on a
-policy that is not installed yet.
+Run: ``python -m tts_jax.app.training.arith_prm [--out DIR] [--install] [--policy DIR]`` after
+``tts-jax train arith-lm`` (under 10 minutes); pass ``--policy outputs/train/arith-lm`` to train
+on a policy that is not installed yet.
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from train_arith_lm import loss_summary, make_optimizer, restore_or_init
-from train_common import add_output_args, check_out, install_asset
 
 from tts_jax.app.runs import append_jsonl, environment, read_jsonl, to_jsonable, write_json
 from tts_jax.app.tasks.arith_data import PRMBatch, make_prm_batch, make_splits
@@ -57,6 +55,8 @@ from tts_jax.app.tasks.arith_models import (
 )
 from tts_jax.app.tasks.arith_tokenizer import ArithTokenizer
 from tts_jax.app.tasks.arithmetic import ANSWER_PREFIX, STEP_DELIMITER, Problem
+from tts_jax.app.training.arith_lm import loss_summary, make_optimizer, restore_or_init
+from tts_jax.app.training.common import add_output_args, check_out, install_asset
 from tts_jax.models.lm import LM, LMConfig, init_cache
 from tts_jax.models.lm_reward import RewardModel, reward_logits, save_reward_model
 
@@ -306,7 +306,7 @@ def main() -> None:
             "data": label_stats(data),
             "loss": loss_summary(read_jsonl(run_dir / "log.jsonl")),
             "environment": environment(),
-            "script": "experiments/train_arith_prm.py",
+            "script": "tts_jax.app.training.arith_prm",
             "policy": policy_name,
         },
     )

@@ -11,9 +11,9 @@ of up to one pixel, Gaussian pixel noise, clipped to the pixel range [-1, 1]) ma
 imperfect generated samples. Each folder gets ``config.json``, ``model.safetensors`` and
 ``metrics.json`` (held-out accuracy, clean and with noise, and the training recipe).
 
-Run: ``python experiments/train_digits_classifiers.py [--out DIR] [--install]`` (about a minute on
-2 CPU cores). Writes the folders ``digits-verifier/`` and ``digits-heldout/`` into ``--out``
-(default ``outputs/train/digits-classifiers``); ``--install`` then copies their files into
+Run: ``python -m tts_jax.app.training.digits_classifiers [--out DIR] [--install]`` (about a
+minute on 2 CPU cores). Writes the folders ``digits-verifier/`` and ``digits-heldout/`` into
+``--out`` (default ``outputs/train/digits-classifiers``); ``--install`` then copies their files into
 ``tts_jax/assets/digits-verifier`` and ``tts_jax/assets/digits-heldout``, which are never written
 without it.
 """
@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from train_common import add_output_args, check_out, install_asset
 
 from tts_jax.app.data.digits import Digits, split_digits
+from tts_jax.app.training.common import add_output_args, check_out, install_asset
 from tts_jax.models.classifier import ClassifierConfig, build_module, save_classifier
 
 NAME = "digits-classifiers"
