@@ -8,7 +8,7 @@ cache every step) and bookkeeping; the same filter with a PRM (a random
 :class:`~tts_jax.models.lm_reward.RewardModel` of the same size) is reported separately, twice:
 ``+PRM`` runs a full PRM forward over prompt + completion at every step (``P + L`` tokens per
 row and step), ``+cached PRM`` keeps the PRM's KV cache in the particle state and feeds it only
-each step's new tokens (:data:`~tts_jax.samplers.lm_scoring.cached_prm_scorer`, same scores).
+each step's new tokens (:data:`~tts_jax.models.lm_reward.cached_prm_scorer`, same scores).
 Token-level SMC resamples by ESS with a tilting potential. Reported: median wall time over
 ``--repeats`` runs after one warm-up call (which compiles), tokens/s, and the tokens/s ratio to
 ``generate`` (the median over calls alternating with ``generate``, which cancels slow changes of
@@ -30,9 +30,8 @@ from flax import nnx
 from benchmarks.lm_fixtures import even_token_tilt, small_qwen2, step_scorer
 from benchmarks.timing import time_call, time_pair
 from tts_jax.models import lm
-from tts_jax.models.lm_reward import RewardModel
+from tts_jax.models.lm_reward import RewardModel, cached_prm_scorer, prm_scorer
 from tts_jax.samplers import lm_smc
-from tts_jax.samplers.lm_scoring import cached_prm_scorer, prm_scorer
 
 
 def measure(n: int, new: int, args: argparse.Namespace) -> None:

@@ -63,7 +63,7 @@ PF_SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
     from tts_jax.samplers import lm_smc
-    from tts_jax.samplers.lm_scoring import cached_prm_scorer
+    from tts_jax.models.lm_reward import cached_prm_scorer
     from tts_jax.samplers.lm_state import decode_config
     from tts_jax.sharding import constrain_particles, particle_mesh
     from tests.samplers.test_lm_pf import PROMPT, SEP, tiny_prm

@@ -15,15 +15,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tts_jax.models.lm_reward import RewardModel
+from tts_jax.models.lm_reward import RewardModel, cached_prm_scorer, prm_scorer
 from tts_jax.samplers import lm_smc
 from tts_jax.samplers.lm_exact import enumerate_completions
-from tts_jax.samplers.lm_scoring import (
-    AGGREGATIONS,
-    cached_prm_scorer,
-    prm_scorer,
-    score_sequences,
-)
+from tts_jax.samplers.lm_scoring import AGGREGATIONS, score_sequences
 from tts_jax.samplers.lm_state import sequences
 
 from .test_lm_smc import EOS, VOCAB, iid_tv, random_module, tiny_lm

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tts_jax.models.lm_reward import RewardModel, prm_scores
+from tts_jax.models.lm_reward import RewardModel, cached_prm_scorer, prm_scorer, prm_scores
 from tts_jax.samplers import lm_search
 from tts_jax.samplers.lm_result import select
-from tts_jax.samplers.lm_scoring import aggregate, cached_prm_scorer, host_scorer, prm_scorer
+from tts_jax.samplers.lm_scoring import aggregate, host_scorer
 
 from .test_lm_pf import PROMPT, SEP, TABLE, first_token_scorer, tiny_prm
 from .test_lm_smc import EOS, VOCAB, random_module, tiny_lm

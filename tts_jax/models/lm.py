@@ -33,12 +33,14 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.flax import save_file
 
+from tts_jax.models.base import LanguageModel, as_language_model
 from tts_jax.models.checkpoint_errors import (
     CheckpointError,
     read_config_file,
     require_files,
     safetensors_errors,
 )
+from tts_jax.samplers.lm_state import sample_token  # defined next to the samplers
 
 Array = jax.Array
 
@@ -531,23 +533,6 @@ class GenerateOutput(NamedTuple):
     cache: KVCache
 
 
-def sample_token(key: Array, logits: Array, temperature: Array) -> Array:
-    """Samples from ``softmax(logits / temperature)``, greedily where ``temperature == 0``.
-
-    Args:
-        key: PRNG key.
-        logits: ``float32[N, vocab]``.
-        temperature: scalar or ``[N]`` (non-negative).
-
-    Returns:
-        ``int32[N]``.
-    """
-    temp = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), logits.shape[:1])
-    safe = jnp.where(temp > 0, temp, 1.0)[:, None]
-    sampled = jax.random.categorical(key, logits / _bcast(safe, logits), axis=-1)
-    return jnp.where(temp > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
-
-
 @functools.partial(jax.jit, static_argnames=("max_new_tokens",), donate_argnames=("cache",))
 def _generate_jit(model: LM, prompt: Array, prompt_lengths: Array, cache: KVCache, key: Array,
                   temperature: Array, stop_ids: Array, pad_id: Array,
@@ -783,3 +768,26 @@ def load_lm(path: str | pathlib.Path, *, dtype: Any = jnp.float32) -> tuple[LMCo
 def save_lm(path: str | pathlib.Path, config: LMConfig, model: LM) -> None:
     """Saves ``config.json`` + ``model.safetensors`` loadable by ``AutoModelForCausalLM``."""
     save_weights(model, path, config.to_hf_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# The LanguageModel protocol (what the LM samplers consume)
+# --------------------------------------------------------------------------------------------
+def _init_cache(model: LM, batch: int, max_len: int, dtype: Any) -> KVCache:
+    return init_cache(model.model.config, batch, max_len, dtype)
+
+
+def _prefill(model: LM, tokens: Array, cache: KVCache, lengths: Array) -> tuple[Array, KVCache]:
+    logits, cache = forward(model, tokens, cache, lengths)
+    return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0], cache
+
+
+def language_model(model: LM) -> LanguageModel:
+    """``model`` as a :class:`~tts_jax.models.base.LanguageModel` (params: the module itself;
+    cache: :class:`KVCache`; prefill: :func:`forward` read at each row's last prompt token;
+    decode: :func:`decode_step`). Registered with
+    :func:`~tts_jax.models.base.as_language_model`, so the samplers accept an :class:`LM`."""
+    return LanguageModel(model, _init_cache, _prefill, decode_step, model.config.vocab_size)
+
+
+as_language_model.register(LM, language_model)

@@ -6,12 +6,19 @@ head ``score = Sequential(Linear(h, h), ReLU, Linear(h, 2))`` whose softmax prob
 at each step-separator token is that step's correctness score. ``Qwen2ForRewardModel`` (the
 Qwen2.5-Math-RM outcome/value model) is the same network with one output read at the last token.
 Parameters keep the transformers names (``score.0.weight``, ``score.2.bias``, ...).
+
+As step scorers of the LM samplers (:class:`~tts_jax.rewards.base.StepScorer`, with the PRM as
+``scorer_params``): :data:`prm_scorer` rereads the whole prompt + completion at every step
+(``[N, P + L]`` tokens per call, quadratic in the number of steps); :data:`cached_prm_scorer`
+keeps the PRM's own KV cache in each particle's state and feeds it only the tokens written since
+the last step, with the same scores (attention is causal).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +35,8 @@ from tts_jax.models.lm import (
     read_lm_config,
     save_weights,
 )
+from tts_jax.particles import gather
+from tts_jax.rewards.base import RescoringScorer, last_step_only
 
 Array = jax.Array
 
@@ -91,6 +100,104 @@ def prm_scores(prm: RewardModel, tokens: Array, sep_mask: Array) -> Array:
     n, t = tokens.shape
     logits, _ = reward_logits(prm, tokens, init_cache(prm.config, n, t))
     return jnp.where(sep_mask, jax.nn.softmax(logits, axis=-1)[..., 1], 0.0)
+
+
+prm_scorer = RescoringScorer(prm_scores)
+"""Step scorer of a 2-label :class:`RewardModel` PRM (``scorer_params``): a full PRM forward over
+the ``[N, P + L]`` prompt + completion at every scoring, read at the step ends. Called directly
+it is :func:`prm_scores` (``prm_scorer(prm, tokens, step_ends) -> float32[N, T]``)."""
+
+
+class PRMCache(NamedTuple):
+    """Per-particle state of :data:`cached_prm_scorer` (leading axis ``N``).
+
+    Attributes:
+        cache: the PRM's :class:`~tts_jax.models.lm.KVCache` over the prompt and the fed tokens.
+        fed: ``int32[N]`` completion tokens already fed.
+        last: ``float32[N]`` score of the newest step end (0 before any).
+        low: ``float32[N]`` minimum step score (``+inf`` before any).
+        log_prod: ``float32[N]`` sum of the log step scores (0 before any).
+    """
+
+    cache: KVCache
+    fed: Array
+    last: Array
+    low: Array
+    log_prod: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedPRMScorer:
+    """:class:`~tts_jax.rewards.base.StepScorer` of a 2-label PRM that keeps the PRM's KV cache
+    per particle (use the instance :data:`cached_prm_scorer`).
+
+    :meth:`init` prefills the prompt once on one row and broadcasts it to ``N``; :meth:`update`
+    (after every step) feeds each row its new tokens, at most one step's worth: a PRM pass over
+    ``window`` token positions per particle and step (each written token is fed once) instead of
+    ``P + L``. The state is part of :class:`~tts_jax.samplers.lm_state.LMState` and is resampled
+    with it. Scores equal :data:`prm_scorer`'s.
+    """
+
+    def init(self, prm: RewardModel, prompt: Array, prompt_length: Array | None,
+             num_particles: int, max_new_tokens: int) -> PRMCache:
+        """Prefill ``prompt`` (``int32[P]``, right-padded to ``prompt_length``) once and
+        broadcast it to ``num_particles`` rows of a cache for ``P + max_new_tokens`` tokens."""
+        if prm.num_labels != 2:
+            raise ValueError(f"cached_prm_scorer needs a 2-label PRM head, got num_labels="
+                             f"{prm.num_labels}")
+        p = prompt.shape[0]
+        length = jnp.reshape(jnp.asarray(p if prompt_length is None else prompt_length,
+                                         jnp.int32), (1,))
+        rows = init_cache(prm.config, 1, p + max_new_tokens)
+        _, cache = reward_logits(prm, prompt[None, :], rows, length)
+        n = num_particles
+        zeros = jnp.zeros((n,), jnp.float32)
+        return PRMCache(gather(cache, jnp.zeros((n,), jnp.int32)), jnp.zeros((n,), jnp.int32),
+                        zeros, jnp.full((n,), jnp.inf, jnp.float32), zeros)
+
+    def update(self, prm: RewardModel, state: PRMCache, completion: Array, length: Array,
+               step_ends: Array, window: int, how: str,
+               needed: Array | bool = True) -> tuple[Array, PRMCache]:
+        """Feed every row its completion tokens ``[fed, length)`` and aggregate the new step
+        ends' scores (always, whatever ``needed``: every token must reach the cache once).
+
+        Args:
+            prm: the PRM.
+            state: :class:`PRMCache`.
+            completion: ``int32[N, L]`` completion buffer.
+            length: ``int32[N]`` tokens written.
+            step_ends: ``bool[N, L]`` step-end marks of the completion.
+            window: static bound on the tokens a row writes between two updates (one step).
+            how: aggregation (see :func:`~tts_jax.rewards.base.aggregate`).
+            needed: unused.
+
+        Returns:
+            ``(score float32[N], state)``: the same aggregate as
+            :func:`~tts_jax.rewards.base.score_sequences` of :func:`prm_scores` over the whole
+            prompt + completion.
+        """
+        positions = state.fed[:, None] + jnp.arange(window, dtype=jnp.int32)[None, :]
+        safe = jnp.minimum(positions, completion.shape[1] - 1)
+        tokens = jnp.take_along_axis(completion, safe, axis=1)
+        ends = jnp.take_along_axis(step_ends, safe, axis=1) & (positions < length[:, None])
+        logits, cache = reward_logits(prm, tokens, state.cache, length - state.fed)
+        p = jax.nn.softmax(logits, axis=-1)[..., 1]
+        newest = jnp.sum(jnp.where(last_step_only(ends), p, 0.0), axis=1)
+        last = jnp.where(jnp.any(ends, axis=1), newest, state.last)
+        low = jnp.minimum(state.low, jnp.min(jnp.where(ends, p, jnp.inf), axis=1))
+        log_prod = state.log_prod + jnp.sum(jnp.where(ends, jnp.log(p), 0.0), axis=1)
+        state = PRMCache(cache, length, last, low, log_prod)
+        return self.read(prm, state, completion, length, step_ends, how), state
+
+    def read(self, prm: RewardModel, state: PRMCache, completion: Array, length: Array,
+             step_ends: Array, how: str, needed: Array | bool = True) -> Array:
+        """The aggregate ``float32[N]`` of every step end fed so far (no PRM call)."""
+        return {"last": state.last, "model": state.last, "min": state.low,
+                "prod": jnp.exp(state.log_prod)}[how]
+
+
+cached_prm_scorer = CachedPRMScorer()
+"""The cached PRM step scorer (samplers compile per scorer value; this one is shared)."""
 
 
 def outcome_scores(rm: RewardModel, tokens: Array, lengths: Array) -> Array:

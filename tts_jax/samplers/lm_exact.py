@@ -3,8 +3,10 @@
 DESIGN.md "Models we ship": tiny enumerable LMs are how the LM samplers are proven correct. For a
 vocabulary of ``V`` tokens and a budget of ``L`` new tokens, every completion is a string that
 ends with its first stop token or fills the budget; :func:`enumerate_completions` scores all
-``V^L`` strings in one batched forward and returns the distinct completions with their exact
-log-probabilities, against which weighted particles and ``log Z`` estimates are compared.
+``V^L`` strings in one batch (a prefill and ``L`` decode steps of the
+:class:`~tts_jax.models.base.LanguageModel` protocol, so any model implementing it can be checked)
+and returns the distinct completions with their exact log-probabilities, against which weighted
+particles and ``log Z`` estimates are compared.
 """
 
 from __future__ import annotations
@@ -15,18 +17,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tts_jax.models import lm
+from tts_jax.models.base import LanguageModel, as_language_model
 
 MAX_ENUMERATED = 100_000
-_forward = jax.jit(lm.forward)
 
 
-def enumerate_completions(model: lm.LM, prompt, max_new_tokens: int,
+@jax.jit
+def _token_log_probs(model: LanguageModel, prompt: jax.Array, strings: jax.Array) -> jax.Array:
+    """``float32[S, L]``: ``log p(strings[s, t] | prompt, strings[s, :t])`` for every string."""
+    model = as_language_model(model)
+    count, length = strings.shape
+    cache = model.init_cache(count, prompt.shape[0] + length)
+    logits, cache = model.prefill(jnp.tile(prompt, (count, 1)), cache,
+                                  jnp.full((count,), prompt.shape[0], jnp.int32))
+    feed = jnp.ones((count,), bool)
+    columns = []
+    for t in range(length):
+        token = strings[:, t]
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        columns.append(jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0])
+        if t + 1 < length:
+            logits, cache = model.decode(token, cache, feed)
+    return jnp.stack(columns, axis=1)
+
+
+def enumerate_completions(model: LanguageModel, prompt, max_new_tokens: int,
                           stop_ids=()) -> tuple[list[tuple[int, ...]], np.ndarray]:
     """Every completion of ``prompt`` and its exact log-probability under ``model``.
 
     Args:
-        model: :class:`~tts_jax.models.lm.LM` with a small vocabulary ``V``.
+        model: a :class:`~tts_jax.models.base.LanguageModel` (or a model with a registered
+            adapter, e.g. :class:`~tts_jax.models.lm.LM`) with a small vocabulary ``V``.
         prompt: ``int[P]``.
         max_new_tokens: L.
         stop_ids: tokens that end a completion (kept as its last token).
@@ -38,17 +59,12 @@ def enumerate_completions(model: lm.LM, prompt, max_new_tokens: int,
     Raises:
         ValueError: ``V^L`` above :data:`MAX_ENUMERATED`.
     """
-    vocab = model.config.vocab_size
+    vocab = as_language_model(model).vocab_size
     if vocab**max_new_tokens > MAX_ENUMERATED:
         raise ValueError(f"{vocab}^{max_new_tokens} strings are too many to enumerate")
     prompt = np.asarray(prompt, np.int32)
     strings = np.array(list(itertools.product(range(vocab), repeat=max_new_tokens)), np.int32)
-    full = np.concatenate([np.tile(prompt, (len(strings), 1)), strings], axis=1)
-    cache = lm.init_cache(model.config, full.shape[0], full.shape[1])
-    logits, _ = _forward(model, jnp.asarray(full), cache)
-    # Position P - 1 + t predicts new token t.
-    logp = jax.nn.log_softmax(logits[:, len(prompt) - 1: -1], axis=-1)
-    logp = np.asarray(jnp.take_along_axis(logp, jnp.asarray(strings)[..., None], axis=-1)[..., 0],
+    logp = np.asarray(_token_log_probs(model, jnp.asarray(prompt), jnp.asarray(strings)),
                       np.float64)
     stops = np.isin(strings, np.asarray(stop_ids, np.int32))
     # Length of each string's completion: up to and including its first stop token.

@@ -33,8 +33,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from tts_jax.models import lm
+from tts_jax.models.base import LanguageModel, as_language_model
 from tts_jax.particles import gather
+from tts_jax.rewards.base import AGGREGATIONS, StepScorer, as_step_scorer
 from tts_jax.samplers.lm_result import (
     LMResult,
     check_budget,
@@ -45,8 +46,6 @@ from tts_jax.samplers.lm_result import (
     select,
 )
 from tts_jax.samplers.lm_scoring import (
-    AGGREGATIONS,
-    StepScorer,
     final_scores,
     step_scores,
     with_scorer_state,
@@ -107,6 +106,7 @@ def _search_jit(key, model, prompt, prompt_length, scorer_params, cfg, plan, *, 
                 num_particles, max_steps, max_step_tokens, max_new_tokens, aggregation):
     """``plan`` (traced): ``num_groups``, ``keep``, ``score_steps`` (score and select after each
     step; else score once at the end), ``dedup``."""
+    model, scorer = as_language_model(model), as_step_scorer(scorer)
     state = init_state(model, prompt, num_particles, max_new_tokens, cfg.pad_id,
                        prompt_length=prompt_length)
     state = with_scorer_state(scorer, scorer_params, state, prompt, prompt_length)
@@ -118,8 +118,7 @@ def _search_jit(key, model, prompt, prompt_length, scorer_params, cfg, plan, *, 
         was_done = s.done
         s = generate_step(model, s, jax.random.fold_in(key, k), cfg, max_step_tokens)
         scoring = plan["score_steps"] & ~all_done
-        fresh, s = step_scores(scorer, scorer_params, s, prompt, prompt_length, max_step_tokens,
-                               aggregation, scoring)
+        fresh, s = step_scores(scorer, scorer_params, s, max_step_tokens, aggregation, scoring)
         r = jnp.where(was_done, s.score, fresh)
         s = s._replace(score=r, budget=add_budget(
             s.budget, prm_calls=jnp.where(scoring, jnp.sum(~was_done), 0)))
@@ -133,8 +132,7 @@ def _search_jit(key, model, prompt, prompt_length, scorer_params, cfg, plan, *, 
     final, info = jax.lax.scan(body, state, jnp.arange(max_steps))
     final_only = ~plan["score_steps"]
     final = final._replace(
-        score=final_scores(scorer, scorer_params, final, prompt, prompt_length, aggregation,
-                           final_only),
+        score=final_scores(scorer, scorer_params, final, aggregation, final_only),
         budget=add_budget(final.budget, prm_calls=jnp.where(final_only, n, 0)))
     info["num_nan"] = jnp.sum(jnp.isnan(final.score)) + jnp.sum(jnp.isnan(info["scores"]))
     lw = jnp.full((n,), -jnp.log(n), jnp.float32)
@@ -167,7 +165,7 @@ def _check_beam_width(num_particles: int, beam_width: int) -> None:
                          f"{beam_width}, num_particles={num_particles}")
 
 
-def best_of_n(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_params: Any, *,
+def best_of_n(key: Array, model: LanguageModel, prompt, scorer: StepScorer, scorer_params: Any, *,
               num_particles: int, max_steps: int, max_step_tokens: int, max_new_tokens: int,
               temperature: float | Array = 0.8, sep_id: int | None = None, stop_ids=None,
               pad_id: int = 0, aggregation: str = "last", nan_policy: str = "raise",
@@ -191,7 +189,7 @@ def best_of_n(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_param
                    prompt_length=prompt_length)
 
 
-def beam_search(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_params: Any, *,
+def beam_search(key: Array, model: LanguageModel, prompt, scorer: StepScorer, scorer_params: Any, *,
                 num_particles: int, beam_width: int, max_steps: int, max_step_tokens: int,
                 max_new_tokens: int, temperature: float | Array = 0.8, sep_id: int | None = None,
                 stop_ids=None, pad_id: int = 0, aggregation: str = "last", dedup: bool = False,
@@ -212,7 +210,7 @@ def beam_search(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_par
                    prompt_length=prompt_length)
 
 
-def dvts(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_params: Any, *,
+def dvts(key: Array, model: LanguageModel, prompt, scorer: StepScorer, scorer_params: Any, *,
          num_particles: int, beam_width: int, max_steps: int, max_step_tokens: int,
          max_new_tokens: int, temperature: float | Array = 0.8, sep_id: int | None = None,
          stop_ids=None, pad_id: int = 0, aggregation: str = "last", dedup: bool = False,

@@ -66,9 +66,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from tts_jax import smc
-from tts_jax.models import lm
+from tts_jax.models.base import LanguageModel, as_language_model
 from tts_jax.particles import ess
 from tts_jax.resampling import get_resampler
+from tts_jax.rewards.base import AGGREGATIONS, StepScorer, as_step_scorer
 from tts_jax.samplers.lm_result import (
     LMResult,
     check_budget,
@@ -78,8 +79,6 @@ from tts_jax.samplers.lm_result import (
     make_result,
 )
 from tts_jax.samplers.lm_scoring import (
-    AGGREGATIONS,
-    StepScorer,
     log_odds,
     step_scores,
     with_scorer_state,
@@ -91,6 +90,7 @@ from tts_jax.samplers.lm_state import (
     append_token,
     decode_config,
     init_state,
+    sample_token,
 )
 
 Array = jax.Array
@@ -172,7 +172,7 @@ def _generate_step_weighted(model, state, key, cfg, max_step_tokens, forced, for
     def body(carry):
         i, s, paused, log_ratio = carry
         go = ~paused
-        token = lm.sample_token(jax.random.fold_in(key, i), s.logits, cfg.temperature)
+        token = sample_token(jax.random.fold_in(key, i), s.logits, cfg.temperature)
         copied = jnp.take(forced_tokens, jnp.minimum(s.length, forced_tokens.shape[0] - 1))
         token = jnp.where(forced, copied, token)
         log_ratio = log_ratio + jnp.where(
@@ -188,9 +188,8 @@ def _generate_step_weighted(model, state, key, cfg, max_step_tokens, forced, for
     return state, log_ratio
 
 
-def _pf_callbacks(model, prompt, prompt_length, scorer, scorer_params, cfg, ref_tokens, *,
-                  max_steps,
-                  max_step_tokens, aggregation):
+def _pf_callbacks(model, scorer, scorer_params, cfg, ref_tokens, *, max_steps, max_step_tokens,
+                  aggregation):
     """``propagate`` / ``log_potential`` of step-level particle filtering (see module doc).
 
     ``hyper`` (traced): ``softmax_temperature``, ``puri`` (absolute weights, else twisted),
@@ -205,8 +204,7 @@ def _pf_callbacks(model, prompt, prompt_length, scorer, scorer_params, cfg, ref_
             model, s, key, cfg, max_step_tokens, forced, ref_tokens
         )
 
-        fresh, s = step_scores(scorer, scorer_params, s, prompt, prompt_length, max_step_tokens,
-                               aggregation, ~all_done)
+        fresh, s = step_scores(scorer, scorer_params, s, max_step_tokens, aggregation, ~all_done)
         r = jnp.where(was_done, s.score, fresh)
         a = log_odds(r) / hyper["softmax_temperature"]
         a = a / jnp.where(hyper["anneal"], entropic_temperature(a, (k + 1) / max_steps), 1.0)
@@ -229,12 +227,13 @@ def _pf_callbacks(model, prompt, prompt_length, scorer, scorer_params, cfg, ref_
 def _pf_jit(key, model, prompt, prompt_length, scorer_params, cfg: DecodeConfig, hyper,
             ref_tokens, *, scorer, num_particles, max_steps, max_step_tokens, max_new_tokens,
             aggregation, resampler):
+    model, scorer = as_language_model(model), as_step_scorer(scorer)
     k_run, k_ref = jax.random.split(key)
     state = init_state(model, prompt, num_particles, max_new_tokens, cfg.pad_id,
                        prompt_length=prompt_length)
     state = with_scorer_state(scorer, scorer_params, state, prompt, prompt_length)
     propagate, log_potential = _pf_callbacks(
-        model, prompt, prompt_length, scorer, scorer_params, cfg, ref_tokens, max_steps=max_steps,
+        model, scorer, scorer_params, cfg, ref_tokens, max_steps=max_steps,
         max_step_tokens=max_step_tokens, aggregation=aggregation)
     mask = jnp.arange(max_steps) < max_steps - 1  # never resample after the last step
     schedule = smc.ResampleSchedule(mask, hyper["ess_threshold"])
@@ -297,8 +296,8 @@ def _run_pf(key, model, prompt, scorer, scorer_params, *, num_particles, max_ste
     return result
 
 
-def particle_filter(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_params: Any,
-                    *, num_particles: int, max_steps: int, max_step_tokens: int,
+def particle_filter(key: Array, model: LanguageModel, prompt, scorer: StepScorer,
+                    scorer_params: Any, *, num_particles: int, max_steps: int, max_step_tokens: int,
                     max_new_tokens: int, temperature: float | Array = 0.8,
                     softmax_temperature: float | Array = 1.0, sep_id: int | None = None,
                     stop_ids=None, pad_id: int = 0, aggregation: str = "last",
@@ -309,12 +308,15 @@ def particle_filter(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer
 
     Args:
         key: PRNG key.
-        model: :class:`~tts_jax.models.lm.LM` policy.
+        model: the policy, a :class:`~tts_jax.models.base.LanguageModel` or a model with a
+            registered adapter (:func:`~tts_jax.models.base.as_language_model`; e.g. the
+            transformer :class:`~tts_jax.models.lm.LM`).
         prompt: ``int[P]`` prompt tokens (prefilled once).
-        scorer: :data:`~tts_jax.samplers.lm_scoring.StepScorer` (e.g.
-            :func:`~tts_jax.samplers.lm_scoring.prm_scorer`, or
-            :data:`~tts_jax.samplers.lm_scoring.cached_prm_scorer`: the same scores from a PRM
-            KV cache kept per particle, fed one step at a time); static, hashed by identity.
+        scorer: :class:`~tts_jax.rewards.base.StepScorer` (e.g.
+            :data:`~tts_jax.models.lm_reward.prm_scorer`, or
+            :data:`~tts_jax.models.lm_reward.cached_prm_scorer`: the same scores from a PRM KV
+            cache kept per particle, fed one step at a time), or a plain function of whole
+            sequences (:mod:`~tts_jax.samplers.lm_scoring`); static, hashed.
         scorer_params: its parameters (e.g. the PRM module; traced).
         num_particles: N (static).
         max_steps: K SMC steps (static); particles not done after K steps are returned
@@ -358,7 +360,7 @@ def particle_filter(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer
                    prompt_length=prompt_length)
 
 
-def entropic_particle_filter(key: Array, model: lm.LM, prompt, scorer: StepScorer,
+def entropic_particle_filter(key: Array, model: LanguageModel, prompt, scorer: StepScorer,
                              scorer_params: Any, *, num_particles: int, max_steps: int,
                              max_step_tokens: int, max_new_tokens: int,
                              temperature: float | Array = 0.8,
@@ -379,7 +381,7 @@ def entropic_particle_filter(key: Array, model: lm.LM, prompt, scorer: StepScore
                    prompt_length=prompt_length, method="entropic_particle_filter")
 
 
-def particle_gibbs(key: Array, model: lm.LM, prompt, scorer: StepScorer, scorer_params: Any,
+def particle_gibbs(key: Array, model: LanguageModel, prompt, scorer: StepScorer, scorer_params: Any,
                    *, num_particles: int, num_sweeps: int, max_steps: int, max_step_tokens: int,
                    max_new_tokens: int, temperature: float | Array = 0.8,
                    softmax_temperature: float | Array = 1.0, sep_id: int | None = None,
@@ -466,6 +468,7 @@ def _token_callbacks(model, cfg, potential, constraint):
     "potential", "constraint", "num_particles", "max_new_tokens", "resampler"))
 def _token_smc_jit(key, model, prompt, cfg, params, ess_threshold, *, potential, constraint,
                    num_particles, max_new_tokens, resampler):
+    model = as_language_model(model)
     state = init_state(model, prompt, num_particles, max_new_tokens, cfg.pad_id)
     propagate, log_potential = _token_callbacks(model, cfg, potential, constraint)
     mask = jnp.arange(max_new_tokens) < max_new_tokens - 1
@@ -483,7 +486,7 @@ def _token_smc_jit(key, model, prompt, cfg, params, ess_threshold, *, potential,
     return make_result(final, lw, best, out.log_evidence, out.all_dead, info)
 
 
-def token_smc(key: Array, model: lm.LM, prompt, *, num_particles: int, max_new_tokens: int,
+def token_smc(key: Array, model: LanguageModel, prompt, *, num_particles: int, max_new_tokens: int,
               potential: Potential | None = None, potential_params: Any = None,
               constraint: Constraint | None = None, constraint_params: Any = None,
               temperature: float | Array = 1.0, stop_ids=None, pad_id: int = 0,
@@ -501,7 +504,8 @@ def token_smc(key: Array, model: lm.LM, prompt, *, num_particles: int, max_new_t
 
     Args:
         key: PRNG key.
-        model: :class:`~tts_jax.models.lm.LM`.
+        model: a :class:`~tts_jax.models.base.LanguageModel` or a model with a registered
+            adapter (e.g. the transformer :class:`~tts_jax.models.lm.LM`).
         prompt: ``int[P]`` prompt tokens (prefilled once).
         num_particles: N (static).
         max_new_tokens: L, token budget per particle (static).

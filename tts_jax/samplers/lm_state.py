@@ -5,10 +5,13 @@ A particle is one partial completion of a shared prompt. Everything it needs to 
 :func:`tts_jax.particles.gather` over the whole state: token buffer, step-end marks, KV cache,
 next-token logits, write positions, done flags, scores and the budget counters move together.
 
-The prompt is prefilled once on a single cache row and broadcast to ``N`` rows (never
-re-prefilled). From then on tokens are decoded one at a time with
-:func:`tts_jax.models.lm.decode_step`; a particle that is done, or that already ended its current
-step, is masked out (``active``) and neither writes its cache nor consumes tokens.
+The model is any :class:`~tts_jax.models.base.LanguageModel` (or a model with a registered
+adapter, such as the transformer :class:`tts_jax.models.lm.LM`; see
+:func:`~tts_jax.models.base.as_language_model`): these functions use only its ``init_cache``,
+``prefill`` and ``decode``. The prompt is prefilled once on a single cache row and broadcast to
+``N`` rows (never re-prefilled). From then on tokens are decoded one at a time; a particle that
+is done, or that already ended its current step, is masked out (``feed``) and neither writes its
+cache nor consumes tokens.
 
 Invariant: ``logits[i]`` are the next-token logits given the prompt and ``tokens[i, :length[i]]``
 (everything written has been fed to the model), except for done particles, whose stop token is
@@ -26,8 +29,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from tts_jax.models import lm
+from tts_jax.models.base import LanguageModel, as_language_model
 from tts_jax.particles import gather
+from tts_jax.rewards.base import join_prompt
 
 Array = jax.Array
 
@@ -60,13 +64,15 @@ class LMState(NamedTuple):
         finished: ``bool[N]`` a stop token (EOS / answer marker) was sampled.
         num_steps: ``int32[N]`` steps completed.
         logits: ``float32[N, V]`` next-token logits (stale once ``done``).
-        cache: :class:`~tts_jax.models.lm.KVCache` with ``N`` rows.
+        cache: the model's cache with ``N`` rows (any pytree, row axis first; e.g. the
+            transformer's :class:`~tts_jax.models.lm.KVCache`).
         score: ``float32[N]`` latest aggregated step score (method-specific; 0 before scoring).
         phi: ``float32[N]`` cumulative log potential used by the SMC engine.
         budget: :class:`Budget` replicated totals.
-        scorer_state: per-particle state of an incremental step scorer (e.g. the PRM's own KV
-            cache, :class:`~tts_jax.samplers.lm_scoring.CachedPRMScorer`), resampled with the
-            rest; ``None`` for scorers that re-read the whole sequence.
+        scorer_state: per-particle state of the step scorer
+            (:class:`~tts_jax.rewards.base.StepScorer`; e.g. the PRM's own KV cache of
+            :data:`~tts_jax.models.lm_reward.cached_prm_scorer`), resampled with the rest;
+            ``None`` until :func:`~tts_jax.samplers.lm_scoring.with_scorer_state`.
     """
 
     tokens: Array
@@ -76,7 +82,7 @@ class LMState(NamedTuple):
     finished: Array
     num_steps: Array
     logits: Array
-    cache: lm.KVCache
+    cache: Any
     score: Array
     phi: Array
     budget: Budget
@@ -120,29 +126,30 @@ def prompt_length_row(prompt: Array, prompt_length: Array | None) -> Array:
                        (1,))
 
 
-def init_state(model: lm.LM, prompt: Array, num_particles: int, max_new_tokens: int,
-               pad_id: Array, cache_dtype: Any = jnp.float32,
+def init_state(model: LanguageModel, prompt: Array, num_particles: int,
+               max_new_tokens: int, pad_id: Array, cache_dtype: Any = jnp.float32,
                prompt_length: Array | None = None) -> LMState:
     """Prefill the prompt once and broadcast it to ``num_particles`` rows (un-jitted).
 
     Args:
-        model: :class:`~tts_jax.models.lm.LM`.
+        model: :class:`~tts_jax.models.base.LanguageModel` (or a model with an adapter, see
+            :func:`~tts_jax.models.base.as_language_model`).
         prompt: ``int32[P]`` (``P >= 1``), right-padded when ``prompt_length`` is given.
         num_particles: N.
         max_new_tokens: L, completion buffer length (the cache holds ``P + L`` tokens).
         pad_id: int32 scalar filler of the token buffer.
-        cache_dtype: KV cache dtype.
+        cache_dtype: cache dtype (``init_cache``'s ``dtype``).
         prompt_length: int32 scalar in ``[1, P]``, the real prompt tokens (traced, so prompts of
             different lengths padded to one width share a compiled program); ``None``: ``P``.
 
     Returns:
         :class:`LMState` with empty completions and the prompt's next-token logits.
     """
+    model = as_language_model(model)
     n, p = num_particles, prompt.shape[0]
     length = prompt_length_row(prompt, prompt_length)
-    cache = lm.init_cache(model.model.config, 1, p + max_new_tokens, cache_dtype)
-    logits, cache = lm.forward(model, prompt[None, :], cache, length)
-    last = jnp.take_along_axis(logits, (length - 1)[:, None, None], axis=1)[:, 0]
+    cache = model.init_cache(1, p + max_new_tokens, cache_dtype)
+    last, cache = model.prefill(prompt[None, :], cache, length)
     rows = jnp.zeros((n,), jnp.int32)
     cache, logits = gather((cache, last), rows)
     zeros_f = jnp.zeros((n,), jnp.float32)
@@ -167,15 +174,15 @@ def add_budget(budget: Budget, tokens=0, nfe=0, lm_calls=0, prm_calls=0) -> Budg
                     for b, d in zip(budget, (tokens, nfe, lm_calls, prm_calls), strict=True)))
 
 
-def append_token(model: lm.LM, state: LMState, token: Array, go: Array, ends_step: Array,
-                 cfg: DecodeConfig) -> tuple[LMState, Array]:
+def append_token(model: LanguageModel, state: LMState, token: Array, go: Array,
+                 ends_step: Array, cfg: DecodeConfig) -> tuple[LMState, Array]:
     """Write one token for the rows in ``go`` and feed it to the model (un-jitted).
 
     Rows not in ``go`` are left untouched. A stop token finishes the row and is not fed; a row
     whose buffer becomes full is done (truncated, not finished).
 
     Args:
-        model: the LM.
+        model: the LM (see :func:`init_state`).
         state: :class:`LMState`.
         token: ``int32[N]`` sampled tokens.
         go: ``bool[N]`` rows that take a token now.
@@ -196,7 +203,7 @@ def append_token(model: lm.LM, state: LMState, token: Array, go: Array, ends_ste
     ended = go & (stop | full | (token == cfg.sep_id) | ends_step)
     step_ends = state.step_ends.at[rows, jnp.where(ended, pos, max_len)].set(True, mode="drop")
     feed = go & ~done
-    logits, cache = lm.decode_step(model, token, state.cache, feed)
+    logits, cache = as_language_model(model).decode(token, state.cache, feed)
     logits = jnp.where(feed[:, None], logits, state.logits)
     budget = add_budget(state.budget, tokens=jnp.sum(go), nfe=jnp.sum(feed), lm_calls=1)
     state = state._replace(tokens=tokens, step_ends=step_ends, length=length, done=done,
@@ -205,7 +212,24 @@ def append_token(model: lm.LM, state: LMState, token: Array, go: Array, ends_ste
     return state, ended
 
 
-def generate_step(model: lm.LM, state: LMState, key: Array, cfg: DecodeConfig,
+def sample_token(key: Array, logits: Array, temperature: Array) -> Array:
+    """Samples from ``softmax(logits / temperature)``, greedily where ``temperature == 0``.
+
+    Args:
+        key: PRNG key.
+        logits: ``float32[N, V]``.
+        temperature: scalar or ``[N]`` (non-negative).
+
+    Returns:
+        ``int32[N]``.
+    """
+    temp = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), logits.shape[:1])
+    safe = jnp.where(temp > 0, temp, 1.0)[:, None]
+    sampled = jax.random.categorical(key, logits / jnp.broadcast_to(safe, logits.shape), axis=-1)
+    return jnp.where(temp > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+def generate_step(model: LanguageModel, state: LMState, key: Array, cfg: DecodeConfig,
                   max_step_tokens: int, forced: Array | None = None,
                   forced_tokens: Array | None = None) -> LMState:
     """Every active particle generates one step: tokens up to its separator / stop token / the
@@ -215,7 +239,7 @@ def generate_step(model: lm.LM, state: LMState, key: Array, cfg: DecodeConfig,
     token, no cache write) while the others continue; the loop stops when every row has paused.
 
     Args:
-        model: the LM.
+        model: the LM (see :func:`init_state`).
         state: :class:`LMState`.
         key: PRNG key (``fold_in(key, i)`` for the ``i``-th token of the step).
         cfg: :class:`DecodeConfig`.
@@ -227,6 +251,8 @@ def generate_step(model: lm.LM, state: LMState, key: Array, cfg: DecodeConfig,
     Returns:
         The state after the step (``num_steps`` incremented for rows that were active).
     """
+    model = as_language_model(model)
+
     def cond(carry):
         i, _, paused = carry
         return (i < max_step_tokens) & ~jnp.all(paused)
@@ -234,7 +260,7 @@ def generate_step(model: lm.LM, state: LMState, key: Array, cfg: DecodeConfig,
     def body(carry):
         i, s, paused = carry
         go = ~paused
-        token = lm.sample_token(jax.random.fold_in(key, i), s.logits, cfg.temperature)
+        token = sample_token(jax.random.fold_in(key, i), s.logits, cfg.temperature)
         if forced is not None:
             copied = jnp.take(forced_tokens, jnp.minimum(s.length, forced_tokens.shape[0] - 1))
             token = jnp.where(forced, copied, token)
@@ -259,14 +285,4 @@ def sequences(prompt: Array, state: LMState, prompt_length: Array | None = None
     Returns:
         ``(tokens int32[N, P + L], step_ends bool[N, P + L])`` (prompt positions never marked).
     """
-    n, max_len = state.tokens.shape
-    p = prompt.shape[0]
-    length = jnp.asarray(p if prompt_length is None else prompt_length, jnp.int32)
-    cols = jnp.arange(p + max_len, dtype=jnp.int32)
-    in_completion = (cols >= length) & (cols < length + max_len)
-    src = jnp.clip(cols - length, 0, max_len - 1)
-    head = jnp.take(prompt, jnp.clip(jnp.where(cols < length, cols, cols - max_len), 0, p - 1))
-    tokens = jnp.where(in_completion[None, :], state.tokens[:, src],
-                       jnp.broadcast_to(head[None, :], (n, p + max_len)))
-    ends = in_completion[None, :] & state.step_ends[:, src]
-    return tokens, ends
+    return join_prompt(prompt, prompt_length, state.tokens, state.step_ends)
