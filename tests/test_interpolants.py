@@ -122,3 +122,40 @@ def test_grids():
 def test_unknown_diffusion_kind_is_rejected():
     with pytest.raises(ValueError, match="unknown diffusion kind"):
         I.diffusion("cubic", 1.0)
+
+
+def _ramp(norm, t, interp):
+    """A diffusion coefficient written outside the package: ``g = a + b t``."""
+    return norm["a"] + norm["b"] * t
+
+
+def test_diffusion_coefficients_are_values():
+    t = jnp.linspace(0.0, 1.0, 5)
+    vp = I.VP()
+    for name, fn in zip(I.DIFFUSION_KINDS, I.diffusions, strict=True):
+        by_name, by_value = I.diffusion(name, 2.0), I.diffusion(fn, 2.0)
+        # One coefficient, one pytree (same treedef: same compiled programs).
+        assert by_value == by_name and by_value.kind == name
+        assert jax.tree.structure(by_value) == jax.tree.structure(by_name)
+        np.testing.assert_array_equal(by_value(t, vp), fn(np.float32(2.0), t, vp))
+    np.testing.assert_allclose(I.diffusion("square", 2.0)(t, vp), 2.0 * t**2)
+    np.testing.assert_allclose(I.diffusion("sigma", 2.0)(t, vp), 2.0 * vp.sigma(t))
+    assert I.ode().kind == "zero" and I.diffusion(I.diffusions.zero, 0.0).kind == "zero"
+
+    ramp = I.diffusion(_ramp, {"a": 0.5, "b": 2.0})
+    assert ramp.kind is _ramp and ramp.coefficient is _ramp
+    assert ramp.norm["a"].dtype == np.float32
+    np.testing.assert_allclose(ramp(t, vp), 0.5 + 2.0 * t)
+    # Its numbers are leaves: a new value is the same treedef (no recompilation).
+    other = I.diffusion(_ramp, {"a": 0.1, "b": 1.0})
+    assert jax.tree.structure(other) == jax.tree.structure(ramp)
+    traces = []
+
+    @jax.jit
+    def g(d, t):
+        traces.append(1)
+        return d(t, vp)
+
+    g(ramp, t)
+    np.testing.assert_allclose(g(other, t), 0.1 + t)
+    assert len(traces) == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,35 +149,85 @@ def eps_to_velocity(interp: Interpolant, eps: Array, x: Array, t: Array) -> Arra
 # --------------------------------------------------------------------------- ODE / SDE (0.2)
 
 
+# diffusion coefficient: (norm, t [N] or scalar, interpolant) -> g(t) with the shape of t, where
+# ``norm`` is the coefficient's numbers (a pytree of arrays: a scalar for the built-in ones).
+DiffusionFn = Callable[[Any, Array, Interpolant], Array]
+
+
+def _zero(norm, t, interp):
+    return jnp.zeros_like(t)
+
+
+def _constant(norm, t, interp):
+    return jnp.full_like(t, norm)
+
+
+def _square(norm, t, interp):
+    return norm * t**2
+
+
+def _sigma(norm, t, interp):
+    return norm * interp.sigma(t)
+
+
+class DiffusionCoefficients(NamedTuple):
+    """The built-in diffusion coefficients ``g(norm, t, interpolant)``, as values."""
+
+    zero: DiffusionFn
+    constant: DiffusionFn
+    square: DiffusionFn
+    sigma: DiffusionFn
+
+
+diffusions = DiffusionCoefficients(zero=_zero, constant=_constant, square=_square, sigma=_sigma)
+"""``zero`` (the ODE, ``g = 0``), ``constant`` (``g = norm``), ``square`` (``g = norm t^2``, the
+Kim et al. 2025 default with norm 3), ``sigma`` (``g = norm sigma(t)``); ``diffusions.square`` and
+the name ``"square"`` are the same coefficient."""
+
+DIFFUSION_KINDS = diffusions._fields
+
+
 @struct.dataclass
 class Diffusion:
     """The free diffusion coefficient ``g(t)`` of the reverse SDE (ALGORITHMS.md 0.2).
 
-    ``kind`` is static, ``norm`` is an array leaf, so sweeping the noise level never recompiles.
-    Kinds: ``zero`` (the ODE), ``constant`` (``g = norm``), ``square`` (``g = norm t^2``, the
-    Kim et al. 2025 default with norm 3), ``sigma`` (``g = norm sigma(t)``).
+    A pytree like :class:`~tts_jax.models.base.FlowModel` and :class:`~tts_jax.rewards.base.Reward`:
+    the numbers ``norm`` are array leaves, so sweeping the noise level never recompiles, and the
+    coefficient ``kind`` is static.
+
+    Attributes:
+        norm: the coefficient's numbers: a float32 scalar for the built-in kinds, any pytree of
+            arrays for a function of your own.
+        kind: a name of :data:`diffusions` (``zero``, ``constant``, ``square``, ``sigma``) or any
+            function ``(norm, t, interpolant) -> g`` returning ``g`` with the shape of ``t``
+            (``[N]`` or a scalar; a module-level function: it is hashed by identity as a static
+            field). The built-in functions are stored under their names, so
+            ``Diffusion(norm, diffusions.square) == Diffusion(norm, "square")`` and
+            ``kind == "zero"`` always identifies the ODE.
     """
 
-    norm: Array
-    kind: str = struct.field(pytree_node=False, default="square")
+    norm: Any
+    kind: str | DiffusionFn = struct.field(pytree_node=False, default="square")
 
     def __post_init__(self):
-        if self.kind not in DIFFUSION_KINDS:
-            raise ValueError(f"unknown diffusion kind {self.kind!r}; known: {DIFFUSION_KINDS}")
+        if callable(self.kind):
+            for name, fn in zip(DIFFUSION_KINDS, diffusions, strict=True):
+                if self.kind is fn:
+                    object.__setattr__(self, "kind", name)
+        elif self.kind not in DIFFUSION_KINDS:
+            raise ValueError(
+                f"unknown diffusion kind {self.kind!r}; known: {DIFFUSION_KINDS}, or a function "
+                "(norm, t, interpolant) -> g"
+            )
+
+    @property
+    def coefficient(self) -> DiffusionFn:
+        """The function ``(norm, t, interpolant) -> g`` (the built-in one for a name)."""
+        return getattr(diffusions, self.kind) if isinstance(self.kind, str) else self.kind
 
     def __call__(self, t: Array, interp: Interpolant) -> Array:
         """``g(t)`` with the shape of ``t``."""
-        t = jnp.asarray(t, jnp.float32)
-        if self.kind == "zero":
-            return jnp.zeros_like(t)
-        if self.kind == "constant":
-            return jnp.full_like(t, self.norm)
-        if self.kind == "square":
-            return self.norm * t**2
-        return self.norm * interp.sigma(t)
-
-
-DIFFUSION_KINDS = ("zero", "constant", "square", "sigma")
+        return self.coefficient(self.norm, jnp.asarray(t, jnp.float32), interp)
 
 
 def ode() -> Diffusion:
@@ -184,12 +235,21 @@ def ode() -> Diffusion:
     return Diffusion(np.float32(0.0), "zero")
 
 
-def diffusion(kind: str = "square", norm: float | Array = 3.0) -> Diffusion:
-    """Build a :class:`Diffusion`; ``norm`` becomes a float32 array (a NumPy one for Python
-    numbers, so building it dispatches no device computation; same compiled programs)."""
-    if isinstance(norm, jax.Array):
-        return Diffusion(jnp.asarray(norm, jnp.float32), kind)
-    return Diffusion(np.asarray(norm, np.float32), kind)
+def diffusion(kind: str | DiffusionFn = "square", norm: Any = 3.0) -> Diffusion:
+    """Build a :class:`Diffusion` from a name of :data:`diffusions` or a function
+    ``(norm, t, interpolant) -> g``.
+
+    A number ``norm`` becomes a float32 array (a NumPy one for Python numbers, so building it
+    dispatches no device computation; same compiled programs); a pytree (for a function of your
+    own) gets its leaves converted the same way.
+    """
+
+    def as_float32(x):
+        if isinstance(x, jax.Array):
+            return jnp.asarray(x, jnp.float32)
+        return np.asarray(x, np.float32)
+
+    return Diffusion(jax.tree.map(as_float32, norm), kind)
 
 
 def sde_drift(interp: Interpolant, u: Array, x: Array, t: Array, g: Array) -> Array:
