@@ -14,8 +14,10 @@ from tts_jax.models.base import FlowModel
 from tts_jax.rewards.analytic import distance_reward, linear_reward
 from tts_jax.rewards.base import Reward
 from tts_jax.rewards.ensemble import mean_rank_ensemble
-from tts_jax.samplers import integrate
+from tts_jax.samplers import Sampler, integrate, run, selection
 from tts_jax.samplers import noise_search as ns
+from tts_jax.samplers.scaffold import run_with_keys
+from tts_jax.smc import step_keys_for
 
 K = 8
 GRID = I.uniform_grid(K)
@@ -206,7 +208,7 @@ def test_zero_order_diagnostics_and_paths_plan():
 def test_top_set_is_the_set_that_top_k_keeps(size, num):
     """Paths' intermediate selection (bisection on order-preserving keys) against lax.top_k on
     continuous scores, heavy ties (straddling the cut), signs and -inf."""
-    top_set = jax.jit(ns._top_set, static_argnums=1)
+    top_set = jax.jit(selection.top_set, static_argnums=1)
     key = jax.random.key(size)
     normal = jax.random.normal(key, (size,))
     tied = jnp.round(normal * 2.0) / 2.0  # a handful of distinct values, many ties
@@ -359,6 +361,179 @@ def test_non_finite_hyperparameters_are_rejected_before_tracing():
     with pytest.raises(ValueError, match="lambda_cos must be a scalar in"):
         ns.zero_order_search(jax.random.key(0), MODEL, REWARD, 50, GRID, lambda_cos=np.nan)
     assert COUNTS["traces"] == traces  # rejected before anything was traced
+
+
+# --------------------------------------------------------------------------- kernels (issue 16)
+
+RUN = jax.jit(run, static_argnames="sampler")
+
+
+def _kernel_params(**kwargs):
+    return ns.make_params(
+        MODEL, REWARD, GRID, kwargs.pop("diffusion", SDE), held_out=HELD_OUT, **kwargs
+    )
+
+
+# The samplers of the convenience calls above at the same sizes: 16 candidates in chunks of 5,
+# 4 iterations of 4 neighbours, 4 paths on PATHS.
+KERNELS = {
+    "best_of_n": lambda: ns.best_of_n_sampler(16, batch_size=5),
+    "zero_order_search": lambda: ns.zero_order_sampler(4, num_neighbours=4, batch_size=3),
+    "search_over_paths": lambda: ns.paths_sampler(4, K, **PATHS, batch_size=3),
+}
+
+
+def _assert_same(a, b):
+    for got, want in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_factories_are_memoized_and_check_params_names_the_method():
+    for name, make in KERNELS.items():
+        s = make()
+        assert isinstance(s, Sampler) and make() is s and hash(make()) == hash(s), name
+    assert ns.best_of_n_sampler(16, 5).num_steps == 4  # chunks of 5, 5, 5 and 1
+    assert ns.best_of_n_sampler(16).num_steps == ns.best_of_n_sampler(16, 16).num_steps == 1
+    assert ns.zero_order_sampler(4).num_steps == 4
+    assert ns.paths_sampler(4, K, **PATHS).num_steps == 3  # the rounds of paths_plan
+    assert ns.best_of_n_sampler(16, 5) != ns.best_of_n_sampler(16, 4)
+    params = _kernel_params()
+    for make in KERNELS.values():
+        ns.check_params(params, make())
+    with pytest.raises(ValueError, match="search_over_paths: the grid has 8 steps but the sam"):
+        ns.check_params(params, ns.paths_sampler(4, 10, **PATHS))
+    with pytest.raises(ValueError, match="zero_order_search: lambda_cos must be a scalar in"):
+        ns.check_params(params._replace(lambda_cos=np.float32(1.5)), KERNELS["zero_order_search"]())
+    ns.check_params(params._replace(lambda_cos=np.float32(1.5)), KERNELS["best_of_n"]())
+    with pytest.raises(ValueError, match="best_of_n: diffusion.norm must be finite"):
+        ns.check_params(
+            params._replace(diffusion=I.diffusion("square", np.nan)), KERNELS["best_of_n"]()
+        )
+    with pytest.raises(ValueError, match="not built by tts_jax noise_search"):
+        ns.check_params(params, Sampler(*KERNELS["best_of_n"]()[:3], 7))
+    with pytest.raises(ValueError, match="best_of_n: num_samples must be >= 1"):
+        ns.best_of_n_sampler(0)
+    with pytest.raises(ValueError, match="search_over_paths: need 1 <= forward_steps"):
+        ns.paths_sampler(4, K, start_step=3, forward_steps=2, backward_steps=2)
+    with pytest.raises(ValueError, match="zero_order_search: batch_size must be >= 1"):
+        ns.zero_order_sampler(4, batch_size=0)
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_jitted_run_of_the_kernel_with_public_names(name):
+    """``jax.jit(run, static_argnames="sampler")`` runs each search; ``run`` is
+    ``run_with_keys`` with the keys split from one key, and the convenience function is the same
+    kernel with its own key layout (public names only)."""
+    s, params = KERNELS[name](), _kernel_params(lambda_cos=0.9)
+    key = jax.random.key(21)
+    out, spent = _run_counted(RUN, key, s, params)
+    assert spent == int(out.nfe) == int(out.info["nfe"][-1])
+    assert set(out.info) >= {"best_reward", "nfe", "num_nan_rewards", "num_inf_rewards", "held_out"}
+    assert int(out.best) == int(np.argmax(np.asarray(out.rewards)))
+    with_keys = jax.jit(run_with_keys, static_argnames="sampler")
+    k_init, k_run = jax.random.split(key)
+    _assert_same(with_keys(k_init, step_keys_for(k_run, s.num_steps), s, params), out)
+    # the convenience functions' key layouts: init gets the key itself; best-of-N's steps draw
+    # nothing, zero-order iteration i uses fold_in(split(key, 3)[2], i), paths round r uses
+    # split(split(key, 3)[2], R)[r]
+    loop = jax.random.split(key, 3)[2]
+    step_keys = {
+        "best_of_n": step_keys_for(key, s.num_steps),
+        "zero_order_search": step_keys_for(loop, s.num_steps),
+        "search_over_paths": jax.random.split(loop, s.num_steps),
+    }[name]
+    convenience = {
+        "best_of_n": lambda: _best_of_n(key, 16 * K, diffusion=SDE, batch_size=5),
+        "zero_order_search": lambda: _zero_order(
+            key, 150, diffusion=SDE, batch_size=3, lambda_cos=0.9
+        ),
+        "search_over_paths": lambda: _paths(key, 4 * PATH_NFE + 3, diffusion=SDE, batch_size=3),
+    }[name]()
+    _assert_same(with_keys(key, step_keys, s, params), convenience)
+
+
+def _gaussian_velocity(params, x, t, cond=None):
+    """Exact velocity of ``N(mean, std^2 I)`` data on the linear path, elementwise in ``x``."""
+    interp, t = I.Linear(), t[:, None]
+    a, s = interp.alpha(t), interp.sigma(t)
+    mean, var = params["mean"][None], params["std"] ** 2
+    resid = (x - a * mean) / (a**2 * var + s**2)
+    return interp.alpha_dot(t) * (mean + a * var * resid) + interp.sigma_dot(t) * s * resid
+
+
+def _elementwise_reward(params, x, cond=None):
+    return params["w"][0] * x[:, 0] + params["w"][1] * x[:, 1]
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_vmap_over_keys_equals_separate_runs(name):
+    """Exactly, with a model and a verifier that are elementwise in the candidates (a
+    contraction such as the mixture's may be summed in another order at another batch shape)."""
+    gaussian = FlowModel(
+        {"mean": jnp.array([1.0, -1.0]), "std": jnp.float32(0.5)},
+        _gaussian_velocity,
+        I.Linear(),
+        (2,),
+    )
+    verifier = Reward({"w": DIRECTION}, _elementwise_reward, "elementwise")
+    params = ns.make_params(gaussian, verifier, GRID, SDE, lambda_cos=0.9, held_out={"v": verifier})
+    s = KERNELS[name]()
+    keys = jax.random.split(jax.random.key(4), 4)
+    batched = jax.jit(jax.vmap(run, in_axes=(0, None, None)), static_argnums=1)(keys, s, params)
+    assert batched.samples.shape[0] == 4
+    for i in range(4):
+        _assert_same(jax.tree.map(lambda leaf, i=i: leaf[i], batched), RUN(keys[i], s, params))
+    distinct = {float(batched.rewards[i, 0]) for i in range(4)}
+    assert len(distinct) == 4  # four different runs, not one copied
+
+
+def test_numeric_params_do_not_recompile():
+    """Sweeping lambda_cos, the diffusion's norm, the verifier's and the held-out verifiers'
+    numbers or the model's weights (same shapes) reuses each sampler's one compiled program."""
+    base = _kernel_params(lambda_cos=0.9)
+    other_mixture = G.make_gmm(
+        weights=[0.5, 0.3, 0.2],
+        means=[[-1.0, 0.5], [1.5, 0.0], [0.5, -1.5]],
+        covs=[[[0.2, 0.0], [0.0, 0.2]]] * 3,
+    )
+    variants = [
+        base._replace(lambda_cos=np.float32(0.5)),
+        base._replace(diffusion=I.diffusion("square", 1.0)),
+        base._replace(reward=_reward(-DIRECTION, nan_above=5.0)),
+        base._replace(held_out={**HELD_OUT, "distance": distance_reward([1.0, 1.0])}),
+        base._replace(model=MODEL.replace(params=other_mixture)),
+    ]
+    for name, make in KERNELS.items():
+        s = make()
+        first = RUN(jax.random.key(0), s, base)
+        compiled, traces = RUN._cache_size(), COUNTS["traces"]
+        outs = [RUN(jax.random.key(0), s, p) for p in variants]
+        assert RUN._cache_size() == compiled and COUNTS["traces"] == traces, name
+        for out in outs:  # every variant changes the result
+            assert not all(
+                np.array_equal(np.asarray(a), np.asarray(b))
+                for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(first), strict=True)
+            ), name
+
+
+@pytest.mark.parametrize("num_groups, per_group", [(1, 1), (3, 4), (5, 1), (2, 7)])
+def test_best_of_groups_is_the_argmax_of_each_group(num_groups, per_group):
+    scores = jnp.round(jax.random.normal(jax.random.key(per_group), (num_groups * per_group,)))
+    scores = scores.at[0].set(-jnp.inf)
+    flat, pick = jax.jit(selection.best_of_groups, static_argnums=1)(scores, num_groups)
+    want = np.argmax(np.asarray(scores).reshape(num_groups, per_group), axis=1)  # first of ties
+    np.testing.assert_array_equal(pick, want)
+    np.testing.assert_array_equal(flat, np.arange(num_groups) * per_group + want)
+    assert pick.dtype == flat.dtype == jnp.int32
+
+
+def test_keep_top_sorts_a_pytree_of_candidates():
+    scores = jnp.array([0.5, -jnp.inf, 2.0, 0.5, 1.0])
+    cand = {"x": jnp.arange(5.0)[:, None] * jnp.ones((1, 3)), "i": jnp.arange(5)}
+    top, kept = selection.keep_top(scores, cand, 3)
+    np.testing.assert_array_equal(top, [2.0, 1.0, 0.5])
+    np.testing.assert_array_equal(kept["i"], [2, 4, 0])
+    np.testing.assert_array_equal(kept["x"][:, 0], [2.0, 4.0, 0.0])
 
 
 # --------------------------------------------------------------------------- pinned outputs
