@@ -57,7 +57,7 @@ from tts_jax.models import gmm as G
 from tts_jax.models.zoo import load_digits_flow
 from tts_jax.rewards.analytic import distance_reward
 from tts_jax.rewards.classifier import class_log_prob_reward, load_digits_verifier
-from tts_jax.samplers import flow_particles, integrate, noise_search
+from tts_jax.samplers import flow_particles, integrate, noise_search, selection
 from tts_jax.samplers.fk_steering import fk_steering
 
 STEPS = 10
@@ -210,7 +210,7 @@ def selections(key, width, num, shape):
 
     def one(rows, k):
         scores = jax.random.normal(jax.random.split(jax.random.fold_in(key, k))[0], (width,))
-        kept = rows[noise_search._top_set(scores, width // PATHS_BRANCHES)]
+        kept = rows[selection.top_set(scores, width // PATHS_BRANCHES)]
         return jnp.repeat(kept, PATHS_BRANCHES, axis=0), None
 
     return jax.lax.scan(one, jnp.zeros((width, *shape)), jnp.arange(num))[0]

@@ -12,6 +12,23 @@ budget in NFE:
   back further than they were re-noised, keep the top ``N`` by the verifier on the Tweedie
   estimate, until the data end.
 
+Two ways to call each (the kernel shape of :mod:`tts_jax.samplers.base`):
+
+* the kernel: :func:`best_of_n_sampler`, :func:`zero_order_sampler` and :func:`paths_sampler`
+  build a hashable :class:`~tts_jax.samplers.base.Sampler` from the static sizes (candidates,
+  iterations, rounds, ``batch_size``); :func:`make_params` builds the :class:`Params` pytree
+  (model, verifier, grid, diffusion, ``lambda_cos``, condition, held-out verifiers);
+  :func:`check_params` checks them on the host; :func:`tts_jax.samplers.run` runs them, pure:
+  jit it (``static_argnames="sampler"``), ``vmap`` it over keys; sweeping ``lambda_cos`` or the
+  diffusion's norm, or swapping verifier or model weights of the same shapes, reuses the
+  compiled program;
+* :func:`best_of_n`, :func:`zero_order_search`, :func:`search_over_paths`, the convenience entry
+  points: budget -> sizes, the host checks, the jitted kernel, then the host-side NaN check
+  (:func:`tts_jax.samplers.scaffold.finish`). They keep the key layout they had before the
+  kernels existed (:func:`tts_jax.samplers.scaffold.run_with_keys`), so their results are
+  bit-identical to it; ``run(key, ...)`` derives its keys from ``key`` its own way, so the same
+  key gives other (equally distributed) candidates there.
+
 Cost accounting. ``nfe`` counts model forward passes per candidate (one velocity evaluation of one
 sample is 1 NFE), the unit in which scaling curves compare methods; a budget is a maximum of that
 count and is never exceeded (any remainder too small for another candidate is left unspent).
@@ -27,15 +44,16 @@ unless ``nan_policy="drop"``. A ``-inf`` score is valid (it rejects the candidat
 hyper-parameters (``lambda_cos``, the diffusion norm, grid times) are an error at the call.
 ``held_out`` verifiers (``name -> Reward``) are evaluated on the returned samples only, reported
 in ``info["held_out"]`` and never used for selection: optimizing one verifier can lower the
-others, which users need to see.
+others, which users need to see. (The checks, the scoring and the result are
+:mod:`tts_jax.samplers.scaffold`; the selection is :mod:`tts_jax.samplers.selection`.)
 
 Conditioning and batching. All candidates search for one sample of one condition: ``cond`` is
 ``None`` or a pytree whose leaves have a leading axis of size 1 (e.g. a class label ``[1]``),
 broadcast to the rows of every model and verifier call. The model is called on all candidates
 at once (``[C, ...]``, one batched forward per step), or, when ``batch_size`` bounds memory, on
-chunks of ``batch_size`` rows in sequence (``lax.map``). Candidate ``i``'s SDE noise comes from
-its own key (:func:`~tts_jax.samplers.integrate.solve_rows`), so a candidate does not depend on
-which others share its batch: results do not depend on ``batch_size`` (up to float rounding).
+chunks of ``batch_size`` rows in sequence. Candidate ``i``'s SDE noise comes from its own key
+(:func:`~tts_jax.samplers.integrate.solve_rows`), so a candidate does not depend on which others
+share its batch: results do not depend on ``batch_size`` (up to float rounding).
 """
 
 from __future__ import annotations
@@ -50,26 +68,150 @@ import numpy as np
 from tts_jax.interpolants import Diffusion, forward_renoise, ode
 from tts_jax.models.base import FlowModel
 from tts_jax.rewards.base import Reward
+from tts_jax.samplers.base import Sampler
 from tts_jax.samplers.integrate import initial_noise, solve_rows, tweedie
-from tts_jax.samplers.result import (
-    SampleResult,
+from tts_jax.samplers.result import SampleResult, count_invalid
+from tts_jax.samplers.scaffold import (
+    broadcast_cond,
+    check_batch_size,
+    check_budget,
     check_finite_hyperparameters,
-    check_finite_rewards,
+    check_grid,
     check_nan_policy,
-    count_invalid,
-    invalid_reward_info,
-    mask_invalid_rewards,
+    check_shared_cond,
+    finish,
+    held_out_dict,
+    run_with_keys,
+    score,
+    search_result,
 )
+from tts_jax.samplers.selection import keep_top, top_set
+from tts_jax.smc import step_keys_for
 
 Array = jax.Array
+PyTree = Any
 
 
-# --------------------------------------------------------------------------- shared pieces
+# --------------------------------------------------------------------------- params
 
 
-def _broadcast_cond(cond: Any, num: int) -> Any:
-    """Broadcast a shared condition (leaves ``[1, ...]``) to ``num`` candidates."""
-    return jax.tree.map(lambda c: jnp.broadcast_to(c, (num, *c.shape[1:])), cond)
+class Params(NamedTuple):
+    """Everything array-valued the searches need: a pytree (a jit argument, never static).
+
+    Attributes:
+        model: :class:`~tts_jax.models.base.FlowModel` (its weights are leaves).
+        reward: the verifier used for selection, ``x [C, ...] -> [C]`` (higher is better).
+        grid: ``Float[K + 1]`` times from noise (1) to data (0).
+        diffusion: :class:`~tts_jax.interpolants.Diffusion` of the solves (``ode()``: the
+            noise -> sample map is deterministic).
+        lambda_cos: scalar cosine similarity of zero-order neighbours and their pivot, in
+            ``[-1, 1]`` (read by :func:`zero_order_sampler` only).
+        cond: shared condition (leaves ``[1, ...]``) or ``None``.
+        held_out: ``{name: Reward}`` evaluated on the returned samples only.
+    """
+
+    model: FlowModel
+    reward: Reward
+    grid: Array
+    diffusion: Diffusion
+    lambda_cos: Array
+    cond: Any = None
+    held_out: dict[str, Reward] | None = None
+
+
+def _float32(x):
+    """A float32 array: NumPy for host values (no device op), ``jnp`` for JAX arrays."""
+    if isinstance(x, jax.Array):
+        return jnp.asarray(x, jnp.float32)
+    return np.asarray(x, np.float32)
+
+
+def make_params(
+    model: FlowModel,
+    reward: Reward,
+    grid: Array,
+    diffusion: Diffusion | None = None,
+    *,
+    lambda_cos: float | Array = 0.95,
+    cond: Any = None,
+    held_out: dict[str, Reward] | None = None,
+) -> Params:
+    """:class:`Params` with ``grid`` and ``lambda_cos`` as float32 arrays, ``diffusion``
+    defaulting to ``ode()`` and ``held_out`` to ``{}``. No checks (:func:`check_params`) and no
+    device op for host values."""
+    diffusion = ode() if diffusion is None else diffusion
+    held_out = {} if held_out is None else dict(held_out)
+    return Params(model, reward, _float32(grid), diffusion, _float32(lambda_cos), cond, held_out)
+
+
+class _Config(NamedTuple):
+    """What :func:`check_params` needs to know of a search sampler."""
+
+    method: str
+    num_steps: int | None  # the grid's K the sampler is built for (None: any)
+
+
+_CONFIGS: dict[Sampler, _Config] = {}
+
+
+def check_params(params: Params, sampler: Sampler) -> None:
+    """Host-side checks of ``params`` for a search ``sampler``, before anything is traced.
+
+    Shapes are always checked; values only when concrete (traced values are skipped, so this
+    may run inside someone's ``jit``).
+
+    Raises:
+        ValueError: naming the sampler's method: a grid that is not ``[K + 1]`` (or of another
+            ``K`` than :func:`paths_sampler` was built for), a non-finite grid or diffusion
+            norm, ``cond`` leaves without a leading axis of size 1, a held-out entry that is not
+            a :class:`~tts_jax.rewards.base.Reward`, and for :func:`zero_order_sampler` a
+            ``lambda_cos`` that is not a scalar in ``[-1, 1]`` (NaN included); a ``sampler``
+            not built by this module.
+    """
+    config = _CONFIGS.get(sampler)
+    if config is None:
+        raise ValueError("check_params: the sampler was not built by tts_jax noise_search")
+    method = config.method
+    num_steps = check_grid(method, params.grid)
+    if config.num_steps is not None and num_steps != config.num_steps:
+        raise ValueError(
+            f"{method}: the grid has {num_steps} steps but the sampler takes {config.num_steps}"
+        )
+    norms = jax.tree_util.tree_leaves_with_path(getattr(params.diffusion, "norm", None))
+    check_finite_hyperparameters(
+        method,
+        {
+            "grid": params.grid,
+            **{f"diffusion.norm{jax.tree_util.keystr(path)}": v for path, v in norms},
+        },
+    )
+    check_shared_cond(method, params.cond)
+    held_out_dict(method, params.held_out)
+    if method == "zero_order_search":
+        lambda_cos = params.lambda_cos
+        if np.ndim(lambda_cos) != 0:
+            raise ValueError(
+                f"{method}: lambda_cos must be a scalar in [-1, 1], got shape "
+                f"{np.shape(lambda_cos)}"
+            )
+        if not isinstance(lambda_cos, jax.core.Tracer) and not abs(float(lambda_cos)) <= 1.0:
+            raise ValueError(
+                f"{method}: lambda_cos must be a scalar in [-1, 1], got {np.asarray(lambda_cos)}"
+            )
+
+
+def _register(sampler: Sampler, method: str, num_steps: int | None = None) -> Sampler:
+    _CONFIGS[sampler] = _Config(method, num_steps)
+    return sampler
+
+
+def _check_size(method: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{method}: {name} must be >= 1, got {value}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------- batched pieces
 
 
 def _map_rows(fn, xs, batch_size: int | None) -> Array:
@@ -88,128 +230,117 @@ def _map_rows(fn, xs, batch_size: int | None) -> Array:
     return jnp.concatenate([out, fn(jax.tree.map(lambda x: x[full:], xs))])
 
 
-def _denoise(keys, model, x, grid, diffusion, cond, batch_size):
-    """Integrate every candidate ``x [C, ...]`` along ``grid``, batched (chunks of ``batch_size``
-    rows), candidate ``i``'s noise from ``keys[i]`` (``keys [C]``): ``(len(grid) - 1) C`` NFE."""
+def _solve(keys: Array, params: Params, x: Array, grid: Array) -> Array:
+    """Integrate the rows ``x [B, ...]`` along ``grid``, row ``i``'s noise from ``keys[i]``:
+    ``(len(grid) - 1) B`` NFE, one batched forward per step."""
+    cond = broadcast_cond(params.cond, x.shape[0])
+    return solve_rows(keys, params.model, x, grid, params.diffusion, cond)
+
+
+def _denoise(keys: Array, params: Params, x: Array, grid: Array, batch_size) -> Array:
+    """:func:`_solve` of every candidate ``x [C, ...]`` (``keys [C]``) in chunks of
+    ``batch_size`` rows: ``(len(grid) - 1) C`` NFE."""
 
     def rows(args):
-        k, xs = args
-        return solve_rows(k, model, xs, grid, diffusion, _broadcast_cond(cond, xs.shape[0]))
+        keys, xs = args
+        return _solve(keys, params, xs, grid)
 
     return _map_rows(rows, (keys, x), batch_size)
 
 
-def _fold_in_range(key, num: int):
-    """Keys ``fold_in(key, i)`` for ``i < num``: a larger run extends a smaller one."""
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num))
-
-
-def _velocity(model, x, t, cond, batch_size):
+def _velocity(params: Params, x: Array, t: Array, batch_size) -> Array:
     """Velocity of every candidate ``x [C, ...]`` at scalar time ``t``, batched: ``C`` NFE."""
 
     def rows(xs):
-        return model.velocity(xs, t, _broadcast_cond(cond, xs.shape[0]))
+        return params.model.velocity(xs, t, broadcast_cond(params.cond, xs.shape[0]))
 
     return _map_rows(rows, x, batch_size)
 
 
-def _score(reward, x, cond):
-    """Verifier scores ``[C]`` of the batch ``x [C, ...]`` (NaN and ``+inf`` -> ``-inf``) and
+def _score(params: Params, x: Array) -> tuple[Array, Array]:
+    """Verifier scores ``[C]`` of ``x [C, ...]`` in one call (NaN and ``+inf`` -> ``-inf``) and
     the mask ``Bool[2, C]`` of the NaN and ``+inf`` scores."""
-    return mask_invalid_rewards(reward(x, _broadcast_cond(cond, x.shape[0])))
+    return score(params.reward, x, broadcast_cond(params.cond, x.shape[0]))
 
 
-def _held_out(held_out, samples, cond):
-    """Held-out verifier scores of the returned samples (never used for selection)."""
-    cond = _broadcast_cond(cond, samples.shape[0])
-    return {name: r(samples, cond) for name, r in held_out.items()}
-
-
-def _result(samples, rewards, nfe, reward_calls, invalid, held_out, cond, info) -> SampleResult:
-    """Uniformly weighted search output ``samples [N, ...]``; ``invalid Int32[2]`` counts the
-    NaN and ``+inf`` scores; held-out scores added to ``info``."""
-    num = samples.shape[0]
-    info = {
-        **info,
-        **invalid_reward_info(invalid),
-        "held_out": _held_out(held_out, samples, cond),
-    }
-    return SampleResult(
-        samples=samples,
-        rewards=rewards,
-        log_weights=jnp.full((num,), -jnp.log(num), jnp.float32),
-        best=jnp.argmax(rewards),
-        nfe=jnp.int32(nfe),
-        reward_calls=jnp.int32(reward_calls),
-        log_evidence=jnp.float32(jnp.nan),
-        info=info,
-    )
-
-
-def _validate(
-    method, grid, diffusion, cond, held_out, nan_policy, batch_size
-) -> tuple[Array, Diffusion, dict]:
-    """Host-side input checks shared by the three searches; returns ``(grid, diffusion,
-    held_out)`` with the default ``ode()`` filled in."""
-    grid = np.asarray(grid, np.float32)  # host-side: no device op before the one jitted call
-    if grid.ndim != 1 or grid.shape[0] < 2:
-        raise ValueError(f"{method}: grid must be [K + 1] times with K >= 1, got {grid.shape}")
-    check_nan_policy(method, nan_policy)
-    diffusion = ode() if diffusion is None else diffusion
-    check_finite_hyperparameters(
-        method, {"grid": grid, "diffusion.norm": getattr(diffusion, "norm", None)}
-    )
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"{method}: batch_size must be >= 1 or None, got {batch_size}")
-    for leaf in jax.tree.leaves(cond):
-        if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != 1:
-            raise ValueError(
-                f"{method}: cond is shared by all candidates, its leaves need a leading axis "
-                f"of size 1, got shape {jnp.shape(leaf)}"
-            )
-    held_out = {} if held_out is None else dict(held_out)
-    for name, r in held_out.items():
-        if not isinstance(r, Reward):
-            raise ValueError(f"{method}: held_out[{name!r}] is not a Reward")
-    return grid, diffusion, held_out
-
-
-def _check_budget(method: str, budget: int, minimum: int, what: str) -> None:
-    if budget < minimum:
-        raise ValueError(
-            f"{method}: budget of {budget} NFE is below the minimum of {minimum} NFE ({what})"
-        )
-
-
-def _finish(result: SampleResult, method: str, reward: Reward, nan_policy: str) -> SampleResult:
-    """The host-side check of NaN / ``+inf`` scores (an error unless ``nan_policy="drop"``)."""
-    return check_finite_rewards(result, method, reward, nan_policy)
+def _result(params: Params, samples, rewards, nfe, reward_calls, invalid, info) -> SampleResult:
+    """Uniformly weighted search output ``samples [N, ...]`` with the held-out scores."""
+    cond = broadcast_cond(params.cond, samples.shape[0])
+    return search_result(samples, rewards, nfe, reward_calls, invalid, info, params.held_out, cond)
 
 
 # --------------------------------------------------------------------------- random search
 
 
-@functools.partial(jax.jit, static_argnames=("num_samples", "batch_size"))
-def _best_of_n(key, model, reward, grid, diffusion, cond, held_out, num_samples, batch_size):
-    keys = jax.vmap(jax.random.split)(_fold_in_range(key, num_samples))  # [N, 2]
-    noise = jax.vmap(lambda k: initial_noise(k, model, 1)[0])(keys[:, 0])
-    samples = _denoise(keys[:, 1], model, noise, grid, diffusion, cond, batch_size)
-    scores, invalid = _score(reward, samples, cond)
-    num_steps = grid.shape[0] - 1
-    info = {
-        "best_reward": jax.lax.cummax(scores),
-        "nfe": num_steps * jnp.arange(1, num_samples + 1, dtype=jnp.int32),
-    }
-    return _result(
-        samples,
-        scores,
-        num_steps * num_samples,
-        num_samples,
-        count_invalid(invalid),
-        held_out,
-        cond,
-        info,
-    )
+def best_of_n_sampler(num_samples: int, batch_size: int | None = None) -> Sampler:
+    """Random search (Ma et al. 2025, docs/algorithms.md 1) as a
+    :class:`~tts_jax.samplers.base.Sampler`.
+
+    ``init`` draws ``N`` noises, candidate ``i`` from ``fold_in(key, i)`` (so a larger ``N``
+    extends the candidates of a smaller one); step ``j`` denoises the ``j``-th chunk of
+    ``batch_size`` candidates over the whole grid (one step for all ``N`` when ``batch_size``
+    is ``None``; the last chunk may be shorter); the last step then scores all ``N`` in one
+    verifier call. Steps draw no randomness of their own (each candidate's SDE noise comes from
+    its key). Cost: ``N K`` NFE, ``N`` reward calls (``K`` the grid's steps; a budget buys
+    ``N = budget // K``).
+
+    Args:
+        num_samples: ``N >= 1`` (static).
+        batch_size: candidates denoised at once (static; ``None``: all).
+
+    Returns:
+        A :class:`~tts_jax.samplers.base.Sampler` (equal arguments give the same one) with
+        ``ceil(N / batch_size)`` steps, whose state is ``{"x" [N, ...] (noises, then samples),
+        "keys" Key[N], "chunk" int32}`` (then ``{"x", "scores" [N], "invalid" Int32[2]}``) and
+        whose result is that of :func:`best_of_n`.
+    """
+    method = "best_of_n"
+    num_samples = _check_size(method, "num_samples", num_samples)
+    check_batch_size(method, batch_size)
+    return _best_of_n_sampler(num_samples, None if batch_size is None else int(batch_size))
+
+
+@functools.cache
+def _best_of_n_sampler(n: int, batch_size: int | None) -> Sampler:
+    size = n if batch_size is None or batch_size >= n else batch_size
+    num_chunks = -(-n // size)
+    last = (num_chunks - 1) * size  # first row of the last (possibly shorter) chunk
+
+    def init(key, params):
+        keys = jax.vmap(jax.random.split)(step_keys_for(key, n))  # [N, 2]
+        noise = jax.vmap(lambda k: initial_noise(k, params.model, 1)[0])(keys[:, 0])
+        return {"x": noise, "keys": keys[:, 1], "chunk": jnp.int32(0)}
+
+    def step(key, state, params):
+        start = state["chunk"] * size
+        rows = jax.lax.dynamic_slice_in_dim(state["x"], start, size)
+        keys = jax.lax.dynamic_slice_in_dim(state["keys"], start, size)
+        x = _solve(keys, params, rows, params.grid)
+        x = jax.lax.dynamic_update_slice_in_dim(state["x"], x, start, 0)
+        return {**state, "x": x, "chunk": state["chunk"] + 1}, {}
+
+    def last_step(key, state, params):
+        x = _solve(state["keys"][last:], params, state["x"][last:], params.grid)
+        x = x if last == 0 else jnp.concatenate([state["x"][:last], x])
+        scores, invalid = _score(params, x)
+        return {"x": x, "scores": scores, "invalid": count_invalid(invalid)}, {}
+
+    def finalize(state, infos, params):
+        num_steps = params.grid.shape[0] - 1
+        scores = state["scores"]
+        info = {
+            "best_reward": jax.lax.cummax(scores),
+            "nfe": num_steps * jnp.arange(1, n + 1, dtype=jnp.int32),
+        }
+        return _result(params, state["x"], scores, num_steps * n, n, state["invalid"], info)
+
+    sampler = Sampler(init, step, finalize, num_chunks, last_step=last_step)
+    return _register(sampler, "best_of_n")
+
+
+def _best_of_n_keys(key: Array, sampler: Sampler) -> tuple[Array, Array]:
+    """:func:`best_of_n`'s key layout: candidate ``i`` from ``fold_in(key, i)``."""
+    return key, step_keys_for(key, sampler.num_steps)  # the steps draw nothing
 
 
 def best_of_n(
@@ -227,7 +358,8 @@ def best_of_n(
 ) -> SampleResult:
     """Random search: ``N = budget // K`` independent noises, each denoised, argmax verifier.
 
-    Ma et al. 2025, "Inference-Time Scaling for Diffusion Models beyond Scaling Denoising Steps".
+    Ma et al. 2025, "Inference-Time Scaling for Diffusion Models beyond Scaling Denoising Steps"
+    (docs/algorithms.md 1). The convenience entry point of :func:`best_of_n_sampler`.
 
     Candidate ``i`` uses ``fold_in(key, i)``: with the same key, a larger budget extends the
     candidates of a smaller one, so (for a per-candidate reward) the best reward never decreases
@@ -242,7 +374,7 @@ def best_of_n(
         diffusion: ``ode()`` (default) or an SDE coefficient.
         held_out: ``name -> Reward`` evaluated on the returned samples only.
         cond: shared condition (leaves ``[1, ...]``) or ``None``.
-        batch_size: denoise at most this many candidates at once (``lax.map``); ``None``: all.
+        batch_size: denoise at most this many candidates at once; ``None``: all.
         nan_policy: ``raise`` (default: a NaN or ``+inf`` score is an error after the run) or
             ``drop`` (such candidates score ``-inf``: never selected).
 
@@ -257,15 +389,15 @@ def best_of_n(
         ValueError: bad arguments, a non-finite ``grid`` or diffusion norm, or (unless
             ``nan_policy="drop"``) a NaN or ``+inf`` score.
     """
-    grid, diffusion, held_out = _validate(
-        "best_of_n", grid, diffusion, cond, held_out, nan_policy, batch_size
-    )
-    num_steps = grid.shape[0] - 1
-    _check_budget("best_of_n", budget, num_steps, f"one trajectory of {num_steps} steps")
-    result = _best_of_n(
-        key, model, reward, grid, diffusion, cond, held_out, budget // num_steps, batch_size
-    )
-    return _finish(result, "best_of_n", reward, nan_policy)
+    method = "best_of_n"
+    params = make_params(model, reward, grid, diffusion, cond=cond, held_out=held_out)
+    num_steps = check_grid(method, params.grid)
+    check_nan_policy(method, nan_policy)
+    check_budget(method, budget, num_steps, f"one trajectory of {num_steps} steps")
+    sampler = best_of_n_sampler(budget // num_steps, batch_size)
+    check_params(params, sampler)
+    result = _run_compat(key, sampler, params, _best_of_n_keys)
+    return finish(result, method, reward, nan_policy)
 
 
 # --------------------------------------------------------------------------- zero-order search
@@ -297,93 +429,127 @@ def sphere_neighbours(key: Array, pivot: Array, lambda_cos: Array, num: int) -> 
     return out.reshape(num, *pivot.shape)
 
 
-class _PivotState(NamedTuple):
-    """Zero-order search carry (one pivot, unbatched ``[*shape]`` leaves)."""
+class PivotState(NamedTuple):
+    """The state of :func:`zero_order_sampler` (one pivot: unbatched ``[*shape]`` leaves).
 
-    pivot: Array  # [*shape] pivot noise
-    pivot_x0: Array  # [*shape] its denoised sample (cached: never denoised again)
-    pivot_scored: Array  # bool; False right after a restart (fresh noise, not denoised)
-    best_x0: Array  # [*shape] best sample seen so far
-    invalid: Array  # int32[2] NaN and +inf scores among freshly denoised candidates
+    Attributes:
+        pivot: ``[*shape]`` the pivot noise.
+        pivot_x0: ``[*shape]`` its denoised sample (cached: never denoised again).
+        pivot_scored: bool; false right after a restart (a fresh noise, not denoised).
+        best_x0: ``[*shape]`` the best sample seen so far.
+        invalid: ``Int32[2]`` NaN and ``+inf`` scores among the freshly denoised candidates.
+        first_score: ``Float[1]`` the initial pivot's score.
+    """
+
+    pivot: Array
+    pivot_x0: Array
+    pivot_scored: Array
+    best_x0: Array
+    invalid: Array
+    first_score: Array
 
 
-def _zero_order_iteration(
-    model, reward, grid, diffusion, lambda_cos, cond, num_neighbours, batch_size
-):
-    """One hill-climbing step ``(state, key) -> (state, diagnostics)``: ``M K`` NFE, M+2 calls."""
+def zero_order_sampler(
+    num_iterations: int, num_neighbours: int = 4, batch_size: int | None = None
+) -> Sampler:
+    """Zero-order search (Ma et al. 2025, docs/algorithms.md 1) as a
+    :class:`~tts_jax.samplers.base.Sampler`: ``init`` denoises and scores a random pivot
+    (``K`` NFE); each of the ``I`` steps is one hill-climbing iteration (``M K`` NFE,
+    ``M + 2`` reward calls: :func:`zero_order_search` has the rule). A budget buys
+    ``I = (budget - K) // (M K)`` iterations.
 
-    def iteration(state: _PivotState, key):
+    ``init`` uses ``split(key, 3)[:2]`` (the pivot's noise, its solve); step ``i`` draws the
+    neighbours, their solves and a restart noise from its own key.
+
+    Args:
+        num_iterations: ``I >= 0`` (static).
+        num_neighbours: ``M >= 1`` (static).
+        batch_size: neighbours denoised at once (static; ``None``: all).
+
+    Returns:
+        A :class:`~tts_jax.samplers.base.Sampler` with ``I`` steps over a :class:`PivotState`,
+        whose per-step ``info`` is ``{"best_reward", "pivot_reward", "restarted"}`` and whose
+        result is that of :func:`zero_order_search`.
+    """
+    method = "zero_order_search"
+    if isinstance(num_iterations, bool) or not isinstance(num_iterations, int | np.integer):
+        raise ValueError(f"{method}: num_iterations must be an int >= 0, got {num_iterations}")
+    if num_iterations < 0:
+        raise ValueError(f"{method}: num_iterations must be an int >= 0, got {num_iterations}")
+    num_neighbours = _check_size(method, "num_neighbours", num_neighbours)
+    check_batch_size(method, batch_size)
+    batch_size = None if batch_size is None else int(batch_size)
+    return _zero_order_sampler(int(num_iterations), num_neighbours, batch_size)
+
+
+@functools.cache
+def _zero_order_sampler(num_iterations: int, num_neighbours: int, batch_size) -> Sampler:
+    def init(key, params):
+        k_init, k_solve, _ = jax.random.split(key, 3)
+        pivot = initial_noise(k_init, params.model, 1)
+        x0 = _denoise(k_solve[None], params, pivot, params.grid, batch_size)
+        first, invalid = _score(params, x0)
+        return PivotState(pivot[0], x0[0], jnp.bool_(True), x0[0], count_invalid(invalid), first)
+
+    def step(key, state: PivotState, params):
+        """One hill-climbing iteration: ``M K`` NFE, ``M + 2`` reward calls."""
         k_nb, k_solve, k_restart = jax.random.split(key, 3)
-        noises = sphere_neighbours(k_nb, state.pivot, lambda_cos, num_neighbours)
+        noises = sphere_neighbours(k_nb, state.pivot, params.lambda_cos, num_neighbours)
         keys = jax.random.split(k_solve, num_neighbours)
-        cand = _denoise(keys, model, noises, grid, diffusion, cond, batch_size)
+        cand = _denoise(keys, params, noises, params.grid, batch_size)
         # Rescore the cached best and pivot samples with the neighbours (0 NFE) so that
         # batch-relative verifiers compare all three within one batch.
         batch = jnp.concatenate([state.best_x0[None], state.pivot_x0[None], cand])
-        scores, invalid = _score(reward, batch, cond)
+        scores, invalid = _score(params, batch)
         pivot_score = jnp.where(state.pivot_scored, scores[1], -jnp.inf)
         j = jnp.argmax(scores[2:])
         nb_score = scores[2 + j]
         move = nb_score > pivot_score
         fresh = jax.random.normal(k_restart, state.pivot.shape, state.pivot.dtype)
         improved = nb_score > scores[0]
-        new = _PivotState(
+        new = PivotState(
             pivot=jnp.where(move, noises[j], fresh),
             pivot_x0=jnp.where(move, cand[j], state.pivot_x0),
             pivot_scored=move,
             best_x0=jnp.where(improved, cand[j], state.best_x0),
             invalid=state.invalid + count_invalid(invalid[:, 2:]),
+            first_score=state.first_score,
         )
-        diag = {
+        info = {
             "best_reward": jnp.maximum(scores[0], nb_score),
             "pivot_reward": jnp.where(move, nb_score, -jnp.inf),
             "restarted": ~move,
         }
-        return new, diag
+        return new, info
 
-    return iteration
+    def finalize(state: PivotState, infos, params):
+        num_steps = params.grid.shape[0] - 1
+        first = state.first_score
+        iterations = jnp.arange(num_iterations + 1, dtype=jnp.int32)
+        info = {
+            "best_reward": jnp.concatenate([first, infos["best_reward"]]),
+            "pivot_reward": jnp.concatenate([first, infos["pivot_reward"]]),
+            "restarted": jnp.concatenate([jnp.zeros((1,), bool), infos["restarted"]]),
+            "nfe": num_steps * (1 + num_neighbours * iterations),
+        }
+        return _result(
+            params,
+            state.best_x0[None],
+            info["best_reward"][-1:],
+            num_steps * (1 + num_neighbours * num_iterations),
+            1 + (num_neighbours + 2) * num_iterations,
+            state.invalid,
+            info,
+        )
+
+    sampler = Sampler(init, step, finalize, num_iterations)
+    return _register(sampler, "zero_order_search")
 
 
-@functools.partial(jax.jit, static_argnames=("num_iterations", "num_neighbours", "batch_size"))
-def _zero_order_search(
-    key,
-    model,
-    reward,
-    grid,
-    diffusion,
-    lambda_cos,
-    cond,
-    held_out,
-    num_iterations,
-    num_neighbours,
-    batch_size,
-):
-    k_init, k_solve, k_loop = jax.random.split(key, 3)
-    pivot = initial_noise(k_init, model, 1)
-    x0 = _denoise(k_solve[None], model, pivot, grid, diffusion, cond, batch_size)
-    score, invalid = _score(reward, x0, cond)
-    init = _PivotState(pivot[0], x0[0], jnp.bool_(True), x0[0], count_invalid(invalid))
-    iteration = _zero_order_iteration(
-        model, reward, grid, diffusion, lambda_cos, cond, num_neighbours, batch_size
-    )
-    final, diag = jax.lax.scan(iteration, init, _fold_in_range(k_loop, num_iterations))
-    num_steps = grid.shape[0] - 1
-    info = {
-        "best_reward": jnp.concatenate([score, diag["best_reward"]]),
-        "pivot_reward": jnp.concatenate([score, diag["pivot_reward"]]),
-        "restarted": jnp.concatenate([jnp.zeros((1,), bool), diag["restarted"]]),
-        "nfe": num_steps * (1 + num_neighbours * jnp.arange(num_iterations + 1, dtype=jnp.int32)),
-    }
-    return _result(
-        final.best_x0[None],
-        info["best_reward"][-1:],
-        num_steps * (1 + num_neighbours * num_iterations),
-        1 + (num_neighbours + 2) * num_iterations,
-        final.invalid,
-        held_out,
-        cond,
-        info,
-    )
+def _zero_order_keys(key: Array, sampler: Sampler) -> tuple[Array, Array]:
+    """:func:`zero_order_search`'s key layout: iteration ``i`` uses
+    ``fold_in(split(key, 3)[2], i)``."""
+    return key, step_keys_for(jax.random.split(key, 3)[2], sampler.num_steps)
 
 
 def zero_order_search(
@@ -401,7 +567,7 @@ def zero_order_search(
     batch_size: int | None = None,
     nan_policy: str = "raise",
 ) -> SampleResult:
-    """Zero-order search over the initial noise (Ma et al. 2025).
+    """Zero-order search over the initial noise (Ma et al. 2025, docs/algorithms.md 1).
 
     Start from a random pivot noise, denoised and scored once (``K`` NFE). Each iteration draws
     ``M`` neighbours on the sphere of the pivot (:func:`sphere_neighbours`: same norm, cosine
@@ -412,6 +578,7 @@ def zero_order_search(
     restart the best neighbour always becomes the pivot. The pivot is never denoised twice: its
     sample is cached and rescored with the neighbours (a reward call, 0 NFE), which keeps
     batch-relative verifiers consistent. The best sample seen over all iterations is returned.
+    The convenience entry point of :func:`zero_order_sampler`.
 
     Iterations: ``I = (budget - K) // (M K)`` inside one ``lax.scan``; ``nfe = K (1 + I M)``,
     ``reward_calls = 1 + I (M + 2)``. Iteration ``i`` uses ``fold_in(key', i)``: with the same key,
@@ -441,30 +608,18 @@ def zero_order_search(
         ValueError: as :func:`best_of_n`, and ``lambda_cos`` outside ``[-1, 1]`` (NaN included).
     """
     method = "zero_order_search"
-    grid, diffusion, held_out = _validate(
-        method, grid, diffusion, cond, held_out, nan_policy, batch_size
+    params = make_params(
+        model, reward, grid, diffusion, lambda_cos=lambda_cos, cond=cond, held_out=held_out
     )
-    num_steps = grid.shape[0] - 1
-    _check_budget(method, budget, num_steps, f"the initial pivot's {num_steps}-step trajectory")
-    if num_neighbours < 1:
-        raise ValueError(f"{method}: num_neighbours must be >= 1, got {num_neighbours}")
-    lambda_cos = np.asarray(lambda_cos, np.float32)
-    if lambda_cos.ndim != 0 or not abs(float(lambda_cos)) <= 1.0:
-        raise ValueError(f"{method}: lambda_cos must be a scalar in [-1, 1], got {lambda_cos}")
-    result = _zero_order_search(
-        key,
-        model,
-        reward,
-        grid,
-        diffusion,
-        lambda_cos,
-        cond,
-        held_out,
-        (budget - num_steps) // (num_neighbours * num_steps),
-        num_neighbours,
-        batch_size,
-    )
-    return _finish(result, method, reward, nan_policy)
+    num_steps = check_grid(method, params.grid)
+    check_nan_policy(method, nan_policy)
+    check_budget(method, budget, num_steps, f"the initial pivot's {num_steps}-step trajectory")
+    num_neighbours = _check_size(method, "num_neighbours", num_neighbours)
+    num_iterations = (budget - num_steps) // (num_neighbours * num_steps)
+    sampler = zero_order_sampler(num_iterations, num_neighbours, batch_size)
+    check_params(params, sampler)
+    result = _run_compat(key, sampler, params, _zero_order_keys)
+    return finish(result, method, reward, nan_policy)
 
 
 # --------------------------------------------------------------------------- search over paths
@@ -511,137 +666,159 @@ def paths_plan(
     return PathsPlan(tuple(levels), tuple(lengths), tuple(spent[1:]))
 
 
-def _branch_and_solve(key, model, grid, diffusion, x, level, length, settings):
-    """Re-noise each of ``x [N, ...]`` ``M`` times from ``grid[level]`` to ``grid[level - f]``
-    (exact forward transition) and solve ``length`` steps back -> ``[N M, ...]``."""
-    num_branches, forward_steps, cond, batch_size = settings
-    k_noise, k_solve = jax.random.split(key)
-    up = level - forward_steps
-    branches = jnp.repeat(x, num_branches, axis=0)
-    branches = forward_renoise(model.interpolant, k_noise, branches, grid[level], grid[up])
-    segment = jax.lax.dynamic_slice(grid, (up,), (length + 1,))
-    keys = jax.random.split(k_solve, branches.shape[0])
-    return _denoise(keys, model, branches, segment, diffusion, cond, batch_size)
+def _paths_schedule(method, num_steps, start_step, forward_steps, backward_steps):
+    """The defaults of search over paths filled in and checked (host-side)."""
+    start_step = num_steps // 2 if start_step is None else start_step
+    forward_steps = max(1, num_steps // 10) if forward_steps is None else forward_steps
+    backward_steps = 2 * forward_steps if backward_steps is None else backward_steps
+    if not 1 <= forward_steps < backward_steps:
+        raise ValueError(
+            f"{method}: need 1 <= forward_steps < backward_steps, got {forward_steps}, "
+            f"{backward_steps}"
+        )
+    if not forward_steps <= start_step < num_steps:
+        raise ValueError(
+            f"{method}: need forward_steps <= start_step < K = {num_steps}, got {start_step}"
+        )
+    return int(start_step), int(forward_steps), int(backward_steps)
 
 
-def _keep_top(scores: Array, cand: Array, num: int) -> tuple[Array, Array]:
-    """The ``num`` best of ``cand [C, ...]`` by ``scores [C]``, best first: ``(scores [num],
-    candidates [num, ...])``.
+def paths_sampler(
+    num_paths: int,
+    num_steps: int,
+    num_branches: int = 4,
+    start_step: int | None = None,
+    forward_steps: int | None = None,
+    backward_steps: int | None = None,
+    batch_size: int | None = None,
+) -> Sampler:
+    """Search over paths (Ma et al. 2025, docs/algorithms.md 1) as a
+    :class:`~tts_jax.samplers.base.Sampler`, on a ``K``-step grid.
 
-    Callers take the best score as ``max(scores)``, never by slicing the result: XLA:CPU runs
-    ``top_k`` as its partial-sort kernel only when every use of it is the whole ``[num]`` result;
-    a slice such as ``top[0]`` makes it fall back to a full stable sort of ``C`` (about 3x slower
-    at ``C = 16384``).
+    ``init`` denoises ``N`` noises to ``grid[start_step]`` (``split(key, 3)[:2]``: the noises,
+    their solves); each step is one round of :func:`paths_plan` (re-noise every path ``M``
+    times, solve back, score the ``N M`` candidates on their Tweedie estimate, keep the top
+    ``N`` as a set, :func:`~tts_jax.samplers.selection.top_set`); the last step is the round
+    that reaches the data end, scores the samples themselves and keeps the top ``N`` best first
+    (:func:`~tts_jax.samplers.selection.keep_top`). Cost: ``N paths_plan(...).nfe_per_path``
+    NFE; a budget buys ``N = budget // nfe_per_path`` paths.
+
+    Args:
+        num_paths: ``N >= 1`` (static).
+        num_steps: ``K``, the grid's steps (the grid in the params has ``K + 1`` times).
+        num_branches: ``M >= 1`` re-noisings per path.
+        start_step: grid index of the first level (default ``K // 2``).
+        forward_steps: ``delta_f`` in grid steps (default ``max(1, K // 10)``).
+        backward_steps: ``delta_b > delta_f`` in grid steps (default ``2 delta_f``).
+        batch_size: candidates solved at once (static; ``None``: all).
+
+    Returns:
+        A :class:`~tts_jax.samplers.base.Sampler` with one step per round (``num_steps`` of
+        the sampler: the rounds, not ``K``), over ``{"x" [N, ...], "invalid" Int32[2],
+        "round" int32}`` (after the last round ``{"x", "scores" [N], "invalid"}``), with the
+        round's best kept score as ``info`` and the result of :func:`search_over_paths`.
+
+    Raises:
+        ValueError: a schedule that does not fit ``K``, sizes below 1.
     """
-    top, idx = jax.lax.top_k(scores, num)
-    return top, cand[idx]
+    method = "search_over_paths"
+    num_paths = _check_size(method, "num_paths", num_paths)
+    num_steps = _check_size(method, "num_steps", num_steps)
+    start_step, forward_steps, backward_steps = _paths_schedule(
+        method, num_steps, start_step, forward_steps, backward_steps
+    )
+    if num_branches < 1:
+        raise ValueError(f"{method}: num_branches must be >= 1, got {num_branches}")
+    check_batch_size(method, batch_size)
+    batch_size = None if batch_size is None else int(batch_size)
+    return _paths_sampler(
+        num_paths,
+        num_steps,
+        int(num_branches),
+        start_step,
+        forward_steps,
+        backward_steps,
+        batch_size,
+    )
 
 
-def _order_key(scores: Array) -> Array:
-    """``uint32`` keys of float32 ``scores`` that order like the scores (``-inf`` lowest)."""
-    bits = jax.lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.uint32)
-    negative = (bits >> 31) == 1
-    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
-
-
-def _top_set(scores: Array, num: int) -> Array:
-    """Indices ``Int32[num]`` of the ``num`` largest of NaN-free ``scores [C]``, in index order:
-    the set ``lax.top_k`` picks (ties broken towards lower indices), unsorted.
-
-    The ``num``-th largest key is found by a 32-round bisection of the ``uint32`` key range, each
-    round one count over ``C``; the indices are then compacted with one cumulative sum and one
-    scatter. On XLA:CPU this is about 3x faster than ``top_k``'s partial sort at ``C >= 4096``
-    (``num = C / 4``), which search over paths pays every round and never needs sorted.
-    """
-    keys = _order_key(scores)
-
-    def bisect(_, bounds):
-        low, high = bounds  # invariant: at least `num` keys >= low; fewer than `num` > high
-        span = high - low
-        mid = low + (span >> 1) + (span & 1)
-        enough = jnp.sum(keys >= mid) >= num
-        return jnp.where(enough, mid, low), jnp.where(enough, high, mid - jnp.uint32(1))
-
-    threshold, _ = jax.lax.fori_loop(0, 32, bisect, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
-    above = keys > threshold
-    at = keys == threshold
-    take = above | (at & (jnp.cumsum(at) <= num - jnp.sum(above)))
-    slot = jnp.where(take, jnp.cumsum(take) - 1, num)
-    index = jnp.arange(scores.shape[0], dtype=jnp.int32)
-    return jnp.zeros((num,), jnp.int32).at[slot].set(index, mode="drop")
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "num_paths",
-        "num_branches",
-        "start_step",
-        "forward_steps",
-        "backward_steps",
-        "batch_size",
-    ),
-)
-def _search_over_paths(
-    key,
-    model,
-    reward,
-    grid,
-    diffusion,
-    cond,
-    held_out,
-    num_paths,
-    num_branches,
-    start_step,
-    forward_steps,
-    backward_steps,
-    batch_size,
+@functools.cache
+def _paths_sampler(
+    num_paths, num_steps, num_branches, start_step, forward_steps, backward_steps, batch_size
 ):
-    num_steps = grid.shape[0] - 1
     plan = paths_plan(num_steps, num_branches, start_step, forward_steps, backward_steps)
-    settings = (num_branches, forward_steps, cond, batch_size)
-    k_noise, k_solve, k_loop = jax.random.split(key, 3)
-    noise = initial_noise(k_noise, model, num_paths)
-    keys = jax.random.split(k_solve, num_paths)
-    x = _denoise(keys, model, noise, grid[: start_step + 1], diffusion, cond, batch_size)
-    round_keys = jax.random.split(k_loop, len(plan.levels))
+    levels = np.asarray(plan.levels, np.int32)  # step r < R - 1 reads levels[r]
 
-    def intermediate_round(carry, inputs):
-        x, num_invalid = carry
-        k, level = inputs
-        cand = _branch_and_solve(k, model, grid, diffusion, x, level, backward_steps, settings)
-        t = grid[level - forward_steps + backward_steps]
-        x0_hat = tweedie(model, cand, t, _velocity(model, cand, t, cond, batch_size))
-        scores, invalid = _score(reward, x0_hat, cond)
-        kept = cand[_top_set(scores, num_paths)]
-        return (kept, num_invalid + count_invalid(invalid)), jnp.max(scores)
+    def branch_and_solve(key, params, x, level, length):
+        """Re-noise each of ``x [N, ...]`` ``M`` times from ``grid[level]`` to
+        ``grid[level - f]`` (exact forward transition) and solve ``length`` steps back ->
+        ``[N M, ...]``."""
+        grid = params.grid
+        k_noise, k_solve = jax.random.split(key)
+        up = level - forward_steps
+        branches = jnp.repeat(x, num_branches, axis=0)
+        branches = forward_renoise(
+            params.model.interpolant, k_noise, branches, grid[level], grid[up]
+        )
+        segment = jax.lax.dynamic_slice(grid, (up,), (length + 1,))
+        keys = jax.random.split(k_solve, branches.shape[0])
+        return _denoise(keys, params, branches, segment, batch_size)
 
-    num_full = len(plan.levels) - 1
-    levels = jnp.asarray(plan.levels[:num_full], jnp.int32)
-    (x, num_invalid), round_best = jax.lax.scan(
-        intermediate_round, (x, jnp.zeros((2,), jnp.int32)), (round_keys[:num_full], levels)
-    )
-    cand = _branch_and_solve(
-        round_keys[-1], model, grid, diffusion, x, plan.levels[-1], plan.lengths[-1], settings
-    )
-    scores, invalid = _score(reward, cand, cond)
-    top, kept = _keep_top(scores, cand, num_paths)
-    ends = np.asarray(plan.levels) - forward_steps + np.asarray(plan.lengths)
-    info = {
-        "best_reward": jnp.concatenate([round_best, jnp.max(scores, keepdims=True)]),
-        "nfe": num_paths * jnp.asarray(plan.nfe_after_round, jnp.int32),
-        "time": grid[ends],
-    }
-    return _result(
-        kept,
-        top,
-        num_paths * plan.nfe_per_path,
-        len(plan.levels) * num_paths * num_branches,
-        num_invalid + count_invalid(invalid),
-        held_out,
-        cond,
-        info,
-    )
+    def init(key, params):
+        k_noise, k_solve, _ = jax.random.split(key, 3)
+        noise = initial_noise(k_noise, params.model, num_paths)
+        keys = jax.random.split(k_solve, num_paths)
+        grid = params.grid[: plan.levels[0] + 1]
+        x = _denoise(keys, params, noise, grid, batch_size)
+        return {"x": x, "invalid": jnp.zeros((2,), jnp.int32), "round": jnp.int32(0)}
+
+    def step(key, state, params):
+        """An intermediate round: select on the Tweedie estimates (1 NFE each)."""
+        level = jnp.asarray(levels)[state["round"]]
+        cand = branch_and_solve(key, params, state["x"], level, backward_steps)
+        t = params.grid[level - forward_steps + backward_steps]
+        x0_hat = tweedie(params.model, cand, t, _velocity(params, cand, t, batch_size))
+        scores, invalid = _score(params, x0_hat)
+        kept = cand[top_set(scores, num_paths)]
+        new = {
+            "x": kept,
+            "invalid": state["invalid"] + count_invalid(invalid),
+            "round": state["round"] + 1,
+        }
+        return new, jnp.max(scores)
+
+    def last_step(key, state, params):
+        """The round reaching the data end: select on the samples, best first."""
+        cand = branch_and_solve(key, params, state["x"], plan.levels[-1], plan.lengths[-1])
+        scores, invalid = _score(params, cand)
+        top, kept = keep_top(scores, cand, num_paths)
+        new = {"x": kept, "scores": top, "invalid": state["invalid"] + count_invalid(invalid)}
+        return new, jnp.max(scores)
+
+    def finalize(state, infos, params):
+        ends = np.asarray(plan.levels) - forward_steps + np.asarray(plan.lengths)
+        info = {
+            "best_reward": infos,
+            "nfe": num_paths * jnp.asarray(plan.nfe_after_round, jnp.int32),
+            "time": params.grid[ends],
+        }
+        return _result(
+            params,
+            state["x"],
+            state["scores"],
+            num_paths * plan.nfe_per_path,
+            len(plan.levels) * num_paths * num_branches,
+            state["invalid"],
+            info,
+        )
+
+    sampler = Sampler(init, step, finalize, len(plan.levels), last_step=last_step)
+    return _register(sampler, "search_over_paths", num_steps)
+
+
+def _paths_keys(key: Array, sampler: Sampler) -> tuple[Array, Array]:
+    """:func:`search_over_paths`' key layout: round ``r`` uses ``split(split(key, 3)[2], R)[r]``."""
+    return key, jax.random.split(jax.random.split(key, 3)[2], sampler.num_steps)
 
 
 def search_over_paths(
@@ -662,7 +839,7 @@ def search_over_paths(
     batch_size: int | None = None,
     nan_policy: str = "raise",
 ) -> SampleResult:
-    """Search over denoising paths (Ma et al. 2025).
+    """Search over denoising paths (Ma et al. 2025, docs/algorithms.md 1).
 
     ``N`` noises are solved to the intermediate level ``s = grid[start_step]``. Then, in rounds,
     every candidate is re-noised ``M`` times from its level ``s`` to ``s + delta_f`` with the
@@ -673,6 +850,7 @@ def search_over_paths(
     directly and the top ``N`` returned (best-of-N on the final set). Levels are grid points:
     ``delta_f`` is ``forward_steps`` grid intervals and ``delta_b`` is ``backward_steps`` (on
     ``uniform_grid(K)``, ``delta = steps / K``). The exact cost is given by :func:`paths_plan`.
+    The convenience entry point of :func:`paths_sampler`.
 
     Args:
         key: PRNG key.
@@ -699,45 +877,41 @@ def search_over_paths(
         ValueError: as :func:`best_of_n`, and a schedule or path count that does not fit.
     """
     method = "search_over_paths"
-    grid, diffusion, held_out = _validate(
-        method, grid, diffusion, cond, held_out, nan_policy, batch_size
+    params = make_params(model, reward, grid, diffusion, cond=cond, held_out=held_out)
+    num_steps = check_grid(method, params.grid)
+    check_nan_policy(method, nan_policy)
+    start_step, forward_steps, backward_steps = _paths_schedule(
+        method, num_steps, start_step, forward_steps, backward_steps
     )
-    num_steps = grid.shape[0] - 1
-    start_step = num_steps // 2 if start_step is None else start_step
-    forward_steps = max(1, num_steps // 10) if forward_steps is None else forward_steps
-    backward_steps = 2 * forward_steps if backward_steps is None else backward_steps
-    if not 1 <= forward_steps < backward_steps:
-        raise ValueError(
-            f"{method}: need 1 <= forward_steps < backward_steps, got {forward_steps}, "
-            f"{backward_steps}"
-        )
-    if not forward_steps <= start_step < num_steps:
-        raise ValueError(
-            f"{method}: need forward_steps <= start_step < K = {num_steps}, got {start_step}"
-        )
     if num_branches < 1:
         raise ValueError(f"{method}: num_branches must be >= 1, got {num_branches}")
     plan = paths_plan(num_steps, num_branches, start_step, forward_steps, backward_steps)
-    _check_budget(method, budget, plan.nfe_per_path, "one path")
+    check_budget(method, budget, plan.nfe_per_path, "one path")
     num_paths = budget // plan.nfe_per_path if num_paths is None else num_paths
     if not 1 <= num_paths * plan.nfe_per_path <= budget:
         raise ValueError(
             f"{method}: {num_paths} paths cost {num_paths * plan.nfe_per_path} NFE, "
             f"the budget is {budget} ({plan.nfe_per_path} NFE per path)"
         )
-    result = _search_over_paths(
-        key,
-        model,
-        reward,
-        grid,
-        diffusion,
-        cond,
-        held_out,
+    sampler = paths_sampler(
         num_paths,
+        num_steps,
         num_branches,
         start_step,
         forward_steps,
         backward_steps,
         batch_size,
     )
-    return _finish(result, method, reward, nan_policy)
+    check_params(params, sampler)
+    result = _run_compat(key, sampler, params, _paths_keys)
+    return finish(result, method, reward, nan_policy)
+
+
+# --------------------------------------------------------------------------- the entry points
+
+
+@functools.partial(jax.jit, static_argnames=("sampler", "layout"))
+def _run_compat(key: Array, sampler: Sampler, params: Params, layout) -> SampleResult:
+    """The kernel run by the convenience entry points, with the key layout ``layout(key,
+    sampler) -> (init_key, step_keys)`` they had before the kernels (bit-identical results)."""
+    return run_with_keys(*layout(key, sampler), sampler, params)
