@@ -117,3 +117,27 @@ def test_large_sets_match_the_weights_and_skip_dead_particles(name):
     assert counts[n] == 0 and counts[:n][w == 0].sum() == 0
     se = np.sqrt(reps * n * w * (1 - w))
     np.testing.assert_array_less(np.abs(counts[:n] - reps * n * w), 5 * se + 1e-9)
+
+
+def _keep_first(key, log_weights, num_samples):
+    """A resampler written outside the package (not a useful one)."""
+    return jnp.zeros((num_samples,), jnp.int32)
+
+
+def test_resamplers_are_values_and_names_are_aliases():
+    for name, fn in resampling.RESAMPLERS.items():
+        assert resampling.get_resampler(name) is fn is getattr(resampling, name)
+        assert resampling.get_resampler(fn) is fn
+    assert resampling.get_resampler(_keep_first) is _keep_first
+    # The SMC engine takes it as it takes the package's own.
+    from tts_jax import smc
+
+    def propagate(key, state, k, params):
+        return state + jax.random.normal(key, state.shape), jnp.zeros(state.shape[:1])
+
+    def log_potential(state, k, params):
+        return -jnp.abs(state[:, 0])
+
+    state, schedule = jnp.zeros((8, 1)), smc.every(3, 1)
+    out = smc.run(jax.random.key(0), state, propagate, log_potential, schedule, None, _keep_first)
+    np.testing.assert_array_equal(np.asarray(out.info.ancestors), 0)

@@ -1,5 +1,13 @@
 """Resampling schemes: ``(key, log_weights[N], num_samples) -> Int32[num_samples]`` ancestors.
 
+A resampler is a value: any function with that signature (:data:`Resampler`) can be passed
+wherever one is expected (:func:`tts_jax.smc.step`, the samplers' factories such as
+:func:`tts_jax.samplers.fk_steering.sampler`); the names of :data:`RESAMPLERS` are aliases of the
+four below, resolved by :func:`get_resampler` (the CLI and the convenience entry points accept
+them). A resampler of your own must be jit-able with static shapes, return indices in
+``[0, N)``, and never pick a particle whose log-weight is ``-inf`` (the engine calls it only when
+some weight is positive).
+
 All four work from unnormalized log-weights, are jit-able with static shapes, and never pick a
 particle whose log-weight is ``-inf`` (ALGORITHMS.md 0.4).
 
@@ -34,6 +42,7 @@ import jax.numpy as jnp
 from tts_jax.particles import check_log_weights
 
 Array = jax.Array
+# (key, log_weights Float[N], num_samples: int) -> Int32[num_samples] ancestor indices
 Resampler = Callable[[Array, Array, int], Array]
 
 _QUANTUM = 2.0**30  # integer weight units per unit of mass: the cdf total stays below 2^31
@@ -179,7 +188,11 @@ RESAMPLERS: dict[str, Resampler] = {
 
 
 def get_resampler(name_or_fn: str | Resampler) -> Resampler:
-    """Look up a resampler by name, or pass a callable through."""
+    """Look up a resampler by name in :data:`RESAMPLERS`, or pass a function through unchanged.
+
+    Raises:
+        ValueError: an unknown name (listing the known ones).
+    """
     if callable(name_or_fn):
         return name_or_fn
     try:
