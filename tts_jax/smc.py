@@ -313,7 +313,9 @@ def _step(
     )
     lw, mass, ess_now = _reweight(particles.log_weights, ratio + correction)
     alive = jnp.isfinite(mass)
-    do_resample = schedule.mask[k] & (ess_now < schedule.ess_threshold * n) & alive
+    # jnp: the schedule may be host (NumPy) values closed over by the loop body.
+    mask = jnp.asarray(schedule.mask)
+    do_resample = mask[k] & (ess_now < schedule.ess_threshold * n) & alive
 
     # The gather (and the count of distinct ancestors) runs only in the resampling branch: no
     # copy of the state on other steps.

@@ -1,5 +1,10 @@
 """Every steering method, built on the shared particles / resampling / SMC machinery.
 
+The kernel shape (:mod:`.base`): a method's factory returns a :class:`Sampler` of pure
+``init`` / ``step`` / ``finalize`` functions from its static configuration, and :func:`run` runs
+it on a key and a pytree of ``params``: jit it with ``static_argnames="sampler"``, vmap it over
+keys, shard it. FK steering is built this way (:func:`.fk_steering.sampler`).
+
 Image and flow models: :mod:`.noise_search` (Ma et al. 2025), :mod:`.fk_steering` (Singhal et al.
 2025), :mod:`.flow_particles` (Kim et al. 2025). Language models: :mod:`.lm_smc` (Puri et al. 2025,
 token-level SMC) and :mod:`.lm_search` (best-of-N, beam search, DVTS).
@@ -8,6 +13,7 @@ Functions named like their module (``fk_steering``) or like the SMC engine (``fl
 are not re-exported here: import them from their module.
 """
 
+from tts_jax.samplers.base import Sampler, run
 from tts_jax.samplers.flow_particles import bon, code, rbf, svdd
 from tts_jax.samplers.lm_search import beam_search, dvts, majority_vote, weighted_best_of_n
 from tts_jax.samplers.lm_search import best_of_n as lm_best_of_n
@@ -22,6 +28,7 @@ from tts_jax.samplers.result import SampleResult
 
 __all__ = [
     "SampleResult",
+    "Sampler",
     "beam_search",
     "best_of_n",
     "bon",
@@ -33,6 +40,7 @@ __all__ = [
     "particle_filter",
     "particle_gibbs",
     "rbf",
+    "run",
     "search_over_paths",
     "svdd",
     "token_smc",

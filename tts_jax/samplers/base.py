@@ -1,0 +1,108 @@
+"""The shape every sampler takes: pure ``init`` / ``step`` / ``finalize`` kernels and one ``run``.
+
+A method is a :class:`Sampler`, a NamedTuple of pure functions built by a factory from its
+*static* configuration only (sizes, and functions such as a potential or a resampler), in the
+blackjax / optax style::
+
+    sampler = fk_steering.sampler(num_particles=64, num_steps=50, potential=potentials.max)
+    params = fk_steering.make_params(model, reward, grid, diffusion, lam=2.0)
+    fk_steering.check_params(params, sampler)   # host-side checks, before tracing
+    result = jax.jit(run, static_argnames="sampler")(key, sampler, params)
+
+Everything array-valued travels in ``params``, a pytree: the model's weights, the reward's,
+``lam``, the time grid, the resampling schedule's mask and threshold, the diffusion
+coefficient's numbers, the condition. Sweeping a number or swapping weights of the same shapes
+therefore reuses the compiled program, and weights are arguments of that program, never
+constants baked into it. Factories return the same :class:`Sampler` (equal and of equal hash)
+for equal configurations, so ``jax.jit(run, static_argnames="sampler")`` compiles once per
+configuration and shapes.
+
+:func:`run` is pure and traceable: jit it, ``vmap`` it over keys
+(``jax.vmap(run, in_axes=(0, None, None))``), or shard the particles it creates. It never reads
+values on the host; argument checks are a separate host-side function of each method
+(e.g. :func:`tts_jax.samplers.fk_steering.check_params`) that the convenience entry points
+call first, and checks of the finished result (NaN rewards, every particle dead) come after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from tts_jax.smc import step_keys_for
+
+Array = jax.Array
+PyTree = Any
+
+
+class Sampler(NamedTuple):
+    """A sampling method as pure functions (hashable: pass it to ``jit`` as a static argument).
+
+    Attributes:
+        init: ``(key, params) -> state``: the state before the first step (e.g. the initial
+            particles and their weights).
+        step: ``(key, state, params) -> (state, info)``: one transition; ``info`` is a pytree of
+            per-step diagnostics (stacked by :func:`run` along a leading step axis).
+        finalize: ``(state, infos, params) -> result``: the result (e.g. a
+            :class:`~tts_jax.samplers.result.SampleResult`) from the last state and the stacked
+            ``infos``.
+        num_steps: number of transitions ``K`` (static).
+        last_step: optional ``(key, state, params) -> (state, info)`` that replaces ``step`` for
+            the final transition, when it differs (a flow sampler's step landing at the data end
+            needs no velocity: its Tweedie estimate is the sample itself). :func:`run` then
+            scans ``K - 1`` steps and traces the last one apart, so ``step`` needs no
+            ``lax.cond`` on the step index. Its ``info`` must have the structure of ``step``'s.
+        keys_per_step: how many PRNG keys a step consumes. Step ``k`` of :func:`run` receives
+            ``fold_in(key_run, k)`` when 1, else ``jax.random.split(fold_in(key_run, k),
+            keys_per_step)`` (``Key[keys_per_step]``), derived for every step in one batch
+            before the loop: on CPU each threefry hash inside a loop body costs a small loop of
+            its own. SMC kernels use 2 (the proposal's and the resampler's keys, which
+            :func:`tts_jax.smc.step` accepts already split).
+    """
+
+    init: Callable[[Array, PyTree], PyTree]
+    step: Callable[[Array, PyTree, PyTree], tuple[PyTree, PyTree]]
+    finalize: Callable[[PyTree, PyTree, PyTree], Any]
+    num_steps: int
+    last_step: Callable[[Array, PyTree, PyTree], tuple[PyTree, PyTree]] | None = None
+    keys_per_step: int = 1
+
+
+def run(key: Array, sampler: Sampler, params: PyTree) -> Any:
+    """Run ``sampler`` for its ``num_steps`` steps: ``init``, a ``lax.scan`` of ``step``, then
+    ``finalize``.
+
+    The key is split once into the ``init`` key and the run key; step ``k`` uses
+    ``jax.random.fold_in(run_key, k)`` (see :attr:`Sampler.keys_per_step`). Un-jitted and pure:
+    ``jax.jit(run, static_argnames="sampler")`` compiles it once per sampler and shapes of
+    ``params``; ``jax.vmap(run, in_axes=(0, None, None))`` runs independent copies over a batch
+    of keys. No host-side checks happen here (see the method's ``check_params``).
+
+    Args:
+        key: PRNG key.
+        sampler: :class:`Sampler` (static).
+        params: the method's pytree of arrays (models, rewards, hyper-parameters).
+
+    Returns:
+        ``sampler.finalize(state, infos, params)``, with ``infos`` the per-step diagnostics
+        stacked along a leading axis of length ``num_steps``.
+    """
+    k_init, k_run = jax.random.split(key)
+    state = sampler.init(k_init, params)
+    keys = step_keys_for(k_run, sampler.num_steps)
+    if sampler.keys_per_step > 1:
+        keys = jax.vmap(lambda k: jax.random.split(k, sampler.keys_per_step))(keys)
+
+    def body(state, step_key, step=sampler.step):
+        return step(step_key, state, params)
+
+    if sampler.last_step is None:
+        state, infos = jax.lax.scan(body, state, keys)
+    else:
+        state, infos = jax.lax.scan(body, state, keys[:-1])
+        state, last = body(state, keys[-1], sampler.last_step)
+        infos = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), infos, last)
+    return sampler.finalize(state, infos, params)
