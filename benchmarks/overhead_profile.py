@@ -37,10 +37,12 @@ from benchmarks.timing import interleaved, median_ratio
 from tts_jax import interpolants as I
 from tts_jax import smc
 from tts_jax.samplers import fk_steering as fk
+from tts_jax.samplers import run
 
 STEPS = 50
 NS = (1, 8, 64, 256, 1024)
 TARGET = 1.10
+RUN = jax.jit(run, static_argnames="sampler")  # FK steering's public kernel, jitted
 
 # ----------------------------------------------------------------------------------- HLO parsing
 
@@ -49,7 +51,12 @@ _INSTR = re.compile(r"^\s+(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
 _TABLE = re.compile(r"^(\d+) (.*)$")
 # Instructions that are buffer plumbing, not kernels, in the XLA CPU thunk runtime.
 _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "opt-barrier"}
-_LOOP_BODIES = {"run_scan.<locals>.body", "bare_forwards.<locals>.block", "bare_forwards"}
+_LOOP_BODIES = {
+    "run.<locals>.body",  # tts_jax.samplers.run: FK steering's kernel
+    "run_scan.<locals>.body",
+    "bare_forwards.<locals>.block",
+    "bare_forwards",
+}
 
 
 class Hlo:
@@ -172,7 +179,10 @@ CATEGORIES = [
     ("PRNG key derivation", ("step_keys_for", "_threefry_split", "fold_in")),
     ("reweighting: one max, two sums (logsumexp + ESS)", ("_reweight",)),
     ("NaN-potential count", ("_drop_nan",)),
-    ("potential bookkeeping (cumulative log G)", ("_next_log_potential", "updated")),
+    (
+        "potential bookkeeping (cumulative log G)",
+        ("_diff_update", "_max_update", "_sum_update", "_final_update", "updated"),
+    ),
 ]
 
 
@@ -243,12 +253,12 @@ def gmm_programs(n: int, num_steps: int = STEPS):
 def _programs(model, reward, n, num_steps):
     grid, diffusion = I.uniform_grid(num_steps), I.diffusion("square", 3.0)
     key, schedule = jax.random.key(0), smc.adaptive(num_steps)
-    lam = jnp.float32(2.0)
     bare_args = (key, model, reward, grid, diffusion, n, 1)
-    core_args = (key, model, reward, grid, diffusion, lam, schedule, None, n, "diff", "multinomial")
+    sampler = fk.sampler(n, num_steps, potential="diff", resampler="multinomial")
+    params = fk.make_params(model, reward, grid, diffusion, 2.0, schedule)
     return {
         "bare": (bare_forwards, bare_args),
-        "FK (jitted program)": (fk._fk_steering, core_args),
+        "FK (jitted program)": (RUN, (key, sampler, params)),
         "FK (fk_steering call)": (
             functools.partial(fk.fk_steering, schedule=schedule, potential="diff"),
             (key, model, reward, n, grid, diffusion, 2.0),
@@ -420,21 +430,14 @@ def recompilation_check() -> int:
     """Compilations of the FK program over calls that change only numbers (lam, threshold)."""
     model, reward = gmm_setup()
     grid, diffusion = I.uniform_grid(STEPS), I.diffusion("square", 3.0)
+    sampler = fk.sampler(16, STEPS, potential="diff")
     before = None
     for lam, threshold in ((2.0, 0.5), (0.5, 0.3), (1.0, 0.6), (3.0, 0.7), (7.0, 0.9)):
-        fk.fk_steering(
-            jax.random.key(1),
-            model,
-            reward,
-            16,
-            grid,
-            diffusion,
-            lam,
-            schedule=smc.adaptive(STEPS, threshold),
-            potential="diff",
-        )
-        before = fk._fk_steering._cache_size() if before is None else before
-    return fk._fk_steering._cache_size() - before
+        params = fk.make_params(model, reward, grid, diffusion, lam, smc.adaptive(STEPS, threshold))
+        fk.check_params(params, sampler)
+        jax.block_until_ready(RUN(jax.random.key(1), sampler, params))
+        before = RUN._cache_size() if before is None else before
+    return RUN._cache_size() - before
 
 
 def dit_ratios() -> list[tuple[int, float]]:

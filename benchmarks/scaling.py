@@ -24,22 +24,14 @@ from tts_jax.models.zoo import load_digits_flow
 from tts_jax.rewards.classifier import class_log_prob_reward, load_digits_verifier
 from tts_jax.samplers import fk_steering as fk
 from tts_jax.samplers import lm_smc, lm_state
+from tts_jax.samplers import run as run_sampler
 
 
 def _compiled_bytes(model, reward, n, grid, diffusion, schedule) -> int:
-    lowered = fk._fk_steering.lower(
-        jax.random.key(0),
-        model,
-        reward,
-        grid,
-        diffusion,
-        jnp.float32(1.0),
-        schedule,
-        None,
-        n,
-        "max",
-        "multinomial",
-    )
+    sampler = fk.sampler(n, grid.shape[0] - 1, potential="max", resampler="multinomial")
+    params = fk.make_params(model, reward, grid, diffusion, 1.0, schedule)
+    jitted = jax.jit(run_sampler, static_argnames="sampler")
+    lowered = jitted.lower(jax.random.key(0), sampler, params)
     mem = lowered.compile().memory_analysis()
     if mem is None:
         return -1

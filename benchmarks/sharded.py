@@ -5,9 +5,10 @@ devices, checked against the unsharded runs, and the collectives that resampling
   its particle outputs constrained to a 1-D mesh of 8 devices
   (:func:`tts_jax.sharding.constrain_particles`). The samplers create their particles inside the
   program (initial noise, prompt prefill), so there is no input to place; XLA propagates the output
-  sharding back through the SMC loop, whose carry then holds N/8 rows per device. The programs are
-  the samplers' jitted cores (``_fk_steering``, ``_token_smc_jit``): the public wrappers only add
-  host-side checks, which cannot run under an outer jit.
+  sharding back through the SMC loop, whose carry then holds N/8 rows per device. FK steering is
+  its public kernel, ``tts_jax.samplers.run(key, fk_steering.sampler(...), params)``, jitted as
+  is; token SMC is its jitted core (``_token_smc_jit``): its public wrapper adds host-side checks,
+  which cannot run under an outer jit.
 * **Collectives.** Every all-gather / all-reduce / all-to-all / collective-permute /
   reduce-scatter in the compiled sharded HLO, attributed to the innermost ``tts_jax`` frame of its
   stack-frame metadata, with the bytes of its result and when it runs: in the resampling branch
@@ -54,7 +55,7 @@ from tts_jax.particles import ess, gather, log_normalize  # noqa: E402
 from tts_jax.resampling import systematic  # noqa: E402
 from tts_jax.rewards.analytic import linear_reward  # noqa: E402
 from tts_jax.samplers import fk_steering as fk  # noqa: E402
-from tts_jax.samplers import lm_smc  # noqa: E402
+from tts_jax.samplers import lm_smc, run  # noqa: E402
 from tts_jax.samplers.lm_state import decode_config, init_state  # noqa: E402
 from tts_jax.sharding import (  # noqa: E402
     PARTICLE_AXIS,
@@ -78,10 +79,10 @@ DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32"
 # ------------------------------------------------------------------------------------------------
 def fk_program():
     """FK steering on the exact 2-D GMM, linear reward, ``diff`` potential; schedule is traced."""
+    sampler = fk.sampler(FK_N, FK_STEPS, potential="diff", resampler="multinomial")
 
     def program(key, model, reward, grid, diffusion, lam, schedule):
-        return fk._fk_steering(key, model, reward, grid, diffusion, lam, schedule, None,
-                               num_particles=FK_N, potential="diff", resampler="multinomial")
+        return run(key, sampler, fk.Params(model, reward, grid, diffusion, lam, schedule))
 
     gmm = G.asymmetric_gmm_2d()
     args = (jax.random.key(0), G.flow_model(gmm), linear_reward([1.0, -0.5]),
