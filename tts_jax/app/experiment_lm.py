@@ -74,10 +74,10 @@ from tts_jax.app.tasks.arithmetic import (
     split_steps,
 )
 from tts_jax.models.lm import LM
-from tts_jax.models.lm_reward import RewardModel
+from tts_jax.models.lm_reward import RewardModel, cached_prm_scorer
 from tts_jax.samplers import lm_search, lm_smc
 from tts_jax.samplers.lm_result import LMResult, extract_answers
-from tts_jax.samplers.lm_scoring import StepScorer, cached_prm_scorer, host_scorer
+from tts_jax.samplers.lm_scoring import StepScorer, host_scorer
 
 SCORERS = ("prm", "oracle")
 ORACLE_HIT = 0.99

@@ -60,18 +60,6 @@ __all__ = [
     "with_scorer_state",
 ]
 
-# Names that moved to the PRM's module (tts_jax.models.lm_reward); still importable from here.
-_MOVED_TO_LM_REWARD = ("prm_scorer", "cached_prm_scorer", "CachedPRMScorer", "PRMCache")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_LM_REWARD:
-        from tts_jax.models import lm_reward
-
-        return getattr(lm_reward, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def host_scorer(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> RescoringScorer:
     """Wrap a host (NumPy / Python) sequence scorer behind ``jax.pure_callback``.
 
