@@ -1,0 +1,40 @@
+"""The LM as a :class:`~tts_jax.models.base.LanguageModel` (what the LM samplers consume).
+
+Importing :mod:`tts_jax.models.lm` registers :func:`language_model` with
+:func:`~tts_jax.models.base.as_language_model`, so the samplers accept an :class:`LM` directly
+(docs/design.md, "Language models and step scorers").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from tts_jax.models.base import LanguageModel, as_language_model
+from tts_jax.models.lm.cache import KVCache, init_cache
+from tts_jax.models.lm.generation import decode_step, forward
+from tts_jax.models.lm.modules import LM
+
+Array = jax.Array
+
+
+def _init_cache(model: LM, batch: int, max_len: int, dtype: Any) -> KVCache:
+    return init_cache(model.model.config, batch, max_len, dtype)
+
+
+def _prefill(model: LM, tokens: Array, cache: KVCache, lengths: Array) -> tuple[Array, KVCache]:
+    logits, cache = forward(model, tokens, cache, lengths)
+    return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0], cache
+
+
+def language_model(model: LM) -> LanguageModel:
+    """``model`` as a :class:`~tts_jax.models.base.LanguageModel` (params: the module itself;
+    cache: :class:`KVCache`; prefill: :func:`forward` read at each row's last prompt token;
+    decode: :func:`decode_step`). Registered with
+    :func:`~tts_jax.models.base.as_language_model`, so the samplers accept an :class:`LM`."""
+    return LanguageModel(model, _init_cache, _prefill, decode_step, model.config.vocab_size)
+
+
+as_language_model.register(LM, language_model)
