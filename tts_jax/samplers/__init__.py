@@ -13,7 +13,7 @@ Functions named like their module (``fk_steering``) or like the SMC engine (``fl
 are not re-exported here: import them from their module.
 """
 
-from tts_jax.samplers.base import Sampler, run
+from tts_jax.samplers.base import Sampler, run, run_with_keys
 from tts_jax.samplers.flow_particles import bon, code, rbf, svdd
 from tts_jax.samplers.lm_search import beam_search, dvts, majority_vote, weighted_best_of_n
 from tts_jax.samplers.lm_search import best_of_n as lm_best_of_n
@@ -41,6 +41,7 @@ __all__ = [
     "particle_gibbs",
     "rbf",
     "run",
+    "run_with_keys",
     "search_over_paths",
     "svdd",
     "token_smc",

@@ -91,18 +91,37 @@ def run(key: Array, sampler: Sampler, params: PyTree) -> Any:
         stacked along a leading axis of length ``num_steps``.
     """
     k_init, k_run = jax.random.split(key)
-    state = sampler.init(k_init, params)
     keys = step_keys_for(k_run, sampler.num_steps)
     if sampler.keys_per_step > 1:
         keys = jax.vmap(lambda k: jax.random.split(k, sampler.keys_per_step))(keys)
+    return run_with_keys(k_init, keys, sampler, params)
+
+
+def run_with_keys(init_key: Array, step_keys: Array, sampler: Sampler, params: PyTree) -> Any:
+    """:func:`tts_jax.samplers.base.run` with every key given: ``init`` gets ``init_key`` and
+    step ``k`` gets ``step_keys[k]``.
+
+    ``run(key, sampler, params)`` is this with ``init_key, run_key = jax.random.split(key)`` and
+    ``step_keys = [fold_in(run_key, k) for k < K]`` (each split into ``keys_per_step`` keys
+    when that is above 1). The convenience entry points of the searches use it to keep the key
+    layout they had before they were kernels, so their results stay bit-identical. Pure and
+    traceable like ``run`` (jit it with ``static_argnames="sampler"``).
+
+    Args:
+        init_key: PRNG key of ``sampler.init``.
+        step_keys: ``Key[K]`` (``Key[K, keys_per_step]`` when that is above 1), one per step.
+        sampler: :class:`~tts_jax.samplers.base.Sampler` (static).
+        params: the method's pytree of arrays.
+    """
+    state = sampler.init(init_key, params)
 
     def body(state, step_key, step=sampler.step):
         return step(step_key, state, params)
 
     if sampler.last_step is None:
-        state, infos = jax.lax.scan(body, state, keys)
+        state, infos = jax.lax.scan(body, state, step_keys)
     else:
-        state, infos = jax.lax.scan(body, state, keys[:-1])
-        state, last = body(state, keys[-1], sampler.last_step)
+        state, infos = jax.lax.scan(body, state, step_keys[:-1])
+        state, last = body(state, step_keys[-1], sampler.last_step)
         infos = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), infos, last)
     return sampler.finalize(state, infos, params)

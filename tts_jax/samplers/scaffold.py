@@ -15,7 +15,7 @@ weights. Around its :class:`~tts_jax.samplers.base.Sampler` it needs the same pi
 * held-out verifiers, evaluated on the returned samples only and never used for selection
   (``info["held_out"]``), and the uniformly weighted :class:`~tts_jax.samplers.result.SampleResult`
   (:func:`search_result`);
-* :func:`run_with_keys`: :func:`tts_jax.samplers.base.run` with its keys given instead of
+* :func:`tts_jax.samplers.base.run_with_keys` (re-exported): ``run`` with its keys given instead of
   derived from one key, for entry points that keep an older key layout.
 
 Selection itself (top-k, the bisection top set, per-chain argmax) is :mod:`.selection`.
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tts_jax.rewards.base import Reward
-from tts_jax.samplers.base import Sampler
+from tts_jax.samplers.base import run_with_keys
 from tts_jax.samplers.result import (
     SampleResult,
     check_finite_hyperparameters,
@@ -217,31 +217,3 @@ def search_result(
 # --------------------------------------------------------------------------- the run
 
 
-def run_with_keys(init_key: Array, step_keys: Array, sampler: Sampler, params: PyTree) -> Any:
-    """:func:`tts_jax.samplers.base.run` with every key given: ``init`` gets ``init_key`` and
-    step ``k`` gets ``step_keys[k]``.
-
-    ``run(key, sampler, params)`` is this with ``init_key, run_key = jax.random.split(key)`` and
-    ``step_keys = [fold_in(run_key, k) for k < K]`` (each split into ``keys_per_step`` keys
-    when that is above 1). The convenience entry points of the searches use it to keep the key
-    layout they had before they were kernels, so their results stay bit-identical. Pure and
-    traceable like ``run`` (jit it with ``static_argnames="sampler"``).
-
-    Args:
-        init_key: PRNG key of ``sampler.init``.
-        step_keys: ``Key[K]`` (``Key[K, keys_per_step]`` when that is above 1), one per step.
-        sampler: :class:`~tts_jax.samplers.base.Sampler` (static).
-        params: the method's pytree of arrays.
-    """
-    state = sampler.init(init_key, params)
-
-    def body(state, step_key, step=sampler.step):
-        return step(step_key, state, params)
-
-    if sampler.last_step is None:
-        state, infos = jax.lax.scan(body, state, step_keys)
-    else:
-        state, infos = jax.lax.scan(body, state, step_keys[:-1])
-        state, last = body(state, step_keys[-1], sampler.last_step)
-        infos = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), infos, last)
-    return sampler.finalize(state, infos, params)
