@@ -43,26 +43,29 @@ def _run_python_blocks(title: str) -> dict:
 
 def test_how_to_add_a_method_targets_the_closed_form_tilt(capsys):
     scope = _run_python_blocks("How to add a method")
-    out, mixture, direction, lam = (scope[k] for k in ("out", "mixture", "direction", "lam"))
+    state, infos, mixture, direction = (
+        scope[k] for k in ("state", "infos", "mixture", "direction")
+    )
+    lam = float(scope["params"].lam)
     assert capsys.readouterr().out.strip()  # the example prints its comparison
-    assert out.info.ess.shape == (8,) and bool(np.asarray(out.info.resampled).any())
+    assert infos.ess.shape == (8,) and bool(np.asarray(infos.resampled).any())
 
     tilted, log_z = G.tilt_linear(mixture, direction, lam)
     exact = np.asarray(G.mean(tilted), np.float64)
-    weights = np.exp(np.asarray(out.particles.log_weights, np.float64))
-    mean, se = weighted_moments(np.asarray(out.particles.state), weights)
+    weights = np.exp(np.asarray(state.particles.log_weights, np.float64))
+    mean, se = weighted_moments(np.asarray(state.particles.state), weights)
     bound = 4 * se + MEAN_SLACK
     assert (np.abs(mean - exact) < bound).all(), (mean, exact, bound)
 
     # log Z: each resampling epoch (ended by a resampling or by the last step) adds about
     # (1 / ESS - 1 / N) to the variance of log Z_hat, ESS being its weights' at the epoch's end.
     n = weights.shape[0]
-    ends = np.asarray(out.info.resampled).copy()
+    ends = np.asarray(infos.resampled).copy()
     ends[-1] = True
-    ess = np.asarray(out.info.ess, np.float64)[ends]
+    ess = np.asarray(infos.ess, np.float64)[ends]
     se_log_z = np.sqrt(np.sum(1.0 / ess - 1.0 / n))
     log_z_bound = 4 * se_log_z + LOG_Z_SLACK
-    assert abs(float(out.log_evidence) - float(log_z)) < log_z_bound, (out.log_evidence, log_z)
+    assert abs(float(state.log_evidence) - float(log_z)) < log_z_bound, (state.log_evidence, log_z)
 
     # The check has teeth: the untilted mixture, or a tilt one tempering step short
     # (lam (K - 1) / K, a typical off-by-one), would fail it.
