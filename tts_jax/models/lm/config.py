@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tts_jax.models.checkpoint_errors import read_config_file
+from tts_jax.models.checkpoint import read_config
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 CAUSAL_LM_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
@@ -250,11 +250,11 @@ def read_lm_config(
             (:data:`HF_CONFIG_TYPES`) key, or an unsupported architecture/config; every message
             names the folder, the file and the key.
     """
-    config_file = read_config_file(path, loader)
-    config_file.check(HF_CONFIG_TYPES, HF_REQUIRED_KEYS)
-    with config_file.errors():
-        architecture = check_architecture(config_file.raw, allowed)
-        return architecture, LMConfig.from_hf_dict(config_file.raw)
+
+    def parse(raw: dict[str, Any]) -> tuple[str, LMConfig]:
+        return check_architecture(raw, allowed), LMConfig.from_hf_dict(raw)
+
+    return read_config(path, loader, parse, schema=HF_CONFIG_TYPES, required=HF_REQUIRED_KEYS)
 
 
 def check_architecture(raw: dict[str, Any], allowed: Iterable[str]) -> str:
