@@ -80,18 +80,12 @@ class Presets:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Run:
-    """One steering run of PRESET (``<model>-<method>`` or ``file.py:<method>``).
-
-    Image presets spend ``--budget`` NFE; ``arith-<method>`` presets use ``--num-particles`` N on
-    ``--problems START STOP`` held-out arithmetic problems. `tts-jax presets` lists the presets
-    and the options each reads.
-    """
+class _Settings:
+    """Options of both ``run`` and ``sweep`` (unset: the preset's default)."""
 
     preset: Annotated[
         str, tyro.conf.Positional, tyro.conf.arg(metavar="PRESET", help="<model>-<method>")
     ]
-    budget: Annotated[int | None, _option(OPTION_HELP["budget"], metavar="INT")] = None
     num_steps: Annotated[int | None, _option(OPTION_HELP["num_steps"], metavar="INT")] = None
     lam: Annotated[float | None, _option(OPTION_HELP["lam"], metavar="FLOAT")] = None
     diffusion_norm: Annotated[
@@ -101,14 +95,26 @@ class Run:
     nan_policy: Annotated[
         str | None, _option(OPTION_HELP["nan_policy"], "(default: raise)", "{raise,drop}")
     ] = None
-    num_particles: Annotated[
-        int | None, _option(OPTION_HELP["num_particles"], "(default: 8)", "INT")
-    ] = None
     problems: Annotated[
         tuple[int, int] | None, _option(OPTION_HELP["problems"], "(default: 0 10)", "START STOP")
     ] = None
     scorer: Annotated[
         str | None, _option(OPTION_HELP["scorer"], "(default: prm)", "{prm,oracle}")
+    ] = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Run(_Settings):
+    """One steering run of PRESET (``<model>-<method>`` or ``file.py:<method>``).
+
+    Image presets spend ``--budget`` NFE; ``arith-<method>`` presets use ``--num-particles`` N on
+    ``--problems START STOP`` held-out arithmetic problems. `tts-jax presets` lists the presets
+    and the options each reads.
+    """
+
+    budget: Annotated[int | None, _option(OPTION_HELP["budget"], metavar="INT")] = None
+    num_particles: Annotated[
+        int | None, _option(OPTION_HELP["num_particles"], "(default: 8)", "INT")
     ] = None
     seed: Annotated[int | None, _option(OPTION_HELP["seed"], "(default: 0)", "INT")] = None
     out_dir: Annotated[
@@ -118,16 +124,13 @@ class Run:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Sweep:
+class Sweep(_Settings):
     """A scaling study: every method x budget x seed, resumable, with a plot.
 
     The output folder holds one configuration: resuming with the same settings skips finished
     runs; other settings are refused (the default folder name carries a hash of the settings).
     """
 
-    preset: Annotated[
-        str, tyro.conf.Positional, tyro.conf.arg(metavar="PRESET", help="<model>-<method>")
-    ]
     methods: Annotated[
         tuple[str, ...], _option("methods to compare", "(default: the preset's method)")
     ] = ()
@@ -140,21 +143,6 @@ class Sweep:
         ),
     ] = None
     seeds: Annotated[tuple[int, ...], _option("PRNG seeds", "(default: 0 1 2)")] = (0, 1, 2)
-    num_steps: Annotated[int | None, _option(OPTION_HELP["num_steps"], metavar="INT")] = None
-    lam: Annotated[float | None, _option(OPTION_HELP["lam"], metavar="FLOAT")] = None
-    diffusion_norm: Annotated[
-        float | None, _option(OPTION_HELP["diffusion_norm"], metavar="FLOAT")
-    ] = None
-    target_class: Annotated[int | None, _option(OPTION_HELP["target_class"], metavar="INT")] = None
-    nan_policy: Annotated[
-        str | None, _option(OPTION_HELP["nan_policy"], "(default: raise)", "{raise,drop}")
-    ] = None
-    problems: Annotated[
-        tuple[int, int] | None, _option(OPTION_HELP["problems"], "(default: 0 10)", "START STOP")
-    ] = None
-    scorer: Annotated[
-        str | None, _option(OPTION_HELP["scorer"], "(default: prm)", "{prm,oracle}")
-    ] = None
     out_dir: Annotated[
         str | None,
         _option(OPTION_HELP["out_dir"], "(default: outputs/sweep-<model>-<settings hash>)", "DIR"),
