@@ -21,7 +21,7 @@ from tts_jax.samplers.lm_exact import enumerate_completions
 from tts_jax.samplers.lm_scoring import AGGREGATIONS, score_sequences
 from tts_jax.samplers.lm_state import sequences
 
-from .test_lm_smc import EOS, VOCAB, iid_tv, random_module, tiny_lm
+from .test_lm_smc import PINNED_JAX, EOS, VOCAB, digest, iid_tv, random_module, tiny_lm
 
 PROMPT = np.array([2, 3], np.int32)
 SEP, N, RUNS = 1, 16, 40
@@ -232,3 +232,48 @@ def test_particle_filters_with_the_cached_prm_reproduce_full_rescoring(method, o
                                   np.asarray(full.info["ancestors"]))
     np.testing.assert_allclose(np.asarray(cached.scores), np.asarray(full.scores), rtol=1e-5)
     assert int(cached.budget.prm_calls) == int(full.budget.prm_calls)
+
+
+# Digests of small runs pinned before the particle filters became kernels (issue 16): the port
+# keeps the key layout and every bit of the result.
+PINNED = {
+    "puri": ("ebed56a0c8338eb04a1deb58745a5493", "nan"),
+    "twisted": ("c1737a235e2b4b1b07ed5aeba0e204dd", "0.5077250003814697"),
+    "entropic": ("12b170a59fc449395675e3f7bf8eb41d", "nan"),
+    "gibbs": ("9912032e636fad5b2f974f3b10180b2e", "nan"),
+    "prm-puri-stratified": ("5a616febb0e309ff6b3ead4a9dfc23f5", "nan"),
+    "prm-twisted": ("c42dd9f95b5e2aaa095098951effdf04", "-5.795820236206055"),
+    "prm-entropic": ("4481e581dccad24fa24088b3e9c1cbb6", "nan"),
+    "prm-gibbs": ("cb4cf7c032c463ed7e0e40ec568e94a8", "nan"),
+}
+
+
+def _pinned_case(name):
+    def prm(method, **options):
+        return method(jax.random.key(4), tiny_lm(), PROMPT, prm_scorer, tiny_prm(),
+                      num_particles=8, max_steps=4, max_step_tokens=2, max_new_tokens=7,
+                      temperature=1.0, sep_id=SEP, stop_ids=[EOS], pad_id=EOS,
+                      aggregation="min", **options)
+
+    cases = {
+        "puri": lambda: run(0, softmax_temperature=0.5, temperature=0.8),
+        "twisted": lambda: run(1, weighting="twisted", ess_threshold=0.8, temperature=0.7),
+        "entropic": lambda: run(2, method=lm_smc.entropic_particle_filter),
+        "gibbs": lambda: run(3, method=lm_smc.particle_gibbs, n=2 * N, num_sweeps=2),
+        "prm-puri-stratified": lambda: prm(lm_smc.particle_filter, resampler="stratified"),
+        "prm-twisted": lambda: prm(lm_smc.particle_filter, weighting="twisted"),
+        "prm-entropic": lambda: prm(lm_smc.entropic_particle_filter),
+        "prm-gibbs": lambda: prm(lm_smc.particle_gibbs, num_sweeps=2),
+    }
+    return cases[name]()
+
+
+@pytest.mark.skipif(
+    jax.__version__ != PINNED_JAX or jax.default_backend() != "cpu",
+    reason=f"outputs pinned on jax {PINNED_JAX}, CPU",
+)
+@pytest.mark.parametrize("name", list(PINNED))
+def test_outputs_are_bit_identical_to_the_pinned_runs(name):
+    out = _pinned_case(name)
+    got = (digest(out), repr(float(out.log_evidence)))
+    assert got == PINNED[name], f"{name}: got {got}, pinned {PINNED[name]}"

@@ -7,6 +7,7 @@ behaviour (lambda, banned tokens, required token) travels in their parameter arr
 """
 
 import functools
+import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -229,3 +230,49 @@ def test_a_resampled_particle_continues_exactly_as_its_ancestor():
     logits, _ = jax.jit(lm.forward)(model, jnp.asarray(full),
                                     lm.init_cache(model.config, 4, full.shape[1]))
     np.testing.assert_allclose(np.asarray(moved.logits), np.asarray(logits)[anc, -1], atol=1e-5)
+
+
+def digest(result) -> str:
+    """SHA-256 (first 32 hex digits) of every leaf of an LMResult (``budget`` and ``info``
+    entries included): path, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(result):
+        a = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape}:".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:32]
+
+
+PINNED_JAX = "0.10.2"
+# Digests of small runs pinned before token_smc became a kernel (issue 16): the port keeps the
+# key layout and every bit of the result.
+PINNED = {
+    "tilted": ("a16482a08b7428d3600d876e3794fb41", "2.7094149589538574"),
+    "require1-hot": ("05a4277735304154de3538e62611520b", "-3.2088401317596436"),
+    "banned-adaptive": ("200f081991238791934e6ddfffea2b86", "6.518017768859863"),
+    "all-dead": ("162f4ade593d80a4f9271d4fc04fa2bf", "-inf"),
+    "nan-drop": ("0e646f25fd7b9513a6290f991bb816e0", "-inf"),
+}
+
+
+def _pinned_case(name):
+    cases = {
+        "tilted": lambda: run(0, SMALL, lam=1.0),
+        "require1-hot": lambda: run(1, SMALL, require1=True, temperature=1.5),
+        "banned-adaptive": lambda: run(2, SMALL, lam=2.0, banned=(3,), ess_threshold=0.9,
+                                       resampler="multinomial"),
+        "all-dead": lambda: run(3, SMALL, banned=tuple(range(VOCAB))),
+        "nan-drop": lambda: run(4, SMALL, lam=np.nan, nan_policy="drop"),
+    }
+    return cases[name]()
+
+
+@pytest.mark.skipif(
+    jax.__version__ != PINNED_JAX or jax.default_backend() != "cpu",
+    reason=f"outputs pinned on jax {PINNED_JAX}, CPU",
+)
+@pytest.mark.parametrize("name", list(PINNED))
+def test_outputs_are_bit_identical_to_the_pinned_runs(name):
+    out = _pinned_case(name)
+    got = (digest(out), repr(float(out.log_evidence)))
+    assert got == PINNED[name], f"{name}: got {got}, pinned {PINNED[name]}"
