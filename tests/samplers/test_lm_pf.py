@@ -21,7 +21,7 @@ from tts_jax.samplers.lm_exact import enumerate_completions
 from tts_jax.samplers.lm_scoring import AGGREGATIONS, score_sequences
 from tts_jax.samplers.lm_state import sequences
 
-from .test_lm_smc import PINNED_JAX, EOS, VOCAB, digest, iid_tv, random_module, tiny_lm
+from .test_lm_smc import EOS, PINNED_JAX, VOCAB, digest, iid_tv, random_module, tiny_lm
 
 PROMPT = np.array([2, 3], np.int32)
 SEP, N, RUNS = 1, 16, 40

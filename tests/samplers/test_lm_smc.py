@@ -276,3 +276,35 @@ def test_outputs_are_bit_identical_to_the_pinned_runs(name):
     out = _pinned_case(name)
     got = (digest(out), repr(float(out.log_evidence)))
     assert got == PINNED[name], f"{name}: got {got}, pinned {PINNED[name]}"
+
+
+def test_run_with_a_done_test_stops_early_and_leaves_zero_infos():
+    """``Sampler.done``: a bounded while loop; the scan path of samplers without it is as was."""
+    from tts_jax.samplers.base import Sampler, run
+
+    def init(key, params):
+        return {"x": jnp.float32(0.0), "count": jnp.int32(0)}
+
+    def step(key, state, params):
+        x = state["x"] + params
+        return {"x": x, "count": state["count"] + 1}, {"x": x}
+
+    def finalize(state, infos, params):
+        return state["count"], infos["x"]
+
+    def done(state, params):
+        return state["x"] >= 3.0
+
+    early = Sampler(init, step, finalize, 10, done=done)
+    count, xs = jax.jit(run, static_argnames="sampler")(jax.random.key(0), early, 1.0)
+    assert int(count) == 3
+    np.testing.assert_array_equal(np.asarray(xs), [1, 2, 3] + [0] * 7)
+    count, xs = run(jax.random.key(0), early, 0.25)  # never done: bounded by num_steps
+    assert int(count) == 10 and float(xs[-1]) == 2.5
+    full = run(jax.random.key(0), early._replace(done=None), 1.0)
+    assert int(full[0]) == 10 and float(full[1][-1]) == 10.0
+    steps = jnp.array([1.0, 2.0])
+    batched = jax.vmap(run, in_axes=(None, None, 0))(jax.random.key(0), early, steps)
+    np.testing.assert_array_equal(np.asarray(batched[0]), [3, 2])
+    with pytest.raises(ValueError, match="last_step"):
+        run(jax.random.key(0), early._replace(last_step=step), 1.0)

@@ -61,6 +61,14 @@ class Sampler(NamedTuple):
             before the loop: on CPU each threefry hash inside a loop body costs a small loop of
             its own. SMC kernels use 2 (the proposal's and the resampler's keys, which
             :func:`tts_jax.smc.step` accepts already split).
+        done: optional ``(state, params) -> bool`` scalar: early stopping. When set,
+            :func:`run` is a ``lax.while_loop`` bounded by ``num_steps`` that stops before the
+            first step whose state is ``done`` (e.g. language-model particles that have all
+            emitted their stop token): the state is updated in place, never copied by a
+            ``lax.cond``. ``infos`` is then a fixed-size ``[num_steps, ...]`` buffer whose rows
+            of steps not run are zeros; ``finalize`` tells them apart from its state (e.g.
+            :attr:`tts_jax.smc.SMCState.step` counts the steps taken). Incompatible with
+            ``last_step``.
     """
 
     init: Callable[[Array, PyTree], PyTree]
@@ -69,11 +77,13 @@ class Sampler(NamedTuple):
     num_steps: int
     last_step: Callable[[Array, PyTree, PyTree], tuple[PyTree, PyTree]] | None = None
     keys_per_step: int = 1
+    done: Callable[[PyTree, PyTree], Array] | None = None
 
 
 def run(key: Array, sampler: Sampler, params: PyTree) -> Any:
     """Run ``sampler`` for its ``num_steps`` steps: ``init``, a ``lax.scan`` of ``step``, then
-    ``finalize``.
+    ``finalize`` (a bounded ``lax.while_loop`` instead of the scan when the sampler has a
+    :attr:`Sampler.done` test: it stops early).
 
     The key is split once into the ``init`` key and the run key; step ``k`` uses
     ``jax.random.fold_in(run_key, k)`` (see :attr:`Sampler.keys_per_step`). Un-jitted and pure:
@@ -88,7 +98,8 @@ def run(key: Array, sampler: Sampler, params: PyTree) -> Any:
 
     Returns:
         ``sampler.finalize(state, infos, params)``, with ``infos`` the per-step diagnostics
-        stacked along a leading axis of length ``num_steps``.
+        stacked along a leading axis of length ``num_steps`` (zeros for steps not run when the
+        sampler stopped early).
     """
     k_init, k_run = jax.random.split(key)
     keys = step_keys_for(k_run, sampler.num_steps)
@@ -118,10 +129,37 @@ def run_with_keys(init_key: Array, step_keys: Array, sampler: Sampler, params: P
     def body(state, step_key, step=sampler.step):
         return step(step_key, state, params)
 
-    if sampler.last_step is None:
+    if sampler.done is not None:
+        if sampler.last_step is not None:
+            raise ValueError("a Sampler with a done test cannot have a last_step")
+        state, infos = _run_until_done(state, step_keys, sampler, params)
+    elif sampler.last_step is None:
         state, infos = jax.lax.scan(body, state, step_keys)
     else:
         state, infos = jax.lax.scan(body, state, step_keys[:-1])
         state, last = body(state, step_keys[-1], sampler.last_step)
         infos = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), infos, last)
     return sampler.finalize(state, infos, params)
+
+
+def _run_until_done(state, step_keys, sampler, params):
+    """``(state, infos)`` of at most ``num_steps`` steps, stopping before the first step whose
+    state is ``sampler.done``: one ``lax.while_loop`` (state updated in place), each step's
+    info written at its row of a zero-filled ``[num_steps, ...]`` buffer (as
+    :func:`tts_jax.smc.run_until` records its diagnostics)."""
+    num_steps = step_keys.shape[0]
+    info_shape = jax.eval_shape(lambda s, k: sampler.step(k, s, params)[1], state, step_keys[0])
+    infos = jax.tree.map(lambda a: jnp.zeros((num_steps, *a.shape), a.dtype), info_shape)
+
+    def running(carry):
+        i, s, _ = carry
+        return (i < num_steps) & ~sampler.done(s, params)
+
+    def body(carry):
+        i, s, buf = carry
+        s, info = sampler.step(step_keys[i], s, params)
+        buf = jax.tree.map(lambda a, b: a.at[i].set(b), buf, info)
+        return i + 1, s, buf
+
+    _, state, infos = jax.lax.while_loop(running, body, (jnp.int32(0), state, infos))
+    return state, infos
