@@ -469,6 +469,8 @@ def _listed(items: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- tensor files
 
 SAFETENSORS = ".safetensors"
+WEIGHTS_NAME = "model.safetensors"  # transformers (and our classifiers)
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers models
 INDEX_SUFFIX = ".index.json"  # model.safetensors -> model.safetensors.index.json
 
 

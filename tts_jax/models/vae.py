@@ -23,9 +23,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from tts_jax.models import dit_checkpoint as ckpt
+from tts_jax.models import checkpoint
 
 Array = jax.Array
 _EPS = 1e-6
@@ -321,6 +322,8 @@ def _torch_key(dotted: str) -> str:
     )
 
 
+# diffusers names and PyTorch kernel layouts (docs/design.md, "Models we ship").
+LAYOUT = dataclasses.replace(checkpoint.TORCH, rename=_torch_key)
 # Keys a usable AutoencoderKL config.json must set: the defaults would silently build another
 # network (the other keys default as in diffusers).
 VAE_REQUIRED_KEYS = ("block_out_channels", "latent_channels")
@@ -329,6 +332,13 @@ VAE_REQUIRED_KEYS = ("block_out_channels", "latent_channels")
 def load_vae(path: str | Path) -> tuple[VAEConfig, AutoencoderKL]:
     """Load a diffusers ``AutoencoderKL`` folder (safetensors only).
 
+    Args:
+        path: folder with ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or its
+            shards listed by ``diffusion_pytorch_model.safetensors.index.json``).
+
+    Returns:
+        ``(config, model)`` with float32 parameters.
+
     Raises:
         FileNotFoundError: the folder, its ``config.json`` or its
             ``diffusion_pytorch_model.safetensors`` is missing (all named).
@@ -336,15 +346,18 @@ def load_vae(path: str | Path) -> tuple[VAEConfig, AutoencoderKL]:
             key, an unsupported config (naming the file and the key), or weights that do not
             match the config (naming the tensor).
     """
-    raw = ckpt.read_config(
-        path, loader="load_vae", config_cls=VAEConfig, required=VAE_REQUIRED_KEYS
+    loader = "load_vae"
+    config = checkpoint.read_config(
+        path, loader, VAEConfig.from_dict, schema=VAEConfig, required=VAE_REQUIRED_KEYS
     )
-    config = VAEConfig.from_dict(raw)
     abstract = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0)))
-    tensors = ckpt.load_tensors(path, loader="load_vae")
-    return config, ckpt.load_state(abstract, tensors, _torch_key)
+    tensors = checkpoint.read_tensors(
+        path, loader, checkpoint.DIFFUSERS_WEIGHTS_NAME, hint="only safetensors are supported"
+    )
+    return config, checkpoint.load_params(abstract, tensors, LAYOUT, dtype=jnp.float32)
 
 
 def save_vae(path: str | Path, config: VAEConfig, model: AutoencoderKL) -> None:
     """Write a diffusers folder that ``AutoencoderKL.from_pretrained`` loads."""
-    ckpt.save_folder(path, config.to_dict(), ckpt.export_state(model, _torch_key))
+    tensors = checkpoint.export_params(model, LAYOUT, np.float32)
+    checkpoint.save_folder(path, config.to_dict(), tensors, checkpoint.DIFFUSERS_WEIGHTS_NAME)

@@ -18,6 +18,7 @@ from flax import nnx
 
 from tts_jax.models.checkpoint import (
     IDENTITY,
+    WEIGHTS_NAME,
     TensorFile,
     export_params,
     flat_name,
@@ -28,7 +29,6 @@ from tts_jax.models.checkpoint import (
 from tts_jax.models.lm.config import CAUSAL_LM_ARCHITECTURES, LMConfig, read_lm_config
 from tts_jax.models.lm.modules import LM
 
-WEIGHTS_NAME = "model.safetensors"
 # Non-parameter buffers some older checkpoints carry; they are recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
