@@ -13,13 +13,14 @@ activations (used for Frechet distances). Inputs are NCHW ``[N, C, H, W]`` image
 
 A checkpoint is a folder with ``config.json`` (the :class:`ClassifierConfig` fields) and
 ``model.safetensors`` (one float32 tensor per parameter, named by its path, e.g.
-``convs.0.kernel``; kernels in Flax layout: conv ``[kh, kw, in, out]``, dense ``[in, out]``).
+``convs.0.kernel``; kernels in Flax layout: conv ``[kh, kw, in, out]``, dense ``[in, out]``: the
+:data:`~tts_jax.models.checkpoint.IDENTITY` layout), read and written by
+:mod:`tts_jax.models.checkpoint` (docs/design.md, "Models we ship").
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -28,20 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
-from safetensors.numpy import load_file, save_file
 
-from tts_jax.models.checkpoint_errors import (
-    CheckpointError,
-    field_types,
-    read_config_file,
-    require_file,
-    required_fields,
-    safetensors_errors,
-)
+from tts_jax.models import checkpoint
 
 Array = jax.Array
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = checkpoint.CONFIG_NAME
+WEIGHTS_NAME = checkpoint.WEIGHTS_NAME
 ARCHITECTURES = ("cnn", "mlp")
 
 
@@ -183,65 +176,32 @@ def to_classifier(config: ClassifierConfig, module: CNN | MLP) -> Classifier:
     return Classifier(nnx.to_pure_dict(state), graphdef, config)
 
 
-def _tensor_name(path: tuple) -> str:
-    """``"convs.0.kernel"`` for the key path of a leaf in a nested dict."""
-    return ".".join(str(k.key) for k in path)
-
-
-def _flatten(tree: Any) -> dict[str, Any]:
-    """``{tensor name: leaf}`` for a nested dict of leaves."""
-    return {_tensor_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def save_classifier(path: str | Path, config: ClassifierConfig, model: CNN | MLP) -> None:
     """Write ``config.json`` and ``model.safetensors`` into the folder ``path`` (created)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    tensors = {k: np.asarray(v, np.float32) for k, v in _flatten(params).items()}
-    save_file(tensors, path / WEIGHTS_NAME)
+    tensors = checkpoint.export_params(model, checkpoint.IDENTITY, np.float32)
+    checkpoint.save_folder(path, config.to_dict(), tensors, WEIGHTS_NAME)
 
 
 def load_classifier(path: str | Path, *, loader: str = "load_classifier") -> Classifier:
     """Load a folder written by :func:`save_classifier`.
 
     Args:
-        path: the checkpoint folder.
+        path: the checkpoint folder (``config.json`` + ``model.safetensors``).
         loader: the name the error messages start with.
+
+    Returns:
+        :class:`Classifier` with float32 weights.
 
     Raises:
         FileNotFoundError: the folder, its ``config.json`` or its ``model.safetensors`` is missing.
         ValueError: the config is not valid JSON, lacks a key, has a wrongly typed value or names
             unknown fields (naming the folder, the file and the key); tensors are missing,
-            unexpected, of the wrong shape, or not float32.
+            unexpected, of the wrong shape, or not float32 (all named).
     """
-    config_file = read_config_file(path, loader, CONFIG_NAME)
-    path = config_file.folder
-    weights = require_file(path, WEIGHTS_NAME, loader)
-    config_file.check(field_types(ClassifierConfig), required_fields(ClassifierConfig))
-    with config_file.errors():
-        config = ClassifierConfig.from_dict(config_file.raw)
-    abstract = nnx.eval_shape(lambda: build_module(config))
-    graphdef, state = nnx.split(abstract)
-    expected = _flatten(nnx.to_pure_dict(state))
-    with safetensors_errors(weights, loader):
-        tensors = load_file(weights)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{loader}: {WEIGHTS_NAME} in {path} does not match its {config.architecture} config: "
-            f"missing tensors {missing}, unexpected tensors {unexpected}"
-        )
-    for name, spec in expected.items():
-        t = tensors[name]
-        if t.shape != spec.shape or t.dtype != np.float32:
-            raise CheckpointError(
-                f"{loader}: {WEIGHTS_NAME} in {path}: tensor {name!r} is {t.dtype}{list(t.shape)}, "
-                f"expected float32{list(spec.shape)}"
-            )
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, _: jnp.asarray(tensors[_tensor_name(p)]),
-        nnx.to_pure_dict(state),
+    config = checkpoint.read_config(
+        path, loader, ClassifierConfig.from_dict, schema=ClassifierConfig
     )
-    return Classifier(params, graphdef, config)
+    tensors = checkpoint.read_tensors(path, loader, WEIGHTS_NAME)
+    abstract = nnx.eval_shape(lambda: build_module(config))
+    module = checkpoint.load_params(abstract, tensors, checkpoint.IDENTITY, strict_dtype=True)
+    return to_classifier(config, module)
