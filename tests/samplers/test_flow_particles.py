@@ -125,7 +125,7 @@ def test_vp_sde_branches_more_diversely_than_linear_sde():
     [("bon", 10), ("smc", 10), ("svdd", 20), ("code", 20), ("rbf", 2 * (2 * 2 + 8))],
 )
 def test_budget_below_minimum_is_rejected(name, minimum):
-    with pytest.raises(ValueError, match=f"minimum {minimum}"):
+    with pytest.raises(ValueError, match=f"minimum of {minimum} NFE"):
         _run(name, 0, budget=minimum - 1)
 
 

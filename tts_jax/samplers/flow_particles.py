@@ -72,16 +72,18 @@ from tts_jax.models.base import FlowModel
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers.fk_steering import check_fk_result, fk_steering_unchecked
 from tts_jax.samplers.integrate import initial_noise, solve, tweedie
-from tts_jax.samplers.result import (
-    SampleResult,
+from tts_jax.samplers.result import SampleResult, count_invalid
+from tts_jax.samplers.scaffold import (
+    check_budget,
     check_finite_hyperparameters,
-    check_finite_rewards,
+    check_grid,
     check_nan_policy,
-    count_invalid,
-    held_out_scores,
-    invalid_reward_info,
-    mask_invalid_rewards,
+    finish,
+    held_out_dict,
+    score,
+    search_result,
 )
+from tts_jax.samplers.selection import best_of_groups
 
 Array = jax.Array
 
@@ -96,33 +98,24 @@ def _rows(mask: Array, x: Array) -> Array:
 
 def _validate(
     method: str, grid, budget: int, nan_policy: str, held_out, diffusion: Diffusion
-) -> Array:
-    """Host-side checks shared by every method (before tracing); returns the grid as float32
-    ``[S + 1]``."""
+) -> tuple[np.ndarray, dict[str, Reward]]:
+    """Host-side checks shared by every method (before tracing), from :mod:`.scaffold`; returns
+    the grid as float32 ``[S + 1]`` (host-side: no eager device op per call) and the held-out
+    rewards as ``{name: Reward}``. The budget's minimum is checked by each method."""
     check_nan_policy(method, nan_policy)
-    if not isinstance(budget, int | np.integer) or budget < 1:
-        raise ValueError(f"{method}: budget must be a positive int (NFE), got {budget!r}")
-    names = list(held_out) if isinstance(held_out, dict) else [r.name for r in held_out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"{method}: held-out rewards need distinct names, got {names}")
-    grid = np.asarray(grid, np.float32)  # host-side: no eager device op per call
-    if grid.ndim != 1 or grid.shape[0] < 2:
-        raise ValueError(
-            f"{method}: grid must be [S + 1] times with S >= 1, got shape {grid.shape}"
-        )
+    check_budget(method, budget, 1, "one NFE")
+    held_out = held_out_dict(method, held_out)
+    grid = np.asarray(grid, np.float32)
+    check_grid(method, grid)
     check_finite_hyperparameters(
         method, {"grid": grid, "diffusion.norm": getattr(diffusion, "norm", None)}
     )
-    if grid[-1] != 0.0 or not (np.diff(grid) < 0).all():
-        raise ValueError(
-            f"{method}: grid must decrease strictly from noise to the data end 0, got {grid}"
-        )
-    return grid
+    check_grid(method, grid, data_end=True)
+    return grid, held_out
 
 
 def _require(budget: int, minimum: int, method: str, why: str) -> None:
-    if budget < minimum:
-        raise ValueError(f"{method}: budget {budget} NFE is below the minimum {minimum} ({why})")
+    check_budget(method, budget, minimum, why)
 
 
 def _need_steps(num_steps: int, method: str) -> None:
@@ -133,21 +126,6 @@ def _need_steps(num_steps: int, method: str) -> None:
         )
 
 
-def _finish(
-    result: SampleResult,
-    method: str,
-    reward: Reward,
-    held_out: Sequence[Reward],
-    cond: Any,
-    nan_policy: str,
-) -> SampleResult:
-    """Held-out rewards on the outputs, then the host-side NaN / ``+inf`` check."""
-    if held_out:
-        info = dict(result.info, held_out=held_out_scores(held_out, result.samples, cond))
-        result = result._replace(info=info)
-    return check_finite_rewards(result, method, reward, nan_policy)
-
-
 def _score(model: FlowModel, reward: Reward, x: Array, t: Array, u: Array, cond) -> tuple:
     """Reward of the x0-prediction of ``x [N, ...]`` at a time ``t > 0`` from its velocity ``u``.
 
@@ -155,7 +133,7 @@ def _score(model: FlowModel, reward: Reward, x: Array, t: Array, u: Array, cond)
     :func:`~tts_jax.samplers.result.mask_invalid_rewards`).
     """
     x0 = tweedie(model, x, jnp.broadcast_to(t, x.shape[:1]), u)
-    return mask_invalid_rewards(reward(x0, cond))
+    return score(reward, x0, cond)
 
 
 def _propose(key, model: FlowModel, diffusion: Diffusion, x, u, t, t_next) -> Array:
@@ -165,44 +143,23 @@ def _propose(key, model: FlowModel, diffusion: Diffusion, x, u, t, t_next) -> Ar
     return sde_step(key, model.interpolant, u, x, t, jnp.broadcast_to(t_next, x.shape[:1]), g)
 
 
-def _best_of(rewards: Array, num_chains: int) -> tuple[Array, Array]:
-    """Per-chain argmax of ``rewards [B * M]`` (chain-major) -> ``(flat index, proposal) [B]``."""
-    pick = jnp.argmax(rewards.reshape(num_chains, -1), axis=1).astype(jnp.int32)
-    per_chain = rewards.shape[0] // num_chains
-    return jnp.arange(num_chains, dtype=jnp.int32) * per_chain + pick, pick
-
-
-def _chain_result(x, r, nfe, reward_calls, info) -> SampleResult:
-    b = r.shape[0]
-    return SampleResult(
-        samples=x,
-        rewards=r,
-        log_weights=jnp.full((b,), -jnp.log(b), jnp.float32),
-        best=jnp.argmax(r),
-        nfe=nfe,
-        reward_calls=reward_calls,
-        log_evidence=jnp.float32(jnp.nan),
-        info=info,
-    )
-
-
 # --------------------------------------------------------------------------- best-of-N
 
 
 @functools.partial(jax.jit, static_argnames=("num_samples",))
-def _bon(key, model, reward, grid, diffusion, cond, num_samples):
+def _bon(key, model, reward, grid, diffusion, cond, held_out, num_samples):
     k_init, k_run = jax.random.split(key)
     x = solve(k_run, model, initial_noise(k_init, model, num_samples), grid, diffusion, cond)
-    r, invalid = mask_invalid_rewards(reward(x, cond))
+    r, invalid = score(reward, x, cond)
     num_steps = grid.shape[0] - 1
     info = {
         "best_reward": jax.lax.cummax(r),
         "nfe": jnp.full((num_samples,), num_steps, jnp.int32),
         "init_nfe": jnp.int32(0),
-        **invalid_reward_info(count_invalid(invalid)),
     }
-    out = _chain_result(x, r, jnp.int32(num_steps * num_samples), jnp.int32(num_samples), info)
-    return out
+    return search_result(
+        x, r, num_steps * num_samples, num_samples, count_invalid(invalid), info, held_out, cond
+    )
 
 
 def bon(
@@ -239,11 +196,11 @@ def bon(
         ValueError: bad arguments, a non-finite grid or diffusion norm, or (unless
             ``nan_policy="drop"``) a NaN or ``+inf`` reward.
     """
-    grid = _validate("bon", grid, budget, nan_policy, held_out, diffusion)
+    grid, held_out = _validate("bon", grid, budget, nan_policy, held_out, diffusion)
     num_steps = grid.shape[0] - 1
     _require(budget, num_steps, "bon", f"one trajectory of {num_steps} steps")
-    result = _bon(key, model, reward, grid, diffusion, cond, budget // num_steps)
-    return _finish(result, "bon", reward, held_out, cond, nan_policy)
+    result = _bon(key, model, reward, grid, diffusion, cond, held_out, budget // num_steps)
+    return finish(result, "bon", reward, nan_policy)
 
 
 # --------------------------------------------------------------------------- SMC
@@ -285,7 +242,7 @@ def smc(
         ValueError: as :func:`bon`, a non-finite ``lam``, or every particle with zero weight
             (see :func:`~tts_jax.samplers.fk_steering.fk_steering`).
     """
-    grid = _validate("smc", grid, budget, nan_policy, held_out, diffusion)
+    grid, held_out = _validate("smc", grid, budget, nan_policy, held_out, diffusion)
     num_steps = grid.shape[0] - 1
     _require(budget, num_steps, "smc", f"one particle for {num_steps} steps")
     n = budget // num_steps
@@ -333,7 +290,7 @@ def _rollout(key, model, diffusion, grid, x, u, first, length: int, cond):
 
 
 @functools.partial(jax.jit, static_argnames=("num_chains", "num_proposals", "block"))
-def _code(key, model, reward, grid, diffusion, cond, num_chains, num_proposals, block):
+def _code(key, model, reward, grid, diffusion, cond, held_out, num_chains, num_proposals, block):
     num_steps = grid.shape[0] - 1
     k_init, k_run = jax.random.split(key)
     x = initial_noise(k_init, model, num_chains)
@@ -348,7 +305,7 @@ def _code(key, model, reward, grid, diffusion, cond, num_chains, num_proposals, 
         return jnp.repeat(x, num_proposals, axis=0), jnp.repeat(u, num_proposals, axis=0)
 
     def keep_best(xs, us, r, invalid, end, nfe):
-        idx, pick = _best_of(r, num_chains)
+        idx, pick = best_of_groups(r, num_chains)
         record = {
             "chain_reward": r[idx],
             "selected": pick,
@@ -382,9 +339,7 @@ def _code(key, model, reward, grid, diffusion, cond, num_chains, num_proposals, 
     xs = _propose(
         jax.random.fold_in(key_last, last_block - 1), model, diffusion, xs, us, grid[k], grid[k + 1]
     )
-    x, _, last = keep_best(
-        xs, us, *mask_invalid_rewards(reward(xs, cond)), num_steps, last_block - 1
-    )
+    x, _, last = keep_best(xs, us, *score(reward, xs, cond), num_steps, last_block - 1)
     per = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), per, last)
     r = last["chain_reward"]
     info = {
@@ -394,10 +349,10 @@ def _code(key, model, reward, grid, diffusion, cond, num_chains, num_proposals, 
         "step_end": per["step_end"],
         "nfe": per["nfe"],
         "init_nfe": jnp.int32(num_chains),
-        **invalid_reward_info(jnp.sum(per["num_invalid"], axis=0)),
     }
     nfe = num_chains + jnp.sum(per["nfe"])
-    return _chain_result(x, r, nfe, jnp.int32(num_blocks * particles), info)
+    invalid = jnp.sum(per["num_invalid"], axis=0)
+    return search_result(x, r, nfe, num_blocks * particles, invalid, info, held_out, cond)
 
 
 def code(
@@ -503,7 +458,7 @@ def _code_method(
     held_out,
     nan_policy,
 ):
-    grid = _validate(method, grid, budget, nan_policy, held_out, diffusion)
+    grid, held_out = _validate(method, grid, budget, nan_policy, held_out, diffusion)
     num_steps = grid.shape[0] - 1
     _need_steps(num_steps, method)
     if num_chains < 1 or block < 1:
@@ -515,8 +470,10 @@ def _code_method(
         f"{num_chains} chains x {num_steps} steps with one proposal each",
     )
     num_proposals = (budget // num_chains - 1) // (num_steps - 1)
-    result = _code(key, model, reward, grid, diffusion, cond, num_chains, num_proposals, block)
-    return _finish(result, method, reward, held_out, cond, nan_policy)
+    result = _code(
+        key, model, reward, grid, diffusion, cond, held_out, num_chains, num_proposals, block
+    )
+    return finish(result, method, reward, nan_policy)
 
 
 # --------------------------------------------------------------------------- RBF
@@ -649,7 +606,7 @@ def _rbf_iteration(key, model, reward, grid, tr: _Transitions, cond, quota, chai
     xp = xp + _rows(tr.std[kk], c.x) * z
     up = model.velocity(xp, grid[kk + 1], cond)  # computed for all rows, counted for active ones
     x0 = _rows(tr.x0_u[kk], xp) * up + _rows(tr.x0_x[kk], xp) * xp
-    r, invalid = mask_invalid_rewards(reward(x0, cond))
+    r, invalid = score(reward, x0, cond)
     used = c.used + active
     spent = c.spent + active
     step_better = active & ((r > c.step_r) | (used == 1))
@@ -691,6 +648,7 @@ def _rbf(
     grid,
     diffusion,
     cond,
+    held_out,
     quota,
     chain_budget,
     num_chains,
@@ -721,8 +679,8 @@ def _rbf(
     xs = jnp.repeat(chains.x, final_proposals, axis=0)
     us = jnp.repeat(chains.u, final_proposals, axis=0)
     xs = _propose(k_final, model, diffusion, xs, us, grid[-2], grid[-1])
-    r, invalid = mask_invalid_rewards(reward(xs, cond))
-    idx, _ = _best_of(r, num_chains)
+    r, invalid = score(reward, xs, cond)
+    idx, _ = best_of_groups(r, num_chains)
     chain_reward = chains.chain_reward.at[-1].set(r[idx])
     # The pool's velocities at grid[0] are init_nfe; those at grid[1] are step 0's chain_nfe.
     init_nfe = num_chains * num_init
@@ -737,10 +695,11 @@ def _rbf(
         "init_nfe": jnp.int32(init_nfe),
         "pool_reward": pool_reward,
         "iterations": chains.it,
-        **invalid_reward_info(chains.num_invalid + count_invalid(invalid)),
     }
     reward_calls = init_nfe + loop_nfe + num_chains * final_proposals
-    return _chain_result(xs[idx], r[idx], 2 * init_nfe + loop_nfe, reward_calls, info)
+    invalid = chains.num_invalid + count_invalid(invalid)
+    nfe = 2 * init_nfe + loop_nfe
+    return search_result(xs[idx], r[idx], nfe, reward_calls, invalid, info, held_out, cond)
 
 
 def rbf(
@@ -806,7 +765,7 @@ def rbf(
     Raises:
         ValueError: as :func:`bon`.
     """
-    grid = _validate("rbf", grid, budget, nan_policy, held_out, diffusion)
+    grid, held_out = _validate("rbf", grid, budget, nan_policy, held_out, diffusion)
     num_steps = grid.shape[0] - 1
     if num_steps < 3:
         raise ValueError(
@@ -837,10 +796,11 @@ def rbf(
         grid,
         diffusion,
         cond,
+        held_out,
         np.full(num_chains, quota, np.int32),
         chain_budget,
         num_chains,
         num_init,
         final,
     )
-    return _finish(result, "rbf", reward, held_out, cond, nan_policy)
+    return finish(result, "rbf", reward, nan_policy)
