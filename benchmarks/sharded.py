@@ -7,8 +7,8 @@ devices, checked against the unsharded runs, and the collectives that resampling
   program (initial noise, prompt prefill), so there is no input to place; XLA propagates the output
   sharding back through the SMC loop, whose carry then holds N/8 rows per device. FK steering is
   its public kernel, ``tts_jax.samplers.run(key, fk_steering.sampler(...), params)``, jitted as
-  is; token SMC is its jitted core (``_token_smc_jit``): its public wrapper adds host-side checks,
-  which cannot run under an outer jit.
+  is; token SMC is its public kernel too, ``run(key, lm_smc.token_smc_sampler(...), params)``
+  (its convenience wrapper adds host-side checks, which cannot run under an outer jit).
 * **Collectives.** Every all-gather / all-reduce / all-to-all / collective-permute /
   reduce-scatter in the compiled sharded HLO, attributed to the innermost ``tts_jax`` frame of its
   stack-frame metadata, with the bytes of its result and when it runs: in the resampling branch
@@ -106,14 +106,14 @@ def token_smc_program(model: lm.LM):
     """Token-level SMC on a tiny random Qwen2, no stop token, ESS-triggered systematic
     resampling."""
 
-    def program(key, model, prompt, cfg, params, ess_threshold):
-        return lm_smc._token_smc_jit(key, model, prompt, cfg, params, ess_threshold,
-                                     potential=tilt, constraint=None, num_particles=LM_N,
-                                     max_new_tokens=LM_TOKENS, resampler="systematic")
+    sampler = lm_smc.token_smc_sampler(LM_N, LM_TOKENS, tilt, None, "systematic")
+
+    def program(key, model, prompt, cfg, potential_params, ess_threshold):
+        params = lm_smc.TokenSMCParams(model, prompt, cfg, ess_threshold, potential_params)
+        return run(key, sampler, params)
 
     cfg = decode_config(1.0, None, None)
-    params = {"temperature": cfg.temperature, "potential": jnp.float32(1.0), "constraint": None}
-    args = (jax.random.key(0), model, jnp.arange(1, 9, dtype=jnp.int32), cfg, params,
+    args = (jax.random.key(0), model, jnp.arange(1, 9, dtype=jnp.int32), cfg, jnp.float32(1.0),
             jnp.float32(0.5))
     return program, args
 

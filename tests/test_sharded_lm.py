@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
     from tts_jax.samplers import lm_smc
-    from tts_jax.samplers.lm_state import decode_config
+    from tts_jax.samplers.base import run_with_keys
     from tts_jax.sharding import constrain_particles, particle_mesh
     from tests.samplers.test_lm_smc import EOS, PROMPT, _params, potential, tiny_lm
 
@@ -25,15 +25,14 @@ SCRIPT = textwrap.dedent(
     plain = lm_smc.token_smc(jax.random.key(0), tiny_lm(), PROMPT, num_particles=N,
                              max_new_tokens=TOKENS, potential=potential, potential_params=pot,
                              stop_ids=[EOS], pad_id=EOS, ess_threshold=THRESHOLD)
-    cfg = decode_config(1.0, None, [EOS], EOS)
-    params = {"temperature": cfg.temperature, "potential": pot, "constraint": None}
+    sampler = lm_smc.token_smc_sampler(N, TOKENS, potential)
     mesh = particle_mesh(4)
 
     @jax.jit
     def sharded_program(key, model):
-        out = lm_smc._token_smc_jit(key, model, jnp.asarray(PROMPT), cfg, params,
-                                    jnp.float32(THRESHOLD), potential=potential, constraint=None,
-                                    num_particles=N, max_new_tokens=TOKENS, resampler="systematic")
+        params = lm_smc.make_token_smc_params(model, PROMPT, stop_ids=[EOS], pad_id=EOS,
+                                              ess_threshold=THRESHOLD, potential_params=pot)
+        out = run_with_keys(*lm_smc.token_smc_keys(key, sampler), sampler, params)
         return constrain_particles(out, mesh, N)
 
     sharded = sharded_program(jax.random.key(0), tiny_lm())

@@ -13,6 +13,7 @@ from flax import nnx
 
 from tts_jax.models import lm
 from tts_jax.samplers import lm_smc, lm_state
+from tts_jax.samplers.base import run
 
 CONFIG = lm.LMConfig(model_type="qwen2", vocab_size=32, hidden_size=32, intermediate_size=64,
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -42,11 +43,9 @@ def _scorer(_params, tokens, step_ends):
 def _compiled(program: str, new_tokens: int):
     model, cfg = _model(), lm_state.decode_config(1.0, None, None, 0)
     if program == "token_smc":
-        lowered = lm_smc._token_smc_jit.lower(
-            jax.random.key(0), model, PROMPT, cfg,
-            {"temperature": cfg.temperature, "potential": jnp.float32(0.5), "constraint": None},
-            jnp.float32(0.5), potential=_twist, constraint=None, num_particles=N,
-            max_new_tokens=new_tokens, resampler="systematic")
+        sampler = lm_smc.token_smc_sampler(N, new_tokens, _twist)
+        params = lm_smc.TokenSMCParams(model, PROMPT, cfg, jnp.float32(0.5), jnp.float32(0.5))
+        lowered = jax.jit(run, static_argnames="sampler").lower(jax.random.key(0), sampler, params)
     else:
         hyper = {"softmax_temperature": jnp.float32(1.0), "ess_threshold": jnp.float32(1.0),
                  "puri": jnp.bool_(True), "anneal": jnp.bool_(False), "has_ref": jnp.bool_(False)}

@@ -18,6 +18,8 @@ from flax import nnx
 from tts_jax.models import lm
 from tts_jax.particles import gather
 from tts_jax.samplers import lm_result, lm_smc, lm_state
+from tts_jax.samplers.base import run as base_run
+from tts_jax.samplers.base import run_with_keys
 from tts_jax.samplers.lm_exact import enumerate_completions
 
 VOCAB, EOS, PROMPT, LENGTH = 5, 0, np.array([1, 2], np.int32), 4
@@ -176,10 +178,45 @@ def test_nan_potential_is_a_clear_error_or_a_documented_drop():
 
 def test_new_temperature_lambda_or_threshold_compiles_nothing():
     run(1, SMALL, lam=0.5)
-    size = lm_smc._token_smc_jit._cache_size()
+    size = lm_smc._run_with_keys._cache_size()
     run(2, SMALL, lam=2.0, temperature=0.7, ess_threshold=0.9)
     run(3, SMALL, lam=-1.0, banned=(2,), temperature=1.3).tokens.block_until_ready()
-    assert lm_smc._token_smc_jit._cache_size() == size
+    assert lm_smc._run_with_keys._cache_size() == size
+
+
+def _kernel(n=SMALL, lam=1.0, temperature=1.0):
+    pot, banned = _params(lam)
+    sampler = lm_smc.token_smc_sampler(n, LENGTH, potential, constraint)
+    params = lm_smc.make_token_smc_params(tiny_lm(), PROMPT, temperature=temperature,
+                                          stop_ids=[EOS], pad_id=EOS, potential_params=pot,
+                                          constraint_params=banned)
+    lm_smc.check_token_smc_params(params, sampler)
+    return sampler, params
+
+
+def test_kernel_is_the_convenience_function_vmaps_over_keys_and_compiles_once():
+    sampler, params = _kernel()
+    assert lm_smc.token_smc_sampler(SMALL, LENGTH, potential, constraint) is sampler
+    jitted = jax.jit(run_with_keys, static_argnames="sampler")
+    key = jax.random.key(5)
+    assert digest(jitted(*lm_smc.token_smc_keys(key, sampler), sampler, params)) == digest(
+        run(5, SMALL, lam=1.0))
+    keys = jax.random.split(jax.random.key(6), 3)
+    run_jit = jax.jit(base_run, static_argnames="sampler")
+    batched = jax.jit(jax.vmap(base_run, in_axes=(0, None, None)), static_argnames="sampler")(
+        keys, sampler, params)
+    for i in range(3):
+        single = run_jit(keys[i], sampler, params)
+        np.testing.assert_array_equal(np.asarray(batched.tokens[i]), np.asarray(single.tokens))
+        np.testing.assert_array_equal(np.asarray(batched.info["ancestors"][i]),
+                                      np.asarray(single.info["ancestors"]))
+        np.testing.assert_allclose(np.asarray(batched.log_weights[i]),
+                                   np.asarray(single.log_weights), rtol=1e-5, atol=1e-6)
+    _, hotter = _kernel(lam=2.0, temperature=0.7)
+    run_jit(keys[0], sampler, hotter).tokens.block_until_ready()
+    assert run_jit._cache_size() == 1
+    with pytest.raises(ValueError, match="temperature > 0"):
+        lm_smc.check_token_smc_params(_kernel(temperature=0.0)[1], sampler)
 
 
 def test_bad_input_is_refused():

@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +68,9 @@ import numpy as np
 from tts_jax import smc
 from tts_jax.models.base import LanguageModel, as_language_model
 from tts_jax.particles import ess
-from tts_jax.resampling import get_resampler
+from tts_jax.resampling import Resampler, get_resampler
 from tts_jax.rewards.base import AGGREGATIONS, StepScorer, as_step_scorer
+from tts_jax.samplers.base import Sampler, run_with_keys
 from tts_jax.samplers.lm_result import (
     LMResult,
     check_budget,
@@ -124,12 +125,11 @@ def entropic_temperature(log_weights: Array, progress: Array) -> Array:
     return jnp.where(hot, jnp.maximum(1.0, (1.0 - progress) / jnp.maximum(ratio, 1e-30)), 1.0)
 
 
-def _pinned_resampler(resampler: str, pin: Array) -> Callable[[Array, Array, int], Array]:
+def _pinned_resampler(resampler: Resampler, pin: Array) -> Callable[[Array, Array, int], Array]:
     """``resampler``, or conditional resampling keeping ancestor 0 in slot 0 when ``pin``."""
-    base = get_resampler(resampler)
 
     def conditional(key, log_weights, n):
-        ancestors = base(key, log_weights, n)
+        ancestors = resampler(key, log_weights, n)
         return ancestors.at[0].set(jnp.where(pin, 0, ancestors[0]))
 
     return conditional
@@ -192,33 +192,205 @@ def _pf_callbacks(model, scorer, scorer_params, cfg, ref_tokens, *, max_steps, m
                   aggregation):
     """``propagate`` / ``log_potential`` of step-level particle filtering (see module doc).
 
-    ``hyper`` (traced): ``softmax_temperature``, ``puri`` (absolute weights, else twisted),
-    ``anneal`` (entropic tempering), ``has_ref`` (particle 0 replays ``ref_tokens``).
+    ``hyper`` (traced, a :class:`PFParams`): ``softmax_temperature``, ``puri`` (absolute
+    weights, else twisted), ``anneal`` (entropic tempering), ``has_ref`` (particle 0 replays
+    ``ref_tokens``).
     """
 
     def propagate(key, s, k, hyper):
         all_done = jnp.all(s.done)
         was_done = s.done
-        forced = (jnp.arange(s.done.shape[0]) == 0) & hyper["has_ref"]
+        forced = (jnp.arange(s.done.shape[0]) == 0) & hyper.has_ref
         s, log_ratio = _generate_step_weighted(
             model, s, key, cfg, max_step_tokens, forced, ref_tokens
         )
 
         fresh, s = step_scores(scorer, scorer_params, s, max_step_tokens, aggregation, ~all_done)
         r = jnp.where(was_done, s.score, fresh)
-        a = log_odds(r) / hyper["softmax_temperature"]
-        a = a / jnp.where(hyper["anneal"], entropic_temperature(a, (k + 1) / max_steps), 1.0)
+        a = log_odds(r) / hyper.softmax_temperature
+        a = a / jnp.where(hyper.anneal, entropic_temperature(a, (k + 1) / max_steps), 1.0)
         absolute = jnp.where(all_done, s.phi, s.phi + a)
-        phi = jnp.where(hyper["puri"], absolute, a)
+        phi = jnp.where(hyper.puri, absolute, a)
         budget = add_budget(s.budget, prm_calls=jnp.where(all_done, 0, jnp.sum(~was_done)))
         s = s._replace(score=r, phi=phi, budget=budget)
         # Twisted: p / q_T of the step's tokens (Puri weights are not importance weights).
-        return s, jnp.where(hyper["puri"], 0.0, log_ratio)
+        return s, jnp.where(hyper.puri, 0.0, log_ratio)
 
     def log_potential(s, k, hyper):
         return s.phi
 
     return propagate, log_potential
+
+
+class PFParams(NamedTuple):
+    """Everything array-valued step-level particle filtering needs (a pytree: a jit argument,
+    never static). The weighting is data too, so the plain, twisted, entropic and conditional
+    (particle Gibbs) filters of one configuration share one compiled program.
+
+    Attributes:
+        model: :class:`~tts_jax.models.base.LanguageModel` or a model with a registered
+            adapter (its weights are leaves).
+        prompt: ``int32[P]`` prompt tokens, right-padded.
+        prompt_length: int32 scalar, the real tokens of ``prompt`` (``1 <= . <= P``).
+        scorer_params: parameters of the sampler's scorer (e.g. the PRM module).
+        decode: :class:`~tts_jax.samplers.lm_state.DecodeConfig`: sampling ``temperature`` of
+            the proposal ``q_T``, step separator ``sep_id`` (-1: none), ``stop_ids int32[S]``,
+            ``pad_id``.
+        softmax_temperature: float32 scalar ``T_softmax`` of the weights.
+        ess_threshold: float32 scalar: resample when ``ESS < threshold * N``.
+        puri: bool scalar: Puri et al.'s absolute weights (else twisted SMC).
+        anneal: bool scalar: entropic tempering of the absolute weights.
+        has_ref: bool scalar: particle 0 replays ``reference`` and is never resampled away.
+        reference: ``int32[L]`` the reference completion of a conditional sweep.
+    """
+
+    model: Any
+    prompt: Array
+    prompt_length: Array
+    scorer_params: Any
+    decode: DecodeConfig
+    softmax_temperature: Array
+    ess_threshold: Array
+    puri: Array
+    anneal: Array
+    has_ref: Array
+    reference: Array
+
+
+def make_pf_params(model, prompt, scorer_params, *, max_new_tokens: int,
+                   temperature=0.8, softmax_temperature=1.0, sep_id=None, stop_ids=None,
+                   pad_id=0, weighting: str = "puri", anneal=False, ess_threshold=None,
+                   prompt_length=None, reference=None) -> PFParams:
+    """:class:`PFParams` from Python or array values. ``ess_threshold=None``: 1.0 for
+    ``puri`` (every step unless the weights are exactly uniform), 0.5 for ``twisted``;
+    ``prompt_length=None``: all of ``prompt``; ``reference=None``: an unconditional filter.
+    No checks (:func:`check_pf_params`) beyond the weighting's name.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; known: {WEIGHTINGS}")
+    if ess_threshold is None:
+        ess_threshold = 1.0 if weighting == "puri" else 0.5
+    prompt = jnp.asarray(prompt, jnp.int32)
+    length = prompt.shape[0] if prompt_length is None else prompt_length
+    ref = jnp.zeros((max_new_tokens,), jnp.int32) if reference is None else reference
+    return PFParams(model, prompt, jnp.asarray(length, jnp.int32), scorer_params,
+                    decode_config(temperature, sep_id, stop_ids, pad_id),
+                    jnp.asarray(softmax_temperature, jnp.float32),
+                    jnp.asarray(ess_threshold, jnp.float32), jnp.asarray(weighting == "puri"),
+                    jnp.asarray(anneal), jnp.asarray(reference is not None),
+                    jnp.asarray(ref, jnp.int32))
+
+
+def check_pf_params(params: PFParams, sampler: Sampler, method: str = "particle_filter") -> None:
+    """Host-side checks of ``params`` (values only when concrete: traced ones are skipped).
+
+    Raises:
+        ValueError: a bad prompt or prompt length, a reference that is not 1-D, a
+            twisted weighting with a temperature ``<= 0`` (no ``p / q`` correction).
+    """
+    prompt = check_prompt(params.prompt)
+    if not isinstance(params.prompt_length, jax.core.Tracer):
+        check_prompt_length(prompt, params.prompt_length)
+    if np.ndim(params.reference) != 1:
+        raise ValueError(f"{method}: reference must be int32[L] (the completion buffer), "
+                         f"got shape {np.shape(params.reference)}")
+    concrete = not any(isinstance(v, jax.core.Tracer)
+                       for v in (params.puri, params.decode.temperature))
+    if concrete and not bool(params.puri) and np.any(np.asarray(params.decode.temperature) <= 0):
+        raise ValueError(
+            f"weighting='twisted' needs a temperature > 0 (a proposal with full "
+            f"support for the p / q correction), got {params.decode.temperature}"
+        )
+
+
+def pf_sampler(num_particles: int, max_steps: int, max_step_tokens: int, max_new_tokens: int,
+               scorer: StepScorer | Callable, aggregation: str = "last",
+               resampler: str | Resampler = "multinomial") -> Sampler:
+    """Step-level particle filtering (Puri et al. 2025, docs/algorithms.md 4.1; twisted
+    weighting: 4.2) as a :class:`~tts_jax.samplers.base.Sampler` of static configuration only
+    (memoized: equal arguments give the same sampler). The weighting (``puri`` / ``twisted``),
+    entropic annealing and the Gibbs reference are data of :class:`PFParams`: one compiled
+    program serves :func:`particle_filter`, :func:`entropic_particle_filter` and
+    :func:`particle_gibbs` of one configuration.
+
+    ``max_steps`` SMC steps (a ``lax.scan``: steps after every particle is done keep their
+    particles; ``keys_per_step = 2``), never resampling after the last one. The state is an
+    :class:`SMCCarry` (its ``key`` draws the next Gibbs reference in ``finalize``), the result
+    the :class:`~tts_jax.samplers.lm_result.LMResult` of :func:`particle_filter`, with
+    ``info["num_nan"]`` and ``info["next_reference"] int32[L]``. :func:`particle_filter` runs it
+    with :func:`pf_keys`.
+
+    Args:
+        num_particles: N.
+        max_steps: K SMC steps.
+        max_step_tokens: token limit of one step.
+        max_new_tokens: L, the completion buffer.
+        scorer: :class:`~tts_jax.rewards.base.StepScorer` or a plain sequence scorer (hashed).
+        aggregation: ``last`` | ``min`` | ``prod`` | ``model``.
+        resampler: a name in :mod:`tts_jax.resampling` or any ``(key, log_weights [N], num) ->
+            int32[num]`` function (pinned to keep particle 0 when ``params.has_ref``).
+
+    Raises:
+        ValueError: an empty budget, an unknown aggregation or resampler name.
+    """
+    check_budget(num_particles, max_new_tokens, max_steps, max_step_tokens)
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; known: {AGGREGATIONS}")
+    if isinstance(resampler, str) and resampler not in RESAMPLERS:
+        raise ValueError(f"unknown resampler {resampler!r}; known: {RESAMPLERS}")
+    return _pf_sampler(int(num_particles), int(max_steps), int(max_step_tokens),
+                       int(max_new_tokens), scorer, aggregation, get_resampler(resampler))
+
+
+@functools.cache
+def _pf_sampler(n, max_steps, max_step_tokens, length, scorer, aggregation, resampler):
+    def callbacks(params):
+        return _pf_callbacks(
+            as_language_model(params.model), as_step_scorer(scorer), params.scorer_params,
+            params.decode, params.reference, max_steps=max_steps,
+            max_step_tokens=max_step_tokens, aggregation=aggregation)
+
+    def init(key, params):
+        model = as_language_model(params.model)
+        state = init_state(model, params.prompt, n, length, params.decode.pad_id,
+                           prompt_length=params.prompt_length)
+        state = with_scorer_state(as_step_scorer(scorer), params.scorer_params, state,
+                                  params.prompt, params.prompt_length)
+        return _smc_init(key, state, callbacks(params)[1], params)
+
+    def step(keys, carry, params):
+        propagate, log_potential = callbacks(params)
+        mask = jnp.arange(max_steps) < max_steps - 1  # never resample after the last step
+        schedule = smc.ResampleSchedule(mask, params.ess_threshold)
+        new, info = smc.step(keys, carry.smc, propagate, log_potential, schedule, params,
+                             _pinned_resampler(resampler, params.has_ref))
+        return carry._replace(smc=new), info
+
+    def finalize(carry, infos, params):
+        final = carry.smc
+        state, lw = final.particles.state, final.particles.log_weights
+        all_dead = ~jnp.isfinite(final.log_evidence)
+        info = infos._asdict()
+        del info["observed"]  # no per-step observation requested
+        info["num_nan"] = jnp.sum(infos.num_nan_potentials) + carry.num_nan_initial
+        # The reference of the next Gibbs sweep, drawn by final weight.
+        ref = jax.random.categorical(carry.key, jnp.where(jnp.isnan(lw), -jnp.inf, lw))
+        info["next_reference"] = state.tokens[ref]
+        log_z = jnp.where(params.puri, jnp.nan, final.log_evidence)
+        log_z = jnp.where(all_dead, -jnp.inf, log_z)
+        return make_result(state, lw, _best_alive(state.score, lw), log_z, all_dead, info)
+
+    return Sampler(init, step, finalize, max_steps, keys_per_step=2)
+
+
+def pf_keys(key: Array, sampler: Sampler) -> tuple[Array, Array]:
+    """``(init_key, step_keys Key[K, 2])`` of :func:`particle_filter`'s key layout (``k_run,
+    k_ref = split(key)``; step ``k``: ``split(fold_in(k_run, k))``; ``k_ref`` draws the next
+    Gibbs reference): with them, ``jax.jit(run_with_keys, static_argnames="sampler")(
+    *pf_keys(key, sampler), sampler, params)`` is :func:`particle_filter` bit for bit (without
+    its host-side checks)."""
+    k_run, k_ref = jax.random.split(key)
+    return k_ref, smc.step_keys(k_run, sampler.num_steps)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -227,71 +399,34 @@ def _pf_callbacks(model, scorer, scorer_params, cfg, ref_tokens, *, max_steps, m
 def _pf_jit(key, model, prompt, prompt_length, scorer_params, cfg: DecodeConfig, hyper,
             ref_tokens, *, scorer, num_particles, max_steps, max_step_tokens, max_new_tokens,
             aggregation, resampler):
-    model, scorer = as_language_model(model), as_step_scorer(scorer)
-    k_run, k_ref = jax.random.split(key)
-    state = init_state(model, prompt, num_particles, max_new_tokens, cfg.pad_id,
-                       prompt_length=prompt_length)
-    state = with_scorer_state(scorer, scorer_params, state, prompt, prompt_length)
-    propagate, log_potential = _pf_callbacks(
-        model, scorer, scorer_params, cfg, ref_tokens, max_steps=max_steps,
-        max_step_tokens=max_step_tokens, aggregation=aggregation)
-    mask = jnp.arange(max_steps) < max_steps - 1  # never resample after the last step
-    schedule = smc.ResampleSchedule(mask, hyper["ess_threshold"])
-    res_fn = _pinned_resampler(resampler, hyper["has_ref"])
-    out = smc.run_scan(k_run, state, propagate, log_potential, schedule, hyper, res_fn)
-    final, lw = out.particles.state, out.particles.log_weights
-    info = out.info._asdict()
-    del info["observed"]  # no per-step observation requested
-    info["num_nan"] = jnp.sum(out.info.num_nan_potentials) + out.num_nan_initial
-    # The reference of the next Gibbs sweep, drawn by final weight.
-    ref = jax.random.categorical(k_ref, jnp.where(jnp.isnan(lw), -jnp.inf, lw))
-    info["next_reference"] = final.tokens[ref]
-    log_z = jnp.where(hyper["puri"], jnp.nan, out.log_evidence)
-    log_z = jnp.where(out.all_dead, -jnp.inf, log_z)
-    return make_result(final, lw, _best_alive(final.score, lw), log_z, out.all_dead, info)
-
-
-def _check_pf_args(prompt, num_particles, max_steps, max_step_tokens, max_new_tokens,
-                   aggregation, weighting, resampler):
-    check_budget(num_particles, max_new_tokens, max_steps, max_step_tokens)
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"unknown weighting {weighting!r}; known: {WEIGHTINGS}")
-    if resampler not in RESAMPLERS:
-        raise ValueError(f"unknown resampler {resampler!r}; known: {RESAMPLERS}")
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; known: {AGGREGATIONS}")
-    return jnp.asarray(check_prompt(prompt))
+    """The former private jit of the particle filters, kept only for benchmarks/scaling.py
+    until it calls the kernel (:func:`pf_sampler`); ``hyper`` is the old dict of
+    ``softmax_temperature``, ``ess_threshold``, ``puri``, ``anneal``, ``has_ref``."""
+    sampler = pf_sampler(num_particles, max_steps, max_step_tokens, max_new_tokens, scorer,
+                         aggregation, resampler)
+    if prompt_length is None:
+        prompt_length = jnp.int32(prompt.shape[0])
+    params = PFParams(model, prompt, prompt_length, scorer_params, cfg,
+                      hyper["softmax_temperature"], hyper["ess_threshold"], hyper["puri"],
+                      hyper["anneal"], hyper["has_ref"], ref_tokens)
+    return run_with_keys(*pf_keys(key, sampler), sampler, params)
 
 
 def _run_pf(key, model, prompt, scorer, scorer_params, *, num_particles, max_steps,
             max_step_tokens, max_new_tokens, temperature, softmax_temperature, sep_id, stop_ids,
             pad_id, aggregation, weighting, anneal, resampler, ess_threshold, nan_policy,
             prompt_length=None, reference=None, method="particle_filter"):
-    prompt = _check_pf_args(prompt, num_particles, max_steps, max_step_tokens, max_new_tokens,
-                            aggregation, weighting, resampler)
+    sampler = pf_sampler(num_particles, max_steps, max_step_tokens, max_new_tokens, scorer,
+                         aggregation, resampler)
+    prompt = check_prompt(prompt)
     length = check_prompt_length(prompt, prompt_length)
-    if (
-        weighting == "twisted"
-        and not isinstance(temperature, jax.core.Tracer)
-        and np.any(np.asarray(temperature) <= 0)
-    ):
-        raise ValueError(
-            f"weighting='twisted' needs a temperature > 0 (a proposal with full "
-            f"support for the p / q correction), got {temperature}"
-        )
-    if ess_threshold is None:
-        ess_threshold = 1.0 if weighting == "puri" else 0.5
-    hyper = {"softmax_temperature": jnp.asarray(softmax_temperature, jnp.float32),
-             "ess_threshold": jnp.asarray(ess_threshold, jnp.float32),
-             "puri": jnp.asarray(weighting == "puri"), "anneal": jnp.asarray(anneal),
-             "has_ref": jnp.asarray(reference is not None)}
-    cfg = decode_config(temperature, sep_id, stop_ids, pad_id)
-    ref = jnp.zeros((max_new_tokens,), jnp.int32) if reference is None else reference
-    result = _pf_jit(key, model, prompt, length, scorer_params, cfg, hyper,
-                     jnp.asarray(ref, jnp.int32),
-                     scorer=scorer, num_particles=num_particles, max_steps=max_steps,
-                     max_step_tokens=max_step_tokens, max_new_tokens=max_new_tokens,
-                     aggregation=aggregation, resampler=resampler)
+    params = make_pf_params(model, prompt, scorer_params, max_new_tokens=max_new_tokens,
+                            temperature=temperature, softmax_temperature=softmax_temperature,
+                            sep_id=sep_id, stop_ids=stop_ids, pad_id=pad_id,
+                            weighting=weighting, anneal=anneal, ess_threshold=ess_threshold,
+                            prompt_length=length, reference=reference)
+    check_pf_params(params, sampler, method)
+    result = _run_with_keys(*pf_keys(key, sampler), sampler, params)
     check_nan(int(result.info["num_nan"]), method, nan_policy)
     return result
 
@@ -434,16 +569,17 @@ def particle_gibbs(key: Array, model: LanguageModel, prompt, scorer: StepScorer,
 # Token-level SMC
 # --------------------------------------------------------------------------------------------
 def _token_callbacks(model, cfg, potential, constraint):
-    """``propagate`` / ``log_potential`` of token-level SMC (see module doc)."""
+    """``propagate`` / ``log_potential`` of token-level SMC (see module doc); their ``params``
+    is a :class:`TokenSMCParams`."""
 
     def propagate(key, s, k, params):
         """One token for every row not done (done rows are left as they are)."""
         go = ~s.done
         logp = jax.nn.log_softmax(s.logits, axis=-1)
         allowed = (jnp.ones(s.logits.shape, bool) if constraint is None
-                   else constraint(params["constraint"], s.tokens, s.length))
+                   else constraint(params.constraint, s.tokens, s.length))
         any_ok = jnp.any(allowed, axis=-1)
-        prop = jnp.where(allowed, s.logits / params["temperature"], -jnp.inf)
+        prop = jnp.where(allowed, s.logits / params.decode.temperature, -jnp.inf)
         prop = jnp.where(any_ok[:, None], prop, 0.0)  # rows with no allowed token die below
         token = jax.random.categorical(key, prop, axis=-1).astype(jnp.int32)
         logq = jax.nn.log_softmax(prop, axis=-1)
@@ -459,31 +595,191 @@ def _token_callbacks(model, cfg, potential, constraint):
     def log_potential(s, k, params):
         if potential is None:
             return jnp.zeros(s.done.shape, jnp.float32)
-        return potential(params["potential"], s.tokens, s.length, s.done)
+        return potential(params.potential, s.tokens, s.length, s.done)
 
     return propagate, log_potential
+
+
+class SMCCarry(NamedTuple):
+    """State of the LM particle kernels (:func:`token_smc_sampler`, :func:`pf_sampler`).
+
+    Attributes:
+        smc: :class:`~tts_jax.smc.SMCState` over :class:`~tts_jax.samplers.lm_state.LMState`
+            particles (``N`` rows: tokens ``int32[N, L]``, KV cache, scores, budget, ...).
+        num_nan_initial: int32 scalar, NaN potentials of the initial particles (dropped).
+        key: PRNG key the kernel's ``init`` received, kept for ``finalize`` (the particle
+            filter draws the next Gibbs reference with it; unused by token SMC).
+    """
+
+    smc: smc.SMCState
+    num_nan_initial: Array
+    key: Array
+
+
+def _smc_init(key, state, log_potential, params) -> SMCCarry:
+    """:func:`tts_jax.smc.init` and the count of NaN initial potentials it dropped."""
+    lp0 = log_potential(state, jnp.int32(0), params)
+    num_nan = jnp.sum(jnp.isnan(lp0)).astype(jnp.int32)
+    return SMCCarry(smc.init(state, log_potential, params), num_nan, key)
+
+
+def _smc_info(final: smc.SMCState, infos: smc.SMCInfo) -> dict[str, Array]:
+    """The diagnostics ``dict`` of an LM result from a run that may have stopped early (rows of
+    steps not run are zeros): those steps read as the no-ops they would have been, exactly as
+    :func:`tts_jax.smc.run_until` records them (ESS of the final weights, no resampling,
+    identity ancestors, zero evidence increment); ``observed`` is dropped."""
+    lw = final.particles.log_weights
+    n, num_steps = lw.shape[0], infos.ess.shape[0]
+    not_run = jnp.arange(num_steps) >= final.step
+    info = infos._replace(
+        ess=jnp.where(not_run, ess(lw), infos.ess),
+        ancestors=jnp.where(not_run[:, None], jnp.arange(n, dtype=jnp.int32), infos.ancestors),
+        unique_ancestors=jnp.where(not_run, jnp.int32(n), infos.unique_ancestors),
+        all_dead=jnp.where(not_run, ~jnp.isfinite(final.log_evidence), infos.all_dead),
+    )._asdict()
+    del info["observed"]  # no per-step observation requested
+    return info
+
+
+class TokenSMCParams(NamedTuple):
+    """Everything array-valued token-level SMC needs (a pytree: a jit argument, never static).
+
+    Attributes:
+        model: :class:`~tts_jax.models.base.LanguageModel` or a model with a registered
+            adapter (its weights are leaves).
+        prompt: ``int32[P]`` prompt tokens.
+        decode: :class:`~tts_jax.samplers.lm_state.DecodeConfig`: proposal ``temperature``
+            (> 0), ``stop_ids int32[S]``, ``pad_id`` (``sep_id`` unused, -1).
+        ess_threshold: resample when ``ESS < threshold * N`` (float32 scalar).
+        potential: parameters of the sampler's ``potential`` (any pytree, or ``None``).
+        constraint: parameters of the sampler's ``constraint`` (any pytree, or ``None``).
+    """
+
+    model: Any
+    prompt: Array
+    decode: DecodeConfig
+    ess_threshold: Array
+    potential: Any = None
+    constraint: Any = None
+
+
+def make_token_smc_params(model, prompt, *, temperature=1.0, stop_ids=None, pad_id=0,
+                          ess_threshold=0.5, potential_params=None,
+                          constraint_params=None) -> TokenSMCParams:
+    """:class:`TokenSMCParams` from Python or array values (no checks: see
+    :func:`check_token_smc_params`)."""
+    return TokenSMCParams(model, jnp.asarray(prompt, jnp.int32),
+                          decode_config(temperature, None, stop_ids, pad_id),
+                          jnp.asarray(ess_threshold, jnp.float32), potential_params,
+                          constraint_params)
+
+
+def check_token_smc_params(params: TokenSMCParams, sampler: Sampler,
+                           method: str = "token_smc") -> None:
+    """Host-side checks of ``params`` (values only when concrete: traced ones are skipped).
+
+    Raises:
+        ValueError: a bad prompt (:func:`~tts_jax.samplers.lm_result.check_prompt`), a
+            non-positive temperature.
+    """
+    check_prompt(params.prompt)
+    temperature = params.decode.temperature
+    if not isinstance(temperature, jax.core.Tracer) and np.any(np.asarray(temperature) <= 0):
+        raise ValueError(f"{method} needs a temperature > 0 (a proposal with full support), "
+                         f"got {temperature}")
+
+
+def token_smc_sampler(num_particles: int, max_new_tokens: int,
+                      potential: Potential | None = None, constraint: Constraint | None = None,
+                      resampler: str | Resampler = "systematic") -> Sampler:
+    """Token-level SMC (Lew et al. 2023, docs/algorithms.md 4.2) as a
+    :class:`~tts_jax.samplers.base.Sampler` of static configuration only (memoized: equal
+    arguments give the same sampler, one compilation of ``jax.jit(run,
+    static_argnames="sampler")`` per configuration and shapes).
+
+    One step per token (``max_new_tokens`` steps at most, ``keys_per_step = 2``: proposal and
+    resampler); the run stops once every particle is done (:attr:`Sampler.done`; steps not run
+    read as no-ops in ``info``). Its params are a :class:`TokenSMCParams`, its state an
+    :class:`SMCCarry` and its result the :class:`~tts_jax.samplers.lm_result.LMResult` of
+    :func:`token_smc` (``info["num_nan"]``: NaN potentials dropped; the host-side NaN policy
+    is the entry point's). :func:`token_smc` runs it with :func:`token_smc_keys`.
+
+    Args:
+        num_particles: N.
+        max_new_tokens: L, the token budget per particle (and the number of steps).
+        potential: ``(potential_params, tokens int32[N, L], lengths int32[N], done bool[N]) ->
+            log psi float32[N]`` or ``None`` (0).
+        constraint: ``(constraint_params, tokens int32[N, L], lengths int32[N]) -> bool[N, V]``
+            or ``None`` (every token allowed).
+        resampler: a name in :mod:`tts_jax.resampling` or any ``(key, log_weights [N], num) ->
+            int32[num]`` function.
+
+    Raises:
+        ValueError: an empty budget, an unknown resampler name.
+    """
+    check_budget(num_particles, max_new_tokens, 1, 1)
+    return _token_smc_sampler(int(num_particles), int(max_new_tokens), potential, constraint,
+                              get_resampler(resampler))
+
+
+@functools.cache
+def _token_smc_sampler(n, length, potential, constraint, resampler) -> Sampler:
+    def callbacks(params):
+        return _token_callbacks(as_language_model(params.model), params.decode, potential,
+                                constraint)
+
+    def schedule(params):
+        return smc.ResampleSchedule(jnp.arange(length) < length - 1, params.ess_threshold)
+
+    def init(key, params):
+        state = init_state(as_language_model(params.model), params.prompt, n, length,
+                           params.decode.pad_id)
+        return _smc_init(key, state, callbacks(params)[1], params)
+
+    def step(keys, carry, params):
+        propagate, log_potential = callbacks(params)
+        new, info = smc.step(keys, carry.smc, propagate, log_potential, schedule(params), params,
+                             resampler)
+        return carry._replace(smc=new), info
+
+    def done(carry, params):
+        return jnp.all(carry.smc.particles.state.done)
+
+    def finalize(carry, infos, params):
+        final = carry.smc
+        state, lw = final.particles.state, final.particles.log_weights
+        state = state._replace(score=callbacks(params)[1](state, jnp.int32(length), params))
+        info = _smc_info(final, infos)
+        info["num_nan"] = jnp.sum(info["num_nan_potentials"]) + carry.num_nan_initial
+        best = jnp.argmax(jnp.where(jnp.isnan(lw), -jnp.inf, lw)).astype(jnp.int32)
+        all_dead = ~jnp.isfinite(final.log_evidence)
+        return make_result(state, lw, best, final.log_evidence, all_dead, info)
+
+    return Sampler(init, step, finalize, length, keys_per_step=2, done=done)
+
+
+def token_smc_keys(key: Array, sampler: Sampler) -> tuple[Array, Array]:
+    """``(init_key, step_keys Key[L, 2])`` of :func:`token_smc`'s key layout (step ``k``:
+    ``split(fold_in(key, k))``, as :func:`tts_jax.smc.run_until` derived them): with them,
+    ``jax.jit(run_with_keys, static_argnames="sampler")(*token_smc_keys(key, sampler),
+    sampler, params)`` is :func:`token_smc` bit for bit (without its host-side checks)."""
+    return key, smc.step_keys(key, sampler.num_steps)
+
+
+_run_with_keys = jax.jit(run_with_keys, static_argnames="sampler")
 
 
 @functools.partial(jax.jit, static_argnames=(
     "potential", "constraint", "num_particles", "max_new_tokens", "resampler"))
 def _token_smc_jit(key, model, prompt, cfg, params, ess_threshold, *, potential, constraint,
                    num_particles, max_new_tokens, resampler):
-    model = as_language_model(model)
-    state = init_state(model, prompt, num_particles, max_new_tokens, cfg.pad_id)
-    propagate, log_potential = _token_callbacks(model, cfg, potential, constraint)
-    mask = jnp.arange(max_new_tokens) < max_new_tokens - 1
-    schedule = smc.ResampleSchedule(mask, ess_threshold)
-    # The loop ends once every particle is done (no idle steps, the KV cache never copied).
-    out = smc.run_until(key, state, propagate, log_potential, schedule, params, resampler,
-                        finished=lambda s, _: jnp.all(s.done))
-    final, lw = out.particles.state, out.particles.log_weights
-    scores = log_potential(final, jnp.int32(max_new_tokens), params)
-    final = final._replace(score=scores)
-    info = out.info._asdict()
-    del info["observed"]  # no per-step observation requested
-    info["num_nan"] = jnp.sum(out.info.num_nan_potentials) + out.num_nan_initial
-    best = jnp.argmax(jnp.where(jnp.isnan(lw), -jnp.inf, lw)).astype(jnp.int32)
-    return make_result(final, lw, best, out.log_evidence, out.all_dead, info)
+    """The former private jit of :func:`token_smc`, kept only for benchmarks/scaling.py until
+    it calls the kernel (:func:`token_smc_sampler`); ``params`` is the old
+    ``{"temperature", "potential", "constraint"}`` dict (its temperature is ``cfg``'s)."""
+    sampler = token_smc_sampler(num_particles, max_new_tokens, potential, constraint, resampler)
+    kernel_params = TokenSMCParams(model, prompt, cfg, ess_threshold, params["potential"],
+                                   params["constraint"])
+    return run_with_keys(*token_smc_keys(key, sampler), sampler, kernel_params)
 
 
 def token_smc(key: Array, model: LanguageModel, prompt, *, num_particles: int, max_new_tokens: int,
@@ -532,17 +828,12 @@ def token_smc(key: Array, model: LanguageModel, prompt, *, num_particles: int, m
     Raises:
         ValueError: empty budget, bad prompt, non-positive temperature, NaN potentials (``raise``).
     """
-    check_budget(num_particles, max_new_tokens, 1, 1)
-    prompt = jnp.asarray(check_prompt(prompt))
-    if not isinstance(temperature, jax.core.Tracer) and np.any(np.asarray(temperature) <= 0):
-        raise ValueError(f"token_smc needs a temperature > 0 (a proposal with full support), "
-                         f"got {temperature}")
-    cfg = decode_config(temperature, None, stop_ids, pad_id)
-    params = {"temperature": cfg.temperature, "potential": potential_params,
-              "constraint": constraint_params}
-    result = _token_smc_jit(key, model, prompt, cfg, params,
-                            jnp.asarray(ess_threshold, jnp.float32), potential=potential,
-                            constraint=constraint, num_particles=num_particles,
-                            max_new_tokens=max_new_tokens, resampler=resampler)
+    sampler = token_smc_sampler(num_particles, max_new_tokens, potential, constraint, resampler)
+    params = make_token_smc_params(model, check_prompt(prompt), temperature=temperature,
+                                   stop_ids=stop_ids, pad_id=pad_id, ess_threshold=ess_threshold,
+                                   potential_params=potential_params,
+                                   constraint_params=constraint_params)
+    check_token_smc_params(params, sampler)
+    result = _run_with_keys(*token_smc_keys(key, sampler), sampler, params)
     check_nan(int(result.info["num_nan"]), "token_smc", nan_policy)
     return result
