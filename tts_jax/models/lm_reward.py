@@ -218,23 +218,41 @@ def outcome_scores(rm: RewardModel, tokens: Array, lengths: Array) -> Array:
     return jnp.take_along_axis(logits[..., 0], (jnp.asarray(lengths) - 1)[:, None], axis=1)[:, 0]
 
 
-def load_reward_model(path: str | pathlib.Path, *,
-                      dtype: Any = jnp.float32) -> tuple[LMConfig, RewardModel]:
+def load_reward_model(
+    path: str | pathlib.Path, *, dtype: Any = jnp.float32
+) -> tuple[LMConfig, RewardModel]:
     """Loads a ``Qwen2ForProcessRewardModel`` / ``Qwen2ForRewardModel`` folder (safetensors).
+
+    Args:
+        path: folder with ``config.json`` and ``model.safetensors`` (or its shards listed by
+            ``model.safetensors.index.json``), read by :mod:`tts_jax.models.checkpoint`.
+        dtype: parameter dtype.
+
+    Returns:
+        ``(config, model)``; the architecture gives ``num_labels`` (2 for a PRM, 1 for an RM).
 
     Raises:
         FileNotFoundError: the folder, its ``config.json`` or its ``*.safetensors`` is missing.
         ValueError: invalid JSON, a missing or wrongly typed config key, another architecture
-            (naming the folder, the file and the key), or missing / mis-shaped tensors (named).
+            (naming the folder, the file and the key), or missing / mis-shaped / unexpected
+            tensors (named).
     """
     loader = "load_reward_model"
     architecture, config = read_lm_config(path, REWARD_ARCHITECTURES, loader=loader)
     num_labels = REWARD_ARCHITECTURES[architecture]
-    abstract = nnx.eval_shape(lambda: RewardModel(config, num_labels, rngs=nnx.Rngs(0),
-                                                  dtype=dtype))
+    abstract = nnx.eval_shape(
+        lambda: RewardModel(config, num_labels, rngs=nnx.Rngs(0), dtype=dtype)
+    )
     return config, load_weights(abstract, path, dtype, loader=loader)
 
 
-def save_reward_model(path: str | pathlib.Path, config: LMConfig, rm: RewardModel) -> None:
-    """Saves ``config.json`` + ``model.safetensors`` in the transformers layout."""
-    save_weights(rm, path, config.to_hf_dict(rm.architecture))
+def save_reward_model(
+    path: str | pathlib.Path,
+    config: LMConfig,
+    rm: RewardModel,
+    *,
+    max_shard_size: int | None = None,
+) -> None:
+    """Saves ``config.json`` + ``model.safetensors`` in the transformers layout (with
+    ``max_shard_size`` bytes: shards and ``model.safetensors.index.json``)."""
+    save_weights(rm, path, config.to_hf_dict(rm.architecture), max_shard_size=max_shard_size)
