@@ -1,7 +1,11 @@
-"""The embedded default checkpoints (``tts_jax/assets/<name>``) and how to load them by name.
+"""The asset registry: the embedded checkpoints (``tts_jax/assets/<name>``), found by name.
 
-Every asset is trained by ``tts-jax train`` (:mod:`tts_jax.app.training`) and shipped in a standard folder layout
-(diffusers / transformers ``config.json`` + safetensors), so nothing is downloaded at run time:
+This is the one place that knows where the shipped checkpoints live (:data:`ASSETS_DIR`), which
+files each holds and which command builds it (:data:`EMBEDDED`); every loader of an embedded asset
+asks it (:func:`asset_dir`, :func:`asset_path`, :func:`require_asset`). Every asset is trained by
+``tts-jax train`` (:mod:`tts_jax.app.training`) and shipped in a standard folder layout
+(diffusers / transformers ``config.json`` + safetensors, read by :mod:`tts_jax.models.checkpoint`),
+so nothing is downloaded at run time (docs/design.md, "Models we ship"):
 
 - ``digits-dit``: class-conditional flow-matching DiT on the 8x8 digits (Lipman et al. 2023 flow
   matching on the linear path; Peebles & Xie 2023 DiT), usable conditionally, unconditionally and
@@ -24,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from tts_jax.models.base import FlowModel
-from tts_jax.models.checkpoint_errors import CheckpointNotFoundError, require_file
-from tts_jax.models.classifier import load_classifier
-from tts_jax.models.dit import load_dit
-from tts_jax.models.wrappers import velocity_dit_flow
+from tts_jax.models.checkpoint import CheckpointNotFoundError, require_file
+
+# The model loaders are imported where they are used, so that looking an asset up (e.g. from
+# :mod:`tts_jax.rewards.classifier` or the app's task modules) loads no network code.
 
 # Where the embedded assets live (a module attribute, so tests can point it elsewhere).
 ASSETS_DIR = Path(str(files("tts_jax") / "assets"))
@@ -83,7 +87,7 @@ EMBEDDED: dict[str, EmbeddedAsset] = {
         EmbeddedAsset(
             "arith-lm",
             "lm",
-            ("config.json", "model.safetensors", "tokenizer.json"),
+            ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"),
             "tts-jax train arith-lm",
             "Qwen2-layout policy LM for multi-step arithmetic with worked steps",
         ),
@@ -98,6 +102,37 @@ EMBEDDED: dict[str, EmbeddedAsset] = {
 }
 
 
+def _asset(name: str) -> EmbeddedAsset:
+    if name not in EMBEDDED:
+        raise KeyError(f"unknown embedded asset {name!r}; known: {sorted(EMBEDDED)}")
+    return EMBEDDED[name]
+
+
+def asset_dir(name: str) -> Path:
+    """The folder of embedded asset ``name`` under :data:`ASSETS_DIR` (not checked to exist).
+
+    Raises:
+        KeyError: ``name`` is not a registered asset.
+    """
+    return ASSETS_DIR / _asset(name).name
+
+
+def require_asset(folder: str | Path, name: str, loader: str) -> Path:
+    """``folder`` as a :class:`Path`, checked to hold every file asset ``name`` is registered
+    with (``folder`` may be the embedded copy or another one, e.g. a training output).
+
+    Raises:
+        KeyError: ``name`` is not a registered asset.
+        CheckpointNotFoundError: the folder or one of the files is missing (names the loader,
+            the folder, the file and the command that builds the asset).
+    """
+    asset = _asset(name)
+    folder = Path(folder)
+    for file in asset.files:
+        require_file(folder, file, loader, hint=f"run `{asset.script} --install`")
+    return folder
+
+
 def asset_path(name: str) -> Path:
     """The folder of embedded asset ``name``, checked to hold all of its files.
 
@@ -106,21 +141,10 @@ def asset_path(name: str) -> Path:
         AssetNotBuiltError: the asset's folder or one of its files is missing (names the folder,
             the file and the script that builds them).
     """
-    if name not in EMBEDDED:
-        raise KeyError(f"unknown embedded asset {name!r}; known: {sorted(EMBEDDED)}")
-    asset = EMBEDDED[name]
-    folder = ASSETS_DIR / name
     try:
-        for file in asset.files:
-            require_file(
-                folder,
-                file,
-                f"embedded asset {name!r} is not built",
-                hint=f"run `{asset.script} --install`",
-            )
+        return require_asset(asset_dir(name), name, f"embedded asset {name!r} is not built")
     except CheckpointNotFoundError as e:
         raise AssetNotBuiltError(str(e)) from None
-    return folder
 
 
 def load_digits_flow(guided: bool = False, guidance: float = 1.0) -> FlowModel:
@@ -135,6 +159,9 @@ def load_digits_flow(guided: bool = False, guidance: float = 1.0) -> FlowModel:
         ``FlowModel`` with ``sample_shape (1, 8, 8)``; ``cond`` is ``Int[N]`` labels in ``0..9``,
         the null label ``10``, or ``None`` for unconditional sampling.
     """
+    from tts_jax.models.dit import load_dit
+    from tts_jax.models.wrappers import velocity_dit_flow
+
     _, dit = load_dit(asset_path("digits-dit"))
     return velocity_dit_flow(dit, guided=guided, guidance=guidance)
 
@@ -152,8 +179,13 @@ def load_embedded(name: str, **kwargs: Any) -> Any:
     path = asset_path(name)
     kind = EMBEDDED[name].kind
     if kind == "flow":
+        from tts_jax.models.dit import load_dit
+        from tts_jax.models.wrappers import velocity_dit_flow
+
         return velocity_dit_flow(load_dit(path)[1], **kwargs)
     if kind == "classifier":
+        from tts_jax.models.classifier import load_classifier
+
         return load_classifier(path)
     if kind == "lm":
         from tts_jax.models.lm import load_lm

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from tts_jax.models.classifier import Classifier, load_classifier
+from tts_jax.models.zoo import asset_path
 from tts_jax.rewards.base import Reward
 
 Array = jax.Array
@@ -116,8 +117,6 @@ def load_asset_classifier(name: str, *, loader: str = "load_asset_classifier") -
             that builds them).
         ValueError: its config or weights are broken (naming the folder, the file and the key).
     """
-    from tts_jax.models.zoo import asset_path  # the zoo imports the flow models: load lazily
-
     return load_classifier(asset_path(name), loader=loader)
 
 

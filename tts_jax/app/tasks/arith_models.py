@@ -26,9 +26,9 @@ import numpy as np
 from tts_jax.app.tasks.arith_data import EVAL_SEED
 from tts_jax.app.tasks.arith_tokenizer import ARITH_LM_DIR, ArithTokenizer
 from tts_jax.app.tasks.arithmetic import ArithConfig, Problem, generate_problems
-from tts_jax.models.checkpoint_errors import require_file
 from tts_jax.models.lm import LM, LMConfig, generate, load_lm
 from tts_jax.models.lm_reward import RewardModel, load_reward_model
+from tts_jax.models.zoo import asset_dir, require_asset
 
 __all__ = [
     "ARITH_LM_DIR",
@@ -44,7 +44,7 @@ __all__ = [
     "sample_solutions",
 ]
 
-ARITH_PRM_DIR = ARITH_LM_DIR.parent / "arith-prm"
+ARITH_PRM_DIR = asset_dir("arith-prm")  # ARITH_LM_DIR is asset_dir("arith-lm")
 # Difficulty the embedded models are trained on and evaluated with.
 ARITH_TASK = ArithConfig(min_ops=2, max_ops=5, max_operand=20, mul_prob=0.1, max_value=99)
 # Size of the held-out split every training script excludes (eval_problems(n) for n <= this).
@@ -69,11 +69,6 @@ def eval_problems(n: int) -> list[Problem]:
     return generate_problems(n, EVAL_SEED, ARITH_TASK)
 
 
-def _require(path: pathlib.Path, files: Sequence[str], loader: str, script: str) -> None:
-    for file in files:
-        require_file(path, file, loader, hint=f"train it with `{script} --install`")
-
-
 def load_arith_policy(
     path: str | pathlib.Path = ARITH_LM_DIR,
 ) -> tuple[LMConfig, LM, ArithTokenizer]:
@@ -91,13 +86,7 @@ def load_arith_policy(
         ValueError: a broken config (naming the folder, the file and the key) or weights that
             do not match it (naming the tensor).
     """
-    path = pathlib.Path(path)
-    _require(
-        path,
-        ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"),
-        "load_arith_policy",
-        "tts-jax train arith-lm",
-    )
+    path = require_asset(path, "arith-lm", "load_arith_policy")
     config, model = load_lm(path)
     return config, model, ArithTokenizer.load(path)
 
@@ -118,13 +107,7 @@ def load_arith_prm(path: str | pathlib.Path = ARITH_PRM_DIR) -> tuple[LMConfig, 
         ValueError: a broken config (naming the folder, the file and the key) or weights that
             do not match it (naming the tensor).
     """
-    path = pathlib.Path(path)
-    _require(
-        path,
-        ("config.json", "model.safetensors"),
-        "load_arith_prm",
-        "tts-jax train arith-prm",
-    )
+    path = require_asset(path, "arith-prm", "load_arith_prm")
     return load_reward_model(path)
 
 

@@ -31,9 +31,10 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from tts_jax.app.tasks.arithmetic import EOS_TOKEN, PAD_TOKEN, STEP_DELIMITER
-from tts_jax.models.zoo import ASSETS_DIR
+from tts_jax.models.zoo import asset_dir
 
-ARITH_LM_DIR = ASSETS_DIR / "arith-lm"
+# The embedded policy folder, which holds the tokenizer (located by the asset registry).
+ARITH_LM_DIR = asset_dir("arith-lm")
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN)
 MAX_LENGTH = 256
 _ALPHABET_BYTES = bytes([9, 10, 13, *range(32, 127)])
