@@ -63,7 +63,7 @@ PF_SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from tts_jax.samplers import lm_smc
     from tts_jax.models.lm_reward import cached_prm_scorer
-    from tts_jax.samplers.lm_state import decode_config
+    from tts_jax.samplers.base import run_with_keys
     from tts_jax.sharding import constrain_particles, particle_mesh
     from tests.samplers.test_lm_pf import PROMPT, SEP, tiny_prm
     from tests.samplers.test_lm_smc import EOS, tiny_lm
@@ -74,18 +74,14 @@ PF_SCRIPT = textwrap.dedent(
                                    tiny_prm(), num_particles=N, max_steps=STEPS,
                                    max_step_tokens=STEP_TOKENS, max_new_tokens=TOKENS,
                                    temperature=1.0, sep_id=SEP, stop_ids=[EOS], pad_id=EOS)
-    cfg = decode_config(1.0, SEP, [EOS], EOS)
-    hyper = {"softmax_temperature": jnp.float32(1.0), "ess_threshold": jnp.float32(1.0),
-             "puri": jnp.asarray(True), "anneal": jnp.asarray(False),
-             "has_ref": jnp.asarray(False)}
+    sampler = lm_smc.pf_sampler(N, STEPS, STEP_TOKENS, TOKENS, cached_prm_scorer)
     mesh = particle_mesh(4)
 
     @jax.jit
     def sharded_program(key, model, prm):
-        out = lm_smc._pf_jit(key, model, jnp.asarray(PROMPT), None, prm, cfg, hyper,
-                             jnp.zeros((TOKENS,), jnp.int32), scorer=cached_prm_scorer,
-                             num_particles=N, max_steps=STEPS, max_step_tokens=STEP_TOKENS,
-                             max_new_tokens=TOKENS, aggregation="last", resampler="multinomial")
+        params = lm_smc.make_pf_params(model, PROMPT, prm, max_new_tokens=TOKENS,
+                                       temperature=1.0, sep_id=SEP, stop_ids=[EOS], pad_id=EOS)
+        out = run_with_keys(*lm_smc.pf_keys(key, sampler), sampler, params)
         return constrain_particles(out, mesh, N)
 
     sharded = sharded_program(jax.random.key(1), tiny_lm(), tiny_prm())

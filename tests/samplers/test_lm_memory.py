@@ -47,13 +47,11 @@ def _compiled(program: str, new_tokens: int):
         params = lm_smc.TokenSMCParams(model, PROMPT, cfg, jnp.float32(0.5), jnp.float32(0.5))
         lowered = jax.jit(run, static_argnames="sampler").lower(jax.random.key(0), sampler, params)
     else:
-        hyper = {"softmax_temperature": jnp.float32(1.0), "ess_threshold": jnp.float32(1.0),
-                 "puri": jnp.bool_(True), "anneal": jnp.bool_(False), "has_ref": jnp.bool_(False)}
-        lowered = lm_smc._pf_jit.lower(
-            jax.random.key(0), model, PROMPT, jnp.int32(4), None, cfg, hyper,
-            jnp.zeros((new_tokens,), jnp.int32), scorer=_scorer, num_particles=N,
-            max_steps=new_tokens // 8, max_step_tokens=8, max_new_tokens=new_tokens,
-            aggregation="last", resampler="multinomial")
+        sampler = lm_smc.pf_sampler(N, new_tokens // 8, 8, new_tokens, _scorer)
+        params = lm_smc.PFParams(model, PROMPT, jnp.int32(4), None, cfg, jnp.float32(1.0),
+                                 jnp.float32(1.0), jnp.bool_(True), jnp.bool_(False),
+                                 jnp.bool_(False), jnp.zeros((new_tokens,), jnp.int32))
+        lowered = jax.jit(run, static_argnames="sampler").lower(jax.random.key(0), sampler, params)
     return lowered.compile()
 
 

@@ -17,6 +17,8 @@ from flax import nnx
 
 from tts_jax.models.lm_reward import RewardModel, cached_prm_scorer, prm_scorer
 from tts_jax.samplers import lm_smc
+from tts_jax.samplers.base import run as base_run
+from tts_jax.samplers.base import run_with_keys
 from tts_jax.samplers.lm_exact import enumerate_completions
 from tts_jax.samplers.lm_scoring import AGGREGATIONS, score_sequences
 from tts_jax.samplers.lm_state import sequences
@@ -174,11 +176,46 @@ def test_empty_budget_and_bad_options_are_refused():
 
 def test_new_temperatures_or_weighting_compile_nothing():
     run(0, softmax_temperature=1.0)
-    size = lm_smc._pf_jit._cache_size()
+    size = lm_smc._run_with_keys._cache_size()
     run(1, softmax_temperature=0.3, temperature=0.7)
     run(2, softmax_temperature=4.0, weighting="twisted", ess_threshold=0.8)
     run(3, method=lm_smc.particle_gibbs, n=2 * N, num_sweeps=2).tokens.block_until_ready()
-    assert lm_smc._pf_jit._cache_size() == size
+    assert lm_smc._run_with_keys._cache_size() == size
+
+
+def _kernel(weighting="puri", temperature=1.0, softmax_temperature=1.0, resampler="multinomial"):
+    sampler = lm_smc.pf_sampler(N, 2, 1, 2, first_token_scorer, "last", resampler)
+    params = lm_smc.make_pf_params(tiny_lm(), PROMPT, jnp.asarray(TABLE), max_new_tokens=2,
+                                   temperature=temperature,
+                                   softmax_temperature=softmax_temperature, sep_id=SEP,
+                                   stop_ids=[EOS], pad_id=EOS, weighting=weighting)
+    lm_smc.check_pf_params(params, sampler)
+    return sampler, params
+
+
+@pytest.mark.parametrize("weighting", lm_smc.WEIGHTINGS)
+def test_kernel_is_the_convenience_function_vmaps_over_keys_and_compiles_once(weighting):
+    sampler, params = _kernel(weighting)
+    assert lm_smc.pf_sampler(N, 2, 1, 2, first_token_scorer) is sampler
+    jitted = jax.jit(run_with_keys, static_argnames="sampler")
+    out = jitted(*lm_smc.pf_keys(jax.random.key(5), sampler), sampler, params)
+    assert digest(out) == digest(run(5, weighting=weighting))
+    keys = jax.random.split(jax.random.key(6), 3)
+    run_jit = jax.jit(base_run, static_argnames="sampler")
+    batched = jax.jit(jax.vmap(base_run, in_axes=(0, None, None)), static_argnames="sampler")(
+        keys, sampler, params)
+    for i in range(3):
+        single = run_jit(keys[i], sampler, params)
+        np.testing.assert_array_equal(np.asarray(batched.tokens[i]), np.asarray(single.tokens))
+        np.testing.assert_array_equal(np.asarray(batched.info["ancestors"][i]),
+                                      np.asarray(single.info["ancestors"]))
+        np.testing.assert_allclose(np.asarray(batched.scores[i]), np.asarray(single.scores))
+    _, hotter = _kernel(weighting, temperature=0.7, softmax_temperature=0.3)
+    run_jit(keys[0], sampler, hotter).tokens.block_until_ready()
+    assert run_jit._cache_size() == 1
+    if weighting == "twisted":
+        with pytest.raises(ValueError, match="temperature > 0"):
+            lm_smc.check_pf_params(_kernel(weighting, temperature=0.0)[1], sampler)
 
 
 @functools.cache
