@@ -597,14 +597,17 @@ def find_weights(
 def _read_index(folder: Path, name: str, loader: str) -> WeightFiles:
     """The shards listed by ``folder / name`` (``{"weight_map": {tensor: file}}``)."""
     index = read_config_file(folder, loader, name)
-    index.check({"weight_map": dict[str, str]}, ("weight_map",))
+    index.check({"weight_map": dict}, ("weight_map",))
     weight_map: dict[str, str] = index.raw["weight_map"]
-    bad = sorted(
-        {f for f in weight_map.values() if Path(f).name != f or not f.endswith(SAFETENSORS)}
-    )
+
+    def is_shard(f: Any) -> bool:
+        return isinstance(f, str) and Path(f).name == f and f.endswith(SAFETENSORS)
+
+    bad = [f for f in dict.fromkeys(weight_map.values()) if not is_shard(f)]
     if bad:
         raise CheckpointConfigError(
-            f'{index.where}: "weight_map" must name *.safetensors files of the folder, got {bad}'
+            f'{index.where}: "weight_map" must map tensor names to *.safetensors files of the '
+            f"folder, got {_short_repr(bad)}"
         )
     shards = dict.fromkeys(weight_map.values())  # first-listed order, no duplicates
     files = tuple(require_file(folder, f, loader, hint=f"{name} lists it") for f in shards)
