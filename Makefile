@@ -18,6 +18,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tts_jax tests benchmarks experiments
+	$(VENV)/bin/ruff format --check tts_jax tests benchmarks experiments
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

@@ -1,4 +1,4 @@
-"""The library and the application layer stay apart: the library imports nothing from tts_jax.app."""
+"""The library and the application layer stay apart: the library never imports tts_jax.app."""
 
 import pkgutil
 import subprocess
