@@ -14,7 +14,9 @@ from tts_jax.models import gmm as G
 from tts_jax.models.base import linear_to_vp
 from tts_jax.rewards.analytic import linear_reward
 from tts_jax.rewards.base import Reward
+from tts_jax.samplers import fk_steering as fk
 from tts_jax.samplers import flow_particles as fp
+from tts_jax.samplers.base import Sampler, run, run_with_keys
 from tts_jax.samplers.integrate import solve, tweedie
 
 from ..helpers import assert_matches_gmm
@@ -433,3 +435,104 @@ def test_outputs_are_bit_identical_to_the_pinned_runs(name):
     got, held = digest(PIN_CASES[name]())
     assert got == PINNED[name], f"{name}: got {got}, pinned {PINNED[name]}"
     assert held == PINNED_HELD_OUT[name], f"{name}: held-out {held}, pinned {PINNED_HELD_OUT[name]}"
+
+
+# ------------------------------------------------------------------ kernels, public names only
+
+RUN = jax.jit(run, static_argnames="sampler")
+RUN_KEYS = jax.jit(jax.vmap(run, in_axes=(0, None, None)), static_argnames="sampler")
+M = (BUDGET // 2 - 1) // 9  # proposals per chain and step of svdd / code at BUDGET, 2 chains
+KERNELS = {
+    "svdd": (lambda: fp.svdd_sampler(2, M, 10), "selected"),
+    "code": (lambda: fp.code_sampler(2, M, 10, block=3), "selected"),
+    "rbf": (lambda: fp.rbf_sampler(2, 2, 10, BUDGET), "chain_nfe"),
+}
+CONVENIENCE = {
+    "svdd": lambda key, p: fp.svdd(key, p.model, p.reward, p.grid, p.diffusion, BUDGET),
+    "code": lambda key, p: fp.code(key, p.model, p.reward, p.grid, p.diffusion, BUDGET, block=3),
+    "rbf": lambda key, p: fp.rbf(key, p.model, p.reward, p.grid, p.diffusion, BUDGET, num_init=2),
+}
+RUN_WITH_KEYS = jax.jit(run_with_keys, static_argnames="sampler")
+KEY_LAYOUT = {"rbf": fp.rbf_keys}  # convenience functions that keep an older key layout
+
+
+def _params(diffusion=SDE, reward=REWARD, **kw):
+    return fp.make_params(MODEL, reward, GRID, diffusion, **kw)
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_jit_of_run_equals_the_convenience_function(name):
+    sampler, params = KERNELS[name][0](), _params()
+    fp.check_params(params, sampler)
+    key = jax.random.key(11)
+    if name in KEY_LAYOUT:
+        got = RUN_WITH_KEYS(*KEY_LAYOUT[name](key), sampler, params)
+        assert int(RUN(key, sampler, params).nfe) == int(got.nfe)  # run: other keys, same plan
+    else:
+        got = RUN(key, sampler, params)
+    assert digest(got) == digest(CONVENIENCE[name](key, params))
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_vmap_over_keys_equals_separate_runs(name):
+    sampler, ancestors = KERNELS[name][0](), KERNELS[name][1]
+    params = _params(held_out={"linear": linear_reward([1.0, 0.0])})
+    keys = jax.random.split(jax.random.key(12), 4)
+    batch = RUN_KEYS(keys, sampler, params)
+    for i in range(4):
+        one = RUN(keys[i], sampler, params)
+        np.testing.assert_allclose(batch.samples[i], one.samples, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(batch.rewards[i], one.rewards, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(batch.info[ancestors][i], one.info[ancestors])
+        np.testing.assert_array_equal(batch.nfe[i], one.nfe)
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_changing_numbers_does_not_recompile(name):
+    sampler = KERNELS[name][0]()
+    RUN(jax.random.key(0), sampler, _params())
+    before = TRACES["reward"]
+    for norm, target in [(1.0, [0.0, 1.0]), (4.0, [2.0, -1.0])]:
+        params = _params(I.diffusion("square", norm), make_reward(target=target))
+        fp.check_params(params, sampler)
+        RUN(jax.random.key(1), sampler, params)
+    assert TRACES["reward"] == before
+
+
+def test_samplers_are_memoized_and_params_checked():
+    assert fp.svdd_sampler(2, 3, 10) is fp.svdd_sampler(2, 3, 10)
+    assert fp.code_sampler(2, 3, 10) == fp.code_sampler(2, 3, 10, block=2)
+    assert fp.rbf_sampler(2, 2, 10, 60) is fp.rbf_sampler(2, 2, 10, 60, final_proposals=3)
+    with pytest.raises(ValueError, match="rbf: budget of 23 NFE is below the minimum of 24"):
+        fp.rbf_sampler(2, 2, 10, 23)
+    with pytest.raises(ValueError, match="svdd: the grid has 5 steps but the sampler takes 10"):
+        fp.check_params(
+            fp.make_params(MODEL, REWARD, I.uniform_grid(5), SDE), fp.svdd_sampler(2, 3, 10)
+        )
+    with pytest.raises(ValueError, match="code: diffusion.norm must be finite"):
+        fp.check_params(_params(I.diffusion("square", np.nan)), fp.code_sampler(2, 3, 10))
+    with pytest.raises(ValueError, match="code: num_proposals must be >= 1"):
+        fp.code_sampler(2, 0, 10)
+    with pytest.raises(ValueError, match="not built by"):
+        fp.check_params(_params(), Sampler(None, None, None, 1))
+
+
+def test_smc_is_the_fk_kernel():
+    """smc's kernel is FK's: its run gives smc's result but the host-side nfe / held-out info."""
+    n = BUDGET // 10
+    sampler = fp.smc_sampler(n, 10)
+    params = fp.smc_params(MODEL, REWARD, GRID, SDE, 10.0)
+    fk.check_params(params, sampler, "smc")
+    key = jax.random.key(13)
+    got = RUN(key, sampler, params)
+    want = fp.smc(key, MODEL, REWARD, GRID, SDE, BUDGET, 10.0)
+    want = want._replace(info={k: v for k, v in want.info.items() if k not in ("nfe", "init_nfe")})
+    assert digest(got) == digest(want)
+    batch = RUN_KEYS(jax.random.split(key, 3), sampler, params)
+    for i, k in enumerate(jax.random.split(key, 3)):
+        one = RUN(k, sampler, params)
+        np.testing.assert_allclose(batch.samples[i], one.samples, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(batch.info["ancestors"][i], one.info["ancestors"])
+    before = TRACES["reward"]
+    RUN(key, sampler, fp.smc_params(MODEL, REWARD, GRID, I.diffusion("square", 1.0), 3.0))
+    assert TRACES["reward"] == before

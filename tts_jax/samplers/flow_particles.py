@@ -54,6 +54,15 @@ Hyper-parameters are arrays (``lam``, ``diffusion.norm``): sweeping them never r
 or infinite one is an error at the call, before anything is traced. Sizes
 (budget-derived particle / proposal counts, ``num_chains``, ``num_init``, ``block``) are static.
 ``cond`` is passed unchanged to the model and the rewards (one condition shared by all particles).
+
+Kernels (issue 16, :mod:`tts_jax.samplers.base`): :func:`svdd_sampler`, :func:`code_sampler` and
+:func:`rbf_sampler` build memoized :class:`~tts_jax.samplers.base.Sampler` values from static
+sizes; :func:`make_params` gathers the arrays (:class:`Params`) and :func:`check_params` checks
+them on the host. ``jax.jit(run, static_argnames="sampler")(key, sampler, params)`` is
+:func:`svdd` / :func:`code` bit for bit; :func:`rbf` keeps its key layout through
+``run_with_keys(*rbf_keys(key), sampler, params)``. :func:`smc_sampler` / :func:`smc_params` are
+FK steering's kernel and parameters as :func:`smc` configures them. :func:`bon` stays a jitted
+function (an ODE or SDE solve of ``N`` noises and one reward call: no steps to expose).
 """
 
 from __future__ import annotations
@@ -70,6 +79,8 @@ from tts_jax import smc as smc_engine
 from tts_jax.interpolants import Diffusion, sde_step, sde_step_mean_std, velocity_to_x0
 from tts_jax.models.base import FlowModel
 from tts_jax.rewards.base import Reward
+from tts_jax.samplers import fk_steering
+from tts_jax.samplers.base import Sampler, run, run_with_keys
 from tts_jax.samplers.fk_steering import check_fk_result, fk_steering_unchecked
 from tts_jax.samplers.integrate import initial_noise, solve, tweedie
 from tts_jax.samplers.result import SampleResult, count_invalid
@@ -268,6 +279,34 @@ def smc(
     return check_fk_result(result._replace(info=info), "smc", reward, nan_policy)
 
 
+def smc_sampler(num_particles: int, num_steps: int) -> Sampler:
+    """:func:`smc`'s kernel: the FK steering sampler
+    (:func:`tts_jax.samplers.fk_steering.sampler`) with the ``diff`` potential and multinomial
+    resampling, for ``N = num_particles`` particles over ``S = num_steps`` transitions (static;
+    memoized by FK). Run it with :func:`smc_params`; the result is :func:`smc`'s without the
+    host-side ``info["nfe"]`` / ``info["init_nfe"]`` (``N`` velocities at ``grid[0]``, ``N`` per
+    step landing at ``t > 0``) and ``info["held_out"]`` that :func:`smc` adds."""
+    return fk_steering.sampler(num_particles, num_steps, "diff", "multinomial")
+
+
+def smc_params(
+    model: FlowModel,
+    reward: Reward,
+    grid: Array,
+    diffusion: Diffusion,
+    lam: float | Array,
+    *,
+    cond: Any = None,
+) -> fk_steering.Params:
+    """:func:`smc`'s parameters: FK's (:func:`tts_jax.samplers.fk_steering.make_params`) with a
+    resampling after every step (``smc.every(S, 1)``). Check them with
+    ``fk_steering.check_params(params, sampler, "smc")``."""
+    grid = np.asarray(grid, np.float32) if not isinstance(grid, jax.Array) else grid
+    num_steps = check_grid("smc", grid)
+    schedule = smc_engine.every(num_steps, 1)
+    return fk_steering.make_params(model, reward, grid, diffusion, lam, schedule, cond)
+
+
 # --------------------------------------------------------------------------- SVDD / CoDe
 
 
@@ -289,12 +328,146 @@ def _rollout(key, model, diffusion, grid, x, u, first, length: int, cond):
     return jax.lax.scan(sub, (x, u), jnp.arange(length))[0]
 
 
-@functools.partial(jax.jit, static_argnames=("num_chains", "num_proposals", "block"))
-def _code(key, model, reward, grid, diffusion, cond, held_out, num_chains, num_proposals, block):
-    num_steps = grid.shape[0] - 1
-    k_init, k_run = jax.random.split(key)
-    x = initial_noise(k_init, model, num_chains)
-    u = model.velocity(x, grid[0], cond)
+class Params(NamedTuple):
+    """Everything array-valued the flow particle samplers need: a pytree (a jit argument).
+
+    Attributes:
+        model: :class:`~tts_jax.models.base.FlowModel` (``linear_to_vp(model)`` for the VP path;
+            its weights are leaves).
+        reward: :class:`~tts_jax.rewards.base.Reward` ``r(x0, cond) -> [N]`` used for selection.
+        grid: ``Float[S + 1]`` times from noise to the data end ``grid[-1] = 0``.
+        diffusion: :class:`~tts_jax.interpolants.Diffusion` of the SDE proposals (its norm is an
+            array: sweeping it never recompiles).
+        cond: condition passed unchanged to the model and the rewards, or ``None``.
+        held_out: ``{name: Reward}`` evaluated on the returned samples only.
+    """
+
+    model: FlowModel
+    reward: Reward
+    grid: Array
+    diffusion: Diffusion
+    cond: Any = None
+    held_out: dict[str, Reward] | None = None
+
+
+def make_params(
+    model: FlowModel,
+    reward: Reward,
+    grid: Array,
+    diffusion: Diffusion,
+    *,
+    cond: Any = None,
+    held_out: dict[str, Reward] | None = None,
+) -> Params:
+    """:class:`Params` with ``grid`` as a float32 array (NumPy for host values: no device op)
+    and ``held_out`` defaulting to ``{}``. No checks (:func:`check_params`)."""
+    grid = (
+        jnp.asarray(grid, jnp.float32)
+        if isinstance(grid, jax.Array)
+        else np.asarray(grid, np.float32)
+    )
+    held_out = {} if held_out is None else dict(held_out)
+    return Params(model, reward, grid, diffusion, cond, held_out)
+
+
+class _Config(NamedTuple):
+    """What :func:`check_params` needs to know of a sampler built here."""
+
+    method: str
+    num_steps: int  # S, the grid's transitions the sampler is built for
+    min_steps: int  # the fewest transitions the method works with
+
+
+_CONFIGS: dict[Sampler, _Config] = {}
+
+
+def _register(sampler: Sampler, method: str, num_steps: int, min_steps: int) -> Sampler:
+    _CONFIGS[sampler] = _Config(method, num_steps, min_steps)
+    return sampler
+
+
+def _check_size(method: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{method}: {name} must be >= 1, got {value}")
+    return int(value)
+
+
+def check_params(params: Params, sampler: Sampler) -> None:
+    """Host-side checks of ``params`` for a ``sampler`` of this module, before tracing.
+
+    Shapes are always checked, values when concrete (traced ones are skipped).
+
+    Raises:
+        ValueError: naming the method: a grid that is not ``[S + 1]`` for the sampler's ``S``,
+            not strictly decreasing to the data end 0, or not finite; a non-finite diffusion
+            norm; a held-out entry that is not a :class:`~tts_jax.rewards.base.Reward`; a
+            ``sampler`` not built by this module.
+    """
+    config = _CONFIGS.get(sampler)
+    if config is None:
+        raise ValueError("check_params: the sampler was not built by tts_jax flow_particles")
+    method = config.method
+    num_steps = check_grid(method, params.grid)
+    if num_steps != config.num_steps:
+        raise ValueError(
+            f"{method}: the grid has {num_steps} steps but the sampler takes {config.num_steps}"
+        )
+    norms = jax.tree_util.tree_leaves_with_path(getattr(params.diffusion, "norm", None))
+    check_finite_hyperparameters(
+        method,
+        {
+            "grid": params.grid,
+            **{f"diffusion.norm{jax.tree_util.keystr(path)}": v for path, v in norms},
+        },
+    )
+    check_grid(method, params.grid, data_end=True)
+    held_out_dict(method, params.held_out)
+
+
+def code_sampler(num_chains: int, num_proposals: int, num_steps: int, block: int = 2) -> Sampler:
+    """CoDe (Kim et al. 2025, docs/algorithms.md 3) as a :class:`~tts_jax.samplers.base.Sampler`.
+
+    ``init`` draws the ``B`` chains' noises ``[B, ...]`` and their velocities at ``grid[0]``
+    (``B`` NFE). Step ``b`` (one per block of ``L`` transitions, ``ceil(S / L)`` steps) copies
+    each chain into ``M`` proposals ``[B M, ...]``, rolls them out over the block (transition
+    ``j`` of the block draws its noise with ``fold_in(step key, j)``, 1 NFE per proposal and
+    transition landing at ``t > 0``), scores the x0-predictions at the block's end and keeps
+    each chain's best (:func:`~tts_jax.samplers.selection.best_of_groups`). The last step
+    (``last_step``) ends at the data end: its final transition needs no velocity and its
+    proposals are scored as samples. ``run(key, sampler, params)`` gives :func:`code`'s result.
+
+    Args:
+        num_chains: ``B >= 1`` (static).
+        num_proposals: ``M >= 1`` proposals per chain and selection (static; :func:`code`
+            spends its budget with ``M = (budget // B - 1) // (S - 1)``).
+        num_steps: ``S >= 2`` transitions of the grid (static).
+        block: ``L >= 1`` transitions between selections (static; 1 is SVDD).
+
+    Returns:
+        A :class:`~tts_jax.samplers.base.Sampler` (equal arguments give the same one) whose
+        state is ``(x, u)`` ``[B, ...]`` each (the chains and their velocities) and whose
+        result is that of :func:`code`.
+    """
+    return _code_sampler_checked("code", num_chains, num_proposals, num_steps, block)
+
+
+def svdd_sampler(num_chains: int, num_proposals: int, num_steps: int) -> Sampler:
+    """SVDD (Li et al. 2024, as run by Kim et al. 2025, docs/algorithms.md 3):
+    :func:`code_sampler` with ``block=1`` (a selection after every transition, ``S`` steps)."""
+    return _code_sampler_checked("svdd", num_chains, num_proposals, num_steps, 1)
+
+
+def _code_sampler_checked(method, num_chains, num_proposals, num_steps, block) -> Sampler:
+    num_chains = _check_size(method, "num_chains", num_chains)
+    num_proposals = _check_size(method, "num_proposals", num_proposals)
+    block = _check_size(method, "block", block)
+    num_steps = _check_size(method, "num_steps", num_steps)
+    _need_steps(num_steps, method)
+    return _code_sampler(method, num_chains, num_proposals, num_steps, block)
+
+
+@functools.cache
+def _code_sampler(method, num_chains, num_proposals, num_steps, block) -> Sampler:
     particles = num_chains * num_proposals
     # Every block but the last ends at t > 0; the last one (1..L transitions) ends at the data
     # end, where the proposals are samples (its final transition needs no velocity).
@@ -313,46 +486,65 @@ def _code(key, model, reward, grid, diffusion, cond, held_out, num_chains, num_p
             "nfe": jnp.asarray(nfe * particles, jnp.int32),
             "num_invalid": count_invalid(invalid),
         }
-        return xs[idx], us[idx], record
+        return (xs[idx], us[idx]), record
 
-    def select(carry, b):
+    def init(key, params):
+        x = initial_noise(key, params.model, num_chains)
+        return x, params.model.velocity(x, params.grid[0], params.cond)
+
+    def block_step(key, state, params):
+        (x, u), b = state
+        model, grid, cond = params.model, params.grid, params.cond
         first, end = b * block, (b + 1) * block
-        xs, us = _rollout(
-            jax.random.fold_in(k_run, b),
-            model,
-            diffusion,
-            grid,
-            *copies(*carry),
-            first,
-            block,
-            cond,
-        )
-        r, invalid = _score(model, reward, xs, grid[end], us, cond)
-        x, u, record = keep_best(xs, us, r, invalid, end, block)
-        return (x, u), record
+        xs, us = _rollout(key, model, params.diffusion, grid, *copies(x, u), first, block, cond)
+        r, invalid = _score(model, params.reward, xs, grid[end], us, cond)
+        chains, record = keep_best(xs, us, r, invalid, end, block)
+        return (chains, b + 1), record
 
-    (x, u), per = jax.lax.scan(select, (x, u), jnp.arange(num_blocks - 1))
-    key_last = jax.random.fold_in(k_run, num_blocks - 1)
-    first = num_steps - last_block
-    xs, us = _rollout(key_last, model, diffusion, grid, *copies(x, u), first, last_block - 1, cond)
-    k = num_steps - 1
-    xs = _propose(
-        jax.random.fold_in(key_last, last_block - 1), model, diffusion, xs, us, grid[k], grid[k + 1]
-    )
-    x, _, last = keep_best(xs, us, *score(reward, xs, cond), num_steps, last_block - 1)
-    per = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), per, last)
-    r = last["chain_reward"]
-    info = {
-        "best_reward": jax.lax.cummax(jnp.max(per["chain_reward"], axis=1)),
-        "chain_reward": per["chain_reward"],
-        "selected": per["selected"],
-        "step_end": per["step_end"],
-        "nfe": per["nfe"],
-        "init_nfe": jnp.int32(num_chains),
-    }
-    nfe = num_chains + jnp.sum(per["nfe"])
-    invalid = jnp.sum(per["num_invalid"], axis=0)
-    return search_result(x, r, nfe, num_blocks * particles, invalid, info, held_out, cond)
+    def last_step(key, state, params):
+        (x, u), _ = state
+        model, grid, cond = params.model, params.grid, params.cond
+        first = num_steps - last_block
+        xs, us = _rollout(
+            key, model, params.diffusion, grid, *copies(x, u), first, last_block - 1, cond
+        )
+        k = num_steps - 1
+        xs = _propose(
+            jax.random.fold_in(key, last_block - 1),
+            model,
+            params.diffusion,
+            xs,
+            us,
+            grid[k],
+            grid[k + 1],
+        )
+        chains, record = keep_best(
+            xs, us, *score(params.reward, xs, cond), num_steps, last_block - 1
+        )
+        return (chains, jnp.int32(num_blocks)), record
+
+    def finalize(state, per, params):
+        (x, _), _ = state
+        r = per["chain_reward"][-1]
+        info = {
+            "best_reward": jax.lax.cummax(jnp.max(per["chain_reward"], axis=1)),
+            "chain_reward": per["chain_reward"],
+            "selected": per["selected"],
+            "step_end": per["step_end"],
+            "nfe": per["nfe"],
+            "init_nfe": jnp.int32(num_chains),
+        }
+        nfe = num_chains + jnp.sum(per["nfe"])
+        invalid = jnp.sum(per["num_invalid"], axis=0)
+        return search_result(
+            x, r, nfe, num_blocks * particles, invalid, info, params.held_out, params.cond
+        )
+
+    def init_with_index(key, params):
+        return init(key, params), jnp.int32(0)
+
+    sampler = Sampler(init_with_index, block_step, finalize, num_blocks, last_step=last_step)
+    return _register(sampler, method, num_steps, 2)
 
 
 def code(
@@ -470,10 +662,12 @@ def _code_method(
         f"{num_chains} chains x {num_steps} steps with one proposal each",
     )
     num_proposals = (budget // num_chains - 1) // (num_steps - 1)
-    result = _code(
-        key, model, reward, grid, diffusion, cond, held_out, num_chains, num_proposals, block
-    )
-    return finish(result, method, reward, nan_policy)
+    sampler = _code_sampler_checked(method, num_chains, num_proposals, num_steps, block)
+    params = make_params(model, reward, grid, diffusion, cond=cond, held_out=held_out)
+    return finish(_run(key, sampler, params), method, reward, nan_policy)
+
+
+_run = jax.jit(run, static_argnames="sampler")
 
 
 # --------------------------------------------------------------------------- RBF
@@ -640,66 +834,156 @@ def _rbf_iteration(key, model, reward, grid, tr: _Transitions, cond, quota, chai
     )
 
 
-@functools.partial(jax.jit, static_argnames=("num_chains", "num_init", "final_proposals"))
-def _rbf(
-    key,
-    model,
-    reward,
-    grid,
-    diffusion,
-    cond,
-    held_out,
-    quota,
-    chain_budget,
-    num_chains,
-    num_init,
-    final_proposals,
-):
-    num_steps = grid.shape[0] - 1
-    k_init, k_loop, k_final = jax.random.split(key, 3)
-    chains, pool_reward = _rbf_init(
-        k_init, model, reward, grid, diffusion, cond, num_chains, num_init, quota
+def _rbf_plan(budget: int, num_chains: int, num_init: int, num_steps: int) -> tuple[int, tuple]:
+    """RBF's per-step quota ``Q`` and per-chain budgets (the loop's NFE, the remainder of an
+    uneven split to the first chains), from the NFE ``budget`` (host-side)."""
+    init = 2 * num_chains * num_init
+    quota = (budget - init) // ((num_steps - 2) * num_chains)
+    share, extra = divmod(budget - init, num_chains)
+    return quota, tuple(share + (c < extra) for c in range(num_chains))
+
+
+def rbf_sampler(
+    num_chains: int,
+    num_init: int,
+    num_steps: int,
+    budget: int,
+    final_proposals: int | None = None,
+) -> Sampler:
+    """Rollover budget forcing (Kim et al. 2025, docs/algorithms.md 3) as a
+    :class:`~tts_jax.samplers.base.Sampler` of two steps.
+
+    ``init`` is the initial pool (``B num_init`` noises each taking the first SDE step, scored
+    at ``grid[1]``; each chain ``[B, ...]`` starts from its best member). Step 0 is the whole
+    asynchronous loop of the chains over the transitions landing at ``t > 0``: one
+    ``lax.while_loop`` (the chains advance at data-dependent times, so its iteration count is
+    not static; one proposal per chain per iteration). The last step (``last_step``) is the
+    data-end transition: ``final_proposals`` samples per chain, each chain keeps its best.
+    :func:`rbf` runs it with ``run_with_keys(k_init, [k_loop, k_final], ...)`` for
+    ``k_init, k_loop, k_final = split(key, 3)``, its key layout; ``run(key, sampler, params)``
+    is as valid (other keys, the same distribution).
+
+    Args:
+        num_chains: ``B >= 1`` (static).
+        num_init: initial noises per chain (static, ``>= 1``).
+        num_steps: ``S >= 3`` transitions of the grid (static).
+        budget: NFE, at least ``B (2 num_init + S - 2)`` (static: it sets the per-step quota
+            ``Q = (budget - 2 B num_init) // ((S - 2) B)`` and each chain's share).
+        final_proposals: data-end proposals per chain (static; default ``Q``).
+
+    Returns:
+        A :class:`~tts_jax.samplers.base.Sampler` (equal arguments give the same one) whose
+        result is that of :func:`rbf`.
+    """
+    method = "rbf"
+    num_chains = _check_size(method, "num_chains", num_chains)
+    num_init = _check_size(method, "num_init", num_init)
+    num_steps = _check_size(method, "num_steps", num_steps)
+    if num_steps < 3:
+        raise ValueError(
+            "rbf needs a grid of at least 3 steps (the initial pool takes the first, proposals "
+            f"at t = 0 cost no NFE), got {num_steps}"
+        )
+    _require(
+        budget,
+        num_chains * (2 * num_init + num_steps - 2),
+        "rbf",
+        f"{num_chains} chains x ({num_init} initial noises taking their first step, 2 NFE "
+        f"each, + 1 proposal for each of the other {num_steps - 2} steps landing at t > 0)",
     )
-    chains = jax.lax.while_loop(
-        lambda c: jnp.any(c.k < num_steps - 1),
-        functools.partial(
+    quota, _ = _rbf_plan(int(budget), num_chains, num_init, num_steps)
+    final = quota if final_proposals is None else final_proposals
+    if final < 1:
+        raise ValueError(f"rbf: final_proposals must be >= 1, got {final}")
+    return _rbf_sampler(num_chains, num_init, num_steps, int(budget), int(final))
+
+
+@functools.cache
+def _rbf_sampler(num_chains, num_init, num_steps, budget, final_proposals) -> Sampler:
+    quota, chain_budget = _rbf_plan(budget, num_chains, num_init, num_steps)
+
+    def arrays():
+        # Host constants, as the arrays the loop compares with (no device op at build time).
+        return np.full(num_chains, quota, np.int32), np.asarray(chain_budget, np.int32)
+
+    def init(key, params):
+        q, _ = arrays()
+        return _rbf_init(
+            key,
+            params.model,
+            params.reward,
+            params.grid,
+            params.diffusion,
+            params.cond,
+            num_chains,
+            num_init,
+            q,
+        )
+
+    def loop(key, state, params):
+        chains, pool_reward = state
+        q, budgets = arrays()
+        iteration = functools.partial(
             _rbf_iteration,
-            k_loop,
-            model,
-            reward,
-            grid,
-            _transitions(model, diffusion, grid),
-            cond,
-            quota,
-            chain_budget,
-        ),
-        chains,
-    )
-    # Data-end transition: best of `final_proposals` samples per chain (0 NFE, reward calls).
-    xs = jnp.repeat(chains.x, final_proposals, axis=0)
-    us = jnp.repeat(chains.u, final_proposals, axis=0)
-    xs = _propose(k_final, model, diffusion, xs, us, grid[-2], grid[-1])
-    r, invalid = score(reward, xs, cond)
-    idx, _ = best_of_groups(r, num_chains)
-    chain_reward = chains.chain_reward.at[-1].set(r[idx])
-    # The pool's velocities at grid[0] are init_nfe; those at grid[1] are step 0's chain_nfe.
-    init_nfe = num_chains * num_init
-    loop_nfe = jnp.sum(chains.spent)
-    info = {
-        "best_reward": jax.lax.cummax(jnp.max(chain_reward, axis=1)),
-        "chain_reward": chain_reward,
-        "running_best": chains.best,
-        "chain_nfe": chains.chain_nfe,
-        "advanced_early": chains.early,
-        "nfe": jnp.sum(chains.chain_nfe, axis=1),
-        "init_nfe": jnp.int32(init_nfe),
-        "pool_reward": pool_reward,
-        "iterations": chains.it,
-    }
-    reward_calls = init_nfe + loop_nfe + num_chains * final_proposals
-    invalid = chains.num_invalid + count_invalid(invalid)
-    nfe = 2 * init_nfe + loop_nfe
-    return search_result(xs[idx], r[idx], nfe, reward_calls, invalid, info, held_out, cond)
+            key,
+            params.model,
+            params.reward,
+            params.grid,
+            _transitions(params.model, params.diffusion, params.grid),
+            params.cond,
+            q,
+            budgets,
+        )
+        chains = jax.lax.while_loop(lambda c: jnp.any(c.k < num_steps - 1), iteration, chains)
+        return (chains, pool_reward), {}
+
+    def last_step(key, state, params):
+        # Data-end transition: best of `final_proposals` samples per chain (0 NFE, reward calls).
+        chains, pool_reward = state
+        model, grid = params.model, params.grid
+        xs = jnp.repeat(chains.x, final_proposals, axis=0)
+        us = jnp.repeat(chains.u, final_proposals, axis=0)
+        xs = _propose(key, model, params.diffusion, xs, us, grid[-2], grid[-1])
+        r, invalid = score(params.reward, xs, params.cond)
+        idx, _ = best_of_groups(r, num_chains)
+        return (chains, pool_reward, xs[idx], r[idx], count_invalid(invalid)), {}
+
+    def finalize(state, infos, params):
+        chains, pool_reward, x, r, invalid = state
+        chain_reward = chains.chain_reward.at[-1].set(r)
+        # The pool's velocities at grid[0] are init_nfe; those at grid[1] are step 0's chain_nfe.
+        init_nfe = num_chains * num_init
+        loop_nfe = jnp.sum(chains.spent)
+        info = {
+            "best_reward": jax.lax.cummax(jnp.max(chain_reward, axis=1)),
+            "chain_reward": chain_reward,
+            "running_best": chains.best,
+            "chain_nfe": chains.chain_nfe,
+            "advanced_early": chains.early,
+            "nfe": jnp.sum(chains.chain_nfe, axis=1),
+            "init_nfe": jnp.int32(init_nfe),
+            "pool_reward": pool_reward,
+            "iterations": chains.it,
+        }
+        reward_calls = init_nfe + loop_nfe + num_chains * final_proposals
+        invalid = chains.num_invalid + invalid
+        nfe = 2 * init_nfe + loop_nfe
+        return search_result(x, r, nfe, reward_calls, invalid, info, params.held_out, params.cond)
+
+    sampler = Sampler(init, loop, finalize, 2, last_step=last_step)
+    return _register(sampler, "rbf", num_steps, 3)
+
+
+def rbf_keys(key: Array) -> tuple[Array, Array]:
+    """:func:`rbf`'s key layout for :func:`~tts_jax.samplers.base.run_with_keys`:
+    ``(k_init, Key[2] = [k_loop, k_final])`` from ``split(key, 3)``."""
+    keys = jax.random.split(key, 3)
+    return keys[0], keys[1:]
+
+
+@functools.partial(jax.jit, static_argnames="sampler")
+def _run_rbf(key, sampler, params):
+    return run_with_keys(*rbf_keys(key), sampler, params)
 
 
 def rbf(
@@ -766,41 +1050,7 @@ def rbf(
         ValueError: as :func:`bon`.
     """
     grid, held_out = _validate("rbf", grid, budget, nan_policy, held_out, diffusion)
-    num_steps = grid.shape[0] - 1
-    if num_steps < 3:
-        raise ValueError(
-            "rbf needs a grid of at least 3 steps (the initial pool takes the first, proposals "
-            f"at t = 0 cost no NFE), got {num_steps}"
-        )
-    if num_chains < 1 or num_init < 1:
-        raise ValueError(f"rbf: num_chains and num_init must be >= 1, got {num_chains}, {num_init}")
-    init = 2 * num_chains * num_init
-    _require(
-        budget,
-        num_chains * (2 * num_init + num_steps - 2),
-        "rbf",
-        f"{num_chains} chains x ({num_init} initial noises taking their first step, 2 NFE "
-        f"each, + 1 proposal for each of the other {num_steps - 2} steps landing at t > 0)",
-    )
-    quota = (budget - init) // ((num_steps - 2) * num_chains)
-    share, extra = divmod(budget - init, num_chains)
-    chain_budget = np.full(num_chains, share, np.int32)  # host-side: no per-chain Python list
-    chain_budget[:extra] += 1
-    final = quota if final_proposals is None else final_proposals
-    if final < 1:
-        raise ValueError(f"rbf: final_proposals must be >= 1, got {final}")
-    result = _rbf(
-        key,
-        model,
-        reward,
-        grid,
-        diffusion,
-        cond,
-        held_out,
-        np.full(num_chains, quota, np.int32),
-        chain_budget,
-        num_chains,
-        num_init,
-        final,
-    )
+    sampler = rbf_sampler(num_chains, num_init, grid.shape[0] - 1, budget, final_proposals)
+    params = make_params(model, reward, grid, diffusion, cond=cond, held_out=held_out)
+    result = _run_rbf(key, sampler, params)
     return finish(result, "rbf", reward, nan_policy)
