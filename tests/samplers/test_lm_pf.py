@@ -314,3 +314,21 @@ def test_outputs_are_bit_identical_to_the_pinned_runs(name):
     out = _pinned_case(name)
     got = (digest(out), repr(float(out.log_evidence)))
     assert got == PINNED[name], f"{name}: got {got}, pinned {PINNED[name]}"
+
+
+def test_gibbs_kernel_is_the_convenience_function_and_vmaps_over_keys():
+    sampler = lm_smc.gibbs_sampler(2 * N, 2, 2, 1, 2, first_token_scorer)
+    assert lm_smc.gibbs_sampler(2 * N, 2, 2, 1, 2, first_token_scorer) is sampler
+    params = lm_smc.make_pf_params(tiny_lm(), PROMPT, jnp.asarray(TABLE), max_new_tokens=2,
+                                   temperature=1.0, sep_id=SEP, stop_ids=[EOS], pad_id=EOS)
+    jitted = jax.jit(run_with_keys, static_argnames="sampler")
+    out = jitted(*lm_smc.gibbs_keys(jax.random.key(3), sampler), sampler, params)
+    assert digest(out) == PINNED["gibbs"][0]
+    assert out.info["references"].shape == (1, 2)
+    keys = jax.random.split(jax.random.key(6), 2)
+    batched = jax.vmap(base_run, in_axes=(0, None, None))(keys, sampler, params)
+    for i in range(2):
+        single = base_run(keys[i], sampler, params)
+        np.testing.assert_array_equal(np.asarray(batched.tokens[i]), np.asarray(single.tokens))
+        np.testing.assert_array_equal(np.asarray(batched.info["references"][i]),
+                                      np.asarray(single.info["references"]))

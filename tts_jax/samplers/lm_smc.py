@@ -532,37 +532,86 @@ def particle_gibbs(key: Array, model: LanguageModel, prompt, scorer: StepScorer,
     :func:`particle_filter`.
 
     Returns:
-        The last sweep's :class:`~tts_jax.samplers.lm_result.LMResult`, with ``budget`` summed
-        over all sweeps and ``info["references"]`` (``int32[num_sweeps - 1, L]``) the reference of
-        each conditional sweep.
+        The last sweep's :class:`~tts_jax.samplers.lm_result.LMResult`, with ``budget`` and
+        ``info["num_nan"]`` summed over all sweeps and ``info["references"]``
+        (``int32[num_sweeps - 1, L]``) the reference of each conditional sweep. The kernel is
+        :func:`gibbs_sampler` (one kernel step per sweep), run with :func:`gibbs_keys`.
 
     Raises:
         ValueError: fewer than 2 particles per sweep, or as :func:`particle_filter`.
     """
+    sampler = gibbs_sampler(num_particles, num_sweeps, max_steps, max_step_tokens,
+                            max_new_tokens, scorer, aggregation)
+    prompt = check_prompt(prompt)
+    length = check_prompt_length(prompt, prompt_length)
+    params = make_pf_params(model, prompt, scorer_params, max_new_tokens=max_new_tokens,
+                            temperature=temperature, softmax_temperature=softmax_temperature,
+                            sep_id=sep_id, stop_ids=stop_ids, pad_id=pad_id,
+                            weighting=weighting, prompt_length=length)
+    check_pf_params(params, sampler, "particle_gibbs")
+    result = _run_with_keys(*gibbs_keys(key, sampler), sampler, params)
+    check_nan(int(result.info["num_nan"]), "particle_gibbs", nan_policy)
+    return result
+
+
+class GibbsCarry(NamedTuple):
+    """State of :func:`gibbs_sampler` between sweeps: the reference trajectory ``int32[L]`` of
+    the next sweep and whether it is used (``False`` before the first sweep)."""
+
+    reference: Array
+    has_ref: Array
+
+
+def gibbs_sampler(num_particles: int, num_sweeps: int, max_steps: int, max_step_tokens: int,
+                  max_new_tokens: int, scorer: StepScorer | Callable,
+                  aggregation: str = "last") -> Sampler:
+    """Particle Gibbs over step-level particle filtering (Puri et al. 2025, docs/algorithms.md
+    4.1) as a :class:`~tts_jax.samplers.base.Sampler` of static configuration (memoized).
+
+    One kernel step is one whole sweep: the filter :func:`pf_sampler` (``num_particles //
+    num_sweeps`` particles, multinomial resampling) run with ``params`` (a :class:`PFParams`;
+    its ``reference`` / ``has_ref`` are replaced by the carried :class:`GibbsCarry`), whose
+    ``next_reference`` becomes the next sweep's reference. The result is the last sweep's
+    :class:`~tts_jax.samplers.lm_result.LMResult` with ``budget`` and ``info["num_nan"]``
+    summed over the sweeps and ``info["references"] int32[num_sweeps - 1, L]``.
+    :func:`particle_gibbs` runs it with :func:`gibbs_keys`.
+
+    Raises:
+        ValueError: fewer than 2 particles per sweep, or as :func:`pf_sampler`.
+    """
     if num_sweeps < 1 or num_particles // max(num_sweeps, 1) < 2:
         raise ValueError(f"particle_gibbs needs num_sweeps >= 1 and at least 2 particles per "
                          f"sweep, got num_particles={num_particles}, num_sweeps={num_sweeps}")
-    per_sweep = num_particles // num_sweeps
-    reference, references, budgets, result = None, [], [], None
-    for sweep in range(num_sweeps):
-        result = _run_pf(jax.random.fold_in(key, sweep), model, prompt, scorer, scorer_params,
-                         num_particles=per_sweep, max_steps=max_steps,
-                         max_step_tokens=max_step_tokens, max_new_tokens=max_new_tokens,
-                         temperature=temperature, softmax_temperature=softmax_temperature,
-                         sep_id=sep_id, stop_ids=stop_ids, pad_id=pad_id,
-                         aggregation=aggregation, weighting=weighting, anneal=False,
-                         resampler="multinomial", ess_threshold=None, nan_policy=nan_policy,
-                         prompt_length=prompt_length, reference=reference,
-                         method="particle_gibbs")
-        budgets.append(result.budget)
-        if reference is not None:
-            references.append(reference)
-        reference = result.info["next_reference"]
-    info = dict(result.info)
-    info["references"] = (jnp.stack(references) if references
-                          else jnp.zeros((0, max_new_tokens), jnp.int32))
-    budget = Budget(*(sum(b[i] for b in budgets) for i in range(len(Budget._fields))))
-    return result._replace(budget=budget, info=info)
+    inner = pf_sampler(num_particles // num_sweeps, max_steps, max_step_tokens, max_new_tokens,
+                       scorer, aggregation, "multinomial")
+    return _gibbs_sampler(inner, int(num_sweeps), int(max_new_tokens))
+
+
+@functools.cache
+def _gibbs_sampler(inner: Sampler, num_sweeps: int, length: int) -> Sampler:
+    def init(key, params):
+        return GibbsCarry(jnp.zeros((length,), jnp.int32), jnp.asarray(False))
+
+    def step(key, carry, params):
+        sweep = params._replace(reference=carry.reference, has_ref=carry.has_ref)
+        result = run_with_keys(*pf_keys(key, inner), inner, sweep)
+        return GibbsCarry(result.info["next_reference"], jnp.asarray(True)), result
+
+    def finalize(carry, sweeps, params):
+        last = jax.tree.map(lambda a: a[-1], sweeps)
+        info = dict(last.info)
+        info["num_nan"] = jnp.sum(sweeps.info["num_nan"])
+        info["references"] = sweeps.info["next_reference"][:-1]
+        budget = Budget(*(jnp.sum(b, axis=0) for b in sweeps.budget))
+        return last._replace(budget=budget, info=info)
+
+    return Sampler(init, step, finalize, num_sweeps)
+
+
+def gibbs_keys(key: Array, sampler: Sampler) -> tuple[Array, Array]:
+    """``(init_key, sweep_keys Key[S])`` of :func:`particle_gibbs`'s key layout (sweep ``s``:
+    ``fold_in(key, s)``, then :func:`pf_keys`)."""
+    return key, smc.step_keys_for(key, sampler.num_steps)
 
 
 # --------------------------------------------------------------------------------------------
