@@ -17,7 +17,7 @@ from tts_jax.samplers.lm_result import select
 from tts_jax.samplers.lm_scoring import aggregate, host_scorer
 
 from .test_lm_pf import PROMPT, SEP, TABLE, first_token_scorer, tiny_prm
-from .test_lm_smc import EOS, VOCAB, random_module, tiny_lm
+from .test_lm_smc import EOS, PINNED_JAX, VOCAB, digest, random_module, tiny_lm
 
 N, BEAM = 16, 4
 
@@ -168,3 +168,43 @@ def test_host_scorer_matches_the_in_graph_oracle_and_weighted_sample_selects_by_
     np.testing.assert_allclose(np.asarray(on_host.scores), np.asarray(in_graph.scores))
     picks = {select(in_graph, "weighted_sample", key=jax.random.key(s)) for s in range(64)}
     assert len(picks) > 1 and picks <= set(range(N))  # uniform weights: many particles drawn
+
+
+# Digests of small runs pinned before the searches became kernels (issue 16): the port keeps the
+# key layout and every bit of the result.
+PINNED = {
+    "best_of_n": "7bbe4da1d8b15f747b39177c74e9cd02",
+    "beam": "1ae2e2f49a465e262dd516a66898acb0",
+    "dvts-dedup": "18a82f351c3f769042e49c02bcccb38b",
+    "prm-best_of_n": "8258671cc6b2416a0774cd11ca744a4d",
+    "prm-beam-dedup": "277d8916b4d5932f89819365c7dce3a4",
+    "prm-dvts": "0f096249da4ff591544a9db02042bb84",
+}
+
+
+def _pinned_case(name):
+    def prm(method, **options):
+        return method(jax.random.key(4), tiny_lm(), PROMPT, prm_scorer, tiny_prm(),
+                      num_particles=8, max_steps=4, max_step_tokens=2, max_new_tokens=7,
+                      temperature=1.0, sep_id=SEP, stop_ids=[EOS], pad_id=EOS,
+                      aggregation="min", **options)
+
+    cases = {
+        "best_of_n": lambda: run(lm_search.best_of_n, seed=1),
+        "beam": lambda: run(lm_search.beam_search, seed=2, beam_width=BEAM, temperature=0.7),
+        "dvts-dedup": lambda: run(lm_search.dvts, seed=3, beam_width=2, dedup=True),
+        "prm-best_of_n": lambda: prm(lm_search.best_of_n),
+        "prm-beam-dedup": lambda: prm(lm_search.beam_search, beam_width=2, dedup=True),
+        "prm-dvts": lambda: prm(lm_search.dvts, beam_width=4),
+    }
+    return cases[name]()
+
+
+@pytest.mark.skipif(
+    jax.__version__ != PINNED_JAX or jax.default_backend() != "cpu",
+    reason=f"outputs pinned on jax {PINNED_JAX}, CPU",
+)
+@pytest.mark.parametrize("name", list(PINNED))
+def test_outputs_are_bit_identical_to_the_pinned_runs(name):
+    out = _pinned_case(name)
+    assert digest(out) == PINNED[name], f"{name}: got {digest(out)}, pinned {PINNED[name]}"
