@@ -13,6 +13,8 @@ from flax import nnx
 
 from tts_jax.models.lm_reward import RewardModel, cached_prm_scorer, prm_scorer, prm_scores
 from tts_jax.samplers import lm_search
+from tts_jax.samplers.base import run as base_run
+from tts_jax.samplers.base import run_with_keys
 from tts_jax.samplers.lm_result import select
 from tts_jax.samplers.lm_scoring import aggregate, host_scorer
 
@@ -137,11 +139,49 @@ def test_empty_budget_and_bad_beam_width_are_refused():
 
 def test_every_method_and_temperature_share_one_compiled_program():
     run(lm_search.best_of_n)
-    size = lm_search._search_jit._cache_size()
+    size = lm_search._run_with_keys._cache_size()
     run(lm_search.beam_search, seed=4, beam_width=BEAM, temperature=0.5)
     run(lm_search.dvts, seed=5, beam_width=2, dedup=True, temperature=1.5)
     run(lm_search.beam_search, seed=6, beam_width=8).tokens.block_until_ready()
-    assert lm_search._search_jit._cache_size() == size
+    assert lm_search._run_with_keys._cache_size() == size
+
+
+def _kernel(num_groups, keep, temperature=1.0, dedup=False):
+    sampler = lm_search.search_sampler(N, 2, 1, 2, first_token_scorer)
+    params = lm_search.make_search_params(
+        tiny_lm(), PROMPT, jnp.asarray(TABLE), num_groups=num_groups, keep=keep,
+        score_steps=num_groups < N, dedup=dedup, temperature=temperature, sep_id=SEP,
+        stop_ids=[EOS], pad_id=EOS)
+    lm_search.check_search_params(params, sampler, N)
+    return sampler, params
+
+
+@pytest.mark.parametrize("method, plan, options", [
+    (lm_search.best_of_n, (N, 1), {}),
+    (lm_search.beam_search, (1, N // BEAM), {"beam_width": BEAM}),
+    (lm_search.dvts, (N // 2, 1), {"beam_width": 2, "dedup": True}),
+])
+def test_kernel_is_the_convenience_function_vmaps_over_keys_and_compiles_once(method, plan,
+                                                                               options):
+    sampler, params = _kernel(*plan, dedup=options.get("dedup", False))
+    assert lm_search.search_sampler(N, 2, 1, 2, first_token_scorer) is sampler
+    jitted = jax.jit(run_with_keys, static_argnames="sampler")
+    out = jitted(*lm_search.search_keys(jax.random.key(7), sampler), sampler, params)
+    assert digest(out) == digest(run(method, seed=7, **options))
+    keys = jax.random.split(jax.random.key(8), 3)
+    run_jit = jax.jit(base_run, static_argnames="sampler")
+    batched = jax.jit(jax.vmap(base_run, in_axes=(0, None, None)), static_argnames="sampler")(
+        keys, sampler, params)
+    for i in range(3):
+        single = run_jit(keys[i], sampler, params)
+        np.testing.assert_array_equal(np.asarray(batched.tokens[i]), np.asarray(single.tokens))
+        np.testing.assert_array_equal(np.asarray(batched.info["ancestors"][i]),
+                                      np.asarray(single.info["ancestors"]))
+    _, hotter = _kernel(*plan, temperature=0.6)
+    run_jit(keys[0], sampler, hotter).tokens.block_until_ready()
+    assert run_jit._cache_size() == 1
+    with pytest.raises(ValueError, match="must divide"):
+        lm_search.check_search_params(_kernel(3, 1)[1], sampler, N)
 
 
 def test_aggregations_of_per_step_scores():

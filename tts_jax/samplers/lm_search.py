@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from tts_jax.models.base import LanguageModel, as_language_model
 from tts_jax.particles import gather
 from tts_jax.rewards.base import AGGREGATIONS, StepScorer, as_step_scorer
+from tts_jax.samplers.base import Sampler, run_with_keys
 from tts_jax.samplers.lm_result import (
     LMResult,
     check_budget,
@@ -51,11 +52,13 @@ from tts_jax.samplers.lm_scoring import (
     with_scorer_state,
 )
 from tts_jax.samplers.lm_state import (
+    DecodeConfig,
     add_budget,
     decode_config,
     generate_step,
     init_state,
 )
+from tts_jax.smc import step_keys_for
 
 Array = jax.Array
 
@@ -100,61 +103,174 @@ def grouped_top_k(scores: Array, num_groups: Array, keep: Array) -> Array:
     return order[group * size + (slot % size) // copies]
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "scorer", "num_particles", "max_steps", "max_step_tokens", "max_new_tokens", "aggregation"))
-def _search_jit(key, model, prompt, prompt_length, scorer_params, cfg, plan, *, scorer,
-                num_particles, max_steps, max_step_tokens, max_new_tokens, aggregation):
-    """``plan`` (traced): ``num_groups``, ``keep``, ``score_steps`` (score and select after each
-    step; else score once at the end), ``dedup``."""
-    model, scorer = as_language_model(model), as_step_scorer(scorer)
-    state = init_state(model, prompt, num_particles, max_new_tokens, cfg.pad_id,
-                       prompt_length=prompt_length)
-    state = with_scorer_state(scorer, scorer_params, state, prompt, prompt_length)
-    n = num_particles
+class SearchParams(NamedTuple):
+    """Everything array-valued the searches need (a pytree: a jit argument, never static). The
+    method is data (its grouping plan), so best-of-N, beam search and DVTS of one configuration
+    share one compiled program.
+
+    Attributes:
+        model: :class:`~tts_jax.models.base.LanguageModel` or a model with a registered
+            adapter.
+        prompt: ``int32[P]`` prompt tokens, right-padded.
+        prompt_length: int32 scalar, the real tokens of ``prompt``.
+        scorer_params: parameters of the sampler's scorer (e.g. the PRM module).
+        decode: :class:`~tts_jax.samplers.lm_state.DecodeConfig` (``temperature``, ``sep_id``,
+            ``stop_ids int32[S]``, ``pad_id``).
+        num_groups: int32 scalar G, dividing N (best-of-N: N; beam search: 1; DVTS:
+            ``N / beam_width``).
+        keep: int32 scalar k kept per group, dividing ``N / G``.
+        score_steps: bool scalar: score and select after each step (else score once at the
+            end, best-of-N).
+        dedup: bool scalar: identical completions in a group compete only once.
+    """
+
+    model: Any
+    prompt: Array
+    prompt_length: Array
+    scorer_params: Any
+    decode: DecodeConfig
+    num_groups: Array
+    keep: Array
+    score_steps: Array
+    dedup: Array
+
+
+def make_search_params(model, prompt, scorer_params, *, num_groups, keep, score_steps,
+                       dedup=False, temperature=0.8, sep_id=None, stop_ids=None, pad_id=0,
+                       prompt_length=None) -> SearchParams:
+    """:class:`SearchParams` from Python or array values (no checks: see
+    :func:`check_search_params`); ``prompt_length=None``: all of ``prompt``."""
+    prompt = jnp.asarray(prompt, jnp.int32)
+    length = prompt.shape[0] if prompt_length is None else prompt_length
+    return SearchParams(model, prompt, jnp.asarray(length, jnp.int32), scorer_params,
+                        decode_config(temperature, sep_id, stop_ids, pad_id),
+                        jnp.asarray(num_groups, jnp.int32), jnp.asarray(keep, jnp.int32),
+                        jnp.asarray(score_steps), jnp.asarray(dedup))
+
+
+def check_search_params(params: SearchParams, sampler: Sampler, num_particles: int,
+                        method: str = "search") -> None:
+    """Host-side checks of ``params`` (values only when concrete).
+
+    Raises:
+        ValueError: a bad prompt or prompt length, a plan whose ``G`` does not divide
+            ``num_particles`` or whose ``k`` does not divide ``N / G``.
+    """
+    prompt = check_prompt(params.prompt)
+    if not isinstance(params.prompt_length, jax.core.Tracer):
+        check_prompt_length(prompt, params.prompt_length)
+    if not any(isinstance(v, jax.core.Tracer) for v in (params.num_groups, params.keep)):
+        g, k = int(params.num_groups), int(params.keep)
+        if g < 1 or num_particles % g or k < 1 or (num_particles // g) % k:
+            raise ValueError(f"{method}: num_groups={g} must divide num_particles="
+                             f"{num_particles} and keep={k} must divide num_particles / "
+                             "num_groups")
+
+
+class SearchCarry(NamedTuple):
+    """State of :func:`search_sampler`: the particles (``LMState``, ``N`` rows, KV cache
+    included) and the int32 number of steps taken."""
+
+    particles: Any
+    step: Array
+
+
+def search_sampler(num_particles: int, max_steps: int, max_step_tokens: int,
+                   max_new_tokens: int, scorer: StepScorer | Any,
+                   aggregation: str = "last") -> Sampler:
+    """Best-of-N, beam search and DVTS (docs/algorithms.md 4.3; DVTS: Beeching et al. 2024) as
+    one :class:`~tts_jax.samplers.base.Sampler` of static configuration (memoized); the method
+    is the plan in :class:`SearchParams`.
+
+    Each of the ``max_steps`` steps (a ``lax.scan``, one key per step) generates one step of
+    every particle, scores it when ``score_steps`` and, before the last step, keeps each
+    group's best (:func:`grouped_top_k`, one gather of the state). ``info``: ``ancestors
+    int32[K, N]``, ``scores float32[K, N]`` (before selection), ``num_nan``. The result is the
+    :class:`~tts_jax.samplers.lm_result.LMResult` of :func:`best_of_n` / :func:`beam_search` /
+    :func:`dvts`, which run it with :func:`search_keys`.
+
+    Raises:
+        ValueError: an empty budget, an unknown aggregation.
+    """
+    check_budget(num_particles, max_new_tokens, max_steps, max_step_tokens)
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; known: {AGGREGATIONS}")
+    return _search_sampler(int(num_particles), int(max_steps), int(max_step_tokens),
+                           int(max_new_tokens), scorer, aggregation)
+
+
+@functools.cache
+def _search_sampler(n, max_steps, max_step_tokens, length, scorer, aggregation) -> Sampler:
     identity = jnp.arange(n, dtype=jnp.int32)
 
-    def body(s, k):
+    def init(key, params):
+        model, step_scorer = as_language_model(params.model), as_step_scorer(scorer)
+        state = init_state(model, params.prompt, n, length, params.decode.pad_id,
+                           prompt_length=params.prompt_length)
+        state = with_scorer_state(step_scorer, params.scorer_params, state, params.prompt,
+                                  params.prompt_length)
+        return SearchCarry(state, jnp.int32(0))
+
+    def step(key, carry, params):
+        model, step_scorer = as_language_model(params.model), as_step_scorer(scorer)
+        s, k = carry
         all_done = jnp.all(s.done)
         was_done = s.done
-        s = generate_step(model, s, jax.random.fold_in(key, k), cfg, max_step_tokens)
-        scoring = plan["score_steps"] & ~all_done
-        fresh, s = step_scores(scorer, scorer_params, s, max_step_tokens, aggregation, scoring)
+        s = generate_step(model, s, key, params.decode, max_step_tokens)
+        scoring = params.score_steps & ~all_done
+        fresh, s = step_scores(step_scorer, params.scorer_params, s, max_step_tokens,
+                               aggregation, scoring)
         r = jnp.where(was_done, s.score, fresh)
         s = s._replace(score=r, budget=add_budget(
             s.budget, prm_calls=jnp.where(scoring, jnp.sum(~was_done), 0)))
-        dup = plan["dedup"] & duplicates(s.tokens, s.length, plan["num_groups"])
+        dup = params.dedup & duplicates(s.tokens, s.length, params.num_groups)
         ranked = jnp.where(dup, -jnp.inf, r)
         select_now = scoring & (k < max_steps - 1)
-        ancestors = jnp.where(select_now, grouped_top_k(ranked, plan["num_groups"], plan["keep"]),
+        ancestors = jnp.where(select_now, grouped_top_k(ranked, params.num_groups, params.keep),
                               identity)
-        return gather(s, ancestors), {"ancestors": ancestors, "scores": r}
+        return SearchCarry(gather(s, ancestors), k + 1), {"ancestors": ancestors, "scores": r}
 
-    final, info = jax.lax.scan(body, state, jnp.arange(max_steps))
-    final_only = ~plan["score_steps"]
-    final = final._replace(
-        score=final_scores(scorer, scorer_params, final, aggregation, final_only),
-        budget=add_budget(final.budget, prm_calls=jnp.where(final_only, n, 0)))
-    info["num_nan"] = jnp.sum(jnp.isnan(final.score)) + jnp.sum(jnp.isnan(info["scores"]))
-    lw = jnp.full((n,), -jnp.log(n), jnp.float32)
-    best = jnp.argmax(jnp.where(jnp.isnan(final.score), -jnp.inf, final.score)).astype(jnp.int32)
-    return make_result(final, lw, best, jnp.float32(jnp.nan), jnp.asarray(False), info)
+    def finalize(carry, info, params):
+        final = carry.particles
+        final_only = ~params.score_steps
+        final = final._replace(
+            score=final_scores(as_step_scorer(scorer), params.scorer_params, final, aggregation,
+                               final_only),
+            budget=add_budget(final.budget, prm_calls=jnp.where(final_only, n, 0)))
+        info = dict(info)
+        info["num_nan"] = jnp.sum(jnp.isnan(final.score)) + jnp.sum(jnp.isnan(info["scores"]))
+        lw = jnp.full((n,), -jnp.log(n), jnp.float32)
+        best = jnp.argmax(jnp.where(jnp.isnan(final.score), -jnp.inf, final.score))
+        return make_result(final, lw, best.astype(jnp.int32), jnp.float32(jnp.nan),
+                           jnp.asarray(False), info)
+
+    return Sampler(init, step, finalize, max_steps)
+
+
+def search_keys(key: Array, sampler: Sampler) -> tuple[Array, Array]:
+    """``(init_key, step_keys Key[K])`` of the searches' key layout (step ``k``:
+    ``fold_in(key, k)``; ``init`` draws nothing): with them, ``jax.jit(run_with_keys,
+    static_argnames="sampler")(*search_keys(key, sampler), sampler, params)`` is
+    :func:`beam_search` (etc.) bit for bit, without its host-side checks."""
+    return key, step_keys_for(key, sampler.num_steps)
+
+
+_run_with_keys = jax.jit(run_with_keys, static_argnames="sampler")
 
 
 def _search(key, model, prompt, scorer, scorer_params, *, num_particles, num_groups, keep,
             score_steps, dedup, max_steps, max_step_tokens, max_new_tokens, temperature, sep_id,
             stop_ids, pad_id, aggregation, nan_policy, method, prompt_length):
-    check_budget(num_particles, max_new_tokens, max_steps, max_step_tokens)
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; known: {AGGREGATIONS}")
+    sampler = search_sampler(num_particles, max_steps, max_step_tokens, max_new_tokens, scorer,
+                             aggregation)
     prompt = check_prompt(prompt)
     length = check_prompt_length(prompt, prompt_length)
-    cfg = decode_config(temperature, sep_id, stop_ids, pad_id)
-    plan = {"num_groups": jnp.int32(num_groups), "keep": jnp.int32(keep),
-            "score_steps": jnp.asarray(score_steps), "dedup": jnp.asarray(dedup)}
-    result = _search_jit(key, model, jnp.asarray(prompt), length, scorer_params, cfg, plan,
-                         scorer=scorer, num_particles=num_particles, max_steps=max_steps,
-                         max_step_tokens=max_step_tokens, max_new_tokens=max_new_tokens,
-                         aggregation=aggregation)
+    params = make_search_params(model, prompt, scorer_params, num_groups=num_groups, keep=keep,
+                                score_steps=score_steps, dedup=dedup, temperature=temperature,
+                                sep_id=sep_id, stop_ids=stop_ids, pad_id=pad_id,
+                                prompt_length=length)
+    check_search_params(params, sampler, num_particles, method)
+    result = _run_with_keys(*search_keys(key, sampler), sampler, params)
     check_nan(int(result.info["num_nan"]), method, nan_policy)
     return result
 
