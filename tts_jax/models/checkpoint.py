@@ -87,18 +87,14 @@ class TensorMismatchError(CheckpointError):
         misshaped: Sequence[tuple[str, str, str]],
         unexpected: Sequence[str],
     ):
-        self.missing, self.misshaped, self.unexpected = (
-            list(missing),
-            list(misshaped),
-            list(unexpected),
-        )
+        self.missing = list(missing)
+        self.misshaped = list(misshaped)
+        self.unexpected = list(unexpected)
         problems = []
         if missing:
             s = "s" if len(missing) > 1 else ""
-            problems.append(
-                f"missing tensor{s} "
-                + _listed([f"{n!r} (expected shape {s_})" for n, s_ in missing])
-            )
+            listed = _listed([f"{n!r} (expected shape {shape})" for n, shape in missing])
+            problems.append(f"missing tensor{s} {listed}")
         problems += [f"tensor {n!r} {got}, expected {want}" for n, got, want in misshaped]
         if unexpected:
             s = "s" if len(unexpected) > 1 else ""
@@ -480,7 +476,7 @@ class TensorFile(dict):
     Attributes:
         source: ``"<file> in <folder>"`` (for messages).
         loader: the loader that read them (first word of messages), or ``None``.
-        origin: ``name -> file name`` for tensors read from shards (empty for one file).
+        origin: ``name -> file name`` when read from several files (empty for one file).
     """
 
     def __init__(
@@ -554,7 +550,8 @@ class WeightFiles:
                 f"{self.weight_map[n]}, which does not hold it"
                 + (f" ({len(listed) - 1} more such tensors)" if len(listed) > 1 else "")
             )
-        return TensorFile(tensors, self.source, self.loader, origin if self.index else None)
+        several = len(self.files) > 1
+        return TensorFile(tensors, self.source, self.loader, origin if several else None)
 
 
 def find_weights(
@@ -690,12 +687,6 @@ def save_tensors(
             f"{stem}-{i + 1:05d}-of-{len(groups):05d}{SAFETENSORS}" for i in range(len(groups))
         ]
     index = folder / (weights_name + INDEX_SUFFIX)
-    shard = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}" + re.escape(SAFETENSORS))
-    stale = [folder / weights_name, index, *folder.glob(f"{stem}-*-of-*{SAFETENSORS}")]
-    for old in stale:
-        is_ours = old.name in (weights_name, index.name) or shard.fullmatch(old.name)
-        if is_ours and old.name not in names and old.is_file():
-            old.unlink()
     written = []
     for name, group in zip(names, groups, strict=True):
         save_file(group, str(folder / name), metadata={"format": "pt"})
@@ -707,6 +698,13 @@ def save_tensors(
             "weight_map": dict(sorted(weight_map.items())),
         }
         written.append(write_config(folder, content, index.name))
+    # Only now remove what an earlier save left under this name (nothing is lost on a failure).
+    shard = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}" + re.escape(SAFETENSORS))
+    stale = [folder / weights_name, index, *folder.glob(f"{stem}-*-of-*{SAFETENSORS}")]
+    for old in stale:
+        is_ours = old.name in (weights_name, index.name) or shard.fullmatch(old.name)
+        if is_ours and old not in written and old.is_file():
+            old.unlink()
     return written
 
 
