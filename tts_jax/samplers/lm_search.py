@@ -1,5 +1,5 @@
 """Search baselines for LM steering with the same interface and budget accounting as
-:mod:`tts_jax.samplers.lm_smc` (ALGORITHMS.md 4.3).
+:mod:`tts_jax.samplers.lm_smc` (docs/algorithms.md 4.3).
 
 * :func:`best_of_n`: ``N`` independent completions, scored once at the end by an ORM (use
   ``aggregation="model"``) or the aggregated PRM score; pick with ``argmax``
@@ -22,6 +22,14 @@ exists, and is an error after the run unless ``nan_policy="drop"``.
 
 Budget (``LMResult.budget``): tokens sampled, LM forwards per row, batched LM calls, scorer
 evaluations per particle, the same units as the particle methods.
+
+**Kernel** (:mod:`tts_jax.samplers.base`, issue 16): :func:`search_sampler` (memoized, static:
+particle, step and token counts, scorer, aggregation) with :class:`SearchParams` (model,
+prompt, scorer params, decoding config and the method's plan ``num_groups`` / ``keep`` /
+``score_steps`` / ``dedup``, all data) and :func:`check_search_params`;
+``jax.jit(tts_jax.samplers.run, static_argnames="sampler")`` runs it. The three functions
+below are host checks, then ``run_with_keys(*search_keys(key, sampler), sampler, params)``
+jitted (their former key layout: the same bits), then the NaN policy.
 """
 
 from __future__ import annotations

@@ -8,10 +8,10 @@ gather per resampling, prompt prefilled once) through the Feynman-Kac engine
 batched LM calls, scorer calls).
 
 **Step-level particle filtering** (Puri et al. 2025, "A Probabilistic Inference Approach to
-Inference-Time Scaling of LLMs using Particle-Based Monte Carlo Methods", ALGORITHMS.md 4.1). One
-SMC step = every active particle generates up to its separator / stop token / ``max_step_tokens``,
-then the scorer (e.g. a PRM) scores the partial solutions, aggregated by ``last`` / ``min`` /
-``prod`` / ``model``. Two weightings:
+Inference-Time Scaling of LLMs using Particle-Based Monte Carlo Methods", docs/algorithms.md
+4.1). One SMC step = every active particle generates up to its separator / stop token /
+``max_step_tokens``, then the scorer (e.g. a PRM) scores the partial solutions, aggregated by
+``last`` / ``min`` / ``prod`` / ``model``. Two weightings:
 
 * ``weighting="puri"`` (the paper): after each step the weights are *absolute*,
   ``w = softmax(logit(r) / T_softmax)`` (odds to the power ``1 / T_softmax``), with multinomial
@@ -24,10 +24,11 @@ then the scorer (e.g. a PRM) scores the partial solutions, aggregated by ``last`
   ``q_T(y | x) = prod_t softmax(logits_t / T)[y_t]`` (each next-token distribution tempered and
   renormalised), not ``p``: with one step (``max_steps = 1``) the weighted particles target
   ``q_T(y | x) (r(y) / (1 - r(y)))^(1 / T_softmax) / Z``; ``q_1 = p``.
-* ``weighting="twisted"``: proper twisted SMC (ALGORITHMS.md 0.5 / 4.2): the cumulative potential
-  is ``phi_k = logit(r_k) / T_softmax`` and weights multiply by ``exp(phi_k - phi_{k-1})`` times
-  the importance ratio ``prod_t p(y_t | x, y_<t) / q_T(y_t | x, y_<t)`` of the step's tokens
-  (``q_T`` the proposal above, ``T > 0``; the ratio is 1 at ``T = 1``), so at any sampling
+* ``weighting="twisted"``: proper twisted SMC (docs/algorithms.md 0.5 / 4.2): the cumulative
+  potential is ``phi_k = logit(r_k) / T_softmax`` and weights multiply by
+  ``exp(phi_k - phi_{k-1})`` times the importance ratio
+  ``prod_t p(y_t | x, y_<t) / q_T(y_t | x, y_<t)`` of the step's tokens (``q_T`` the
+  proposal above, ``T > 0``; the ratio is 1 at ``T = 1``), so at any sampling
   temperature the final weighted particles target the untempered LM tilted by the last score,
   ``p(y | x) (r(y) / (1 - r(y)))^(1 / T_softmax) / Z``, with ``log_evidence`` estimating
   ``log Z``; ESS-triggered resampling (default 0.5 N). Particles not done after ``max_steps``
@@ -46,13 +47,40 @@ resampling, and the final answer is the untempered argmax.
 replays a reference trajectory drawn by weight from the previous sweep and is never resampled
 away (conditional resampling pins ancestor 0).
 
-**Token-level SMC** (:func:`token_smc`, llamppl / genlm-control style, ALGORITHMS.md 4.2): propose
+**Token-level SMC** (:func:`token_smc`, Lew et al. 2023, "Sequential Monte Carlo Steering of
+Large Language Models using Probabilistic Programs", llamppl / genlm-control style,
+docs/algorithms.md 4.2): propose
 each token from ``q`` = the LM at ``temperature``, optionally restricted by a constraint mask;
 weight by ``p / q`` times ``psi(prefix_t) / psi(prefix_{t-1})`` for a user twist ``log psi``
 (whose value at a done particle is the final potential). ESS-triggered resampling. Hard
 constraints: a potential of ``-inf`` or a prefix with no allowed next token kills the particle;
 if every particle dies the result says so (``all_dead``, ``log_evidence = -inf``) rather than
 raising.
+
+**Kernels** (:mod:`tts_jax.samplers.base`, issue 16). Each method is also a pure
+:class:`~tts_jax.samplers.base.Sampler` built by a memoized factory of static configuration,
+with an array pytree of params and host-side checks:
+
+=========================  ==============================  ===================================
+method                     factory (static)                params / checks / key layout
+=========================  ==============================  ===================================
+:func:`token_smc`          :func:`token_smc_sampler`       :class:`TokenSMCParams`,
+                                                           :func:`check_token_smc_params`,
+                                                           :func:`token_smc_keys`
+:func:`particle_filter`,   :func:`pf_sampler`              :class:`PFParams` (weighting,
+:func:`entropic_particle_                                  annealing, reference: data),
+filter`                                                    :func:`check_pf_params`,
+                                                           :func:`pf_keys`
+:func:`particle_gibbs`     :func:`gibbs_sampler`           :class:`PFParams`,
+                                                           :func:`gibbs_keys`
+=========================  ==============================  ===================================
+
+``jax.jit(tts_jax.samplers.run, static_argnames="sampler")(key, sampler, params)`` runs one
+(``vmap`` it over keys; a new temperature, threshold or weight of the same shapes reuses the
+program). The convenience functions are the host checks, then
+``run_with_keys(*<method>_keys(key, sampler), sampler, params)`` jitted (the key layout they
+had before they were kernels: the same bits for the same key), then the NaN policy. Token SMC
+stops once every particle is done (:attr:`~tts_jax.samplers.base.Sampler.done`).
 """
 
 from __future__ import annotations
@@ -837,7 +865,7 @@ def token_smc(key: Array, model: LanguageModel, prompt, *, num_particles: int, m
               temperature: float | Array = 1.0, stop_ids=None, pad_id: int = 0,
               ess_threshold: float | Array = 0.5, resampler: str = "systematic",
               nan_policy: str = "raise") -> LMResult:
-    """Token-level SMC with twisted potentials and hard constraints (ALGORITHMS.md 4.2).
+    """Token-level SMC with twisted potentials and hard constraints (docs/algorithms.md 4.2).
 
     Target: ``p(y | prompt) * psi_final(y) / Z`` over completions ``y`` that end with a stop token
     or fill the ``max_new_tokens`` buffer, restricted to completions whose every token the
