@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from tts_jax.models import checkpoint, lm
+from tts_jax.models import lm
 from tts_jax.models.checkpoint import (
     TORCH,
     CheckpointConfigError,
@@ -369,9 +369,6 @@ def test_the_lm_package_keeps_the_names_of_the_former_module():
         "sample_token", "save_lm", "save_weights",
     }  # fmt: skip
     assert not names - set(dir(lm))
-    from tts_jax.models import checkpoint_errors
-
-    assert checkpoint_errors.CheckpointError is checkpoint.CheckpointError
 
 
 # ----------------------------------------------------------------------- transformers

@@ -34,7 +34,7 @@ from flax import nnx
 
 from tts_jax.interpolants import Interpolant, Linear, eps_to_velocity
 from tts_jax.models.base import FlowModel
-from tts_jax.models.checkpoint_errors import (
+from tts_jax.models.checkpoint import (
     CheckpointConfigError,
     CheckpointNotFoundError,
     check_config,

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import importlib.util
 import os
 import pathlib
 import shutil
 from collections.abc import Iterable
 
+from tts_jax.models.zoo import ASSETS_DIR
+
 # Located without importing the package (no JAX import just to name a folder).
-ASSETS_ROOT = pathlib.Path(importlib.util.find_spec("tts_jax").origin).resolve().parent / "assets"
+ASSETS_ROOT = ASSETS_DIR  # the asset registry's folder (tts_jax.models.zoo)
 """The package's asset folder, ``tts_jax/assets``."""
 
 

@@ -22,7 +22,7 @@ See docs/design.md ("Models we ship") and docs/algorithms.md (4.4, KV caches and
 """
 
 from tts_jax.models.base import LanguageModel, as_language_model
-from tts_jax.models.checkpoint_errors import (
+from tts_jax.models.checkpoint import (
     CheckpointError,
     read_config_file,
     require_files,
