@@ -16,6 +16,7 @@ from tts_jax.rewards.analytic import linear_reward
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers import fk_steering as fk
 from tts_jax.samplers import flow_particles as fp
+from tts_jax.samplers import flow_search, rollover
 from tts_jax.samplers.base import Sampler, run, run_with_keys
 from tts_jax.samplers.integrate import solve, tweedie
 
@@ -231,7 +232,7 @@ def test_rbf_initial_pool_is_scored_after_the_first_step():
     @jax.jit
     @jax.vmap
     def starts_and_first_members(key):
-        chains, _ = fp._rbf_init(
+        chains, _ = rollover._rbf_init(
             key, MODEL, REWARD, GRID, SDE, None, 16, num_init, jnp.full((16,), quota)
         )
         # Replay the pool's first step (same keys) to get every member's state at grid[1].
@@ -240,7 +241,9 @@ def test_rbf_initial_pool_is_scored_after_the_first_step():
         def member(j):
             x = jax.random.normal(jax.random.fold_in(k_noise, j), (16, 2))
             u = MODEL.velocity(x, jnp.broadcast_to(GRID[0], (16,)), None)
-            return fp._propose(jax.random.fold_in(k_step, j), MODEL, SDE, x, u, GRID[0], GRID[1])
+            return flow_search._propose(
+                jax.random.fold_in(k_step, j), MODEL, SDE, x, u, GRID[0], GRID[1]
+            )
 
         pool = jax.vmap(member, out_axes=1)(jnp.arange(num_init))  # [16, num_init, 2]
         return chains.x, pool
