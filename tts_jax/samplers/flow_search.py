@@ -8,7 +8,7 @@ This module also holds what :mod:`.rollover` shares with SVDD / CoDe: :class:`Pa
 
 Kim, Yoon, Lee & Sung 2025, "Inference-Time Scaling for Flow Models via Stochastic Generation
 and Rollover Budget Forcing". A flow model branches once its ODE is turned into an SDE
-(ALGORITHMS.md 0.2) and, for more diverse particles, once it runs on the VP path (0.3). The
+(docs/algorithms.md 0.2) and, for more diverse particles, once it runs on the VP path (0.3). The
 generation mode is the caller's choice and every method accepts all three:
 
 * ODE: ``diffusion=ode()`` (deterministic; only the initial noises differ),

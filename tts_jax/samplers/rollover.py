@@ -377,9 +377,10 @@ def rbf(
     held_out: Sequence[Reward] | dict[str, Reward] = (),
     nan_policy: str = "raise",
 ) -> SampleResult:
-    """Rollover budget forcing (Kim et al. 2025, ALGORITHMS.md 3); spends exactly ``budget`` NFE.
+    """Rollover budget forcing (Kim et al. 2025, docs/algorithms.md 3): spends exactly ``budget``
+    NFE.
 
-    1. Init (the initial pool, ALGORITHMS.md 3): ``num_init`` noises per chain each take the
+    1. Init (the initial pool, docs/algorithms.md 3): ``num_init`` noises per chain each take the
        first SDE step ``grid[0] -> grid[1]`` and are scored by the reward of their
        x0-prediction at ``grid[1]``; each chain starts at ``grid[1]`` from its best pool member
        and ``r*`` starts at its reward. Scoring at ``grid[0]`` would be meaningless: at pure
