@@ -28,9 +28,16 @@ from tts_jax.models import lm
 def make_models(folder: str, args: argparse.Namespace) -> tuple[torch.nn.Module, lm.LM]:
     """The transformers model and ours, with identical weights."""
     config = transformers.Qwen2Config(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=2,
-        bos_token_id=None, eos_token_id=None, pad_token_id=0)
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     ref = transformers.AutoModelForCausalLM.from_config(config).float().eval()
     ref.save_pretrained(folder, safe_serialization=True)
@@ -58,15 +65,24 @@ def time_ours(model: lm.LM, prompt: np.ndarray, n: int, new_tokens: int, repeats
     return median_seconds(run, repeats)
 
 
-def time_transformers(ref: torch.nn.Module, prompt: np.ndarray, n: int, new_tokens: int,
-                      repeats: int) -> float:
+def time_transformers(
+    ref: torch.nn.Module, prompt: np.ndarray, n: int, new_tokens: int, repeats: int
+) -> float:
     ids = torch.from_numpy(prompt).long()
 
     def run():
         with torch.no_grad():
-            ref.generate(ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                         max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         num_return_sequences=n, pad_token_id=0)
+            ref.generate(
+                ids,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                num_return_sequences=n,
+                pad_token_id=0,
+            )
 
     return median_seconds(run, repeats)
 
@@ -85,10 +101,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         ref, model = make_models(folder, args)
     prompt = np.random.default_rng(0).integers(1, args.vocab, (1, args.prompt_len))
-    print(f"Qwen2 layout: hidden={args.hidden} layers={args.layers} vocab={args.vocab}; "
-          f"prompt={args.prompt_len} new={args.new_tokens}; jax {jax.__version__} "
-          f"({jax.default_backend()}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
+    print(
+        f"Qwen2 layout: hidden={args.hidden} layers={args.layers} vocab={args.vocab}; "
+        f"prompt={args.prompt_len} new={args.new_tokens}; jax {jax.__version__} "
+        f"({jax.default_backend()}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}"
+    )
     print(f"{'N':>4} {'tts-jax tok/s':>14} {'transformers tok/s':>19} {'ratio':>7}")
     for n in args.batches:
         tokens = n * args.new_tokens

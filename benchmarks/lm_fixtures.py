@@ -11,9 +11,15 @@ from tts_jax.models import lm
 
 def small_qwen2(hidden: int = 64, layers: int = 2, vocab: int = 128) -> lm.LM:
     """A random Qwen2 (4 query heads, 2 KV heads, MLP 3x ``hidden``), seed 0."""
-    config = lm.LMConfig(model_type="qwen2", vocab_size=vocab, hidden_size=hidden,
-                         intermediate_size=3 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = lm.LMConfig(
+        model_type="qwen2",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return lm.LM(config, rngs=nnx.Rngs(0))
 
 

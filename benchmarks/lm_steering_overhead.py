@@ -42,41 +42,72 @@ def measure(n: int, new: int, args: argparse.Namespace) -> None:
     prm = RewardModel(config, 2, rngs=nnx.Rngs(1))
     prompt = np.arange(1, 9, dtype=np.int32)
     keys = iter(jax.random.split(jax.random.key(0), 10 * (args.repeats + 1)))
-    pf_kwargs = dict(num_particles=n, max_steps=new // step, max_step_tokens=step,
-                     max_new_tokens=new, temperature=1.0)
+    pf_kwargs = dict(
+        num_particles=n,
+        max_steps=new // step,
+        max_step_tokens=step,
+        max_new_tokens=new,
+        temperature=1.0,
+    )
 
     runs = {
-        "generate": lambda: lm.generate(model, np.tile(prompt, (n, 1)), next(keys),
-                                        max_new_tokens=new, temperature=1.0).tokens,
-        "particle_filter": lambda: lm_smc.particle_filter(
-            next(keys), model, prompt, step_scorer, None, **pf_kwargs).tokens,
-        "token_smc": lambda: lm_smc.token_smc(
-            next(keys), model, prompt, num_particles=n, max_new_tokens=new,
-            potential=even_token_tilt, potential_params=jnp.float32(0.3)).tokens,
-        "particle_filter+PRM": lambda: lm_smc.particle_filter(
-            next(keys), model, prompt, prm_scorer, prm, **pf_kwargs).tokens,
-        "particle_filter+cached PRM": lambda: lm_smc.particle_filter(
-            next(keys), model, prompt, cached_prm_scorer, prm, **pf_kwargs).tokens,
+        "generate": lambda: (
+            lm.generate(
+                model, np.tile(prompt, (n, 1)), next(keys), max_new_tokens=new, temperature=1.0
+            ).tokens
+        ),
+        "particle_filter": lambda: (
+            lm_smc.particle_filter(next(keys), model, prompt, step_scorer, None, **pf_kwargs).tokens
+        ),
+        "token_smc": lambda: (
+            lm_smc.token_smc(
+                next(keys),
+                model,
+                prompt,
+                num_particles=n,
+                max_new_tokens=new,
+                potential=even_token_tilt,
+                potential_params=jnp.float32(0.3),
+            ).tokens
+        ),
+        "particle_filter+PRM": lambda: (
+            lm_smc.particle_filter(next(keys), model, prompt, prm_scorer, prm, **pf_kwargs).tokens
+        ),
+        "particle_filter+cached PRM": lambda: (
+            lm_smc.particle_filter(
+                next(keys), model, prompt, cached_prm_scorer, prm, **pf_kwargs
+            ).tokens
+        ),
     }
-    print(f"\nN={n}, {new} new tokens per row, steps of {step} tokens, model "
-          f"{config.num_hidden_layers}x{config.hidden_size}, vocab {config.vocab_size}, "
-          f"backend {jax.default_backend()}")
+    print(
+        f"\nN={n}, {new} new tokens per row, steps of {step} tokens, model "
+        f"{config.num_hidden_layers}x{config.hidden_size}, vocab {config.vocab_size}, "
+        f"backend {jax.default_backend()}"
+    )
     generate = runs.pop("generate")
     first, base = time_call(generate, args.repeats)
-    print(f"{'generate':>26}: {base * 1e3:8.1f} ms  {n * new / base:9.0f} tok/s  "
-          f"(first call {first:.1f} s)", flush=True)
+    print(
+        f"{'generate':>26}: {base * 1e3:8.1f} ms  {n * new / base:9.0f} tok/s  "
+        f"(first call {first:.1f} s)",
+        flush=True,
+    )
     for name, run in runs.items():
         first, median, _, ratio = time_pair(run, generate, args.repeats)
         extra = f", {n * (new // step)} PRM scorings per run" if "PRM" in name else ""
-        print(f"{name:>26}: {median * 1e3:8.1f} ms  {n * new / median:9.0f} tok/s  "
-              f"tokens/s ratio to generate {1 / ratio:5.2f}  (first call {first:.1f} s{extra})",
-              flush=True)
+        print(
+            f"{name:>26}: {median * 1e3:8.1f} ms  {n * new / median:9.0f} tok/s  "
+            f"tokens/s ratio to generate {1 / ratio:5.2f}  (first call {first:.1f} s{extra})",
+            flush=True,
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="16x64,64x256",
-                        help="comma-separated NxT: particles x new tokens per row")
+    parser.add_argument(
+        "--sizes",
+        default="16x64,64x256",
+        help="comma-separated NxT: particles x new tokens per row",
+    )
     parser.add_argument("--step-tokens", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=64)

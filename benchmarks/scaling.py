@@ -23,7 +23,7 @@ from tts_jax.models import lm
 from tts_jax.models.zoo import load_digits_flow
 from tts_jax.rewards.classifier import class_log_prob_reward, load_digits_verifier
 from tts_jax.samplers import fk_steering as fk
-from tts_jax.samplers import lm_smc, lm_state
+from tts_jax.samplers import lm_smc
 from tts_jax.samplers import run as run_sampler
 
 
@@ -89,7 +89,7 @@ def kv_cache_memory() -> None:
     model = small_qwen2()
     config = model.config
     prompt = jnp.arange(1, 9, dtype=jnp.int32)
-    cfg = lm_state.decode_config(1.0, None, None, 0)
+    run_jit = jax.jit(run_sampler, static_argnames="sampler")
     print(
         "| program | N | new tokens | analytic KV cache (MiB) | allocated cache / analytic "
         "| donated (aliased) / cache | temporaries / cache |"
@@ -103,25 +103,29 @@ def kv_cache_memory() -> None:
         allocated = sum(leaf.nbytes for leaf in jax.tree.leaves(cache))
         programs = {
             "generate": lm._generate_jit.lower(
-                model, jnp.tile(prompt, (n, 1)), jnp.full((n,), 8, jnp.int32), cache,
-                jax.random.key(0), jnp.float32(1.0), jnp.asarray([-1], jnp.int32),
-                jnp.int32(0), max_new_tokens=new,
+                model,
+                jnp.tile(prompt, (n, 1)),
+                jnp.full((n,), 8, jnp.int32),
+                cache,
+                jax.random.key(0),
+                jnp.float32(1.0),
+                jnp.asarray([-1], jnp.int32),
+                jnp.int32(0),
+                max_new_tokens=new,
             ),
-            "token_smc": lm_smc._token_smc_jit.lower(
-                jax.random.key(0), model, prompt, cfg,
-                {"temperature": cfg.temperature, "potential": jnp.float32(0.3),
-                 "constraint": None},
-                jnp.float32(0.5), potential=even_token_tilt, constraint=None, num_particles=n,
-                max_new_tokens=new, resampler="systematic",
+            "token_smc": run_jit.lower(
+                jax.random.key(0),
+                lm_smc.token_smc_sampler(n, new, even_token_tilt, None, "systematic"),
+                lm_smc.make_token_smc_params(
+                    model, prompt, temperature=1.0, potential_params=jnp.float32(0.3)
+                ),
             ),
-            "particle_filter": lm_smc._pf_jit.lower(
-                jax.random.key(0), model, prompt, jnp.int32(8), None, cfg,
-                {"softmax_temperature": jnp.float32(1.0), "ess_threshold": jnp.float32(1.0),
-                 "puri": jnp.bool_(True), "anneal": jnp.bool_(False),
-                 "has_ref": jnp.bool_(False)},
-                jnp.zeros((new,), jnp.int32), scorer=step_scorer, num_particles=n,
-                max_steps=new // 8, max_step_tokens=8, max_new_tokens=new,
-                aggregation="last", resampler="multinomial",
+            "particle_filter": run_jit.lower(
+                jax.random.key(0),
+                lm_smc.pf_sampler(n, new // 8, 8, new, step_scorer, "last", "multinomial"),
+                lm_smc.make_pf_params(
+                    model, prompt, None, max_new_tokens=new, temperature=1.0, prompt_length=8
+                ),
             ),
         }
         for name, lowered in programs.items():
@@ -132,6 +136,7 @@ def kv_cache_memory() -> None:
                 f"| {mem.temp_size_in_bytes / analytic:.2f} |",
                 flush=True,
             )
+
 
 if __name__ == "__main__":
     main()

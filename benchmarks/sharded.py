@@ -70,8 +70,19 @@ LM_N, LM_TOKENS = 64, 32
 LOOP_STEPS = 50
 REPEATS = 15
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-               "s64": 8, "u64": 8, "f64": 8}
+DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "bf16": 2,
+    "f16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,8 +96,14 @@ def fk_program():
         return run(key, sampler, fk.Params(model, reward, grid, diffusion, lam, schedule))
 
     gmm = G.asymmetric_gmm_2d()
-    args = (jax.random.key(0), G.flow_model(gmm), linear_reward([1.0, -0.5]),
-            I.uniform_grid(FK_STEPS), I.diffusion("square", 3.0), jnp.float32(2.0))
+    args = (
+        jax.random.key(0),
+        G.flow_model(gmm),
+        linear_reward([1.0, -0.5]),
+        I.uniform_grid(FK_STEPS),
+        I.diffusion("square", 3.0),
+        jnp.float32(2.0),
+    )
     return program, args
 
 
@@ -97,8 +114,15 @@ def tilt(lam, tokens, lengths, done):
 
 
 def tiny_lm() -> lm.LM:
-    config = lm.LMConfig(model_type="qwen2", vocab_size=32, hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    config = lm.LMConfig(
+        model_type="qwen2",
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     return lm.LM(config, rngs=nnx.Rngs(0))
 
 
@@ -113,8 +137,14 @@ def token_smc_program(model: lm.LM):
         return run(key, sampler, params)
 
     cfg = decode_config(1.0, None, None)
-    args = (jax.random.key(0), model, jnp.arange(1, 9, dtype=jnp.int32), cfg, jnp.float32(1.0),
-            jnp.float32(0.5))
+    args = (
+        jax.random.key(0),
+        model,
+        jnp.arange(1, 9, dtype=jnp.int32),
+        cfg,
+        jnp.float32(1.0),
+        jnp.float32(0.5),
+    )
     return program, args
 
 
@@ -142,8 +172,9 @@ def alternating_medians(calls, repeats=REPEATS):
 # ------------------------------------------------------------------------------------------------
 def _hlo_table(hlo: str, name: str) -> dict[int, str]:
     block = re.search(rf"^{name}\n((?:\d+ .*\n)+)", hlo, re.M)
-    return dict((int(i), body) for i, body in (line.split(" ", 1) for line in
-                                               block.group(1).splitlines()))
+    return dict(
+        (int(i), body) for i, body in (line.split(" ", 1) for line in block.group(1).splitlines())
+    )
 
 
 def _fields(body: str) -> dict[str, int]:
@@ -162,8 +193,9 @@ def stack_frames(hlo: str):
         out = []
         while frame_id in frames and len(out) < len(frames):
             loc = locs[frames[frame_id]["file_location_id"]]
-            out.append((funcs[loc["function_name_id"]],
-                        f"{files[loc['file_name_id']]}:{loc['line']}"))
+            out.append(
+                (funcs[loc["function_name_id"]], f"{files[loc['file_name_id']]}:{loc['line']}")
+            )
             frame_id = frames[frame_id]["parent_frame_id"] - 1  # 1-based, 0 = no parent
         return out
 
@@ -171,8 +203,10 @@ def stack_frames(hlo: str):
 
 
 def _bytes(shape_text: str) -> int:
-    return sum(DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
-               for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape_text))
+    return sum(
+        DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape_text)
+    )
 
 
 class Collective(NamedTuple):
@@ -204,10 +238,14 @@ def _attribute(chain) -> tuple[str, str, str]:
 def collectives(hlo: str) -> list[Collective]:
     """Every collective op of a compiled HLO module (its text with stack-frame tables)."""
     chain = stack_frames(hlo)
-    pattern = (rf"= (\(.*?\)|\S+) ({'|'.join(COLLECTIVES)})(?:-start)?\("
-               r"(?:.*?stack_frame_id=(\d+))?")
-    return [Collective(op, *_attribute(chain(int(frame or 0))), _bytes(shape))
-            for shape, op, frame in re.findall(pattern, hlo)]
+    pattern = (
+        rf"= (\(.*?\)|\S+) ({'|'.join(COLLECTIVES)})(?:-start)?\("
+        r"(?:.*?stack_frame_id=(\d+))?"
+    )
+    return [
+        Collective(op, *_attribute(chain(int(frame or 0))), _bytes(shape))
+        for shape, op, frame in re.findall(pattern, hlo)
+    ]
 
 
 def _op_counts(found: list[Collective]) -> str:
@@ -243,9 +281,11 @@ def weighting_programs(state, n, mesh):
         loop = functools.partial(weighting_loop, resample=resample)
         plain = jax.jit(loop)
         sharded = jax.jit(lambda *args, f=loop: constrain_particles(f(*args), mesh, n))
-        sharded_args = (jax.random.key(2), shard_particles(state, mesh),
-                        jax.device_put(increments,
-                                       NamedSharding(mesh, PartitionSpec(None, PARTICLE_AXIS))))
+        sharded_args = (
+            jax.random.key(2),
+            shard_particles(state, mesh),
+            jax.device_put(increments, NamedSharding(mesh, PartitionSpec(None, PARTICLE_AXIS))),
+        )
         plain_args = (jax.random.key(2), state, increments)
         out[resample, False] = (plain.lower(*plain_args).compile(), plain_args)
         out[resample, True] = (sharded.lower(*sharded_args).compile(), sharded_args)
@@ -256,8 +296,14 @@ def fk_state(n):
     """A particle state with the shapes of FK steering's on the 2-D GMM."""
     x = jax.random.normal(jax.random.key(3), (n, 2))
     zeros = jnp.zeros((n,), jnp.float32)
-    return {"x": x, "u": x, "phi": zeros, "running": zeros, "reward": zeros,
-            "nan": jnp.zeros((n,), jnp.int32)}
+    return {
+        "x": x,
+        "u": x,
+        "phi": zeros,
+        "running": zeros,
+        "reward": zeros,
+        "nan": jnp.zeros((n,), jnp.int32),
+    }
 
 
 def lm_state(model, n):
@@ -288,26 +334,30 @@ def equality_row(name, plain, sharded, samples_field):
         samples = f"tokens equal: {np.array_equal(a, b)}"
     else:
         samples = f"max abs diff {_max_diff(a, b):.1e}"
-    return (f"| {name} | {int(plain.info['resampled'].sum())} | {samples} "
-            f"| {_max_diff(plain.log_weights, sharded.log_weights):.1e} "
-            f"| {float(plain.log_evidence):.6f} / {float(sharded.log_evidence):.6f} "
-            f"| {np.array_equal(plain.info['ancestors'], sharded.info['ancestors'])} "
-            f"| {_sharding_text(b)} |")
+    return (
+        f"| {name} | {int(plain.info['resampled'].sum())} | {samples} "
+        f"| {_max_diff(plain.log_weights, sharded.log_weights):.1e} "
+        f"| {float(plain.log_evidence):.6f} / {float(sharded.log_evidence):.6f} "
+        f"| {np.array_equal(plain.info['ancestors'], sharded.info['ancestors'])} "
+        f"| {_sharding_text(b)} |"
+    )
 
 
 def print_collectives(by_program: dict[str, list[Collective]]) -> None:
     print("### Collectives in the compiled sharded programs")
     print()
-    print("Grouped by the innermost `tts_jax` function they come from (HLO stack-frame metadata). "
-          "Result bytes: the size of the outputs; an all-gather's output is the whole array, on "
-          "every device. Resampling-branch collectives run only at steps that resample. "
-          "`gather` is the ancestor gather of the particle state (one all-gather per state leaf: "
-          "every device receives the whole state, KV cache included, then keeps its rows); "
-          "`_normalized_weights`, `_cdf` and `_search` are the resampler's log-sum-exp, cumsum "
-          "and searchsorted over the weights; `resample` counts the distinct ancestors; "
-          "`_reweight` is the per-step log-sum-exp normalisation and ESS. FK steering traces its "
-          "last step outside the loop (`propagate_last`), so its step collectives appear twice "
-          "in the program.")
+    print(
+        "Grouped by the innermost `tts_jax` function they come from (HLO stack-frame metadata). "
+        "Result bytes: the size of the outputs; an all-gather's output is the whole array, on "
+        "every device. Resampling-branch collectives run only at steps that resample. "
+        "`gather` is the ancestor gather of the particle state (one all-gather per state leaf: "
+        "every device receives the whole state, KV cache included, then keeps its rows); "
+        "`_normalized_weights`, `_cdf` and `_search` are the resampler's log-sum-exp, cumsum "
+        "and searchsorted over the weights; `resample` counts the distinct ancestors; "
+        "`_reweight` is the per-step log-sum-exp normalisation and ESS. FK steering traces its "
+        "last step outside the loop (`propagate_last`), so its step collectives appear twice "
+        "in the program."
+    )
     print()
     print("| program | when | source | collectives | result bytes |")
     print("|---|---|---|---|---|")
@@ -316,11 +366,14 @@ def print_collectives(by_program: dict[str, list[Collective]]) -> None:
         groups = collections.defaultdict(list)
         for c in found:
             groups[c.when, c.function, c.location.split(":")[0]].append(c)
-        for (when, function, file), group in sorted(groups.items(),
-                                                    key=lambda g: (order[g[0][0]], g[0][1:])):
+        for (when, function, file), group in sorted(
+            groups.items(), key=lambda g: (order[g[0][0]], g[0][1:])
+        ):
             lines = ",".join(sorted({c.location.split(":")[1] for c in group}, key=int))
-            print(f"| {name} | {when} | `{function}` ({file}:{lines}) | {_op_counts(group)} "
-                  f"| {sum(c.result_bytes for c in group)} |")
+            print(
+                f"| {name} | {when} | `{function}` ({file}:{lines}) | {_op_counts(group)} "
+                f"| {sum(c.result_bytes for c in group)} |"
+            )
     for name, found in by_program.items():
         print()
         parts = []
@@ -338,19 +391,25 @@ def main() -> None:
     fk_prog, fk_args = fk_program()
     lm_prog, lm_args = token_smc_program(model)
     runs = {  # name -> (program, particles, args for each schedule)
-        "FK steering": (fk_prog, FK_N, {
-            "adaptive (ESS < 0.5 N)": (*fk_args, smc.adaptive(FK_STEPS)),
-            "every 5 steps": (*fk_args, smc.every(FK_STEPS, 5)),
-        }),
+        "FK steering": (
+            fk_prog,
+            FK_N,
+            {
+                "adaptive (ESS < 0.5 N)": (*fk_args, smc.adaptive(FK_STEPS)),
+                "every 5 steps": (*fk_args, smc.every(FK_STEPS, 5)),
+            },
+        ),
         "token SMC": (lm_prog, LM_N, {"adaptive (ESS < 0.5 N)": lm_args}),
     }
 
-    print(f"{DEVICES} host devices (`--xla_force_host_platform_device_count={DEVICES}`) on "
-          f"{os.cpu_count()} CPU cores, backend {jax.default_backend()}. FK steering: exact 2-D "
-          f"GMM, N={FK_N}, {FK_STEPS} SDE steps, multinomial resampling. Token SMC: random "
-          f"1-layer Qwen2 (hidden 16, vocabulary 32), N={LM_N}, {LM_TOKENS} new tokens, "
-          f"systematic resampling. The {DEVICES} devices share the CPU cores: sharded times "
-          "measure partitioning and collective overhead, not a speedup.")
+    print(
+        f"{DEVICES} host devices (`--xla_force_host_platform_device_count={DEVICES}`) on "
+        f"{os.cpu_count()} CPU cores, backend {jax.default_backend()}. FK steering: exact 2-D "
+        f"GMM, N={FK_N}, {FK_STEPS} SDE steps, multinomial resampling. Token SMC: random "
+        f"1-layer Qwen2 (hidden 16, vocabulary 32), N={LM_N}, {LM_TOKENS} new tokens, "
+        f"systematic resampling. The {DEVICES} devices share the CPU cores: sharded times "
+        "measure partitioning and collective overhead, not a speedup."
+    )
     print()
     equality, timing, found = [], [], {}
     for name, (program, n, schedules) in runs.items():
@@ -362,16 +421,26 @@ def main() -> None:
         for i, (schedule, args) in enumerate(schedules.items()):
             label = f"{name}, {schedule}"
             compile_text = f"{plain_s:.1f} / {sharded_s:.1f}" if i == 0 else "same programs"
-            equality.append(equality_row(label, plain_c(*args), sharded_c(*args),
-                                         "tokens" if name == "token SMC" else "samples"))
+            equality.append(
+                equality_row(
+                    label,
+                    plain_c(*args),
+                    sharded_c(*args),
+                    "tokens" if name == "token SMC" else "samples",
+                )
+            )
             t_plain, t_sharded = alternating_medians([(plain_c, args), (sharded_c, args)])
-            timing.append(f"| {label} | {t_plain * 1e3:.1f} | {t_sharded * 1e3:.1f} "
-                          f"| {t_sharded / t_plain:.2f} | {compile_text} |")
+            timing.append(
+                f"| {label} | {t_plain * 1e3:.1f} | {t_sharded * 1e3:.1f} "
+                f"| {t_sharded / t_plain:.2f} | {compile_text} |"
+            )
 
     print("### Sharded vs unsharded results (same key)")
     print()
-    print("| run | resamplings | samples | log-weights max abs diff | log Z unsharded / sharded "
-          "| ancestors equal | output sharding |")
+    print(
+        "| run | resamplings | samples | log-weights max abs diff | log Z unsharded / sharded "
+        "| ancestors equal | output sharding |"
+    )
     print("|---|---|---|---|---|---|---|")
     print("\n".join(equality))
     print()
@@ -380,8 +449,10 @@ def main() -> None:
     print()
     print(f"Median of {REPEATS} calls after warm-up, sharded and unsharded alternating.")
     print()
-    print("| run | unsharded (ms) | sharded (ms) | sharded / unsharded "
-          "| compile unsharded / sharded (s) |")
+    print(
+        "| run | unsharded (ms) | sharded (ms) | sharded / unsharded "
+        "| compile unsharded / sharded (s) |"
+    )
     print("|---|---|---|---|---|")
     print("\n".join(timing))
     print()
@@ -391,16 +462,22 @@ def main() -> None:
 def print_weighting_steps(model, mesh) -> None:
     print("### One weighting step, with and without resampling")
     print()
-    print(f"{LOOP_STEPS} steps in one jitted `lax.scan`; per step: add a log-weight increment, "
-          "log-sum-exp normalisation, ESS; with resampling also systematic ancestors and a "
-          "gather of the whole particle state (and log-weights). Time per step: median of "
-          f"{2 * REPEATS} calls, the four programs of a state alternating.")
+    print(
+        f"{LOOP_STEPS} steps in one jitted `lax.scan`; per step: add a log-weight increment, "
+        "log-sum-exp normalisation, ESS; with resampling also systematic ancestors and a "
+        "gather of the whole particle state (and log-weights). Time per step: median of "
+        f"{2 * REPEATS} calls, the four programs of a state alternating."
+    )
     print()
-    print("| particle state | step | collectives (sharded) | unsharded (us) | sharded (us) "
-          "| sharded / unsharded |")
+    print(
+        "| particle state | step | collectives (sharded) | unsharded (us) | sharded (us) "
+        "| sharded / unsharded |"
+    )
     print("|---|---|---|---|---|---|")
-    states = {f"FK, N={FK_N} (6 leaves)": (fk_state(FK_N), FK_N),
-              f"token SMC, N={LM_N} (LMState with KV cache)": (lm_state(model, LM_N), LM_N)}
+    states = {
+        f"FK, N={FK_N} (6 leaves)": (fk_state(FK_N), FK_N),
+        f"token SMC, N={LM_N} (LMState with KV cache)": (lm_state(model, LM_N), LM_N),
+    }
     for name, (state, n) in states.items():
         programs = weighting_programs(state, n, mesh)
         keys = sorted(programs)  # (resample, sharded)
@@ -411,15 +488,18 @@ def print_weighting_steps(model, mesh) -> None:
             plain, sharded = per_step[resample, False], per_step[resample, True]
             ops = _op_counts(found[resample])
             step = "weighting + resampling" if resample else "weighting only"
-            print(f"| {name} | {step} | {ops} | {plain:.1f} | {sharded:.1f} "
-                  f"| {sharded / plain:.2f} |")
+            print(
+                f"| {name} | {step} | {ops} | {plain:.1f} | {sharded:.1f} | {sharded / plain:.2f} |"
+            )
         extra_plain = per_step[True, False] - per_step[False, False]
         extra_sharded = per_step[True, True] - per_step[False, True]
         ratio = f"{extra_sharded / extra_plain:.1f}" if extra_plain > 0 else "n/a (noise)"
         added = len(found[True]) - len(found[False])
         each = (extra_sharded - extra_plain) / added
-        print(f"| {name} | resampling alone (difference) | +{added}, about {each:.0f} us each "
-              f"| {extra_plain:.1f} | {extra_sharded:.1f} | {ratio} |")
+        print(
+            f"| {name} | resampling alone (difference) | +{added}, about {each:.0f} us each "
+            f"| {extra_plain:.1f} | {extra_sharded:.1f} | {ratio} |"
+        )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,9 @@ def by_scorer(records: list[dict], scorer: str, budgets: list[int]) -> list[dict
 
 def accuracy(records: list[dict], method: str, budget: int) -> tuple[float, float, int]:
     """Mean accuracy, its standard error over problems, and the number of runs."""
-    v = np.asarray([float(r["correct"]) for r in records
-                    if r["method"] == method and r["budget"] == budget])
+    v = np.asarray(
+        [float(r["correct"]) for r in records if r["method"] == method and r["budget"] == budget]
+    )
     if v.size == 0:
         return np.nan, np.nan, 0
     se = v.std(ddof=1) / np.sqrt(v.size) if v.size > 1 else 0.0
@@ -60,8 +61,10 @@ def accuracy(records: list[dict], method: str, budget: int) -> tuple[float, floa
 
 
 def accuracy_table(records: list[dict], methods: list[str], budgets: list[int]) -> list[str]:
-    lines = ["| method | " + " | ".join(f"N={b}" for b in budgets) + " |",
-             "|---|" + "---|" * len(budgets)]
+    lines = [
+        "| method | " + " | ".join(f"N={b}" for b in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
     for m in methods:
         cells = []
         for b in budgets:
@@ -72,14 +75,18 @@ def accuracy_table(records: list[dict], methods: list[str], budgets: list[int]) 
 
 
 def cost_table(records: list[dict], methods: list[str], budget: int) -> list[str]:
-    lines = [f"| method (N={budget}) | tokens | LM calls | PRM calls | wall time (s) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"| method (N={budget}) | tokens | LM calls | PRM calls | wall time (s) |",
+        "|---|---|---|---|---|",
+    ]
     for m in methods:
         rows = [r for r in records if r["method"] == m and r["budget"] == budget]
         if rows:
             s = experiment_lm.summarize(rows)
-            lines.append(f"| {m} | {s['tokens']:.0f} | {s['lm_calls']:.0f} | "
-                         f"{s['prm_calls']:.0f} | {s['wall_time_s']:.2f} |")
+            lines.append(
+                f"| {m} | {s['tokens']:.0f} | {s['lm_calls']:.0f} | "
+                f"{s['prm_calls']:.0f} | {s['wall_time_s']:.2f} |"
+            )
     return lines
 
 
@@ -93,22 +100,34 @@ def pf_verdict(records: list[dict], budgets: list[int]) -> str:
         cell = f"N={b} (pf {pf:.2f}, {best} {base:.2f})"
         (at_or_above if pf + se >= base else below).append(cell)
     steered = [b for b in budgets if b > 1] or budgets
-    rises = {m: np.mean([accuracy(records, m, b)[0] for b in steered])
-             for m in ["pf", "epf", *BASELINES[1:]]}
+    rises = {
+        m: np.mean([accuracy(records, m, b)[0] for b in steered])
+        for m in ["pf", "epf", *BASELINES[1:]]
+    }
     order = sorted(rises, key=lambda m: -np.nan_to_num(rises[m], nan=-1))
-    first = {m: next((b for b in budgets if accuracy(records, m, b)[0] >= REACH), None)
-             for m in order}
-    return (f"PF is at or above the best baseline (within one s.e.) at {len(at_or_above)} of "
-            f"{len(budgets)} budgets: {'; '.join(at_or_above) or 'none'}. Below it at: "
-            f"{'; '.join(below) or 'none'}. Mean accuracy over N = {steered[0]}..{steered[-1]} "
-            f"(higher = the curve rises earlier): "
-            + ", ".join(f"{m} {rises[m]:.3f}" for m in order)
-            + f". Smallest N reaching {REACH:.2f}: "
-            + ", ".join(f"{m} {first[m] or '-'}" for m in order) + ".")
+    first = {
+        m: next((b for b in budgets if accuracy(records, m, b)[0] >= REACH), None) for m in order
+    }
+    return (
+        f"PF is at or above the best baseline (within one s.e.) at {len(at_or_above)} of "
+        f"{len(budgets)} budgets: {'; '.join(at_or_above) or 'none'}. Below it at: "
+        f"{'; '.join(below) or 'none'}. Mean accuracy over N = {steered[0]}..{steered[-1]} "
+        f"(higher = the curve rises earlier): "
+        + ", ".join(f"{m} {rises[m]:.3f}" for m in order)
+        + f". Smallest N reaching {REACH:.2f}: "
+        + ", ".join(f"{m} {first[m] or '-'}" for m in order)
+        + "."
+    )
 
 
-def write_report(records: list[dict], scorers: list[str], budgets: list[int], problems: int,
-                 checkpoints: dict[str, str], path: pathlib.Path) -> None:
+def write_report(
+    records: list[dict],
+    scorers: list[str],
+    budgets: list[int],
+    problems: int,
+    checkpoints: dict[str, str],
+    path: pathlib.Path,
+) -> None:
     wall = sum(r["wall_time_s"] for r in records)
     lines = [
         "## LM steering on held-out arithmetic: accuracy versus particle budget N",
@@ -117,20 +136,31 @@ def write_report(records: list[dict], scorers: list[str], budgets: list[int], pr
         "sampling temperature 0.8, T_softmax = 1, steps = lines, at most 8 steps. Accuracy of the "
         "selected answer (exact checker), ± standard error over problems. Greedy does not depend "
         "on N (one run, repeated in every column). Checkpoints (SHA-256 prefix of the weights): "
-        + ", ".join(f"{k} `{v}`" for k, v in checkpoints.items()) + ".",
+        + ", ".join(f"{k} `{v}`" for k, v in checkpoints.items())
+        + ".",
         f"Produced by `python experiments/arith_steering.py`; the runs took {wall / 60:.1f} min "
         "on a shared 2-core CPU (sum of per-run wall times, compilation included).",
         "",
     ]
     if "prm" not in scorers:
-        lines += ["**No PRM checkpoint was available** (`tts_jax/assets/arith-prm` missing): only "
-                  "the oracle scorer was run. Re-run the script once the PRM is trained.", ""]
+        lines += [
+            "**No PRM checkpoint was available** (`tts_jax/assets/arith-prm` missing): only "
+            "the oracle scorer was run. Re-run the script once the PRM is trained.",
+            "",
+        ]
     for scorer in scorers:
         rows = by_scorer(records, scorer, budgets)
         title = {"prm": "learned PRM", "oracle": "oracle PRM (exact checker, 0.99 / 0.01)"}[scorer]
-        lines += [f"### Scorer: {title}", "", *accuracy_table(rows, METHODS, budgets), "",
-                  *cost_table(rows, METHODS[1:], budgets[-1]), "",
-                  f"**PF versus the baselines ({scorer}).** {pf_verdict(rows, budgets)}", ""]
+        lines += [
+            f"### Scorer: {title}",
+            "",
+            *accuracy_table(rows, METHODS, budgets),
+            "",
+            *cost_table(rows, METHODS[1:], budgets[-1]),
+            "",
+            f"**PF versus the baselines ({scorer}).** {pf_verdict(rows, budgets)}",
+            "",
+        ]
     lines += [
         "Caveats: one seed and a few dozen problems, so differences smaller than about two "
         "standard errors are noise. With the oracle scorer, best-of-N and weighted best-of-N pick "
@@ -153,15 +183,20 @@ def plot_records(records: list[dict], scorers: list[str], budgets: list[int]) ->
     """Records with one ``correct_<scorer>`` metric per scorer panel."""
     out = []
     for scorer in scorers:
-        out += [{"method": r["method"], "budget": r["budget"], f"correct_{scorer}": r["correct"]}
-                for r in by_scorer(records, scorer, budgets)]
+        out += [
+            {"method": r["method"], "budget": r["budget"], f"correct_{scorer}": r["correct"]}
+            for r in by_scorer(records, scorer, budgets)
+        ]
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="4 problems, N in {1, 4}; report and plot go to the runs folder")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="4 problems, N in {1, 4}; report and plot go to the runs folder",
+    )
     parser.add_argument("--problems", type=int, default=40, help="held-out problems")
     parser.add_argument("--budgets", type=int, nargs="+", default=BUDGETS)
     parser.add_argument("--scorers", nargs="+", default=list(experiment_lm.SCORERS))
@@ -179,17 +214,23 @@ def main() -> None:
     for scorer in scorers:  # PRM runs are redone whenever the PRM changes, oracle runs are not
         folder = out / (f"prm-{checkpoints['prm']}" if scorer == "prm" else scorer)
         base = experiment_lm.LMRunConfig(scorer=scorer)
-        records += experiment_lm.sweep_lm(METHODS, budgets, [args.seed], range(problems), folder,
-                                          base=base, bundle=bundle)
-    records = list({(r["method"], r["budget"], r["problem"], r["scorer"]): r
-                    for r in records}.values())
-    runs.write_json(out / "environment.json", {"checkpoints": checkpoints,
-                                               "environment": runs.environment()})
+        records += experiment_lm.sweep_lm(
+            METHODS, budgets, [args.seed], range(problems), folder, base=base, bundle=bundle
+        )
+    records = list(
+        {(r["method"], r["budget"], r["problem"], r["scorer"]): r for r in records}.values()
+    )
+    runs.write_json(
+        out / "environment.json", {"checkpoints": checkpoints, "environment": runs.environment()}
+    )
     report = out / "results_arith_quick.md" if args.quick else HERE / "results_arith.md"
     figure = out / "arith_scaling_quick" if args.quick else HERE / "figures" / "arith_scaling"
-    plots.scaling_plot(plot_records(records, scorers, budgets),
-                       [f"correct_{s}" for s in scorers], str(figure),
-                       xlabel="N (samples / particles / beams)")
+    plots.scaling_plot(
+        plot_records(records, scorers, budgets),
+        [f"correct_{s}" for s in scorers],
+        str(figure),
+        xlabel="N (samples / particles / beams)",
+    )
     write_report(records, scorers, budgets, problems, checkpoints, report)
     print(report.read_text())
 

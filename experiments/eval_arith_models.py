@@ -55,16 +55,23 @@ PRM_BATCH = 256
 SEED = 0
 
 
-def sample_many(policy: LM, tokenizer: ArithTokenizer, problems: list[Problem],
-                num_samples: int, temperature: float, key: jax.Array) -> np.ndarray:
+def sample_many(
+    policy: LM,
+    tokenizer: ArithTokenizer,
+    problems: list[Problem],
+    num_samples: int,
+    temperature: float,
+    key: jax.Array,
+) -> np.ndarray:
     """``int32[len(problems), num_samples, T]`` completions, in fixed-size chunks."""
     rows = [p for p in problems for _ in range(num_samples)]
     chunks = []
     for start in range(0, len(rows), SAMPLE_BATCH):
-        chunk = rows[start:start + SAMPLE_BATCH]
+        chunk = rows[start : start + SAMPLE_BATCH]
         padded = chunk + [chunk[-1]] * (SAMPLE_BATCH - len(chunk))  # one compiled shape
-        tokens = sample_solutions(policy, tokenizer, padded, jax.random.fold_in(key, start),
-                                  temperature=temperature)
+        tokens = sample_solutions(
+            policy, tokenizer, padded, jax.random.fold_in(key, start), temperature=temperature
+        )
         chunks.append(tokens[: len(chunk)])
     return np.concatenate(chunks).reshape(len(problems), num_samples, -1)
 
@@ -80,22 +87,24 @@ def majority_vote(answers: list[int | None]) -> int | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def policy_metrics(problems: list[Problem], greedy: list[str],
-                   samples: list[list[str]]) -> dict:
+def policy_metrics(problems: list[Problem], greedy: list[str], samples: list[list[str]]) -> dict:
     """Greedy / sampled accuracy, coverage@k and majority vote."""
-    correct = np.array([[is_correct(p, t) for t in row] for p, row in zip(problems, samples,
-                                                                           strict=True)])
+    correct = np.array(
+        [[is_correct(p, t) for t in row] for p, row in zip(problems, samples, strict=True)]
+    )
     num_correct = correct.sum(1)
     votes = [majority_vote([extract_answer(t) for t in row]) for row in samples]
     ks = [2**i for i in range(int(np.log2(NUM_SAMPLES)) + 1)]
     return {
-        "greedy_accuracy": float(np.mean([is_correct(p, t) for p, t in zip(problems, greedy,
-                                                                           strict=True)])),
+        "greedy_accuracy": float(
+            np.mean([is_correct(p, t) for p, t in zip(problems, greedy, strict=True)])
+        ),
         "sampled_accuracy": float(correct.mean()),
         "coverage_at_k": {k: round(coverage_at_k(num_correct, NUM_SAMPLES, k), 4) for k in ks},
         "best_of_64_coverage": float(np.mean(num_correct > 0)),
-        "majority_vote_64_accuracy": float(np.mean([v == p.answer for v, p in zip(
-            votes, problems, strict=True)])),
+        "majority_vote_64_accuracy": float(
+            np.mean([v == p.answer for v, p in zip(votes, problems, strict=True)])
+        ),
     }
 
 
@@ -104,15 +113,16 @@ def score_steps(prm: RewardModel, input_ids: np.ndarray, step_mask: np.ndarray) 
     score = jax.jit(prm_scores)
     out = []
     for start in range(0, len(input_ids), PRM_BATCH):
-        ids, mask = input_ids[start:start + PRM_BATCH], step_mask[start:start + PRM_BATCH]
+        ids, mask = input_ids[start : start + PRM_BATCH], step_mask[start : start + PRM_BATCH]
         pad = PRM_BATCH - len(ids)
         ids, mask = np.pad(ids, ((0, pad), (0, 0))), np.pad(mask, ((0, pad), (0, 0)))
         out.append(np.asarray(score(prm, jnp.asarray(ids), jnp.asarray(mask)))[: PRM_BATCH - pad])
     return np.concatenate(out)
 
 
-def prm_metrics(prm: RewardModel, tokenizer: ArithTokenizer, problems: list[Problem],
-                tokens: np.ndarray) -> dict:
+def prm_metrics(
+    prm: RewardModel, tokenizer: ArithTokenizer, problems: list[Problem], tokens: np.ndarray
+) -> dict:
     """Step-level and outcome quality of the PRM on held-out policy samples ``[P, n, T]``."""
     n = tokens.shape[1]
     rows = [p for p in problems for _ in range(n)]
@@ -135,8 +145,9 @@ def prm_metrics(prm: RewardModel, tokenizer: ArithTokenizer, problems: list[Prob
         "step_accuracy": float(np.mean((step_scores > 0.5) == (step_labels == 1))),
         "step_auc": float(roc_auc_score(step_labels, step_scores)),
         "outcome_auc": float(roc_auc_score(outcome, final)),
-        f"prm_best_of_{n}_accuracy": float(outcome.reshape(len(problems), n)[
-            np.arange(len(problems)), pick].mean()),
+        f"prm_best_of_{n}_accuracy": float(
+            outcome.reshape(len(problems), n)[np.arange(len(problems)), pick].mean()
+        ),
         f"coverage_at_{n}": float(outcome.reshape(len(problems), n).any(1).mean()),
     }
 
@@ -151,46 +162,52 @@ def markdown(report: dict) -> str:
     pol, prm = report["policy"], report["prm"]
     n = report["prm_samples_per_problem"]
     cov = " | ".join(f"{k}: {v:.2f}" for k, v in pol["coverage_at_k"].items())
-    return "\n".join([
-        "## Embedded arithmetic policy and PRM",
-        "",
-        f"Held-out problems: {report['num_problems']} (`eval_problems`, task `{report['task']}`). "
-        f"Policy `assets/arith-lm` ({report['policy_params']:,} parameters), PRM "
-        f"`assets/arith-prm` ({report['prm_params']:,}). Checker: "
-        "`tts_jax.app.tasks.arithmetic`. Produced by `experiments/eval_arith_models.py` "
-        f"in {report['seconds']:.0f} s.",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        f"| greedy accuracy | {pol['greedy_accuracy']:.3f} |",
-        f"| single-sample accuracy (T={TEMPERATURE}, mean of {NUM_SAMPLES}) | "
-        f"{pol['sampled_accuracy']:.3f} |",
-        f"| best-of-{NUM_SAMPLES} coverage (>= 1 correct) | {pol['best_of_64_coverage']:.3f} |",
-        f"| majority vote over {NUM_SAMPLES} | {pol['majority_vote_64_accuracy']:.3f} |",
-        f"| PRM step accuracy (threshold 0.5) | {prm['step_accuracy']:.3f} |",
-        f"| PRM step ROC AUC | {prm['step_auc']:.3f} |",
-        f"| ORM (PRM at EOS) outcome ROC AUC | {prm['outcome_auc']:.3f} |",
-        f"| PRM best-of-{n} accuracy (vs coverage@{n} {prm[f'coverage_at_{n}']:.3f}) | "
-        f"{prm[f'prm_best_of_{n}_accuracy']:.3f} |",
-        "",
-        f"Coverage@k (T={TEMPERATURE}): {cov}.",
-        "",
-        f"PRM metrics use the first {n} samples of each problem ({prm['num_solutions']} "
-        f"solutions, {prm['num_steps']} labelled step ends, "
-        f"{prm['step_positive_fraction']:.0%} positive).",
-        "",
-        *selection_note(pol["sampled_accuracy"], prm[f"prm_best_of_{n}_accuracy"], n),
-    ])
+    return "\n".join(
+        [
+            "## Embedded arithmetic policy and PRM",
+            "",
+            f"Held-out problems: {report['num_problems']} "
+            f"(`eval_problems`, task `{report['task']}`). "
+            f"Policy `assets/arith-lm` ({report['policy_params']:,} parameters), PRM "
+            f"`assets/arith-prm` ({report['prm_params']:,}). Checker: "
+            "`tts_jax.app.tasks.arithmetic`. Produced by `experiments/eval_arith_models.py` "
+            f"in {report['seconds']:.0f} s.",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            f"| greedy accuracy | {pol['greedy_accuracy']:.3f} |",
+            f"| single-sample accuracy (T={TEMPERATURE}, mean of {NUM_SAMPLES}) | "
+            f"{pol['sampled_accuracy']:.3f} |",
+            f"| best-of-{NUM_SAMPLES} coverage (>= 1 correct) | {pol['best_of_64_coverage']:.3f} |",
+            f"| majority vote over {NUM_SAMPLES} | {pol['majority_vote_64_accuracy']:.3f} |",
+            f"| PRM step accuracy (threshold 0.5) | {prm['step_accuracy']:.3f} |",
+            f"| PRM step ROC AUC | {prm['step_auc']:.3f} |",
+            f"| ORM (PRM at EOS) outcome ROC AUC | {prm['outcome_auc']:.3f} |",
+            f"| PRM best-of-{n} accuracy (vs coverage@{n} {prm[f'coverage_at_{n}']:.3f}) | "
+            f"{prm[f'prm_best_of_{n}_accuracy']:.3f} |",
+            "",
+            f"Coverage@k (T={TEMPERATURE}): {cov}.",
+            "",
+            f"PRM metrics use the first {n} samples of each problem ({prm['num_solutions']} "
+            f"solutions, {prm['num_steps']} labelled step ends, "
+            f"{prm['step_positive_fraction']:.0%} positive).",
+            "",
+            *selection_note(pol["sampled_accuracy"], prm[f"prm_best_of_{n}_accuracy"], n),
+        ]
+    )
 
 
 def selection_note(single: float, prm_best: float, n: int) -> list[str]:
     """A warning when PRM selection is worse than taking one random sample."""
     if prm_best >= single:
         return []
-    return [f"Caveat: PRM best-of-{n} ({prm_best:.3f}) is below a single random sample "
-            f"({single:.3f}). The AUCs come mostly from telling easy problems from hard ones; "
-            "within one problem the PRM barely separates correct from wrong samples, so it is "
-            "not yet a useful verifier for search.", ""]
+    return [
+        f"Caveat: PRM best-of-{n} ({prm_best:.3f}) is below a single random sample "
+        f"({single:.3f}). The AUCs come mostly from telling easy problems from hard ones; "
+        "within one problem the PRM barely separates correct from wrong samples, so it is "
+        "not yet a useful verifier for search.",
+        "",
+    ]
 
 
 def main() -> None:
@@ -204,8 +221,9 @@ def main() -> None:
     _, prm = load_arith_prm()
     key = jax.random.key(SEED)
     greedy = sample_many(policy, tokenizer, problems, 1, 0.0, jax.random.fold_in(key, 0))
-    samples = sample_many(policy, tokenizer, problems, NUM_SAMPLES, TEMPERATURE,
-                          jax.random.fold_in(key, 1))
+    samples = sample_many(
+        policy, tokenizer, problems, NUM_SAMPLES, TEMPERATURE, jax.random.fold_in(key, 1)
+    )
     print(f"sampled in {time.perf_counter() - tic:.0f} s", flush=True)
     texts = [[tokenizer.decode(t) for t in row] for row in samples]
     report = {

@@ -26,21 +26,30 @@ def digits_models_section() -> str:
         path = ASSETS / name / "metrics.json"
         if path.exists():
             m = json.loads(path.read_text())
-            lines.append(f"| {name} ({m['num_params']} params) | accuracy on digits never "
-                         f"trained on ({m['num_heldout']}) | {m['heldout_accuracy']:.4f} |")
+            lines.append(
+                f"| {name} ({m['num_params']} params) | accuracy on digits never "
+                f"trained on ({m['num_heldout']}) | {m['heldout_accuracy']:.4f} |"
+            )
     path = HERE / "digits_flow_eval.json"
     if path.exists():
         e = json.loads(path.read_text())
         for setting, v in e["conditional"].items():
-            lines.append(f"| digits-dit | held-out classifier accuracy of class-conditional "
-                         f"samples, {setting} | {v['accuracy']:.3f} |")
+            lines.append(
+                f"| digits-dit | held-out classifier accuracy of class-conditional "
+                f"samples, {setting} | {v['accuracy']:.3f} |"
+            )
         fd = e["frechet_distance_heldout_features"]
-        lines.append(f"| digits-dit | Fréchet distance, unconditional samples vs real "
-                     f"(real-vs-real floor {fd['real_part_b_floor']:.2f}) | "
-                     f"{fd['unconditional_samples']:.2f} |")
+        lines.append(
+            f"| digits-dit | Fréchet distance, unconditional samples vs real "
+            f"(real-vs-real floor {fd['real_part_b_floor']:.2f}) | "
+            f"{fd['unconditional_samples']:.2f} |"
+        )
         lines.append(f"| digits-dit | sampler | {e['sampler']} |")
-    lines += ["", "![digits samples](figures/digits_samples.png)",
-              "_Written by `python experiments/eval_digits_flow.py` and the training scripts._"]
+    lines += [
+        "",
+        "![digits samples](figures/digits_samples.png)",
+        "_Written by `python experiments/eval_digits_flow.py` and the training scripts._",
+    ]
     return "\n".join(lines)
 
 

@@ -65,7 +65,11 @@ def run_on_host_devices(script: str, num_devices: int, marker: str) -> None:
         JAX_PLATFORMS="cpu",
     )
     out = subprocess.run(
-        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", script],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-4000:]

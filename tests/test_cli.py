@@ -10,8 +10,17 @@ from tts_jax.app.cli import main
 
 def test_demo_writes_results_that_match_the_analytic_target(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--parts", "gmm", "--gmm.num-particles", "2048", "--gmm.num-steps", "30",
-            "--gmm.out-dir", str(out)]
+    argv = [
+        "demo",
+        "--parts",
+        "gmm",
+        "--gmm.num-particles",
+        "2048",
+        "--gmm.num-steps",
+        "30",
+        "--gmm.out-dir",
+        str(out),
+    ]
     main(argv)
     printed = capsys.readouterr().out
     assert "analytic" in printed and "FK steering" in printed

@@ -54,8 +54,19 @@ def test_readme_fk_command_does_not_collapse_and_a_sharp_tilt_is_reported(tmp_pa
 
 
 def _gmm_sweep(out, *extra):
-    return ["sweep", "gmm-fk", "--budgets", "20", "--seeds", "0", "--num-steps", "10",
-            "--out-dir", str(out), *extra]
+    return [
+        "sweep",
+        "gmm-fk",
+        "--budgets",
+        "20",
+        "--seeds",
+        "0",
+        "--num-steps",
+        "10",
+        "--out-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def test_sweep_refuses_a_folder_of_other_settings_and_resumes_the_same(tmp_path, capsys):
@@ -104,12 +115,26 @@ def test_infeasible_budget_is_rejected_before_the_first_run(tmp_path, capsys):
     # rbf needs a pool of 4 noises per chain (2 NFE each) plus a quota: 24 NFE at 10 steps do not
     # fit, 400 do; the infeasible budget comes last in the sweep but fails before anything runs.
     with pytest.raises(SystemExit, match="rbf at budget 24 is infeasible"):
-        main(["sweep", "gmm-rbf", "--budgets", "400", "24", "--seeds", "0", "--num-steps", "10",
-              "--out-dir", str(out)])
+        main(
+            [
+                "sweep",
+                "gmm-rbf",
+                "--budgets",
+                "400",
+                "24",
+                "--seeds",
+                "0",
+                "--num-steps",
+                "10",
+                "--out-dir",
+                str(out),
+            ]
+        )
     assert runs.read_jsonl(out / "runs.jsonl") == []
     with pytest.raises(SystemExit, match="minimum budget is 10"):
-        main(["sweep", "gmm-bon", "--budgets", "40", "5", "--num-steps", "10",
-              "--out-dir", str(out)])
+        main(
+            ["sweep", "gmm-bon", "--budgets", "40", "5", "--num-steps", "10", "--out-dir", str(out)]
+        )
     assert runs.read_jsonl(out / "runs.jsonl") == []
 
 
@@ -155,8 +180,17 @@ def test_every_run_writes_what_the_readme_promises(tmp_path, capsys):
     runs_argv = {
         "gmm": ["run", "gmm-fk", "--budget", "200", "--num-steps", "10"],
         "digits": ["run", "digits-bon", "--budget", "20", "--num-steps", "10"],
-        "arith": ["run", "arith-pf", "--num-particles", "2", "--problems", "0", "1",
-                  "--scorer", "oracle"],
+        "arith": [
+            "run",
+            "arith-pf",
+            "--num-particles",
+            "2",
+            "--problems",
+            "0",
+            "1",
+            "--scorer",
+            "oracle",
+        ],
     }
     for name, argv in runs_argv.items():
         out = tmp_path / name
@@ -168,12 +202,36 @@ def test_every_run_writes_what_the_readme_promises(tmp_path, capsys):
 
 
 def test_demo_writes_samples_and_diagnostics_for_every_part(tmp_path, capsys):
-    main(["demo", "--parts", "gmm", "digits", "arith",
-          "--gmm.num-particles", "256", "--gmm.num-steps", "10", "--gmm.out-dir",
-          str(tmp_path / "gmm"), "--digits.budget", "40", "--digits.num-steps", "10",
-          "--digits.seeds", "0", "--digits.out-dir", str(tmp_path / "digits"),
-          "--arith.num-particles", "2", "--arith.problems", "0", "1", "--arith.out-dir",
-          str(tmp_path / "arith")])
+    main(
+        [
+            "demo",
+            "--parts",
+            "gmm",
+            "digits",
+            "arith",
+            "--gmm.num-particles",
+            "256",
+            "--gmm.num-steps",
+            "10",
+            "--gmm.out-dir",
+            str(tmp_path / "gmm"),
+            "--digits.budget",
+            "40",
+            "--digits.num-steps",
+            "10",
+            "--digits.seeds",
+            "0",
+            "--digits.out-dir",
+            str(tmp_path / "digits"),
+            "--arith.num-particles",
+            "2",
+            "--arith.problems",
+            "0",
+            "1",
+            "--arith.out-dir",
+            str(tmp_path / "arith"),
+        ]
+    )
     printed = capsys.readouterr().out
     for part in ("gmm", "digits", "arith"):
         files = _written(tmp_path / part, printed)
@@ -188,8 +246,21 @@ def test_demo_writes_samples_and_diagnostics_for_every_part(tmp_path, capsys):
 def test_gmm_demo_reports_a_collapsed_tilt_and_its_discrepancy(tmp_path, caplog, capsys):
     out = tmp_path / "sharp"
     with caplog.at_level(logging.WARNING, logger="tts_jax"):
-        main(["demo", "--parts", "gmm", "--gmm.lam", "1e4", "--gmm.num-particles", "512",
-              "--gmm.num-steps", "20", "--gmm.out-dir", str(out)])
+        main(
+            [
+                "demo",
+                "--parts",
+                "gmm",
+                "--gmm.lam",
+                "1e4",
+                "--gmm.num-particles",
+                "512",
+                "--gmm.num-steps",
+                "20",
+                "--gmm.out-dir",
+                str(out),
+            ]
+        )
     result = json.loads((out / "result.json").read_text())
     assert result["weight_collapse"]["collapsed"] and result["mean_error_std"] > 10
     messages = " ".join(r.message for r in caplog.records)
@@ -224,8 +295,10 @@ def test_user_file_imports_its_siblings_and_wrong_types_are_named(tmp_path, caps
     assert str(tmp_path) not in sys.path
     bad = tmp_path / "bad_config.py"
     bad.write_text("def make_bundle(config):\n    return {'model': None}\n")
-    with pytest.raises(SystemExit, match="make_bundle returned builtins.dict, expected "
-                                         "tts_jax.app.experiment.Bundle"):
+    with pytest.raises(
+        SystemExit,
+        match="make_bundle returned builtins.dict, expected tts_jax.app.experiment.Bundle",
+    ):
         main(["run", f"{bad}:bon", "--budget", "100", "--num-steps", "10"])
 
 

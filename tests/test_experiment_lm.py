@@ -22,8 +22,24 @@ from tts_jax.models.lm_reward import RewardModel
 from tts_jax.samplers.lm_state import sequences
 
 N = 2
-KEYS = {"method", "budget", "seed", "problem", "scorer", "correct", "valid", "answer", "expected",
-        "completion", "finished", "tokens", "nfe", "lm_calls", "prm_calls", "wall_time_s"}
+KEYS = {
+    "method",
+    "budget",
+    "seed",
+    "problem",
+    "scorer",
+    "correct",
+    "valid",
+    "answer",
+    "expected",
+    "completion",
+    "finished",
+    "tokens",
+    "nfe",
+    "lm_calls",
+    "prm_calls",
+    "wall_time_s",
+}
 SMALL = {"max_steps": 2, "max_step_tokens": 4, "max_new_tokens": 8}
 
 
@@ -42,9 +58,15 @@ def _random(make, seed):
 @pytest.fixture(scope="module")
 def bundle():
     tokenizer = ArithTokenizer.load()
-    config = lm.LMConfig(model_type="qwen2", vocab_size=tokenizer.vocab_size, hidden_size=16,
-                         intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1)
+    config = lm.LMConfig(
+        model_type="qwen2",
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     policy = _random(lambda: lm.LM(config, rngs=nnx.Rngs(0)), 0)
     prm = _random(lambda: RewardModel(config, 2, rngs=nnx.Rngs(0)), 1)
     return E.make_bundle(policy, tokenizer, prm)
@@ -89,8 +111,9 @@ def test_oracle_scores_correct_prefixes_high():
     prompt = tokenizer.encode(problem.prompt)
     steps = problem.steps
     wrong = "\n".join([steps[0], steps[1] + "1", *steps[2:], problem.answer_line])
-    rows = [prompt + tokenizer.encode(text) + [tokenizer.eos_id]
-            for text in (problem.solution, wrong)]
+    rows = [
+        prompt + tokenizer.encode(text) + [tokenizer.eos_id] for text in (problem.solution, wrong)
+    ]
     width = max(map(len, rows))
     ids = np.asarray([r + [tokenizer.pad_id] * (width - len(r)) for r in rows])
     ends = tokenizer.step_end_mask(ids, len(prompt))
@@ -114,8 +137,10 @@ class _Completions(NamedTuple):
 
 def test_padded_prompt_sequences_match_the_unpadded_ones():
     prompt = jnp.asarray([5, 6, 7], jnp.int32)
-    state = _Completions(tokens=jnp.asarray([[8, 9, 0, 0], [1, 2, 3, 4]], jnp.int32),
-                         step_ends=jnp.asarray([[0, 1, 0, 0], [1, 0, 0, 1]], bool))
+    state = _Completions(
+        tokens=jnp.asarray([[8, 9, 0, 0], [1, 2, 3, 4]], jnp.int32),
+        step_ends=jnp.asarray([[0, 1, 0, 0], [1, 0, 0, 1]], bool),
+    )
     tokens, ends = jax.jit(sequences)(prompt, state)
     padded = jnp.asarray([5, 6, 7, 0, 0], jnp.int32)
     tokens_p, ends_p = jax.jit(sequences)(padded, state, jnp.int32(3))

@@ -1,6 +1,6 @@
 """Interpolant paths, conversions between model outputs, ODE/SDE steps and time grids.
 
-Convention (ALGORITHMS.md): time ``t`` in [0, 1], **t = 1 is noise, t = 0 is data**, and
+Convention (docs/algorithms.md): time ``t`` in [0, 1], **t = 1 is noise, t = 0 is data**, and
 ``x_t = alpha_t * x0 + sigma_t * eps`` with ``eps ~ N(0, I)``. Every function is batched over a
 leading particle axis ``N``; ``t`` may be a scalar or a ``[N]`` vector (one time per particle,
 used by asynchronous samplers such as rollover budget forcing).
@@ -75,7 +75,7 @@ class Linear(Interpolant):
 
 @dataclasses.dataclass(frozen=True)
 class VP(Interpolant):
-    """Variance-preserving path in continuous time (ALGORITHMS.md 0.3).
+    """Variance-preserving path in continuous time (docs/algorithms.md 0.3).
 
     ``T(r) = 0.5 r^2 (b_max - b_min) + r b_min``, ``alpha = exp(-T/2)``,
     ``sigma = sqrt(1 - exp(-T))``.
@@ -189,7 +189,7 @@ DIFFUSION_KINDS = diffusions._fields
 
 @struct.dataclass
 class Diffusion:
-    """The free diffusion coefficient ``g(t)`` of the reverse SDE (ALGORITHMS.md 0.2).
+    """The free diffusion coefficient ``g(t)`` of the reverse SDE (docs/algorithms.md 0.2).
 
     A pytree like :class:`~tts_jax.models.base.FlowModel` and :class:`~tts_jax.rewards.base.Reward`:
     the numbers ``norm`` are array leaves, so sweeping the noise level never recompiles, and the
@@ -321,7 +321,7 @@ def forward_renoise(interp: Interpolant, key: Array, x: Array, s: Array, s_next:
 
 @dataclasses.dataclass(frozen=True)
 class LinearToVP:
-    """Run a linear-path velocity model as a VP model (Kim et al. 2025, ALGORITHMS.md 0.3).
+    """Run a linear-path velocity model as a VP model (Kim et al. 2025, docs/algorithms.md 0.3).
 
     A VP state ``xbar`` at VP time ``r`` corresponds to the linear state ``x = xbar / c(r)`` at time
     ``t(r) = sbar / (abar + sbar)``, with ``c = abar + sbar`` (equal signal-to-noise ratios), and

@@ -9,7 +9,7 @@ them). A resampler of your own must be jit-able with static shapes, return indic
 some weight is positive).
 
 All four work from unnormalized log-weights, are jit-able with static shapes, and never pick a
-particle whose log-weight is ``-inf`` (ALGORITHMS.md 0.4).
+particle whose log-weight is ``-inf`` (docs/algorithms.md 0.4).
 
 How: the normalized weights are quantized to integers of ``2^-30`` (finer than a float32 cdf,
 whose spacing near 1 is ``2^-24``) and summed exactly, so the cdf is non-decreasing, exactly 1

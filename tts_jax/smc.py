@@ -1,4 +1,4 @@
-"""The Feynman-Kac SMC engine every particle sampler shares (ALGORITHMS.md 0.5).
+"""The Feynman-Kac SMC engine every particle sampler shares (docs/algorithms.md 0.5).
 
 For ``k = 0 .. K-1``:
 
@@ -246,7 +246,7 @@ def step(
     resampler: str | Resampler = "systematic",
     observe: Callable[[PyTree], PyTree] | None = None,
 ) -> tuple[SMCState, SMCInfo]:
-    """One propagate / reweight / maybe-resample step (ALGORITHMS.md 0.5).
+    """One propagate / reweight / maybe-resample step (docs/algorithms.md 0.5).
 
     Pure and traceable: call it inside your own ``jit`` / ``lax.scan`` (``run_scan``,
     ``run_until`` and the samplers of :mod:`tts_jax.samplers` do).

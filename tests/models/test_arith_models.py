@@ -30,7 +30,8 @@ NUM_PROBLEMS = 32
 # threshold (about 0.61) is that minus three binomial standard errors of a 32-problem estimate.
 MEASURED_GREEDY_ACCURACY = 0.815
 MIN_GREEDY_ACCURACY = MEASURED_GREEDY_ACCURACY - 3 * np.sqrt(
-    MEASURED_GREEDY_ACCURACY * (1 - MEASURED_GREEDY_ACCURACY) / NUM_PROBLEMS)
+    MEASURED_GREEDY_ACCURACY * (1 - MEASURED_GREEDY_ACCURACY) / NUM_PROBLEMS
+)
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +86,9 @@ def test_logits_match_transformers(policy, problems, hf_model):
         ids = tokenizer.encode(problem.prompt + problem.solution)
         with torch.no_grad():
             ref = hf_model(torch.tensor([ids])).logits.numpy()
-        ours, _ = jax.jit(forward)(model, jnp.asarray([ids], jnp.int32),
-                                   init_cache(model.config, 1, len(ids)))
+        ours, _ = jax.jit(forward)(
+            model, jnp.asarray([ids], jnp.int32), init_cache(model.config, 1, len(ids))
+        )
         np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
 
 
@@ -95,17 +97,22 @@ def test_greedy_generation_matches_transformers(policy, problems, greedy_tokens,
     for problem, ours in zip(problems[:2], greedy_tokens[:2], strict=True):
         prompt = tokenizer.encode(problem.prompt)
         with torch.no_grad():
-            ref = hf_model.generate(torch.tensor([prompt]), do_sample=False,
-                                    max_new_tokens=len(ours), eos_token_id=tokenizer.eos_id,
-                                    pad_token_id=tokenizer.pad_id)
-        ref_completion = ref[0, len(prompt):].tolist()
+            ref = hf_model.generate(
+                torch.tensor([prompt]),
+                do_sample=False,
+                max_new_tokens=len(ours),
+                eos_token_id=tokenizer.eos_id,
+                pad_token_id=tokenizer.pad_id,
+            )
+        ref_completion = ref[0, len(prompt) :].tolist()
         assert _truncate_at_eos(ours, tokenizer.eos_id) == ref_completion
 
 
 def test_policy_solves_held_out_problems(policy, problems, greedy_tokens):
     _, _, tokenizer = policy
-    solved = [is_correct(p, tokenizer.decode(t))
-              for p, t in zip(problems, greedy_tokens, strict=True)]
+    solved = [
+        is_correct(p, tokenizer.decode(t)) for p, t in zip(problems, greedy_tokens, strict=True)
+    ]
     assert np.mean(solved) >= MIN_GREEDY_ACCURACY
 
 
@@ -126,8 +133,10 @@ def test_prm_prefers_correct_prefixes(policy, problems):
     _, prm = load_arith_prm()
     chosen = problems[:4]
     texts = [p.solution for p in chosen] + [_corrupt(p, 0) for p in chosen]
-    examples = [encode_prm_example(tokenizer, p, tokenizer.encode(t) + [tokenizer.eos_id])
-                for p, t in zip(chosen + chosen, texts, strict=True)]
+    examples = [
+        encode_prm_example(tokenizer, p, tokenizer.encode(t) + [tokenizer.eos_id])
+        for p, t in zip(chosen + chosen, texts, strict=True)
+    ]
     width = max(len(ids) for ids, _, _ in examples)
     pad = lambda row, value: list(row) + [value] * (width - len(row))
     ids = np.array([pad(e[0], tokenizer.pad_id) for e in examples], np.int32)

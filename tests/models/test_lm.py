@@ -28,17 +28,36 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 96
-TINY = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            initializer_range=0.1, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    initializer_range=0.1,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
 HF_CONFIGS = {
     # GQA 4:2, tied embeddings, q/k/v bias, non-default rope_theta.
     "qwen2": lambda: transformers.Qwen2Config(
-        **TINY, intermediate_size=64, num_key_value_heads=2, rope_theta=1e6,
-        tie_word_embeddings=True),
+        **TINY,
+        intermediate_size=64,
+        num_key_value_heads=2,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+    ),
     # GQA 4:1, head_dim != hidden / heads, all biases, untied head.
     "llama": lambda: transformers.LlamaConfig(
-        **TINY, intermediate_size=48, num_key_value_heads=1, head_dim=16, rope_theta=5e5,
-        attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
+        **TINY,
+        intermediate_size=48,
+        num_key_value_heads=1,
+        head_dim=16,
+        rope_theta=5e5,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -117,8 +136,9 @@ def test_greedy_generation_matches_transformers(hf_pair):
     ref, _, _, model = hf_pair
     prompt = _tokens(1, 3, 6)
     with torch.no_grad():
-        expected = ref.generate(torch.from_numpy(prompt).long(), max_new_tokens=32,
-                                do_sample=False, pad_token_id=0)[:, 6:].numpy()
+        expected = ref.generate(
+            torch.from_numpy(prompt).long(), max_new_tokens=32, do_sample=False, pad_token_id=0
+        )[:, 6:].numpy()
     out = lm.generate(model, prompt, jax.random.key(0), max_new_tokens=32, temperature=0.0)
     np.testing.assert_array_equal(out.tokens, expected)
     np.testing.assert_array_equal(out.num_tokens, [32, 32, 32])
@@ -146,23 +166,24 @@ def test_incremental_decoding_equals_full_forward_and_skips_inactive_rows(qwen):
     chunk, cache = forward(model, jnp.asarray(tokens[:, :4]), cache)
     steps = [chunk]
     for t in range(4, 12):
-        logits, cache = decode_step(model, jnp.asarray(tokens[:, t]), cache,
-                                    jnp.ones((3,), bool))
+        logits, cache = decode_step(model, jnp.asarray(tokens[:, t]), cache, jnp.ones((3,), bool))
         steps.append(logits[:, None])
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=0)
     before = jax.tree.map(np.asarray, cache)
     _, cache = decode_step(model, jnp.zeros((3,), jnp.int32), cache, jnp.array([1, 0, 1], bool))
     np.testing.assert_array_equal(cache.length, [13, 12, 13])
-    for got, want in zip(jax.tree.leaves((cache.k, cache.v)), jax.tree.leaves((before.k, before.v)),
-                         strict=True):
+    for got, want in zip(
+        jax.tree.leaves((cache.k, cache.v)), jax.tree.leaves((before.k, before.v)), strict=True
+    ):
         np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_gathered_row_continues_exactly_as_its_ancestor(qwen):
     config, model = qwen
     prompt = _tokens(5, 3, 4)
-    _, cache = forward(model, jnp.asarray(prompt), lm.init_cache(config, 3, 16),
-                       jnp.array([4, 2, 3]))
+    _, cache = forward(
+        model, jnp.asarray(prompt), lm.init_cache(config, 3, 16), jnp.array([4, 2, 3])
+    )
     ancestors = jnp.array([2, 2, 0])
     gathered = jax.tree.map(lambda x: x[ancestors], cache)
     cont = jnp.asarray(_tokens(6, 3, 4))
@@ -171,10 +192,17 @@ def test_gathered_row_continues_exactly_as_its_ancestor(qwen):
     np.testing.assert_allclose(logits_g, logits[ancestors], atol=1e-6, rtol=0)
     # And through generate (greedy) from the gathered caches (both caches are donated).
     last = jnp.asarray(prompt[[0, 1, 2], [3, 1, 2]][:, None])
-    a = lm.generate(model, last, jax.random.key(0), max_new_tokens=6, temperature=0.0,
-                    cache=jax.tree.map(jnp.copy, cache))
-    b = lm.generate(model, last[ancestors], jax.random.key(0), max_new_tokens=6,
-                    temperature=0.0, cache=gathered)
+    a = lm.generate(
+        model,
+        last,
+        jax.random.key(0),
+        max_new_tokens=6,
+        temperature=0.0,
+        cache=jax.tree.map(jnp.copy, cache),
+    )
+    b = lm.generate(
+        model, last[ancestors], jax.random.key(0), max_new_tokens=6, temperature=0.0, cache=gathered
+    )
     np.testing.assert_array_equal(b.tokens, np.asarray(a.tokens)[np.asarray(ancestors)])
 
 
@@ -185,8 +213,9 @@ def test_ragged_num_new_matches_per_row_and_leaves_idle_rows_untouched(qwen):
     _, cache = forward(model, jnp.asarray(prefix), cache, jnp.array([2, 4, 3]))
     logits, new = forward(model, jnp.asarray(chunk), cache, jnp.array([4, 2, 0]))
     np.testing.assert_array_equal(new.length, [6, 6, 3])
-    for got, want in zip(jax.tree.leaves((new.k, new.v)), jax.tree.leaves((cache.k, cache.v)),
-                         strict=True):
+    for got, want in zip(
+        jax.tree.leaves((new.k, new.v)), jax.tree.leaves((cache.k, cache.v)), strict=True
+    ):
         np.testing.assert_array_equal(got[2], want[2])
     seqs = np.zeros((3, 12), np.int32)
     for row, (p, c) in enumerate([(2, 4), (4, 2)]):
@@ -263,13 +292,23 @@ def test_bad_inputs_raise(qwen):
     with pytest.raises(ValueError, match="overflow"):
         lm.forward(model, jnp.zeros((2, 3), jnp.int32), cache)
     with pytest.raises(ValueError, match="cache slots"):
-        lm.generate(model, jnp.zeros((1, 5), jnp.int32), jax.random.key(0), max_new_tokens=4,
-                    cache=lm.init_cache(config, 1, 7))
+        lm.generate(
+            model,
+            jnp.zeros((1, 5), jnp.int32),
+            jax.random.key(0),
+            max_new_tokens=4,
+            cache=lm.init_cache(config, 1, 7),
+        )
     with pytest.raises(ValueError, match="P >= 1"):
         lm.generate(model, jnp.zeros((2, 0), jnp.int32), jax.random.key(0), max_new_tokens=4)
     with pytest.raises(ValueError, match="empty prompts"):
-        lm.generate(model, jnp.zeros((2, 3), jnp.int32), jax.random.key(0), max_new_tokens=4,
-                    prompt_lengths=jnp.array([3, 0]))
+        lm.generate(
+            model,
+            jnp.zeros((2, 3), jnp.int32),
+            jax.random.key(0),
+            max_new_tokens=4,
+            prompt_lengths=jnp.array([3, 0]),
+        )
 
 
 def test_missing_or_mismatched_tensor_is_named(hf_pair, tmp_path):
@@ -299,15 +338,18 @@ def test_pickle_only_folder_is_refused(tmp_path):
         lm.load_lm(tmp_path)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"model_type": "gpt2"}, "model_type"),
-    ({"use_sliding_window": True, "sliding_window": 16}, "sliding"),
-    ({"num_experts": 8}, "mixture-of-experts"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "RoPE"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE"),
-    ({"hidden_act": "gelu"}, "silu"),
-    ({"architectures": ["Qwen2ForSequenceClassification"]}, "architectures"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model_type": "gpt2"}, "model_type"),
+        ({"use_sliding_window": True, "sliding_window": 16}, "sliding"),
+        ({"num_experts": 8}, "mixture-of-experts"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "RoPE"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE"),
+        ({"hidden_act": "gelu"}, "silu"),
+        ({"architectures": ["Qwen2ForSequenceClassification"]}, "architectures"),
+    ],
+)
 def test_unsupported_configs_are_refused(tmp_path, change, message):
     raw = HF_CONFIGS["qwen2"]().to_dict() | {"architectures": ["Qwen2ForCausalLM"]} | change
     (tmp_path / "config.json").write_text(json.dumps(raw))
@@ -316,21 +358,26 @@ def test_unsupported_configs_are_refused(tmp_path, change, message):
 
 
 # ---------------------------------------------------------------------------- reward heads
-@pytest.mark.parametrize("architecture, num_labels", [("Qwen2ForProcessRewardModel", 2),
-                                                      ("Qwen2ForRewardModel", 1)])
+@pytest.mark.parametrize(
+    "architecture, num_labels", [("Qwen2ForProcessRewardModel", 2), ("Qwen2ForRewardModel", 1)]
+)
 def test_reward_heads_match_a_torch_reference_and_round_trip(tmp_path, architecture, num_labels):
     from safetensors.torch import save_file as save_torch
 
     hf_config = HF_CONFIGS["qwen2"]()
     torch.manual_seed(0)
     backbone = transformers.Qwen2Model(hf_config).float().eval()
-    score = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(),
-                                torch.nn.Linear(32, num_labels))
+    score = torch.nn.Sequential(
+        torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, num_labels)
+    )
     _perturb_torch(backbone, 2)
     tensors = {f"model.{k}": v for k, v in backbone.state_dict().items()}
     tensors |= {f"score.{k}": v for k, v in score.state_dict().items()}
-    save_torch({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "model.safetensors",
-               metadata={"format": "pt"})
+    save_torch(
+        {k: v.contiguous() for k, v in tensors.items()},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     raw = hf_config.to_dict() | {"architectures": [architecture]}
     (tmp_path / "config.json").write_text(json.dumps(raw))
 

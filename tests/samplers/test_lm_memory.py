@@ -15,8 +15,15 @@ from tts_jax.models import lm
 from tts_jax.samplers import lm_smc, lm_state
 from tts_jax.samplers.base import run
 
-CONFIG = lm.LMConfig(model_type="qwen2", vocab_size=32, hidden_size=32, intermediate_size=64,
-                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+CONFIG = lm.LMConfig(
+    model_type="qwen2",
+    vocab_size=32,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 PROMPT = jnp.arange(1, 5, dtype=jnp.int32)
 N = 16
 
@@ -28,8 +35,15 @@ def _model():
 def _cache_bytes(new_tokens: int) -> int:
     """Analytic K and V bytes: 2 x layers x N x (prompt + new) x kv_heads x head_dim floats."""
     slots = PROMPT.shape[0] + new_tokens
-    return 2 * CONFIG.num_hidden_layers * N * slots * CONFIG.num_key_value_heads * (
-        CONFIG.hidden_size // CONFIG.num_attention_heads) * 4
+    return (
+        2
+        * CONFIG.num_hidden_layers
+        * N
+        * slots
+        * CONFIG.num_key_value_heads
+        * (CONFIG.hidden_size // CONFIG.num_attention_heads)
+        * 4
+    )
 
 
 def _twist(lam, tokens, lengths, done):
@@ -48,26 +62,40 @@ def _compiled(program: str, new_tokens: int):
         lowered = jax.jit(run, static_argnames="sampler").lower(jax.random.key(0), sampler, params)
     else:
         sampler = lm_smc.pf_sampler(N, new_tokens // 8, 8, new_tokens, _scorer)
-        params = lm_smc.PFParams(model, PROMPT, jnp.int32(4), None, cfg, jnp.float32(1.0),
-                                 jnp.float32(1.0), jnp.bool_(True), jnp.bool_(False),
-                                 jnp.bool_(False), jnp.zeros((new_tokens,), jnp.int32))
+        params = lm_smc.PFParams(
+            model,
+            PROMPT,
+            jnp.int32(4),
+            None,
+            cfg,
+            jnp.float32(1.0),
+            jnp.float32(1.0),
+            jnp.bool_(True),
+            jnp.bool_(False),
+            jnp.bool_(False),
+            jnp.zeros((new_tokens,), jnp.int32),
+        )
         lowered = jax.jit(run, static_argnames="sampler").lower(jax.random.key(0), sampler, params)
     return lowered.compile()
 
 
 def _layer_cache_copies(compiled, new_tokens: int) -> int:
     """``copy`` instructions of a whole per-layer K or V buffer in the optimized HLO."""
-    shape = (f"f32[{N},{CONFIG.num_key_value_heads},{PROMPT.shape[0] + new_tokens},"
-             f"{CONFIG.hidden_size // CONFIG.num_attention_heads}]")
-    return sum(1 for line in compiled.as_text().splitlines()
-               if f"= {shape}" in line and " copy(" in line)
+    shape = (
+        f"f32[{N},{CONFIG.num_key_value_heads},{PROMPT.shape[0] + new_tokens},"
+        f"{CONFIG.hidden_size // CONFIG.num_attention_heads}]"
+    )
+    return sum(
+        1 for line in compiled.as_text().splitlines() if f"= {shape}" in line and " copy(" in line
+    )
 
 
 @pytest.mark.parametrize("program", ["token_smc", "particle_filter"])
 def test_steering_holds_the_cache_and_one_gather_buffer_whatever_the_length(program):
     compiled = {new: _compiled(program, new) for new in (64, 256)}
-    ratios = [compiled[new].memory_analysis().temp_size_in_bytes / _cache_bytes(new)
-              for new in (64, 256)]
+    ratios = [
+        compiled[new].memory_analysis().temp_size_in_bytes / _cache_bytes(new) for new in (64, 256)
+    ]
     # state + one gather destination, plus small per-row buffers (tokens, logits, weights)
     assert all(1.9 < r < 2.3 for r in ratios), ratios
     assert abs(ratios[1] - ratios[0]) < 0.1, ratios  # nothing accumulates per token
@@ -82,9 +110,20 @@ def test_generate_aliases_its_donated_cache():
     cache = lm.init_cache(CONFIG, N, PROMPT.shape[0] + new)
     allocated = sum(leaf.nbytes for leaf in jax.tree.leaves((cache.k, cache.v)))
     assert allocated == _cache_bytes(new)
-    mem = lm._generate_jit.lower(
-        model, jnp.tile(PROMPT, (N, 1)), jnp.full((N,), 4, jnp.int32), cache, jax.random.key(0),
-        jnp.float32(1.0), jnp.asarray([-1], jnp.int32), jnp.int32(0), max_new_tokens=new,
-    ).compile().memory_analysis()
+    mem = (
+        lm._generate_jit.lower(
+            model,
+            jnp.tile(PROMPT, (N, 1)),
+            jnp.full((N,), 4, jnp.int32),
+            cache,
+            jax.random.key(0),
+            jnp.float32(1.0),
+            jnp.asarray([-1], jnp.int32),
+            jnp.int32(0),
+            max_new_tokens=new,
+        )
+        .compile()
+        .memory_analysis()
+    )
     assert mem.alias_size_in_bytes >= allocated  # the output cache reuses the donated buffers
     assert mem.temp_size_in_bytes < allocated  # and no second cache is ever materialised

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.lm_exact import enumerate_completions
 from tts_jax.models.lm_reward import RewardModel, cached_prm_scorer, prm_scorer
 from tts_jax.samplers import lm_smc
 from tts_jax.samplers.base import run as base_run
 from tts_jax.samplers.base import run_with_keys
-from tts_jax.samplers.lm_exact import enumerate_completions
 from tts_jax.samplers.lm_scoring import AGGREGATIONS, score_sequences
 from tts_jax.samplers.lm_state import sequences
 
@@ -43,10 +43,22 @@ def p0() -> np.ndarray:
 
 
 def run(seed, table=TABLE, method=lm_smc.particle_filter, n=N, temperature=1.0, **kwargs):
-    return method(jax.random.key(seed), tiny_lm(), PROMPT, first_token_scorer,
-                  jnp.asarray(table), num_particles=n, max_steps=2, max_step_tokens=1,
-                  max_new_tokens=2, temperature=temperature, sep_id=SEP, stop_ids=[EOS],
-                  pad_id=EOS, **kwargs)
+    return method(
+        jax.random.key(seed),
+        tiny_lm(),
+        PROMPT,
+        first_token_scorer,
+        jnp.asarray(table),
+        num_particles=n,
+        max_steps=2,
+        max_step_tokens=1,
+        max_new_tokens=2,
+        temperature=temperature,
+        sep_id=SEP,
+        stop_ids=[EOS],
+        pad_id=EOS,
+        **kwargs,
+    )
 
 
 def _tv(a, b):
@@ -55,12 +67,14 @@ def _tv(a, b):
 
 def _histogram(values, weights=None):
     return np.bincount(values, weights=weights, minlength=len(TABLE)) / (
-        len(values) if weights is None else np.sum(weights))
+        len(values) if weights is None else np.sum(weights)
+    )
 
 
 def test_infinite_softmax_temperature_is_independent_sampling():
-    first = np.concatenate([np.asarray(run(s, softmax_temperature=1e6).tokens)[:, 0]
-                            for s in range(RUNS)])
+    first = np.concatenate(
+        [np.asarray(run(s, softmax_temperature=1e6).tokens)[:, 0] for s in range(RUNS)]
+    )
     # Resampling uniform weights keeps the marginal; copies halve the effective sample size.
     assert _tv(_histogram(first), p0()) < 2.5 * iid_tv(p0(), RUNS * N // 2)
 
@@ -162,9 +176,17 @@ def test_empty_budget_and_bad_options_are_refused():
     with pytest.raises(ValueError, match="empty budget"):
         run(0, n=0)
     with pytest.raises(ValueError, match="empty budget"):
-        lm_smc.particle_filter(jax.random.key(0), tiny_lm(), PROMPT, first_token_scorer,
-                               jnp.asarray(TABLE), num_particles=4, max_steps=0,
-                               max_step_tokens=1, max_new_tokens=2)
+        lm_smc.particle_filter(
+            jax.random.key(0),
+            tiny_lm(),
+            PROMPT,
+            first_token_scorer,
+            jnp.asarray(TABLE),
+            num_particles=4,
+            max_steps=0,
+            max_step_tokens=1,
+            max_new_tokens=2,
+        )
     with pytest.raises(ValueError, match="weighting"):
         run(0, weighting="bogus")
     with pytest.raises(ValueError, match="temperature > 0"):  # greedy: no p / q_T correction
@@ -185,10 +207,18 @@ def test_new_temperatures_or_weighting_compile_nothing():
 
 def _kernel(weighting="puri", temperature=1.0, softmax_temperature=1.0, resampler="multinomial"):
     sampler = lm_smc.pf_sampler(N, 2, 1, 2, first_token_scorer, "last", resampler)
-    params = lm_smc.make_pf_params(tiny_lm(), PROMPT, jnp.asarray(TABLE), max_new_tokens=2,
-                                   temperature=temperature,
-                                   softmax_temperature=softmax_temperature, sep_id=SEP,
-                                   stop_ids=[EOS], pad_id=EOS, weighting=weighting)
+    params = lm_smc.make_pf_params(
+        tiny_lm(),
+        PROMPT,
+        jnp.asarray(TABLE),
+        max_new_tokens=2,
+        temperature=temperature,
+        softmax_temperature=softmax_temperature,
+        sep_id=SEP,
+        stop_ids=[EOS],
+        pad_id=EOS,
+        weighting=weighting,
+    )
     lm_smc.check_pf_params(params, sampler)
     return sampler, params
 
@@ -203,12 +233,14 @@ def test_kernel_is_the_convenience_function_vmaps_over_keys_and_compiles_once(we
     keys = jax.random.split(jax.random.key(6), 3)
     run_jit = jax.jit(base_run, static_argnames="sampler")
     batched = jax.jit(jax.vmap(base_run, in_axes=(0, None, None)), static_argnames="sampler")(
-        keys, sampler, params)
+        keys, sampler, params
+    )
     for i in range(3):
         single = run_jit(keys[i], sampler, params)
         np.testing.assert_array_equal(np.asarray(batched.tokens[i]), np.asarray(single.tokens))
-        np.testing.assert_array_equal(np.asarray(batched.info["ancestors"][i]),
-                                      np.asarray(single.info["ancestors"]))
+        np.testing.assert_array_equal(
+            np.asarray(batched.info["ancestors"][i]), np.asarray(single.info["ancestors"])
+        )
         np.testing.assert_allclose(np.asarray(batched.scores[i]), np.asarray(single.scores))
     _, hotter = _kernel(weighting, temperature=0.7, softmax_temperature=0.3)
     run_jit(keys[0], sampler, hotter).tokens.block_until_ready()
@@ -240,8 +272,9 @@ def test_cached_prm_scorer_equals_rescoring_the_whole_sequence(how):
     for _ in range(4):
         length = np.minimum(length + rng.integers(0, window + 1, n), length_max).astype(np.int32)
         written = jnp.arange(length_max)[None, :] < length[:, None]
-        score, state = update(tiny_prm(), state, completion, jnp.asarray(length), marks & written,
-                              window, how)
+        score, state = update(
+            tiny_prm(), state, completion, jnp.asarray(length), marks & written, window, how
+        )
         view = types.SimpleNamespace(tokens=completion, step_ends=marks & written)
         tokens, ends = sequences(prompt, view, prompt_length)
         expected = full(prm_scorer, tiny_prm(), tokens, ends, how)
@@ -249,24 +282,43 @@ def test_cached_prm_scorer_equals_rescoring_the_whole_sequence(how):
     np.testing.assert_array_equal(np.asarray(state.fed), length)
 
 
-@pytest.mark.parametrize("method, options", [
-    (lm_smc.particle_filter, {}),
-    (lm_smc.entropic_particle_filter, {}),
-    (lm_smc.particle_gibbs, {"num_sweeps": 2}),
-])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        (lm_smc.particle_filter, {}),
+        (lm_smc.entropic_particle_filter, {}),
+        (lm_smc.particle_gibbs, {"num_sweeps": 2}),
+    ],
+)
 def test_particle_filters_with_the_cached_prm_reproduce_full_rescoring(method, options):
     """Same key: the same particles, ancestors and scores whether the PRM re-reads every
     sequence or keeps its cache in the (resampled) particle state."""
+
     def sample(scorer):
-        return method(jax.random.key(4), tiny_lm(), PROMPT, scorer, tiny_prm(), num_particles=8,
-                      max_steps=4, max_step_tokens=2, max_new_tokens=7, temperature=1.0,
-                      sep_id=SEP, stop_ids=[EOS], pad_id=EOS, aggregation="min", **options)
+        return method(
+            jax.random.key(4),
+            tiny_lm(),
+            PROMPT,
+            scorer,
+            tiny_prm(),
+            num_particles=8,
+            max_steps=4,
+            max_step_tokens=2,
+            max_new_tokens=7,
+            temperature=1.0,
+            sep_id=SEP,
+            stop_ids=[EOS],
+            pad_id=EOS,
+            aggregation="min",
+            **options,
+        )
 
     full, cached = sample(prm_scorer), sample(cached_prm_scorer)
     assert np.asarray(full.info["resampled"]).any()
     np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(full.tokens))
-    np.testing.assert_array_equal(np.asarray(cached.info["ancestors"]),
-                                  np.asarray(full.info["ancestors"]))
+    np.testing.assert_array_equal(
+        np.asarray(cached.info["ancestors"]), np.asarray(full.info["ancestors"])
+    )
     np.testing.assert_allclose(np.asarray(cached.scores), np.asarray(full.scores), rtol=1e-5)
     assert int(cached.budget.prm_calls) == int(full.budget.prm_calls)
 
@@ -287,10 +339,23 @@ PINNED = {
 
 def _pinned_case(name):
     def prm(method, **options):
-        return method(jax.random.key(4), tiny_lm(), PROMPT, prm_scorer, tiny_prm(),
-                      num_particles=8, max_steps=4, max_step_tokens=2, max_new_tokens=7,
-                      temperature=1.0, sep_id=SEP, stop_ids=[EOS], pad_id=EOS,
-                      aggregation="min", **options)
+        return method(
+            jax.random.key(4),
+            tiny_lm(),
+            PROMPT,
+            prm_scorer,
+            tiny_prm(),
+            num_particles=8,
+            max_steps=4,
+            max_step_tokens=2,
+            max_new_tokens=7,
+            temperature=1.0,
+            sep_id=SEP,
+            stop_ids=[EOS],
+            pad_id=EOS,
+            aggregation="min",
+            **options,
+        )
 
     cases = {
         "puri": lambda: run(0, softmax_temperature=0.5, temperature=0.8),
@@ -319,8 +384,16 @@ def test_outputs_are_bit_identical_to_the_pinned_runs(name):
 def test_gibbs_kernel_is_the_convenience_function_and_vmaps_over_keys():
     sampler = lm_smc.gibbs_sampler(2 * N, 2, 2, 1, 2, first_token_scorer)
     assert lm_smc.gibbs_sampler(2 * N, 2, 2, 1, 2, first_token_scorer) is sampler
-    params = lm_smc.make_pf_params(tiny_lm(), PROMPT, jnp.asarray(TABLE), max_new_tokens=2,
-                                   temperature=1.0, sep_id=SEP, stop_ids=[EOS], pad_id=EOS)
+    params = lm_smc.make_pf_params(
+        tiny_lm(),
+        PROMPT,
+        jnp.asarray(TABLE),
+        max_new_tokens=2,
+        temperature=1.0,
+        sep_id=SEP,
+        stop_ids=[EOS],
+        pad_id=EOS,
+    )
     jitted = jax.jit(run_with_keys, static_argnames="sampler")
     out = jitted(*lm_smc.gibbs_keys(jax.random.key(3), sampler), sampler, params)
     assert digest(out) == PINNED["gibbs"][0]
@@ -330,5 +403,6 @@ def test_gibbs_kernel_is_the_convenience_function_and_vmaps_over_keys():
     for i in range(2):
         single = base_run(keys[i], sampler, params)
         np.testing.assert_array_equal(np.asarray(batched.tokens[i]), np.asarray(single.tokens))
-        np.testing.assert_array_equal(np.asarray(batched.info["references"][i]),
-                                      np.asarray(single.info["references"]))
+        np.testing.assert_array_equal(
+            np.asarray(batched.info["references"][i]), np.asarray(single.info["references"])
+        )

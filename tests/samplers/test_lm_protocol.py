@@ -21,17 +21,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.lm_exact import enumerate_completions
 from tts_jax.models.base import LanguageModel
 from tts_jax.rewards.base import PromptRows, RescoringScorer, StepScorer, last_step_only
 from tts_jax.samplers import lm_search, lm_smc
-from tts_jax.samplers.lm_exact import enumerate_completions
 
 VOCAB, EOS, LENGTH, SEP = 4, 0, 4, 2
 PROMPT = np.array([1, 2], np.int32)
-LOGITS = np.array([[0.0, 0.0, 0.0, 0.0],  # row of the last token: logits of the next one
-                   [-1.0, 0.5, 0.2, -0.3],
-                   [-0.5, -0.2, 0.6, 0.1],
-                   [-1.2, 0.3, -0.4, 0.4]], np.float32)
+LOGITS = np.array(
+    [
+        [0.0, 0.0, 0.0, 0.0],  # row of the last token: logits of the next one
+        [-1.0, 0.5, 0.2, -0.3],
+        [-0.5, -0.2, 0.6, 0.1],
+        [-1.2, 0.3, -0.4, 0.4],
+    ],
+    np.float32,
+)
 LAM, OFFSET = 1.0, 1.0  # potential lam * #3; scorer r = sigmoid(lam * #3 - offset)
 RUNS, N = 200, 32  # a run takes milliseconds once compiled
 
@@ -148,11 +153,22 @@ def test_token_smc_on_the_bigram_lm_matches_exact_enumeration(temperature):
     against the target; 47 / 43 against the untilted LM, 15 against the tempered LM at T = 0.5.
     Mutants run on the same seeds, against the target: no potential 500+, no ``p / q``
     correction (T = 0.5) 20."""
-    results = [lm_smc.token_smc(jax.random.key(seed), bigram_lm(), PROMPT, num_particles=N,
-                                max_new_tokens=LENGTH, potential=count3,
-                                potential_params=jnp.float32(LAM), temperature=temperature,
-                                stop_ids=[EOS], pad_id=EOS, ess_threshold=0.9)
-               for seed in range(RUNS)]
+    results = [
+        lm_smc.token_smc(
+            jax.random.key(seed),
+            bigram_lm(),
+            PROMPT,
+            num_particles=N,
+            max_new_tokens=LENGTH,
+            potential=count3,
+            potential_params=jnp.float32(LAM),
+            temperature=temperature,
+            stop_ids=[EOS],
+            pad_id=EOS,
+            ess_threshold=0.9,
+        )
+        for seed in range(RUNS)
+    ]
     assert sum(int(np.asarray(r.info["resampled"]).sum()) for r in results) > RUNS  # resamples
     log_g = lambda y: LAM * y.count(3)  # noqa: E731
     wrong = [tilted_measure(lambda y: 0.0)]  # weights without the potential
@@ -173,24 +189,44 @@ def count3_scorer(lam, tokens, step_ends):
 
 def run_pf(seed, scorer=count3_scorer, temperature=1.0, softmax_temperature=1.0, **kwargs):
     # Steps end at token 2 or after 2 tokens; 4 steps finish every completion (<= 4 tokens).
-    return lm_smc.particle_filter(jax.random.key(seed), bigram_lm(), PROMPT, scorer,
-                                  jnp.float32(LAM), num_particles=N, max_steps=LENGTH,
-                                  max_step_tokens=2, max_new_tokens=LENGTH,
-                                  temperature=temperature,
-                                  softmax_temperature=softmax_temperature, sep_id=SEP,
-                                  stop_ids=[EOS], pad_id=EOS, weighting="twisted", **kwargs)
+    return lm_smc.particle_filter(
+        jax.random.key(seed),
+        bigram_lm(),
+        PROMPT,
+        scorer,
+        jnp.float32(LAM),
+        num_particles=N,
+        max_steps=LENGTH,
+        max_step_tokens=2,
+        max_new_tokens=LENGTH,
+        temperature=temperature,
+        softmax_temperature=softmax_temperature,
+        sep_id=SEP,
+        stop_ids=[EOS],
+        pad_id=EOS,
+        weighting="twisted",
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("temperature, softmax_temperature", [(1.0, 1.0), (0.5, 0.5)])
 def test_twisted_particle_filter_on_the_bigram_lm_matches_exact_enumeration(
-        temperature, softmax_temperature):
+    temperature, softmax_temperature
+):
     """Target ``p(y) odds(r(y))^(1 / T_softmax) / Z`` with ``log odds(r) = lam * #3 - offset``.
     Measured (seeds 0-199), max |z| over the 10 statistics: 1.9 at (T, T_softmax) = (1, 1) and
     0.2 at (0.5, 0.5) against the target; 24 / 24 against the untilted LM, 10.5 against the
     tempered LM at T = 0.5. Mutants run on the same seeds, against the target: a constant scorer
     1500+, no ``p / q`` correction (T = 0.5) 7.3."""
-    results = [run_pf(seed, temperature=temperature, softmax_temperature=softmax_temperature,
-                      ess_threshold=0.9) for seed in range(RUNS)]
+    results = [
+        run_pf(
+            seed,
+            temperature=temperature,
+            softmax_temperature=softmax_temperature,
+            ess_threshold=0.9,
+        )
+        for seed in range(RUNS)
+    ]
     for r in results:  # every particle is a whole completion (EOS or the full budget)
         assert (np.asarray(r.finished) | (np.asarray(r.lengths) == LENGTH)).all()
     assert sum(int(np.asarray(r.info["resampled"]).sum()) for r in results) > RUNS  # resamples
@@ -215,7 +251,8 @@ class Count3Scorer:
         safe = jnp.minimum(positions, completion.shape[1] - 1)
         new = positions < length[:, None]
         running = state["count"][:, None] + jnp.cumsum(
-            (jnp.take_along_axis(completion, safe, axis=1) == 3) & new, axis=1)
+            (jnp.take_along_axis(completion, safe, axis=1) == 3) & new, axis=1
+        )
         ends = last_step_only(jnp.take_along_axis(step_ends, safe, axis=1) & new)
         score = jax.nn.sigmoid(lam * jnp.sum(jnp.where(ends, running, 0), axis=1) - OFFSET)
         last = jnp.where(jnp.any(ends, axis=1), score, state["last"])
@@ -236,8 +273,9 @@ def test_an_incremental_scorer_of_the_protocol_reproduces_the_rescoring_function
         fed = run_pf(seed, COUNT3_SCORER, temperature=temperature, ess_threshold=0.9)
         assert np.asarray(full.info["resampled"]).any()
         np.testing.assert_array_equal(np.asarray(fed.tokens), np.asarray(full.tokens))
-        np.testing.assert_array_equal(np.asarray(fed.info["ancestors"]),
-                                      np.asarray(full.info["ancestors"]))
+        np.testing.assert_array_equal(
+            np.asarray(fed.info["ancestors"]), np.asarray(full.info["ancestors"])
+        )
         np.testing.assert_allclose(np.asarray(fed.scores), np.asarray(full.scores), rtol=1e-6)
         np.testing.assert_allclose(float(fed.log_evidence), float(full.log_evidence), rtol=1e-5)
 
@@ -245,20 +283,41 @@ def test_an_incremental_scorer_of_the_protocol_reproduces_the_rescoring_function
 def test_search_methods_and_the_rescoring_scorer_value_run_on_the_bigram_lm():
     """Best-of-N and beam search take the protocol LM too; a plain function and its
     :class:`~tts_jax.rewards.base.RescoringScorer` are the same scorer."""
-    kwargs = {"num_particles": 8, "max_steps": LENGTH, "max_step_tokens": 2,
-              "max_new_tokens": LENGTH, "temperature": 1.0, "sep_id": SEP, "stop_ids": [EOS],
-              "pad_id": EOS}
-    for method, options in ((lm_search.best_of_n, {}), (lm_search.beam_search,
-                                                       {"beam_width": 2})):
-        r = method(jax.random.key(3), bigram_lm(), PROMPT, count3_scorer, jnp.float32(LAM),
-                   **kwargs, **options)
-        wrapped = method(jax.random.key(3), bigram_lm(), PROMPT,
-                         RescoringScorer(count3_scorer), jnp.float32(LAM), **kwargs, **options)
+    kwargs = {
+        "num_particles": 8,
+        "max_steps": LENGTH,
+        "max_step_tokens": 2,
+        "max_new_tokens": LENGTH,
+        "temperature": 1.0,
+        "sep_id": SEP,
+        "stop_ids": [EOS],
+        "pad_id": EOS,
+    }
+    for method, options in ((lm_search.best_of_n, {}), (lm_search.beam_search, {"beam_width": 2})):
+        r = method(
+            jax.random.key(3),
+            bigram_lm(),
+            PROMPT,
+            count3_scorer,
+            jnp.float32(LAM),
+            **kwargs,
+            **options,
+        )
+        wrapped = method(
+            jax.random.key(3),
+            bigram_lm(),
+            PROMPT,
+            RescoringScorer(count3_scorer),
+            jnp.float32(LAM),
+            **kwargs,
+            **options,
+        )
         np.testing.assert_array_equal(np.asarray(wrapped.tokens), np.asarray(r.tokens))
         tokens, lengths = np.asarray(r.tokens), np.asarray(r.lengths)
         threes = np.array([list(t[:n]).count(3) for t, n in zip(tokens, lengths, strict=True)])
-        np.testing.assert_allclose(np.asarray(r.scores), 1 / (1 + np.exp(OFFSET - LAM * threes)),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(r.scores), 1 / (1 + np.exp(OFFSET - LAM * threes)), rtol=1e-5
+        )
 
 
 def test_rescoring_state_is_the_prompt_on_every_row():
@@ -270,9 +329,11 @@ def test_rescoring_state_is_the_prompt_on_every_row():
 
 def test_the_lm_samplers_import_no_model():
     """The samplers depend on the protocols only: importing them loads no concrete network."""
-    code = ("import sys; import tts_jax.samplers.lm_smc, tts_jax.samplers.lm_search, "
-            "tts_jax.samplers.lm_result, tts_jax.samplers.lm_scoring, tts_jax.samplers.lm_exact; "
-            "bad = [m for m in ('tts_jax.models.lm', 'tts_jax.models.lm_reward') "
-            "if m in sys.modules]; print(bad); assert not bad")
+    code = (
+        "import sys; import tts_jax.samplers.lm_smc, tts_jax.samplers.lm_search, "
+        "tts_jax.samplers.lm_result, tts_jax.samplers.lm_scoring; "
+        "bad = [m for m in ('tts_jax.models.lm', 'tts_jax.models.lm_reward') "
+        "if m in sys.modules]; print(bad); assert not bad"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

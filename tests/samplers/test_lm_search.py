@@ -24,28 +24,54 @@ from .test_lm_smc import EOS, PINNED_JAX, VOCAB, digest, random_module, tiny_lm
 N, BEAM = 16, 4
 
 
-def run(method, seed=0, table=TABLE, n=N, scorer=first_token_scorer, scorer_params=None,
-        temperature=1.0, **kwargs):
+def run(
+    method,
+    seed=0,
+    table=TABLE,
+    n=N,
+    scorer=first_token_scorer,
+    scorer_params=None,
+    temperature=1.0,
+    **kwargs,
+):
     params = jnp.asarray(table) if scorer_params is None else scorer_params
-    return method(jax.random.key(seed), tiny_lm(), PROMPT, scorer, params, num_particles=n,
-                  max_steps=2, max_step_tokens=1, max_new_tokens=2, temperature=temperature,
-                  sep_id=SEP, stop_ids=[EOS], pad_id=EOS, **kwargs)
+    return method(
+        jax.random.key(seed),
+        tiny_lm(),
+        PROMPT,
+        scorer,
+        params,
+        num_particles=n,
+        max_steps=2,
+        max_step_tokens=1,
+        max_new_tokens=2,
+        temperature=temperature,
+        sep_id=SEP,
+        stop_ids=[EOS],
+        pad_id=EOS,
+        **kwargs,
+    )
 
 
 def test_grouped_top_k_and_duplicates():
     scores = jnp.asarray([0.1, 0.9, 0.5, 0.7, 0.3, 0.2, 0.8, 0.6])
-    np.testing.assert_array_equal(lm_search.grouped_top_k(scores, jnp.int32(1), jnp.int32(2)),
-                                  [1, 1, 1, 1, 6, 6, 6, 6])
-    np.testing.assert_array_equal(lm_search.grouped_top_k(scores, jnp.int32(2), jnp.int32(1)),
-                                  [1, 1, 1, 1, 6, 6, 6, 6])
-    np.testing.assert_array_equal(lm_search.grouped_top_k(scores, jnp.int32(4), jnp.int32(1)),
-                                  [1, 1, 3, 3, 4, 4, 6, 6])
+    np.testing.assert_array_equal(
+        lm_search.grouped_top_k(scores, jnp.int32(1), jnp.int32(2)), [1, 1, 1, 1, 6, 6, 6, 6]
+    )
+    np.testing.assert_array_equal(
+        lm_search.grouped_top_k(scores, jnp.int32(2), jnp.int32(1)), [1, 1, 1, 1, 6, 6, 6, 6]
+    )
+    np.testing.assert_array_equal(
+        lm_search.grouped_top_k(scores, jnp.int32(4), jnp.int32(1)), [1, 1, 3, 3, 4, 4, 6, 6]
+    )
     tokens = jnp.asarray([[1, 2], [1, 2], [1, 3], [1, 2]])
     lengths = jnp.asarray([2, 2, 2, 1])
-    np.testing.assert_array_equal(lm_search.duplicates(tokens, lengths, jnp.int32(1)),
-                                  [False, True, False, False])
-    np.testing.assert_array_equal(lm_search.duplicates(tokens, lengths, jnp.int32(2)),
-                                  [False, True, False, False])
+    np.testing.assert_array_equal(
+        lm_search.duplicates(tokens, lengths, jnp.int32(1)), [False, True, False, False]
+    )
+    np.testing.assert_array_equal(
+        lm_search.duplicates(tokens, lengths, jnp.int32(2)), [False, True, False, False]
+    )
 
 
 def test_best_of_n_budget_and_votes():
@@ -69,7 +95,7 @@ def test_beam_search_keeps_the_top_scored_beams(dedup):
     kept = ancestors[::BEAM]
     np.testing.assert_array_equal(ancestors, np.repeat(kept, BEAM))
     if not dedup:
-        assert np.sort(scores[kept]).tolist() == np.sort(scores)[-N // BEAM:].tolist()
+        assert np.sort(scores[kept]).tolist() == np.sort(scores)[-N // BEAM :].tolist()
     else:
         # Distinct first steps first: as many distinct ones as exist, up to N / BEAM.
         distinct = len(set(scores.tolist()))
@@ -99,23 +125,41 @@ def test_prm_adapter_scores_with_the_reward_model_in_graph():
     np.testing.assert_allclose(np.asarray(r.scores), np.asarray(expected).max(1), atol=1e-5)
 
 
-@pytest.mark.parametrize("method, options", [
-    (lm_search.best_of_n, {"aggregation": "model"}),
-    (lm_search.beam_search, {"beam_width": 4, "aggregation": "prod"}),
-    (lm_search.dvts, {"beam_width": 2, "aggregation": "last"}),
-])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        (lm_search.best_of_n, {"aggregation": "model"}),
+        (lm_search.beam_search, {"beam_width": 4, "aggregation": "prod"}),
+        (lm_search.dvts, {"beam_width": 2, "aggregation": "last"}),
+    ],
+)
 def test_searches_with_the_cached_prm_reproduce_full_rescoring(method, options):
     """Same key: the same selections and scores whether the PRM re-reads every sequence or is
     fed one step at a time from its cache (best-of-N reads the cache's aggregate at the end)."""
+
     def search(scorer):
-        return method(jax.random.key(5), tiny_lm(), PROMPT, scorer, tiny_prm(), num_particles=8,
-                      max_steps=4, max_step_tokens=2, max_new_tokens=7, temperature=1.0,
-                      sep_id=SEP, stop_ids=[EOS], pad_id=EOS, **options)
+        return method(
+            jax.random.key(5),
+            tiny_lm(),
+            PROMPT,
+            scorer,
+            tiny_prm(),
+            num_particles=8,
+            max_steps=4,
+            max_step_tokens=2,
+            max_new_tokens=7,
+            temperature=1.0,
+            sep_id=SEP,
+            stop_ids=[EOS],
+            pad_id=EOS,
+            **options,
+        )
 
     full, cached = search(prm_scorer), search(cached_prm_scorer)
     np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(full.tokens))
-    np.testing.assert_array_equal(np.asarray(cached.info["ancestors"]),
-                                  np.asarray(full.info["ancestors"]))
+    np.testing.assert_array_equal(
+        np.asarray(cached.info["ancestors"]), np.asarray(full.info["ancestors"])
+    )
     np.testing.assert_allclose(np.asarray(cached.scores), np.asarray(full.scores), rtol=1e-5)
     assert np.ptp(np.asarray(full.scores)) > 0  # the PRM tells the particles apart
     assert int(cached.budget.prm_calls) == int(full.budget.prm_calls)
@@ -149,20 +193,33 @@ def test_every_method_and_temperature_share_one_compiled_program():
 def _kernel(num_groups, keep, temperature=1.0, dedup=False):
     sampler = lm_search.search_sampler(N, 2, 1, 2, first_token_scorer)
     params = lm_search.make_search_params(
-        tiny_lm(), PROMPT, jnp.asarray(TABLE), num_groups=num_groups, keep=keep,
-        score_steps=num_groups < N, dedup=dedup, temperature=temperature, sep_id=SEP,
-        stop_ids=[EOS], pad_id=EOS)
+        tiny_lm(),
+        PROMPT,
+        jnp.asarray(TABLE),
+        num_groups=num_groups,
+        keep=keep,
+        score_steps=num_groups < N,
+        dedup=dedup,
+        temperature=temperature,
+        sep_id=SEP,
+        stop_ids=[EOS],
+        pad_id=EOS,
+    )
     lm_search.check_search_params(params, sampler, N)
     return sampler, params
 
 
-@pytest.mark.parametrize("method, plan, options", [
-    (lm_search.best_of_n, (N, 1), {}),
-    (lm_search.beam_search, (1, N // BEAM), {"beam_width": BEAM}),
-    (lm_search.dvts, (N // 2, 1), {"beam_width": 2, "dedup": True}),
-])
-def test_kernel_is_the_convenience_function_vmaps_over_keys_and_compiles_once(method, plan,
-                                                                               options):
+@pytest.mark.parametrize(
+    "method, plan, options",
+    [
+        (lm_search.best_of_n, (N, 1), {}),
+        (lm_search.beam_search, (1, N // BEAM), {"beam_width": BEAM}),
+        (lm_search.dvts, (N // 2, 1), {"beam_width": 2, "dedup": True}),
+    ],
+)
+def test_kernel_is_the_convenience_function_vmaps_over_keys_and_compiles_once(
+    method, plan, options
+):
     sampler, params = _kernel(*plan, dedup=options.get("dedup", False))
     assert lm_search.search_sampler(N, 2, 1, 2, first_token_scorer) is sampler
     jitted = jax.jit(run_with_keys, static_argnames="sampler")
@@ -171,12 +228,14 @@ def test_kernel_is_the_convenience_function_vmaps_over_keys_and_compiles_once(me
     keys = jax.random.split(jax.random.key(8), 3)
     run_jit = jax.jit(base_run, static_argnames="sampler")
     batched = jax.jit(jax.vmap(base_run, in_axes=(0, None, None)), static_argnames="sampler")(
-        keys, sampler, params)
+        keys, sampler, params
+    )
     for i in range(3):
         single = run_jit(keys[i], sampler, params)
         np.testing.assert_array_equal(np.asarray(batched.tokens[i]), np.asarray(single.tokens))
-        np.testing.assert_array_equal(np.asarray(batched.info["ancestors"][i]),
-                                      np.asarray(single.info["ancestors"]))
+        np.testing.assert_array_equal(
+            np.asarray(batched.info["ancestors"][i]), np.asarray(single.info["ancestors"])
+        )
     _, hotter = _kernel(*plan, temperature=0.6)
     run_jit(keys[0], sampler, hotter).tokens.block_until_ready()
     assert run_jit._cache_size() == 1
@@ -224,10 +283,23 @@ PINNED = {
 
 def _pinned_case(name):
     def prm(method, **options):
-        return method(jax.random.key(4), tiny_lm(), PROMPT, prm_scorer, tiny_prm(),
-                      num_particles=8, max_steps=4, max_step_tokens=2, max_new_tokens=7,
-                      temperature=1.0, sep_id=SEP, stop_ids=[EOS], pad_id=EOS,
-                      aggregation="min", **options)
+        return method(
+            jax.random.key(4),
+            tiny_lm(),
+            PROMPT,
+            prm_scorer,
+            tiny_prm(),
+            num_particles=8,
+            max_steps=4,
+            max_step_tokens=2,
+            max_new_tokens=7,
+            temperature=1.0,
+            sep_id=SEP,
+            stop_ids=[EOS],
+            pad_id=EOS,
+            aggregation="min",
+            **options,
+        )
 
     cases = {
         "best_of_n": lambda: run(lm_search.best_of_n, seed=1),

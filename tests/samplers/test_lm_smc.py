@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.lm_exact import enumerate_completions
 from tts_jax.models import lm
 from tts_jax.particles import gather
 from tts_jax.samplers import lm_result, lm_smc, lm_state
 from tts_jax.samplers.base import run as base_run
 from tts_jax.samplers.base import run_with_keys
-from tts_jax.samplers.lm_exact import enumerate_completions
 
 VOCAB, EOS, PROMPT, LENGTH = 5, 0, np.array([1, 2], np.int32), 4
 SMALL, LARGE = 32, 512
@@ -43,9 +43,15 @@ def random_module(make, seed: int):
 def tiny_lm(seed: int = 0) -> lm.LM:
     """A 1-layer Qwen2 with vocabulary 5: peaked next-token distributions that are not
     degenerate."""
-    config = lm.LMConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=16,
-                         intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1)
+    config = lm.LMConfig(
+        model_type="qwen2",
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     return random_module(lambda: lm.LM(config, rngs=nnx.Rngs(0)), seed)
 
 
@@ -76,10 +82,21 @@ def _params(lam=0.0, require1=False, banned=()):
 
 def run(seed, n, lam=0.0, require1=False, banned=(), temperature=1.0, **kwargs):
     pot, banned_mask = _params(lam, require1, banned)
-    return lm_smc.token_smc(jax.random.key(seed), tiny_lm(), PROMPT, num_particles=n,
-                            max_new_tokens=LENGTH, potential=potential, potential_params=pot,
-                            constraint=constraint, constraint_params=banned_mask,
-                            temperature=temperature, stop_ids=[EOS], pad_id=EOS, **kwargs)
+    return lm_smc.token_smc(
+        jax.random.key(seed),
+        tiny_lm(),
+        PROMPT,
+        num_particles=n,
+        max_new_tokens=LENGTH,
+        potential=potential,
+        potential_params=pot,
+        constraint=constraint,
+        constraint_params=banned_mask,
+        temperature=temperature,
+        stop_ids=[EOS],
+        pad_id=EOS,
+        **kwargs,
+    )
 
 
 @functools.cache
@@ -187,9 +204,15 @@ def test_new_temperature_lambda_or_threshold_compiles_nothing():
 def _kernel(n=SMALL, lam=1.0, temperature=1.0):
     pot, banned = _params(lam)
     sampler = lm_smc.token_smc_sampler(n, LENGTH, potential, constraint)
-    params = lm_smc.make_token_smc_params(tiny_lm(), PROMPT, temperature=temperature,
-                                          stop_ids=[EOS], pad_id=EOS, potential_params=pot,
-                                          constraint_params=banned)
+    params = lm_smc.make_token_smc_params(
+        tiny_lm(),
+        PROMPT,
+        temperature=temperature,
+        stop_ids=[EOS],
+        pad_id=EOS,
+        potential_params=pot,
+        constraint_params=banned,
+    )
     lm_smc.check_token_smc_params(params, sampler)
     return sampler, params
 
@@ -200,18 +223,22 @@ def test_kernel_is_the_convenience_function_vmaps_over_keys_and_compiles_once():
     jitted = jax.jit(run_with_keys, static_argnames="sampler")
     key = jax.random.key(5)
     assert digest(jitted(*lm_smc.token_smc_keys(key, sampler), sampler, params)) == digest(
-        run(5, SMALL, lam=1.0))
+        run(5, SMALL, lam=1.0)
+    )
     keys = jax.random.split(jax.random.key(6), 3)
     run_jit = jax.jit(base_run, static_argnames="sampler")
     batched = jax.jit(jax.vmap(base_run, in_axes=(0, None, None)), static_argnames="sampler")(
-        keys, sampler, params)
+        keys, sampler, params
+    )
     for i in range(3):
         single = run_jit(keys[i], sampler, params)
         np.testing.assert_array_equal(np.asarray(batched.tokens[i]), np.asarray(single.tokens))
-        np.testing.assert_array_equal(np.asarray(batched.info["ancestors"][i]),
-                                      np.asarray(single.info["ancestors"]))
-        np.testing.assert_allclose(np.asarray(batched.log_weights[i]),
-                                   np.asarray(single.log_weights), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(
+            np.asarray(batched.info["ancestors"][i]), np.asarray(single.info["ancestors"])
+        )
+        np.testing.assert_allclose(
+            np.asarray(batched.log_weights[i]), np.asarray(single.log_weights), rtol=1e-5, atol=1e-6
+        )
     _, hotter = _kernel(lam=2.0, temperature=0.7)
     run_jit(keys[0], sampler, hotter).tokens.block_until_ready()
     assert run_jit._cache_size() == 1
@@ -227,8 +254,13 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="temperature > 0"):
         run(0, SMALL, temperature=0.0)
     with pytest.raises(ValueError, match="prompt"):
-        lm_smc.token_smc(jax.random.key(0), tiny_lm(), np.zeros((0,), np.int32),
-                         num_particles=4, max_new_tokens=LENGTH)
+        lm_smc.token_smc(
+            jax.random.key(0),
+            tiny_lm(),
+            np.zeros((0,), np.int32),
+            num_particles=4,
+            max_new_tokens=LENGTH,
+        )
 
 
 @jax.jit
@@ -248,24 +280,31 @@ def _grow_and_gather(model, ancestors, first, second, third):
 def test_a_resampled_particle_continues_exactly_as_its_ancestor():
     model = tiny_lm()
     ancestors = jnp.asarray([2, 2, 0, 3], jnp.int32)
-    first, second, third = (jnp.asarray(t, jnp.int32) for t in
-                            ([1, 2, 3, 4], [4, 3, 2, 1], [2, 2, 4, 3]))
+    first, second, third = (
+        jnp.asarray(t, jnp.int32) for t in ([1, 2, 3, 4], [4, 3, 2, 1], [2, 2, 4, 3])
+    )
     original, moved = _grow_and_gather(model, ancestors, first, second, third)
     anc = np.asarray(ancestors)
     for field in ("tokens", "length", "step_ends", "done"):
-        np.testing.assert_array_equal(np.asarray(getattr(moved, field)),
-                                      np.asarray(getattr(original, field))[anc])
-    np.testing.assert_array_equal(np.asarray(moved.cache.length),
-                                  np.asarray(original.cache.length)[anc])
+        np.testing.assert_array_equal(
+            np.asarray(getattr(moved, field)), np.asarray(getattr(original, field))[anc]
+        )
+    np.testing.assert_array_equal(
+        np.asarray(moved.cache.length), np.asarray(original.cache.length)[anc]
+    )
     # Equal up to float rounding (rows are computed inside differently composed batches).
-    pairs = zip(jax.tree.leaves((moved.logits, moved.cache.k, moved.cache.v)),
-                jax.tree.leaves((original.logits, original.cache.k, original.cache.v)), strict=True)
+    pairs = zip(
+        jax.tree.leaves((moved.logits, moved.cache.k, moved.cache.v)),
+        jax.tree.leaves((original.logits, original.cache.k, original.cache.v)),
+        strict=True,
+    )
     for got, want in pairs:
         np.testing.assert_allclose(np.asarray(got), np.asarray(want)[anc], rtol=1e-5, atol=1e-6)
     # And the gathered logits are those of a full forward of prompt + the ancestor's tokens.
     full = np.concatenate([np.tile(PROMPT, (4, 1)), np.asarray(original.tokens)[:, :3]], axis=1)
-    logits, _ = jax.jit(lm.forward)(model, jnp.asarray(full),
-                                    lm.init_cache(model.config, 4, full.shape[1]))
+    logits, _ = jax.jit(lm.forward)(
+        model, jnp.asarray(full), lm.init_cache(model.config, 4, full.shape[1])
+    )
     np.testing.assert_allclose(np.asarray(moved.logits), np.asarray(logits)[anc, -1], atol=1e-5)
 
 
@@ -296,8 +335,9 @@ def _pinned_case(name):
     cases = {
         "tilted": lambda: run(0, SMALL, lam=1.0),
         "require1-hot": lambda: run(1, SMALL, require1=True, temperature=1.5),
-        "banned-adaptive": lambda: run(2, SMALL, lam=2.0, banned=(3,), ess_threshold=0.9,
-                                       resampler="multinomial"),
+        "banned-adaptive": lambda: run(
+            2, SMALL, lam=2.0, banned=(3,), ess_threshold=0.9, resampler="multinomial"
+        ),
         "all-dead": lambda: run(3, SMALL, banned=tuple(range(VOCAB))),
         "nan-drop": lambda: run(4, SMALL, lam=np.nan, nan_policy="drop"),
     }

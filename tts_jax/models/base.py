@@ -1,4 +1,4 @@
-"""The model protocols the samplers consume (DESIGN.md "Protocols").
+"""The model protocols the samplers consume (docs/design.md "Protocols").
 
 A :class:`FlowModel` (image samplers) and a :class:`LanguageModel` (LM samplers) are pytrees:
 their ``params`` are array leaves (so one compiled sampler serves any weights and they are never
@@ -60,7 +60,8 @@ class _VPConvertedApply:
 
 
 def linear_to_vp(model: FlowModel, vp: VP = VP()) -> FlowModel:
-    """Run a linear-path (rectified-flow) model on the VP path (Kim et al. 2025, ALGORITHMS.md 0.3).
+    """Run a linear-path (rectified-flow) model on the VP path (Kim et al. 2025,
+    docs/algorithms.md 0.3).
 
     The returned model's state ``xbar`` at VP time ``r`` is ``c(r) x`` of the linear model at
     ``t(r)``; its velocity is ``ubar = (c_dot / c) xbar + c t_dot u(xbar / c, t(r))`` and its score,

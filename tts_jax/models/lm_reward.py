@@ -50,23 +50,30 @@ class RewardModel(nnx.Module):
     ``num_labels = 2`` is a PRM (per-step correctness), ``1`` an outcome / value model.
     """
 
-    def __init__(self, config: LMConfig, num_labels: int, *, rngs: nnx.Rngs,
-                 dtype: Any = jnp.float32):
+    def __init__(
+        self, config: LMConfig, num_labels: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32
+    ):
         self.config = config
         self.num_labels = num_labels
         h = config.hidden_size
         self.model = Backbone(config, rngs=rngs, dtype=dtype)
         # Index 1 is the parameter-free ReLU, kept so names match ``nn.Sequential``.
-        self.score = nnx.List([Linear(h, h, bias=True, rngs=rngs, dtype=dtype), None,
-                               Linear(h, num_labels, bias=True, rngs=rngs, dtype=dtype)])
+        self.score = nnx.List(
+            [
+                Linear(h, h, bias=True, rngs=rngs, dtype=dtype),
+                None,
+                Linear(h, num_labels, bias=True, rngs=rngs, dtype=dtype),
+            ]
+        )
 
     @property
     def architecture(self) -> str:
         return {v: k for k, v in REWARD_ARCHITECTURES.items()}[self.num_labels]
 
 
-def reward_logits(rm: RewardModel, tokens: Array, cache: KVCache,
-                  num_new: Array | None = None) -> tuple[Array, KVCache]:
+def reward_logits(
+    rm: RewardModel, tokens: Array, cache: KVCache, num_new: Array | None = None
+) -> tuple[Array, KVCache]:
     """Score-head outputs of new tokens, reading and writing a cache (incremental scoring).
 
     Args:
@@ -138,26 +145,47 @@ class CachedPRMScorer:
     with it. Scores equal :data:`prm_scorer`'s.
     """
 
-    def init(self, prm: RewardModel, prompt: Array, prompt_length: Array | None,
-             num_particles: int, max_new_tokens: int) -> PRMCache:
+    def init(
+        self,
+        prm: RewardModel,
+        prompt: Array,
+        prompt_length: Array | None,
+        num_particles: int,
+        max_new_tokens: int,
+    ) -> PRMCache:
         """Prefill ``prompt`` (``int32[P]``, right-padded to ``prompt_length``) once and
         broadcast it to ``num_particles`` rows of a cache for ``P + max_new_tokens`` tokens."""
         if prm.num_labels != 2:
-            raise ValueError(f"cached_prm_scorer needs a 2-label PRM head, got num_labels="
-                             f"{prm.num_labels}")
+            raise ValueError(
+                f"cached_prm_scorer needs a 2-label PRM head, got num_labels={prm.num_labels}"
+            )
         p = prompt.shape[0]
-        length = jnp.reshape(jnp.asarray(p if prompt_length is None else prompt_length,
-                                         jnp.int32), (1,))
+        length = jnp.reshape(
+            jnp.asarray(p if prompt_length is None else prompt_length, jnp.int32), (1,)
+        )
         rows = init_cache(prm.config, 1, p + max_new_tokens)
         _, cache = reward_logits(prm, prompt[None, :], rows, length)
         n = num_particles
         zeros = jnp.zeros((n,), jnp.float32)
-        return PRMCache(gather(cache, jnp.zeros((n,), jnp.int32)), jnp.zeros((n,), jnp.int32),
-                        zeros, jnp.full((n,), jnp.inf, jnp.float32), zeros)
+        return PRMCache(
+            gather(cache, jnp.zeros((n,), jnp.int32)),
+            jnp.zeros((n,), jnp.int32),
+            zeros,
+            jnp.full((n,), jnp.inf, jnp.float32),
+            zeros,
+        )
 
-    def update(self, prm: RewardModel, state: PRMCache, completion: Array, length: Array,
-               step_ends: Array, window: int, how: str,
-               needed: Array | bool = True) -> tuple[Array, PRMCache]:
+    def update(
+        self,
+        prm: RewardModel,
+        state: PRMCache,
+        completion: Array,
+        length: Array,
+        step_ends: Array,
+        window: int,
+        how: str,
+        needed: Array | bool = True,
+    ) -> tuple[Array, PRMCache]:
         """Feed every row its completion tokens ``[fed, length)`` and aggregate the new step
         ends' scores (always, whatever ``needed``: every token must reach the cache once).
 
@@ -189,11 +217,23 @@ class CachedPRMScorer:
         state = PRMCache(cache, length, last, low, log_prod)
         return self.read(prm, state, completion, length, step_ends, how), state
 
-    def read(self, prm: RewardModel, state: PRMCache, completion: Array, length: Array,
-             step_ends: Array, how: str, needed: Array | bool = True) -> Array:
+    def read(
+        self,
+        prm: RewardModel,
+        state: PRMCache,
+        completion: Array,
+        length: Array,
+        step_ends: Array,
+        how: str,
+        needed: Array | bool = True,
+    ) -> Array:
         """The aggregate ``float32[N]`` of every step end fed so far (no PRM call)."""
-        return {"last": state.last, "model": state.last, "min": state.low,
-                "prod": jnp.exp(state.log_prod)}[how]
+        return {
+            "last": state.last,
+            "model": state.last,
+            "min": state.low,
+            "prod": jnp.exp(state.log_prod),
+        }[how]
 
 
 cached_prm_scorer = CachedPRMScorer()

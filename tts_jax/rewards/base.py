@@ -1,4 +1,4 @@
-"""The reward protocols (DESIGN.md "Protocols").
+"""The reward protocols (docs/design.md "Protocols").
 
 A :class:`Reward` (image samplers) is a pytree: ``params`` (e.g. a classifier's weights, a target
 class, a reward direction) are array leaves, ``apply`` is static. In-graph rewards run inside the
@@ -50,7 +50,7 @@ class Reward:
 # Step scorers (language models)
 # --------------------------------------------------------------------------------------------
 # Aggregations of the per-step scores of a partial solution into one score (Puri et al. 2025,
-# ALGORITHMS.md 4.1): the newest step's score, the minimum, the product, or ``model`` (only the
+# docs/algorithms.md 4.1): the newest step's score, the minimum, the product, or ``model`` (only the
 # last position is marked, so the scorer judges the whole response as one step).
 AGGREGATIONS = ("last", "min", "prod", "model")
 # fn(params, tokens int32[N, T], step_ends bool[N, T]) -> float32[N, T]: P(correct so far) at the
@@ -70,16 +70,30 @@ class StepScorer(Protocol):
     at the last token of every finished step. ``how`` is one of :data:`AGGREGATIONS` (static).
     """
 
-    def init(self, params: PyTree, prompt: Array, prompt_length: Array | None,
-             num_particles: int, max_new_tokens: int) -> PyTree:
+    def init(
+        self,
+        params: PyTree,
+        prompt: Array,
+        prompt_length: Array | None,
+        num_particles: int,
+        max_new_tokens: int,
+    ) -> PyTree:
         """The state of ``num_particles`` empty completions of ``prompt`` (``int32[P]``,
         right-padded to ``prompt_length`` real tokens; ``None``: all ``P``), completions of at
         most ``max_new_tokens`` tokens (static)."""
         ...
 
-    def update(self, params: PyTree, state: PyTree, completion: Array, length: Array,
-               step_ends: Array, window: int, how: str,
-               needed: Array | bool = True) -> tuple[Array, PyTree]:
+    def update(
+        self,
+        params: PyTree,
+        state: PyTree,
+        completion: Array,
+        length: Array,
+        step_ends: Array,
+        window: int,
+        how: str,
+        needed: Array | bool = True,
+    ) -> tuple[Array, PyTree]:
         """Take the tokens written since the last update (at most ``window``, static, per row)
         and score the partial solutions.
 
@@ -91,8 +105,16 @@ class StepScorer(Protocol):
         """
         ...
 
-    def read(self, params: PyTree, state: PyTree, completion: Array, length: Array,
-             step_ends: Array, how: str, needed: Array | bool = True) -> Array:
+    def read(
+        self,
+        params: PyTree,
+        state: PyTree,
+        completion: Array,
+        length: Array,
+        step_ends: Array,
+        how: str,
+        needed: Array | bool = True,
+    ) -> Array:
         """``float32[N]``: the aggregate score of the completions as they are, after the last
         :meth:`update` (no new tokens since; ``needed`` as in :meth:`update`)."""
         ...
@@ -126,8 +148,9 @@ def aggregate(scores: Array, step_ends: Array, how: str) -> Array:
     raise ValueError(f"unknown aggregation {how!r}; known: {AGGREGATIONS}")
 
 
-def score_sequences(fn: SequenceScoreFn, params: PyTree, tokens: Array, step_ends: Array,
-                    how: str) -> Array:
+def score_sequences(
+    fn: SequenceScoreFn, params: PyTree, tokens: Array, step_ends: Array, how: str
+) -> Array:
     """Aggregated score ``float32[N]`` of prompt + completion ``tokens`` (one ``fn`` call).
 
     Args:
@@ -143,8 +166,9 @@ def score_sequences(fn: SequenceScoreFn, params: PyTree, tokens: Array, step_end
     return aggregate(fn(params, tokens, ends), ends, how)
 
 
-def join_prompt(prompt: Array, prompt_length: Array | None, completion: Array,
-                step_ends: Array) -> tuple[Array, Array]:
+def join_prompt(
+    prompt: Array, prompt_length: Array | None, completion: Array, step_ends: Array
+) -> tuple[Array, Array]:
     """Prompt + completion of every row, the input of a sequence scorer.
 
     Args:
@@ -164,8 +188,11 @@ def join_prompt(prompt: Array, prompt_length: Array | None, completion: Array,
     in_completion = (cols >= length) & (cols < length + max_len)
     src = jnp.clip(cols - length, 0, max_len - 1)
     head = jnp.take(prompt, jnp.clip(jnp.where(cols < length, cols, cols - max_len), 0, p - 1))
-    tokens = jnp.where(in_completion[None, :], completion[:, src],
-                       jnp.broadcast_to(head[None, :], (n, p + max_len)))
+    tokens = jnp.where(
+        in_completion[None, :],
+        completion[:, src],
+        jnp.broadcast_to(head[None, :], (n, p + max_len)),
+    )
     ends = in_completion[None, :] & step_ends[:, src]
     return tokens, ends
 
@@ -203,22 +230,43 @@ class RescoringScorer:
     def __call__(self, params: PyTree, tokens: Array, step_ends: Array) -> Array:
         return self.fn(params, tokens, step_ends)
 
-    def init(self, params: PyTree, prompt: Array, prompt_length: Array | None,
-             num_particles: int, max_new_tokens: int) -> PromptRows:
+    def init(
+        self,
+        params: PyTree,
+        prompt: Array,
+        prompt_length: Array | None,
+        num_particles: int,
+        max_new_tokens: int,
+    ) -> PromptRows:
         """:class:`PromptRows` of ``prompt`` (``int32[P]``) on ``num_particles`` rows."""
         n, p = num_particles, prompt.shape[0]
         length = jnp.asarray(p if prompt_length is None else prompt_length, jnp.int32)
-        return PromptRows(jnp.broadcast_to(prompt[None, :], (n, p)),
-                          jnp.broadcast_to(length, (n,)))
+        return PromptRows(jnp.broadcast_to(prompt[None, :], (n, p)), jnp.broadcast_to(length, (n,)))
 
-    def update(self, params: PyTree, state: PromptRows, completion: Array, length: Array,
-               step_ends: Array, window: int, how: str,
-               needed: Array | bool = True) -> tuple[Array, PromptRows]:
+    def update(
+        self,
+        params: PyTree,
+        state: PromptRows,
+        completion: Array,
+        length: Array,
+        step_ends: Array,
+        window: int,
+        how: str,
+        needed: Array | bool = True,
+    ) -> tuple[Array, PromptRows]:
         """``(scores float32[N], state)``: :meth:`read` (nothing to feed)."""
         return self.read(params, state, completion, length, step_ends, how, needed), state
 
-    def read(self, params: PyTree, state: PromptRows, completion: Array, length: Array,
-             step_ends: Array, how: str, needed: Array | bool = True) -> Array:
+    def read(
+        self,
+        params: PyTree,
+        state: PromptRows,
+        completion: Array,
+        length: Array,
+        step_ends: Array,
+        how: str,
+        needed: Array | bool = True,
+    ) -> Array:
         """``float32[N]``: :func:`score_sequences` of prompt + completion when ``needed``, else
         zeros (the ``fn`` call is skipped)."""
 

@@ -1,8 +1,8 @@
-"""Feynman-Kac steering of a diffusion / flow model (Singhal et al. 2025, ALGORITHMS.md section 2).
+"""Feynman-Kac steering of a diffusion / flow model (Singhal et al. 2025, docs/algorithms.md 2).
 
 Singhal et al. 2025, "A General Framework for Inference-time Scaling and Steering of Diffusion
 Models". SMC over denoising steps with a
-stochastic sampler (the SDE of ALGORITHMS.md 0.2; with the ODE, resampled copies stay identical
+stochastic sampler (the SDE of docs/algorithms.md 0.2; with the ODE, resampled copies stay identical
 forever, which is allowed but pointless). The intermediate reward ``r_k`` is the reward of the
 Tweedie estimate ``x0_hat(x_k)``. Potentials, with ``lambda`` the inverse temperature, as
 per-step factors ``G_k`` (values of :data:`potentials`; write your own :class:`Potential`):

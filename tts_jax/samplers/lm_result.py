@@ -1,6 +1,6 @@
 """The result every LM steering sampler returns, final-answer selection and shared host checks.
 
-Selection rules (Puri et al. 2025, ALGORITHMS.md 4.1 / 4.3) run on the host after the jitted
+Selection rules (Puri et al. 2025, docs/algorithms.md 4.1 / 4.3) run on the host after the jitted
 sampler, because answers are extracted from decoded text by a Python function:
 
 * ``argmax``: the particle with the highest final score (``best``);
@@ -56,23 +56,44 @@ class LMResult(NamedTuple):
     info: dict[str, Any]
 
 
-def make_result(state: LMState, log_weights: Array, best: Array, log_evidence: Array,
-                all_dead: Array, info: dict[str, Any]) -> LMResult:
+def make_result(
+    state: LMState,
+    log_weights: Array,
+    best: Array,
+    log_evidence: Array,
+    all_dead: Array,
+    info: dict[str, Any],
+) -> LMResult:
     """Pack a final :class:`LMState` (budget rows reduced to scalars)."""
     budget = Budget(*(b[0] for b in state.budget))
-    return LMResult(state.tokens, state.length, state.finished, state.score, log_weights, best,
-                    log_evidence, all_dead, budget, info)
+    return LMResult(
+        state.tokens,
+        state.length,
+        state.finished,
+        state.score,
+        log_weights,
+        best,
+        log_evidence,
+        all_dead,
+        budget,
+        info,
+    )
 
 
-def check_budget(num_particles: int, max_new_tokens: int, max_steps: int,
-                 max_step_tokens: int) -> None:
+def check_budget(
+    num_particles: int, max_new_tokens: int, max_steps: int, max_step_tokens: int
+) -> None:
     """Reject empty budgets with a clear error (host side).
 
     Raises:
         ValueError: any of the sizes below 1.
     """
-    sizes = {"num_particles": num_particles, "max_new_tokens": max_new_tokens,
-             "max_steps": max_steps, "max_step_tokens": max_step_tokens}
+    sizes = {
+        "num_particles": num_particles,
+        "max_new_tokens": max_new_tokens,
+        "max_steps": max_steps,
+        "max_step_tokens": max_step_tokens,
+    }
     bad = {k: v for k, v in sizes.items() if v < 1}
     if bad:
         raise ValueError(f"empty budget: {bad} (every size must be >= 1)")
@@ -82,8 +103,9 @@ def check_prompt(prompt) -> np.ndarray:
     """The prompt as ``int32[P]`` with ``P >= 1`` (host side)."""
     prompt = np.asarray(prompt)
     if prompt.ndim != 1 or prompt.shape[0] == 0 or not np.issubdtype(prompt.dtype, np.integer):
-        raise ValueError(f"prompt must be a non-empty int vector [P], got {prompt.dtype} "
-                         f"{prompt.shape}")
+        raise ValueError(
+            f"prompt must be a non-empty int vector [P], got {prompt.dtype} {prompt.shape}"
+        )
     return prompt.astype(np.int32)
 
 
@@ -105,8 +127,10 @@ def check_nan(num_nan: int, method: str, nan_policy: str) -> None:
     if nan_policy not in ("raise", "drop"):
         raise ValueError(f"nan_policy must be 'raise' or 'drop', got {nan_policy!r}")
     if num_nan and nan_policy == "raise":
-        raise ValueError(f"{method}: the scorer returned NaN for {num_nan} particle evaluations "
-                         "(pass nan_policy='drop' to give such particles zero weight instead)")
+        raise ValueError(
+            f"{method}: the scorer returned NaN for {num_nan} particle evaluations "
+            "(pass nan_policy='drop' to give such particles zero weight instead)"
+        )
 
 
 def _answer_weights(result: LMResult, weights: str) -> np.ndarray:
@@ -115,8 +139,13 @@ def _answer_weights(result: LMResult, weights: str) -> np.ndarray:
     return np.exp(np.asarray(result.log_weights, np.float64))
 
 
-def select(result: LMResult, rule: str = "argmax", answers: Sequence[Any] | None = None,
-           key: Array | None = None, weights: str = "log_weights") -> int:
+def select(
+    result: LMResult,
+    rule: str = "argmax",
+    answers: Sequence[Any] | None = None,
+    key: Array | None = None,
+    weights: str = "log_weights",
+) -> int:
     """Index of the particle chosen as the final answer.
 
     Args:

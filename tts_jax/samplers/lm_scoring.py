@@ -14,7 +14,7 @@ live with the PRM in :mod:`tts_jax.models.lm_reward`; this module depends on no 
 
 Aggregation of per-step scores into one score per partial solution (Puri et al. 2025, "A
 Probabilistic Inference Approach to Inference-Time Scaling of LLMs using Particle-Based Monte
-Carlo Methods", ALGORITHMS.md 4.1): ``last`` (the newest step's score, the default), ``min``,
+Carlo Methods", docs/algorithms.md 4.1): ``last`` (the newest step's score, the default), ``min``,
 ``prod``, or ``model`` (only the final position is marked, so the PRM scores the whole response as
 one step); see :func:`~tts_jax.rewards.base.aggregate`.
 """
@@ -60,6 +60,7 @@ __all__ = [
     "with_scorer_state",
 ]
 
+
 def host_scorer(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> RescoringScorer:
     """Wrap a host (NumPy / Python) sequence scorer behind ``jax.pure_callback``.
 
@@ -72,25 +73,45 @@ def host_scorer(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Rescoring
         ``scorer(params, tokens, step_ends)``). Create it once and reuse it: runners compile per
         scorer object.
     """
+
     def scorer(_params, tokens, step_ends):
         out = jax.ShapeDtypeStruct(tokens.shape, jnp.float32)
-        return jax.pure_callback(lambda t, m: np.asarray(fn(t, m), np.float32), out, tokens,
-                                 step_ends, vmap_method="sequential")
+        return jax.pure_callback(
+            lambda t, m: np.asarray(fn(t, m), np.float32),
+            out,
+            tokens,
+            step_ends,
+            vmap_method="sequential",
+        )
 
     return RescoringScorer(scorer)
 
 
-def with_scorer_state(scorer: StepScorer | SequenceScoreFn, scorer_params: Any, state: LMState,
-                      prompt: Array, prompt_length: Array | None) -> LMState:
+def with_scorer_state(
+    scorer: StepScorer | SequenceScoreFn,
+    scorer_params: Any,
+    state: LMState,
+    prompt: Array,
+    prompt_length: Array | None,
+) -> LMState:
     """``state`` (fresh from :func:`~tts_jax.samplers.lm_state.init_state`) with the scorer's
     initial state (:meth:`~tts_jax.rewards.base.StepScorer.init`)."""
     n, max_new_tokens = state.tokens.shape
-    return state._replace(scorer_state=as_step_scorer(scorer).init(
-        scorer_params, prompt, prompt_length, n, max_new_tokens))
+    return state._replace(
+        scorer_state=as_step_scorer(scorer).init(
+            scorer_params, prompt, prompt_length, n, max_new_tokens
+        )
+    )
 
 
-def step_scores(scorer: StepScorer | SequenceScoreFn, scorer_params: Any, state: LMState,
-                window: int, how: str, needed: Array) -> tuple[Array, LMState]:
+def step_scores(
+    scorer: StepScorer | SequenceScoreFn,
+    scorer_params: Any,
+    state: LMState,
+    window: int,
+    how: str,
+    needed: Array,
+) -> tuple[Array, LMState]:
     """Aggregated scores ``float32[N]`` of the particles after a step, and the state.
 
     The scorer's :meth:`~tts_jax.rewards.base.StepScorer.update` runs every step (each token
@@ -103,19 +124,32 @@ def step_scores(scorer: StepScorer | SequenceScoreFn, scorer_params: Any, state:
         how: aggregation (see :func:`~tts_jax.rewards.base.aggregate`).
     """
     fresh, scorer_state = as_step_scorer(scorer).update(
-        scorer_params, state.scorer_state, state.tokens, state.length, state.step_ends, window,
-        how, needed)
+        scorer_params,
+        state.scorer_state,
+        state.tokens,
+        state.length,
+        state.step_ends,
+        window,
+        how,
+        needed,
+    )
     return jnp.where(needed, fresh, state.score), state._replace(scorer_state=scorer_state)
 
 
-def final_scores(scorer: StepScorer | SequenceScoreFn, scorer_params: Any, state: LMState,
-                 how: str, needed: Array) -> Array:
+def final_scores(
+    scorer: StepScorer | SequenceScoreFn,
+    scorer_params: Any,
+    state: LMState,
+    how: str,
+    needed: Array,
+) -> Array:
     """Aggregated scores ``float32[N]`` of the finished particles when ``needed`` (traced bool),
     else ``state.score``: for samplers that score only at the end
     (:meth:`~tts_jax.rewards.base.StepScorer.read`; an incremental scorer fed by
     :func:`step_scores` at every step already holds them, a rescoring one scores once)."""
-    fresh = as_step_scorer(scorer).read(scorer_params, state.scorer_state, state.tokens,
-                                        state.length, state.step_ends, how, needed)
+    fresh = as_step_scorer(scorer).read(
+        scorer_params, state.scorer_state, state.tokens, state.length, state.step_ends, how, needed
+    )
     return jnp.where(needed, fresh, state.score)
 
 

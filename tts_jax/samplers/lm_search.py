@@ -143,21 +143,41 @@ class SearchParams(NamedTuple):
     dedup: Array
 
 
-def make_search_params(model, prompt, scorer_params, *, num_groups, keep, score_steps,
-                       dedup=False, temperature=0.8, sep_id=None, stop_ids=None, pad_id=0,
-                       prompt_length=None) -> SearchParams:
+def make_search_params(
+    model,
+    prompt,
+    scorer_params,
+    *,
+    num_groups,
+    keep,
+    score_steps,
+    dedup=False,
+    temperature=0.8,
+    sep_id=None,
+    stop_ids=None,
+    pad_id=0,
+    prompt_length=None,
+) -> SearchParams:
     """:class:`SearchParams` from Python or array values (no checks: see
     :func:`check_search_params`); ``prompt_length=None``: all of ``prompt``."""
     prompt = jnp.asarray(prompt, jnp.int32)
     length = prompt.shape[0] if prompt_length is None else prompt_length
-    return SearchParams(model, prompt, jnp.asarray(length, jnp.int32), scorer_params,
-                        decode_config(temperature, sep_id, stop_ids, pad_id),
-                        jnp.asarray(num_groups, jnp.int32), jnp.asarray(keep, jnp.int32),
-                        jnp.asarray(score_steps), jnp.asarray(dedup))
+    return SearchParams(
+        model,
+        prompt,
+        jnp.asarray(length, jnp.int32),
+        scorer_params,
+        decode_config(temperature, sep_id, stop_ids, pad_id),
+        jnp.asarray(num_groups, jnp.int32),
+        jnp.asarray(keep, jnp.int32),
+        jnp.asarray(score_steps),
+        jnp.asarray(dedup),
+    )
 
 
-def check_search_params(params: SearchParams, sampler: Sampler, num_particles: int,
-                        method: str = "search") -> None:
+def check_search_params(
+    params: SearchParams, sampler: Sampler, num_particles: int, method: str = "search"
+) -> None:
     """Host-side checks of ``params`` (values only when concrete).
 
     Raises:
@@ -170,9 +190,11 @@ def check_search_params(params: SearchParams, sampler: Sampler, num_particles: i
     if not any(isinstance(v, jax.core.Tracer) for v in (params.num_groups, params.keep)):
         g, k = int(params.num_groups), int(params.keep)
         if g < 1 or num_particles % g or k < 1 or (num_particles // g) % k:
-            raise ValueError(f"{method}: num_groups={g} must divide num_particles="
-                             f"{num_particles} and keep={k} must divide num_particles / "
-                             "num_groups")
+            raise ValueError(
+                f"{method}: num_groups={g} must divide num_particles="
+                f"{num_particles} and keep={k} must divide num_particles / "
+                "num_groups"
+            )
 
 
 class SearchCarry(NamedTuple):
@@ -183,9 +205,14 @@ class SearchCarry(NamedTuple):
     step: Array
 
 
-def search_sampler(num_particles: int, max_steps: int, max_step_tokens: int,
-                   max_new_tokens: int, scorer: StepScorer | Any,
-                   aggregation: str = "last") -> Sampler:
+def search_sampler(
+    num_particles: int,
+    max_steps: int,
+    max_step_tokens: int,
+    max_new_tokens: int,
+    scorer: StepScorer | Any,
+    aggregation: str = "last",
+) -> Sampler:
     """Best-of-N, beam search and DVTS (docs/algorithms.md 4.3; DVTS: Beeching et al. 2024) as
     one :class:`~tts_jax.samplers.base.Sampler` of static configuration (memoized); the method
     is the plan in :class:`SearchParams`.
@@ -203,8 +230,14 @@ def search_sampler(num_particles: int, max_steps: int, max_step_tokens: int,
     check_budget(num_particles, max_new_tokens, max_steps, max_step_tokens)
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; known: {AGGREGATIONS}")
-    return _search_sampler(int(num_particles), int(max_steps), int(max_step_tokens),
-                           int(max_new_tokens), scorer, aggregation)
+    return _search_sampler(
+        int(num_particles),
+        int(max_steps),
+        int(max_step_tokens),
+        int(max_new_tokens),
+        scorer,
+        aggregation,
+    )
 
 
 @functools.cache
@@ -213,10 +246,17 @@ def _search_sampler(n, max_steps, max_step_tokens, length, scorer, aggregation) 
 
     def init(key, params):
         model, step_scorer = as_language_model(params.model), as_step_scorer(scorer)
-        state = init_state(model, params.prompt, n, length, params.decode.pad_id,
-                           prompt_length=params.prompt_length)
-        state = with_scorer_state(step_scorer, params.scorer_params, state, params.prompt,
-                                  params.prompt_length)
+        state = init_state(
+            model,
+            params.prompt,
+            n,
+            length,
+            params.decode.pad_id,
+            prompt_length=params.prompt_length,
+        )
+        state = with_scorer_state(
+            step_scorer, params.scorer_params, state, params.prompt, params.prompt_length
+        )
         return SearchCarry(state, jnp.int32(0))
 
     def step(key, carry, params):
@@ -226,31 +266,38 @@ def _search_sampler(n, max_steps, max_step_tokens, length, scorer, aggregation) 
         was_done = s.done
         s = generate_step(model, s, key, params.decode, max_step_tokens)
         scoring = params.score_steps & ~all_done
-        fresh, s = step_scores(step_scorer, params.scorer_params, s, max_step_tokens,
-                               aggregation, scoring)
+        fresh, s = step_scores(
+            step_scorer, params.scorer_params, s, max_step_tokens, aggregation, scoring
+        )
         r = jnp.where(was_done, s.score, fresh)
-        s = s._replace(score=r, budget=add_budget(
-            s.budget, prm_calls=jnp.where(scoring, jnp.sum(~was_done), 0)))
+        s = s._replace(
+            score=r,
+            budget=add_budget(s.budget, prm_calls=jnp.where(scoring, jnp.sum(~was_done), 0)),
+        )
         dup = params.dedup & duplicates(s.tokens, s.length, params.num_groups)
         ranked = jnp.where(dup, -jnp.inf, r)
         select_now = scoring & (k < max_steps - 1)
-        ancestors = jnp.where(select_now, grouped_top_k(ranked, params.num_groups, params.keep),
-                              identity)
+        ancestors = jnp.where(
+            select_now, grouped_top_k(ranked, params.num_groups, params.keep), identity
+        )
         return SearchCarry(gather(s, ancestors), k + 1), {"ancestors": ancestors, "scores": r}
 
     def finalize(carry, info, params):
         final = carry.particles
         final_only = ~params.score_steps
         final = final._replace(
-            score=final_scores(as_step_scorer(scorer), params.scorer_params, final, aggregation,
-                               final_only),
-            budget=add_budget(final.budget, prm_calls=jnp.where(final_only, n, 0)))
+            score=final_scores(
+                as_step_scorer(scorer), params.scorer_params, final, aggregation, final_only
+            ),
+            budget=add_budget(final.budget, prm_calls=jnp.where(final_only, n, 0)),
+        )
         info = dict(info)
         info["num_nan"] = jnp.sum(jnp.isnan(final.score)) + jnp.sum(jnp.isnan(info["scores"]))
         lw = jnp.full((n,), -jnp.log(n), jnp.float32)
         best = jnp.argmax(jnp.where(jnp.isnan(final.score), -jnp.inf, final.score))
-        return make_result(final, lw, best.astype(jnp.int32), jnp.float32(jnp.nan),
-                           jnp.asarray(False), info)
+        return make_result(
+            final, lw, best.astype(jnp.int32), jnp.float32(jnp.nan), jnp.asarray(False), info
+        )
 
     return Sampler(init, step, finalize, max_steps)
 
@@ -266,17 +313,49 @@ def search_keys(key: Array, sampler: Sampler) -> tuple[Array, Array]:
 _run_with_keys = jax.jit(run_with_keys, static_argnames="sampler")
 
 
-def _search(key, model, prompt, scorer, scorer_params, *, num_particles, num_groups, keep,
-            score_steps, dedup, max_steps, max_step_tokens, max_new_tokens, temperature, sep_id,
-            stop_ids, pad_id, aggregation, nan_policy, method, prompt_length):
-    sampler = search_sampler(num_particles, max_steps, max_step_tokens, max_new_tokens, scorer,
-                             aggregation)
+def _search(
+    key,
+    model,
+    prompt,
+    scorer,
+    scorer_params,
+    *,
+    num_particles,
+    num_groups,
+    keep,
+    score_steps,
+    dedup,
+    max_steps,
+    max_step_tokens,
+    max_new_tokens,
+    temperature,
+    sep_id,
+    stop_ids,
+    pad_id,
+    aggregation,
+    nan_policy,
+    method,
+    prompt_length,
+):
+    sampler = search_sampler(
+        num_particles, max_steps, max_step_tokens, max_new_tokens, scorer, aggregation
+    )
     prompt = check_prompt(prompt)
     length = check_prompt_length(prompt, prompt_length)
-    params = make_search_params(model, prompt, scorer_params, num_groups=num_groups, keep=keep,
-                                score_steps=score_steps, dedup=dedup, temperature=temperature,
-                                sep_id=sep_id, stop_ids=stop_ids, pad_id=pad_id,
-                                prompt_length=length)
+    params = make_search_params(
+        model,
+        prompt,
+        scorer_params,
+        num_groups=num_groups,
+        keep=keep,
+        score_steps=score_steps,
+        dedup=dedup,
+        temperature=temperature,
+        sep_id=sep_id,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        prompt_length=length,
+    )
     check_search_params(params, sampler, num_particles, method)
     result = _run_with_keys(*search_keys(key, sampler), sampler, params)
     check_nan(int(result.info["num_nan"]), method, nan_policy)
@@ -285,15 +364,31 @@ def _search(key, model, prompt, scorer, scorer_params, *, num_particles, num_gro
 
 def _check_beam_width(num_particles: int, beam_width: int) -> None:
     if beam_width < 1 or num_particles % beam_width:
-        raise ValueError(f"beam_width must be >= 1 and divide num_particles, got beam_width="
-                         f"{beam_width}, num_particles={num_particles}")
+        raise ValueError(
+            f"beam_width must be >= 1 and divide num_particles, got beam_width="
+            f"{beam_width}, num_particles={num_particles}"
+        )
 
 
-def best_of_n(key: Array, model: LanguageModel, prompt, scorer: StepScorer, scorer_params: Any, *,
-              num_particles: int, max_steps: int, max_step_tokens: int, max_new_tokens: int,
-              temperature: float | Array = 0.8, sep_id: int | None = None, stop_ids=None,
-              pad_id: int = 0, aggregation: str = "last", nan_policy: str = "raise",
-              prompt_length: int | None = None) -> LMResult:
+def best_of_n(
+    key: Array,
+    model: LanguageModel,
+    prompt,
+    scorer: StepScorer,
+    scorer_params: Any,
+    *,
+    num_particles: int,
+    max_steps: int,
+    max_step_tokens: int,
+    max_new_tokens: int,
+    temperature: float | Array = 0.8,
+    sep_id: int | None = None,
+    stop_ids=None,
+    pad_id: int = 0,
+    aggregation: str = "last",
+    nan_policy: str = "raise",
+    prompt_length: int | None = None,
+) -> LMResult:
     """``N`` independent completions scored once at the end (one scorer call per particle).
 
     Arguments as :func:`tts_jax.samplers.lm_smc.particle_filter` (``prompt_length`` included);
@@ -304,20 +399,52 @@ def best_of_n(key: Array, model: LanguageModel, prompt, scorer: StepScorer, scor
         :class:`~tts_jax.samplers.lm_result.LMResult` with uniform weights; ``best`` is the
         argmax of the final scores.
     """
-    return _search(key, model, prompt, scorer, scorer_params, num_particles=num_particles,
-                   num_groups=num_particles, keep=1, score_steps=False, dedup=False,
-                   max_steps=max_steps, max_step_tokens=max_step_tokens,
-                   max_new_tokens=max_new_tokens, temperature=temperature, sep_id=sep_id,
-                   stop_ids=stop_ids, pad_id=pad_id, aggregation=aggregation,
-                   nan_policy=nan_policy, method="best_of_n",
-                   prompt_length=prompt_length)
+    return _search(
+        key,
+        model,
+        prompt,
+        scorer,
+        scorer_params,
+        num_particles=num_particles,
+        num_groups=num_particles,
+        keep=1,
+        score_steps=False,
+        dedup=False,
+        max_steps=max_steps,
+        max_step_tokens=max_step_tokens,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        sep_id=sep_id,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        aggregation=aggregation,
+        nan_policy=nan_policy,
+        method="best_of_n",
+        prompt_length=prompt_length,
+    )
 
 
-def beam_search(key: Array, model: LanguageModel, prompt, scorer: StepScorer, scorer_params: Any, *,
-                num_particles: int, beam_width: int, max_steps: int, max_step_tokens: int,
-                max_new_tokens: int, temperature: float | Array = 0.8, sep_id: int | None = None,
-                stop_ids=None, pad_id: int = 0, aggregation: str = "last", dedup: bool = False,
-                nan_policy: str = "raise", prompt_length: int | None = None) -> LMResult:
+def beam_search(
+    key: Array,
+    model: LanguageModel,
+    prompt,
+    scorer: StepScorer,
+    scorer_params: Any,
+    *,
+    num_particles: int,
+    beam_width: int,
+    max_steps: int,
+    max_step_tokens: int,
+    max_new_tokens: int,
+    temperature: float | Array = 0.8,
+    sep_id: int | None = None,
+    stop_ids=None,
+    pad_id: int = 0,
+    aggregation: str = "last",
+    dedup: bool = False,
+    nan_policy: str = "raise",
+    prompt_length: int | None = None,
+) -> LMResult:
     """Step-level beam search with a PRM: keep the top ``N / beam_width``, expand each
     ``beam_width`` times (``info["ancestors"]``, ``info["scores"]``: per step, before selection).
 
@@ -325,20 +452,52 @@ def beam_search(key: Array, model: LanguageModel, prompt, scorer: StepScorer, sc
         ValueError: ``beam_width`` not dividing ``num_particles``, or as :func:`best_of_n`.
     """
     _check_beam_width(num_particles, beam_width)
-    return _search(key, model, prompt, scorer, scorer_params, num_particles=num_particles,
-                   num_groups=1, keep=num_particles // beam_width, score_steps=True, dedup=dedup,
-                   max_steps=max_steps, max_step_tokens=max_step_tokens,
-                   max_new_tokens=max_new_tokens, temperature=temperature, sep_id=sep_id,
-                   stop_ids=stop_ids, pad_id=pad_id, aggregation=aggregation,
-                   nan_policy=nan_policy, method="beam_search",
-                   prompt_length=prompt_length)
+    return _search(
+        key,
+        model,
+        prompt,
+        scorer,
+        scorer_params,
+        num_particles=num_particles,
+        num_groups=1,
+        keep=num_particles // beam_width,
+        score_steps=True,
+        dedup=dedup,
+        max_steps=max_steps,
+        max_step_tokens=max_step_tokens,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        sep_id=sep_id,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        aggregation=aggregation,
+        nan_policy=nan_policy,
+        method="beam_search",
+        prompt_length=prompt_length,
+    )
 
 
-def dvts(key: Array, model: LanguageModel, prompt, scorer: StepScorer, scorer_params: Any, *,
-         num_particles: int, beam_width: int, max_steps: int, max_step_tokens: int,
-         max_new_tokens: int, temperature: float | Array = 0.8, sep_id: int | None = None,
-         stop_ids=None, pad_id: int = 0, aggregation: str = "last", dedup: bool = False,
-         nan_policy: str = "raise", prompt_length: int | None = None) -> LMResult:
+def dvts(
+    key: Array,
+    model: LanguageModel,
+    prompt,
+    scorer: StepScorer,
+    scorer_params: Any,
+    *,
+    num_particles: int,
+    beam_width: int,
+    max_steps: int,
+    max_step_tokens: int,
+    max_new_tokens: int,
+    temperature: float | Array = 0.8,
+    sep_id: int | None = None,
+    stop_ids=None,
+    pad_id: int = 0,
+    aggregation: str = "last",
+    dedup: bool = False,
+    nan_policy: str = "raise",
+    prompt_length: int | None = None,
+) -> LMResult:
     """Diverse verifier tree search: ``N / beam_width`` independent subtrees (contiguous blocks
     of ``beam_width`` particles), each keeping its best partial solution and expanding it
     ``beam_width`` times.
@@ -347,13 +506,29 @@ def dvts(key: Array, model: LanguageModel, prompt, scorer: StepScorer, scorer_pa
         ValueError: ``beam_width`` not dividing ``num_particles``, or as :func:`best_of_n`.
     """
     _check_beam_width(num_particles, beam_width)
-    return _search(key, model, prompt, scorer, scorer_params, num_particles=num_particles,
-                   num_groups=num_particles // beam_width, keep=1, score_steps=True, dedup=dedup,
-                   max_steps=max_steps, max_step_tokens=max_step_tokens,
-                   max_new_tokens=max_new_tokens, temperature=temperature, sep_id=sep_id,
-                   stop_ids=stop_ids, pad_id=pad_id, aggregation=aggregation,
-                   nan_policy=nan_policy, method="dvts",
-                   prompt_length=prompt_length)
+    return _search(
+        key,
+        model,
+        prompt,
+        scorer,
+        scorer_params,
+        num_particles=num_particles,
+        num_groups=num_particles // beam_width,
+        keep=1,
+        score_steps=True,
+        dedup=dedup,
+        max_steps=max_steps,
+        max_step_tokens=max_step_tokens,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        sep_id=sep_id,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        aggregation=aggregation,
+        nan_policy=nan_policy,
+        method="dvts",
+        prompt_length=prompt_length,
+    )
 
 
 def weighted_best_of_n(result: LMResult, answers: Sequence[Any]) -> int:

@@ -216,8 +216,9 @@ def _generate_step_weighted(model, state, key, cfg, max_step_tokens, forced, for
     return state, log_ratio
 
 
-def _pf_callbacks(model, scorer, scorer_params, cfg, ref_tokens, *, max_steps, max_step_tokens,
-                  aggregation):
+def _pf_callbacks(
+    model, scorer, scorer_params, cfg, ref_tokens, *, max_steps, max_step_tokens, aggregation
+):
     """``propagate`` / ``log_potential`` of step-level particle filtering (see module doc).
 
     ``hyper`` (traced, a :class:`PFParams`): ``softmax_temperature``, ``puri`` (absolute
@@ -285,10 +286,23 @@ class PFParams(NamedTuple):
     reference: Array
 
 
-def make_pf_params(model, prompt, scorer_params, *, max_new_tokens: int,
-                   temperature=0.8, softmax_temperature=1.0, sep_id=None, stop_ids=None,
-                   pad_id=0, weighting: str = "puri", anneal=False, ess_threshold=None,
-                   prompt_length=None, reference=None) -> PFParams:
+def make_pf_params(
+    model,
+    prompt,
+    scorer_params,
+    *,
+    max_new_tokens: int,
+    temperature=0.8,
+    softmax_temperature=1.0,
+    sep_id=None,
+    stop_ids=None,
+    pad_id=0,
+    weighting: str = "puri",
+    anneal=False,
+    ess_threshold=None,
+    prompt_length=None,
+    reference=None,
+) -> PFParams:
     """:class:`PFParams` from Python or array values. ``ess_threshold=None``: 1.0 for
     ``puri`` (every step unless the weights are exactly uniform), 0.5 for ``twisted``;
     ``prompt_length=None``: all of ``prompt``; ``reference=None``: an unconditional filter.
@@ -301,12 +315,19 @@ def make_pf_params(model, prompt, scorer_params, *, max_new_tokens: int,
     prompt = jnp.asarray(prompt, jnp.int32)
     length = prompt.shape[0] if prompt_length is None else prompt_length
     ref = jnp.zeros((max_new_tokens,), jnp.int32) if reference is None else reference
-    return PFParams(model, prompt, jnp.asarray(length, jnp.int32), scorer_params,
-                    decode_config(temperature, sep_id, stop_ids, pad_id),
-                    jnp.asarray(softmax_temperature, jnp.float32),
-                    jnp.asarray(ess_threshold, jnp.float32), jnp.asarray(weighting == "puri"),
-                    jnp.asarray(anneal), jnp.asarray(reference is not None),
-                    jnp.asarray(ref, jnp.int32))
+    return PFParams(
+        model,
+        prompt,
+        jnp.asarray(length, jnp.int32),
+        scorer_params,
+        decode_config(temperature, sep_id, stop_ids, pad_id),
+        jnp.asarray(softmax_temperature, jnp.float32),
+        jnp.asarray(ess_threshold, jnp.float32),
+        jnp.asarray(weighting == "puri"),
+        jnp.asarray(anneal),
+        jnp.asarray(reference is not None),
+        jnp.asarray(ref, jnp.int32),
+    )
 
 
 def check_pf_params(params: PFParams, sampler: Sampler, method: str = "particle_filter") -> None:
@@ -320,10 +341,13 @@ def check_pf_params(params: PFParams, sampler: Sampler, method: str = "particle_
     if not isinstance(params.prompt_length, jax.core.Tracer):
         check_prompt_length(prompt, params.prompt_length)
     if np.ndim(params.reference) != 1:
-        raise ValueError(f"{method}: reference must be int32[L] (the completion buffer), "
-                         f"got shape {np.shape(params.reference)}")
-    concrete = not any(isinstance(v, jax.core.Tracer)
-                       for v in (params.puri, params.decode.temperature))
+        raise ValueError(
+            f"{method}: reference must be int32[L] (the completion buffer), "
+            f"got shape {np.shape(params.reference)}"
+        )
+    concrete = not any(
+        isinstance(v, jax.core.Tracer) for v in (params.puri, params.decode.temperature)
+    )
     if concrete and not bool(params.puri) and np.any(np.asarray(params.decode.temperature) <= 0):
         raise ValueError(
             f"weighting='twisted' needs a temperature > 0 (a proposal with full "
@@ -331,9 +355,15 @@ def check_pf_params(params: PFParams, sampler: Sampler, method: str = "particle_
         )
 
 
-def pf_sampler(num_particles: int, max_steps: int, max_step_tokens: int, max_new_tokens: int,
-               scorer: StepScorer | Callable, aggregation: str = "last",
-               resampler: str | Resampler = "multinomial") -> Sampler:
+def pf_sampler(
+    num_particles: int,
+    max_steps: int,
+    max_step_tokens: int,
+    max_new_tokens: int,
+    scorer: StepScorer | Callable,
+    aggregation: str = "last",
+    resampler: str | Resampler = "multinomial",
+) -> Sampler:
     """Step-level particle filtering (Puri et al. 2025, docs/algorithms.md 4.1; twisted
     weighting: 4.2) as a :class:`~tts_jax.samplers.base.Sampler` of static configuration only
     (memoized: equal arguments give the same sampler). The weighting (``puri`` / ``twisted``),
@@ -366,32 +396,59 @@ def pf_sampler(num_particles: int, max_steps: int, max_step_tokens: int, max_new
         raise ValueError(f"unknown aggregation {aggregation!r}; known: {AGGREGATIONS}")
     if isinstance(resampler, str) and resampler not in RESAMPLERS:
         raise ValueError(f"unknown resampler {resampler!r}; known: {RESAMPLERS}")
-    return _pf_sampler(int(num_particles), int(max_steps), int(max_step_tokens),
-                       int(max_new_tokens), scorer, aggregation, get_resampler(resampler))
+    return _pf_sampler(
+        int(num_particles),
+        int(max_steps),
+        int(max_step_tokens),
+        int(max_new_tokens),
+        scorer,
+        aggregation,
+        get_resampler(resampler),
+    )
 
 
 @functools.cache
 def _pf_sampler(n, max_steps, max_step_tokens, length, scorer, aggregation, resampler):
     def callbacks(params):
         return _pf_callbacks(
-            as_language_model(params.model), as_step_scorer(scorer), params.scorer_params,
-            params.decode, params.reference, max_steps=max_steps,
-            max_step_tokens=max_step_tokens, aggregation=aggregation)
+            as_language_model(params.model),
+            as_step_scorer(scorer),
+            params.scorer_params,
+            params.decode,
+            params.reference,
+            max_steps=max_steps,
+            max_step_tokens=max_step_tokens,
+            aggregation=aggregation,
+        )
 
     def init(key, params):
         model = as_language_model(params.model)
-        state = init_state(model, params.prompt, n, length, params.decode.pad_id,
-                           prompt_length=params.prompt_length)
-        state = with_scorer_state(as_step_scorer(scorer), params.scorer_params, state,
-                                  params.prompt, params.prompt_length)
+        state = init_state(
+            model,
+            params.prompt,
+            n,
+            length,
+            params.decode.pad_id,
+            prompt_length=params.prompt_length,
+        )
+        state = with_scorer_state(
+            as_step_scorer(scorer), params.scorer_params, state, params.prompt, params.prompt_length
+        )
         return _smc_init(key, state, callbacks(params)[1], params)
 
     def step(keys, carry, params):
         propagate, log_potential = callbacks(params)
         mask = jnp.arange(max_steps) < max_steps - 1  # never resample after the last step
         schedule = smc.ResampleSchedule(mask, params.ess_threshold)
-        new, info = smc.step(keys, carry.smc, propagate, log_potential, schedule, params,
-                             _pinned_resampler(resampler, params.has_ref))
+        new, info = smc.step(
+            keys,
+            carry.smc,
+            propagate,
+            log_potential,
+            schedule,
+            params,
+            _pinned_resampler(resampler, params.has_ref),
+        )
         return carry._replace(smc=new), info
 
     def finalize(carry, infos, params):
@@ -421,52 +478,82 @@ def pf_keys(key: Array, sampler: Sampler) -> tuple[Array, Array]:
     return k_ref, smc.step_keys(k_run, sampler.num_steps)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "scorer", "num_particles", "max_steps", "max_step_tokens", "max_new_tokens", "aggregation",
-    "resampler"))
-def _pf_jit(key, model, prompt, prompt_length, scorer_params, cfg: DecodeConfig, hyper,
-            ref_tokens, *, scorer, num_particles, max_steps, max_step_tokens, max_new_tokens,
-            aggregation, resampler):
-    """The former private jit of the particle filters, kept only for benchmarks/scaling.py
-    until it calls the kernel (:func:`pf_sampler`); ``hyper`` is the old dict of
-    ``softmax_temperature``, ``ess_threshold``, ``puri``, ``anneal``, ``has_ref``."""
-    sampler = pf_sampler(num_particles, max_steps, max_step_tokens, max_new_tokens, scorer,
-                         aggregation, resampler)
-    if prompt_length is None:
-        prompt_length = jnp.int32(prompt.shape[0])
-    params = PFParams(model, prompt, prompt_length, scorer_params, cfg,
-                      hyper["softmax_temperature"], hyper["ess_threshold"], hyper["puri"],
-                      hyper["anneal"], hyper["has_ref"], ref_tokens)
-    return run_with_keys(*pf_keys(key, sampler), sampler, params)
-
-
-def _run_pf(key, model, prompt, scorer, scorer_params, *, num_particles, max_steps,
-            max_step_tokens, max_new_tokens, temperature, softmax_temperature, sep_id, stop_ids,
-            pad_id, aggregation, weighting, anneal, resampler, ess_threshold, nan_policy,
-            prompt_length=None, reference=None, method="particle_filter"):
-    sampler = pf_sampler(num_particles, max_steps, max_step_tokens, max_new_tokens, scorer,
-                         aggregation, resampler)
+def _run_pf(
+    key,
+    model,
+    prompt,
+    scorer,
+    scorer_params,
+    *,
+    num_particles,
+    max_steps,
+    max_step_tokens,
+    max_new_tokens,
+    temperature,
+    softmax_temperature,
+    sep_id,
+    stop_ids,
+    pad_id,
+    aggregation,
+    weighting,
+    anneal,
+    resampler,
+    ess_threshold,
+    nan_policy,
+    prompt_length=None,
+    reference=None,
+    method="particle_filter",
+):
+    sampler = pf_sampler(
+        num_particles, max_steps, max_step_tokens, max_new_tokens, scorer, aggregation, resampler
+    )
     prompt = check_prompt(prompt)
     length = check_prompt_length(prompt, prompt_length)
-    params = make_pf_params(model, prompt, scorer_params, max_new_tokens=max_new_tokens,
-                            temperature=temperature, softmax_temperature=softmax_temperature,
-                            sep_id=sep_id, stop_ids=stop_ids, pad_id=pad_id,
-                            weighting=weighting, anneal=anneal, ess_threshold=ess_threshold,
-                            prompt_length=length, reference=reference)
+    params = make_pf_params(
+        model,
+        prompt,
+        scorer_params,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        softmax_temperature=softmax_temperature,
+        sep_id=sep_id,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        weighting=weighting,
+        anneal=anneal,
+        ess_threshold=ess_threshold,
+        prompt_length=length,
+        reference=reference,
+    )
     check_pf_params(params, sampler, method)
     result = _run_with_keys(*pf_keys(key, sampler), sampler, params)
     check_nan(int(result.info["num_nan"]), method, nan_policy)
     return result
 
 
-def particle_filter(key: Array, model: LanguageModel, prompt, scorer: StepScorer,
-                    scorer_params: Any, *, num_particles: int, max_steps: int, max_step_tokens: int,
-                    max_new_tokens: int, temperature: float | Array = 0.8,
-                    softmax_temperature: float | Array = 1.0, sep_id: int | None = None,
-                    stop_ids=None, pad_id: int = 0, aggregation: str = "last",
-                    weighting: str = "puri", resampler: str = "multinomial",
-                    ess_threshold: float | Array | None = None,
-                    nan_policy: str = "raise", prompt_length: int | None = None) -> LMResult:
+def particle_filter(
+    key: Array,
+    model: LanguageModel,
+    prompt,
+    scorer: StepScorer,
+    scorer_params: Any,
+    *,
+    num_particles: int,
+    max_steps: int,
+    max_step_tokens: int,
+    max_new_tokens: int,
+    temperature: float | Array = 0.8,
+    softmax_temperature: float | Array = 1.0,
+    sep_id: int | None = None,
+    stop_ids=None,
+    pad_id: int = 0,
+    aggregation: str = "last",
+    weighting: str = "puri",
+    resampler: str = "multinomial",
+    ess_threshold: float | Array | None = None,
+    nan_policy: str = "raise",
+    prompt_length: int | None = None,
+) -> LMResult:
     """Step-level particle filtering with a process reward model (Puri et al. 2025).
 
     Args:
@@ -514,43 +601,103 @@ def particle_filter(key: Array, model: LanguageModel, prompt, scorer: StepScorer
         ValueError: empty budget, unknown options, bad prompt, NaN scores (``raise`` policy),
             ``twisted`` with a temperature ``<= 0``.
     """
-    return _run_pf(key, model, prompt, scorer, scorer_params, num_particles=num_particles,
-                   max_steps=max_steps, max_step_tokens=max_step_tokens,
-                   max_new_tokens=max_new_tokens, temperature=temperature,
-                   softmax_temperature=softmax_temperature, sep_id=sep_id, stop_ids=stop_ids,
-                   pad_id=pad_id, aggregation=aggregation, weighting=weighting, anneal=False,
-                   resampler=resampler, ess_threshold=ess_threshold, nan_policy=nan_policy,
-                   prompt_length=prompt_length)
+    return _run_pf(
+        key,
+        model,
+        prompt,
+        scorer,
+        scorer_params,
+        num_particles=num_particles,
+        max_steps=max_steps,
+        max_step_tokens=max_step_tokens,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        softmax_temperature=softmax_temperature,
+        sep_id=sep_id,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        aggregation=aggregation,
+        weighting=weighting,
+        anneal=False,
+        resampler=resampler,
+        ess_threshold=ess_threshold,
+        nan_policy=nan_policy,
+        prompt_length=prompt_length,
+    )
 
 
-def entropic_particle_filter(key: Array, model: LanguageModel, prompt, scorer: StepScorer,
-                             scorer_params: Any, *, num_particles: int, max_steps: int,
-                             max_step_tokens: int, max_new_tokens: int,
-                             temperature: float | Array = 0.8,
-                             softmax_temperature: float | Array = 1.0, sep_id: int | None = None,
-                             stop_ids=None, pad_id: int = 0, aggregation: str = "last",
-                             nan_policy: str = "raise",
-                             prompt_length: int | None = None) -> LMResult:
+def entropic_particle_filter(
+    key: Array,
+    model: LanguageModel,
+    prompt,
+    scorer: StepScorer,
+    scorer_params: Any,
+    *,
+    num_particles: int,
+    max_steps: int,
+    max_step_tokens: int,
+    max_new_tokens: int,
+    temperature: float | Array = 0.8,
+    softmax_temperature: float | Array = 1.0,
+    sep_id: int | None = None,
+    stop_ids=None,
+    pad_id: int = 0,
+    aggregation: str = "last",
+    nan_policy: str = "raise",
+    prompt_length: int | None = None,
+) -> LMResult:
     """Entropic particle filtering: Puri weights annealed by :func:`entropic_temperature` while
     the ESS is low early on (premature-exploitation fix), systematic resampling, untempered
     argmax (``best``). Arguments as :func:`particle_filter`.
     """
-    return _run_pf(key, model, prompt, scorer, scorer_params, num_particles=num_particles,
-                   max_steps=max_steps, max_step_tokens=max_step_tokens,
-                   max_new_tokens=max_new_tokens, temperature=temperature,
-                   softmax_temperature=softmax_temperature, sep_id=sep_id, stop_ids=stop_ids,
-                   pad_id=pad_id, aggregation=aggregation, weighting="puri", anneal=True,
-                   resampler="systematic", ess_threshold=None, nan_policy=nan_policy,
-                   prompt_length=prompt_length, method="entropic_particle_filter")
+    return _run_pf(
+        key,
+        model,
+        prompt,
+        scorer,
+        scorer_params,
+        num_particles=num_particles,
+        max_steps=max_steps,
+        max_step_tokens=max_step_tokens,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        softmax_temperature=softmax_temperature,
+        sep_id=sep_id,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        aggregation=aggregation,
+        weighting="puri",
+        anneal=True,
+        resampler="systematic",
+        ess_threshold=None,
+        nan_policy=nan_policy,
+        prompt_length=prompt_length,
+        method="entropic_particle_filter",
+    )
 
 
-def particle_gibbs(key: Array, model: LanguageModel, prompt, scorer: StepScorer, scorer_params: Any,
-                   *, num_particles: int, num_sweeps: int, max_steps: int, max_step_tokens: int,
-                   max_new_tokens: int, temperature: float | Array = 0.8,
-                   softmax_temperature: float | Array = 1.0, sep_id: int | None = None,
-                   stop_ids=None, pad_id: int = 0, aggregation: str = "last",
-                   weighting: str = "puri", nan_policy: str = "raise",
-                   prompt_length: int | None = None) -> LMResult:
+def particle_gibbs(
+    key: Array,
+    model: LanguageModel,
+    prompt,
+    scorer: StepScorer,
+    scorer_params: Any,
+    *,
+    num_particles: int,
+    num_sweeps: int,
+    max_steps: int,
+    max_step_tokens: int,
+    max_new_tokens: int,
+    temperature: float | Array = 0.8,
+    softmax_temperature: float | Array = 1.0,
+    sep_id: int | None = None,
+    stop_ids=None,
+    pad_id: int = 0,
+    aggregation: str = "last",
+    weighting: str = "puri",
+    nan_policy: str = "raise",
+    prompt_length: int | None = None,
+) -> LMResult:
     """Particle Gibbs over step-level particle filtering (Puri et al. 2025).
 
     The particle budget is split across sweeps: each sweep runs ``num_particles // num_sweeps``
@@ -568,14 +715,24 @@ def particle_gibbs(key: Array, model: LanguageModel, prompt, scorer: StepScorer,
     Raises:
         ValueError: fewer than 2 particles per sweep, or as :func:`particle_filter`.
     """
-    sampler = gibbs_sampler(num_particles, num_sweeps, max_steps, max_step_tokens,
-                            max_new_tokens, scorer, aggregation)
+    sampler = gibbs_sampler(
+        num_particles, num_sweeps, max_steps, max_step_tokens, max_new_tokens, scorer, aggregation
+    )
     prompt = check_prompt(prompt)
     length = check_prompt_length(prompt, prompt_length)
-    params = make_pf_params(model, prompt, scorer_params, max_new_tokens=max_new_tokens,
-                            temperature=temperature, softmax_temperature=softmax_temperature,
-                            sep_id=sep_id, stop_ids=stop_ids, pad_id=pad_id,
-                            weighting=weighting, prompt_length=length)
+    params = make_pf_params(
+        model,
+        prompt,
+        scorer_params,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        softmax_temperature=softmax_temperature,
+        sep_id=sep_id,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        weighting=weighting,
+        prompt_length=length,
+    )
     check_pf_params(params, sampler, "particle_gibbs")
     result = _run_with_keys(*gibbs_keys(key, sampler), sampler, params)
     check_nan(int(result.info["num_nan"]), "particle_gibbs", nan_policy)
@@ -590,9 +747,15 @@ class GibbsCarry(NamedTuple):
     has_ref: Array
 
 
-def gibbs_sampler(num_particles: int, num_sweeps: int, max_steps: int, max_step_tokens: int,
-                  max_new_tokens: int, scorer: StepScorer | Callable,
-                  aggregation: str = "last") -> Sampler:
+def gibbs_sampler(
+    num_particles: int,
+    num_sweeps: int,
+    max_steps: int,
+    max_step_tokens: int,
+    max_new_tokens: int,
+    scorer: StepScorer | Callable,
+    aggregation: str = "last",
+) -> Sampler:
     """Particle Gibbs over step-level particle filtering (Puri et al. 2025, docs/algorithms.md
     4.1) as a :class:`~tts_jax.samplers.base.Sampler` of static configuration (memoized).
 
@@ -608,10 +771,19 @@ def gibbs_sampler(num_particles: int, num_sweeps: int, max_steps: int, max_step_
         ValueError: fewer than 2 particles per sweep, or as :func:`pf_sampler`.
     """
     if num_sweeps < 1 or num_particles // max(num_sweeps, 1) < 2:
-        raise ValueError(f"particle_gibbs needs num_sweeps >= 1 and at least 2 particles per "
-                         f"sweep, got num_particles={num_particles}, num_sweeps={num_sweeps}")
-    inner = pf_sampler(num_particles // num_sweeps, max_steps, max_step_tokens, max_new_tokens,
-                       scorer, aggregation, "multinomial")
+        raise ValueError(
+            f"particle_gibbs needs num_sweeps >= 1 and at least 2 particles per "
+            f"sweep, got num_particles={num_particles}, num_sweeps={num_sweeps}"
+        )
+    inner = pf_sampler(
+        num_particles // num_sweeps,
+        max_steps,
+        max_step_tokens,
+        max_new_tokens,
+        scorer,
+        aggregation,
+        "multinomial",
+    )
     return _gibbs_sampler(inner, int(num_sweeps), int(max_new_tokens))
 
 
@@ -653,16 +825,20 @@ def _token_callbacks(model, cfg, potential, constraint):
         """One token for every row not done (done rows are left as they are)."""
         go = ~s.done
         logp = jax.nn.log_softmax(s.logits, axis=-1)
-        allowed = (jnp.ones(s.logits.shape, bool) if constraint is None
-                   else constraint(params.constraint, s.tokens, s.length))
+        allowed = (
+            jnp.ones(s.logits.shape, bool)
+            if constraint is None
+            else constraint(params.constraint, s.tokens, s.length)
+        )
         any_ok = jnp.any(allowed, axis=-1)
         prop = jnp.where(allowed, s.logits / params.decode.temperature, -jnp.inf)
         prop = jnp.where(any_ok[:, None], prop, 0.0)  # rows with no allowed token die below
         token = jax.random.categorical(key, prop, axis=-1).astype(jnp.int32)
         logq = jax.nn.log_softmax(prop, axis=-1)
         pick = token[:, None]
-        log_ratio = (jnp.take_along_axis(logp, pick, axis=1)
-                     - jnp.take_along_axis(logq, pick, axis=1))[:, 0]
+        log_ratio = (
+            jnp.take_along_axis(logp, pick, axis=1) - jnp.take_along_axis(logq, pick, axis=1)
+        )[:, 0]
         correction = jnp.where(go, jnp.where(any_ok, log_ratio, -jnp.inf), 0.0)
         dead = go & ~any_ok
         none = jnp.zeros(go.shape, bool)
@@ -740,19 +916,32 @@ class TokenSMCParams(NamedTuple):
     constraint: Any = None
 
 
-def make_token_smc_params(model, prompt, *, temperature=1.0, stop_ids=None, pad_id=0,
-                          ess_threshold=0.5, potential_params=None,
-                          constraint_params=None) -> TokenSMCParams:
+def make_token_smc_params(
+    model,
+    prompt,
+    *,
+    temperature=1.0,
+    stop_ids=None,
+    pad_id=0,
+    ess_threshold=0.5,
+    potential_params=None,
+    constraint_params=None,
+) -> TokenSMCParams:
     """:class:`TokenSMCParams` from Python or array values (no checks: see
     :func:`check_token_smc_params`)."""
-    return TokenSMCParams(model, jnp.asarray(prompt, jnp.int32),
-                          decode_config(temperature, None, stop_ids, pad_id),
-                          jnp.asarray(ess_threshold, jnp.float32), potential_params,
-                          constraint_params)
+    return TokenSMCParams(
+        model,
+        jnp.asarray(prompt, jnp.int32),
+        decode_config(temperature, None, stop_ids, pad_id),
+        jnp.asarray(ess_threshold, jnp.float32),
+        potential_params,
+        constraint_params,
+    )
 
 
-def check_token_smc_params(params: TokenSMCParams, sampler: Sampler,
-                           method: str = "token_smc") -> None:
+def check_token_smc_params(
+    params: TokenSMCParams, sampler: Sampler, method: str = "token_smc"
+) -> None:
     """Host-side checks of ``params`` (values only when concrete: traced ones are skipped).
 
     Raises:
@@ -762,13 +951,18 @@ def check_token_smc_params(params: TokenSMCParams, sampler: Sampler,
     check_prompt(params.prompt)
     temperature = params.decode.temperature
     if not isinstance(temperature, jax.core.Tracer) and np.any(np.asarray(temperature) <= 0):
-        raise ValueError(f"{method} needs a temperature > 0 (a proposal with full support), "
-                         f"got {temperature}")
+        raise ValueError(
+            f"{method} needs a temperature > 0 (a proposal with full support), got {temperature}"
+        )
 
 
-def token_smc_sampler(num_particles: int, max_new_tokens: int,
-                      potential: Potential | None = None, constraint: Constraint | None = None,
-                      resampler: str | Resampler = "systematic") -> Sampler:
+def token_smc_sampler(
+    num_particles: int,
+    max_new_tokens: int,
+    potential: Potential | None = None,
+    constraint: Constraint | None = None,
+    resampler: str | Resampler = "systematic",
+) -> Sampler:
     """Token-level SMC (Lew et al. 2023, docs/algorithms.md 4.2) as a
     :class:`~tts_jax.samplers.base.Sampler` of static configuration only (memoized: equal
     arguments give the same sampler, one compilation of ``jax.jit(run,
@@ -795,28 +989,32 @@ def token_smc_sampler(num_particles: int, max_new_tokens: int,
         ValueError: an empty budget, an unknown resampler name.
     """
     check_budget(num_particles, max_new_tokens, 1, 1)
-    return _token_smc_sampler(int(num_particles), int(max_new_tokens), potential, constraint,
-                              get_resampler(resampler))
+    return _token_smc_sampler(
+        int(num_particles), int(max_new_tokens), potential, constraint, get_resampler(resampler)
+    )
 
 
 @functools.cache
 def _token_smc_sampler(n, length, potential, constraint, resampler) -> Sampler:
     def callbacks(params):
-        return _token_callbacks(as_language_model(params.model), params.decode, potential,
-                                constraint)
+        return _token_callbacks(
+            as_language_model(params.model), params.decode, potential, constraint
+        )
 
     def schedule(params):
         return smc.ResampleSchedule(jnp.arange(length) < length - 1, params.ess_threshold)
 
     def init(key, params):
-        state = init_state(as_language_model(params.model), params.prompt, n, length,
-                           params.decode.pad_id)
+        state = init_state(
+            as_language_model(params.model), params.prompt, n, length, params.decode.pad_id
+        )
         return _smc_init(key, state, callbacks(params)[1], params)
 
     def step(keys, carry, params):
         propagate, log_potential = callbacks(params)
-        new, info = smc.step(keys, carry.smc, propagate, log_potential, schedule(params), params,
-                             resampler)
+        new, info = smc.step(
+            keys, carry.smc, propagate, log_potential, schedule(params), params, resampler
+        )
         return carry._replace(smc=new), info
 
     def done(carry, params):
@@ -846,25 +1044,24 @@ def token_smc_keys(key: Array, sampler: Sampler) -> tuple[Array, Array]:
 _run_with_keys = jax.jit(run_with_keys, static_argnames="sampler")
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "potential", "constraint", "num_particles", "max_new_tokens", "resampler"))
-def _token_smc_jit(key, model, prompt, cfg, params, ess_threshold, *, potential, constraint,
-                   num_particles, max_new_tokens, resampler):
-    """The former private jit of :func:`token_smc`, kept only for benchmarks/scaling.py until
-    it calls the kernel (:func:`token_smc_sampler`); ``params`` is the old
-    ``{"temperature", "potential", "constraint"}`` dict (its temperature is ``cfg``'s)."""
-    sampler = token_smc_sampler(num_particles, max_new_tokens, potential, constraint, resampler)
-    kernel_params = TokenSMCParams(model, prompt, cfg, ess_threshold, params["potential"],
-                                   params["constraint"])
-    return run_with_keys(*token_smc_keys(key, sampler), sampler, kernel_params)
-
-
-def token_smc(key: Array, model: LanguageModel, prompt, *, num_particles: int, max_new_tokens: int,
-              potential: Potential | None = None, potential_params: Any = None,
-              constraint: Constraint | None = None, constraint_params: Any = None,
-              temperature: float | Array = 1.0, stop_ids=None, pad_id: int = 0,
-              ess_threshold: float | Array = 0.5, resampler: str = "systematic",
-              nan_policy: str = "raise") -> LMResult:
+def token_smc(
+    key: Array,
+    model: LanguageModel,
+    prompt,
+    *,
+    num_particles: int,
+    max_new_tokens: int,
+    potential: Potential | None = None,
+    potential_params: Any = None,
+    constraint: Constraint | None = None,
+    constraint_params: Any = None,
+    temperature: float | Array = 1.0,
+    stop_ids=None,
+    pad_id: int = 0,
+    ess_threshold: float | Array = 0.5,
+    resampler: str = "systematic",
+    nan_policy: str = "raise",
+) -> LMResult:
     """Token-level SMC with twisted potentials and hard constraints (docs/algorithms.md 4.2).
 
     Target: ``p(y | prompt) * psi_final(y) / Z`` over completions ``y`` that end with a stop token
@@ -906,10 +1103,16 @@ def token_smc(key: Array, model: LanguageModel, prompt, *, num_particles: int, m
         ValueError: empty budget, bad prompt, non-positive temperature, NaN potentials (``raise``).
     """
     sampler = token_smc_sampler(num_particles, max_new_tokens, potential, constraint, resampler)
-    params = make_token_smc_params(model, check_prompt(prompt), temperature=temperature,
-                                   stop_ids=stop_ids, pad_id=pad_id, ess_threshold=ess_threshold,
-                                   potential_params=potential_params,
-                                   constraint_params=constraint_params)
+    params = make_token_smc_params(
+        model,
+        check_prompt(prompt),
+        temperature=temperature,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        ess_threshold=ess_threshold,
+        potential_params=potential_params,
+        constraint_params=constraint_params,
+    )
     check_token_smc_params(params, sampler)
     result = _run_with_keys(*token_smc_keys(key, sampler), sampler, params)
     check_nan(int(result.info["num_nan"]), "token_smc", nan_policy)

@@ -1,4 +1,4 @@
-"""Per-particle language-model state for the LM steering samplers (ALGORITHMS.md 4.4).
+"""Per-particle language-model state for the LM steering samplers (docs/algorithms.md 4.4).
 
 A particle is one partial completion of a shared prompt. Everything it needs to continue lives in
 :class:`LMState`, and every leaf has the particle axis first, so resampling is one
@@ -105,13 +105,17 @@ class DecodeConfig(NamedTuple):
     pad_id: Array
 
 
-def decode_config(temperature: float | Array, sep_id: int | None, stop_ids, pad_id: int = 0
-                  ) -> DecodeConfig:
+def decode_config(
+    temperature: float | Array, sep_id: int | None, stop_ids, pad_id: int = 0
+) -> DecodeConfig:
     """Build a :class:`DecodeConfig` from Python or array values (``None`` separator: -1)."""
     stops = jnp.atleast_1d(jnp.asarray([-1] if stop_ids is None else stop_ids, jnp.int32))
-    return DecodeConfig(jnp.asarray(temperature, jnp.float32),
-                        jnp.asarray(-1 if sep_id is None else sep_id, jnp.int32), stops,
-                        jnp.asarray(pad_id, jnp.int32))
+    return DecodeConfig(
+        jnp.asarray(temperature, jnp.float32),
+        jnp.asarray(-1 if sep_id is None else sep_id, jnp.int32),
+        stops,
+        jnp.asarray(pad_id, jnp.int32),
+    )
 
 
 def _replicated(n: int, value: int) -> Array:
@@ -122,13 +126,18 @@ def prompt_length_row(prompt: Array, prompt_length: Array | None) -> Array:
     """``int32[1]``: the real tokens of a right-padded ``prompt [P]`` (``P`` when ``None``), the
     ``num_new`` of the one-row prompt prefill."""
     p = prompt.shape[0]
-    return jnp.reshape(jnp.asarray(p if prompt_length is None else prompt_length, jnp.int32),
-                       (1,))
+    return jnp.reshape(jnp.asarray(p if prompt_length is None else prompt_length, jnp.int32), (1,))
 
 
-def init_state(model: LanguageModel, prompt: Array, num_particles: int,
-               max_new_tokens: int, pad_id: Array, cache_dtype: Any = jnp.float32,
-               prompt_length: Array | None = None) -> LMState:
+def init_state(
+    model: LanguageModel,
+    prompt: Array,
+    num_particles: int,
+    max_new_tokens: int,
+    pad_id: Array,
+    cache_dtype: Any = jnp.float32,
+    prompt_length: Array | None = None,
+) -> LMState:
     """Prefill the prompt once and broadcast it to ``num_particles`` rows (un-jitted).
 
     Args:
@@ -170,12 +179,22 @@ def init_state(model: LanguageModel, prompt: Array, num_particles: int,
 
 def add_budget(budget: Budget, tokens=0, nfe=0, lm_calls=0, prm_calls=0) -> Budget:
     """Add scalar amounts to every replicated counter."""
-    return Budget(*(jnp.asarray(b + jnp.asarray(d, jnp.int32), jnp.int32)
-                    for b, d in zip(budget, (tokens, nfe, lm_calls, prm_calls), strict=True)))
+    return Budget(
+        *(
+            jnp.asarray(b + jnp.asarray(d, jnp.int32), jnp.int32)
+            for b, d in zip(budget, (tokens, nfe, lm_calls, prm_calls), strict=True)
+        )
+    )
 
 
-def append_token(model: LanguageModel, state: LMState, token: Array, go: Array,
-                 ends_step: Array, cfg: DecodeConfig) -> tuple[LMState, Array]:
+def append_token(
+    model: LanguageModel,
+    state: LMState,
+    token: Array,
+    go: Array,
+    ends_step: Array,
+    cfg: DecodeConfig,
+) -> tuple[LMState, Array]:
     """Write one token for the rows in ``go`` and feed it to the model (un-jitted).
 
     Rows not in ``go`` are left untouched. A stop token finishes the row and is not fed; a row
@@ -206,9 +225,17 @@ def append_token(model: LanguageModel, state: LMState, token: Array, go: Array,
     logits, cache = as_language_model(model).decode(token, state.cache, feed)
     logits = jnp.where(feed[:, None], logits, state.logits)
     budget = add_budget(state.budget, tokens=jnp.sum(go), nfe=jnp.sum(feed), lm_calls=1)
-    state = state._replace(tokens=tokens, step_ends=step_ends, length=length, done=done,
-                           finished=state.finished | stop, logits=logits, cache=cache,
-                           num_steps=state.num_steps + ended.astype(jnp.int32), budget=budget)
+    state = state._replace(
+        tokens=tokens,
+        step_ends=step_ends,
+        length=length,
+        done=done,
+        finished=state.finished | stop,
+        logits=logits,
+        cache=cache,
+        num_steps=state.num_steps + ended.astype(jnp.int32),
+        budget=budget,
+    )
     return state, ended
 
 
@@ -229,9 +256,15 @@ def sample_token(key: Array, logits: Array, temperature: Array) -> Array:
     return jnp.where(temp > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
-def generate_step(model: LanguageModel, state: LMState, key: Array, cfg: DecodeConfig,
-                  max_step_tokens: int, forced: Array | None = None,
-                  forced_tokens: Array | None = None) -> LMState:
+def generate_step(
+    model: LanguageModel,
+    state: LMState,
+    key: Array,
+    cfg: DecodeConfig,
+    max_step_tokens: int,
+    forced: Array | None = None,
+    forced_tokens: Array | None = None,
+) -> LMState:
     """Every active particle generates one step: tokens up to its separator / stop token / the
     step's token limit (one ``lax.while_loop``; un-jitted).
 
@@ -264,16 +297,18 @@ def generate_step(model: LanguageModel, state: LMState, key: Array, cfg: DecodeC
         if forced is not None:
             copied = jnp.take(forced_tokens, jnp.minimum(s.length, forced_tokens.shape[0] - 1))
             token = jnp.where(forced, copied, token)
-        s, ended = append_token(model, s, token, go, jnp.broadcast_to(i + 1 >= max_step_tokens,
-                                                                     go.shape), cfg)
+        s, ended = append_token(
+            model, s, token, go, jnp.broadcast_to(i + 1 >= max_step_tokens, go.shape), cfg
+        )
         return i + 1, s, paused | ended
 
     _, state, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), state, state.done))
     return state
 
 
-def sequences(prompt: Array, state: LMState, prompt_length: Array | None = None
-              ) -> tuple[Array, Array]:
+def sequences(
+    prompt: Array, state: LMState, prompt_length: Array | None = None
+) -> tuple[Array, Array]:
     """Prompt + completion of every particle, for scorers.
 
     Args:

@@ -1,7 +1,7 @@
 """Exact completion distributions of tiny LMs by brute-force enumeration (test references).
 
-DESIGN.md "Models we ship": tiny enumerable LMs are how the LM samplers are proven correct. For a
-vocabulary of ``V`` tokens and a budget of ``L`` new tokens, every completion is a string that
+docs/design.md "Models we ship": tiny enumerable LMs are how the LM samplers are proven correct.
+For a vocabulary of ``V`` tokens and a budget of ``L`` new tokens, every completion is a string that
 ends with its first stop token or fills the budget; :func:`enumerate_completions` scores all
 ``V^L`` strings in one batch (a prefill and ``L`` decode steps of the
 :class:`~tts_jax.models.base.LanguageModel` protocol, so any model implementing it can be checked)
@@ -28,8 +28,9 @@ def _token_log_probs(model: LanguageModel, prompt: jax.Array, strings: jax.Array
     model = as_language_model(model)
     count, length = strings.shape
     cache = model.init_cache(count, prompt.shape[0] + length)
-    logits, cache = model.prefill(jnp.tile(prompt, (count, 1)), cache,
-                                  jnp.full((count,), prompt.shape[0], jnp.int32))
+    logits, cache = model.prefill(
+        jnp.tile(prompt, (count, 1)), cache, jnp.full((count,), prompt.shape[0], jnp.int32)
+    )
     feed = jnp.ones((count,), bool)
     columns = []
     for t in range(length):
@@ -41,8 +42,9 @@ def _token_log_probs(model: LanguageModel, prompt: jax.Array, strings: jax.Array
     return jnp.stack(columns, axis=1)
 
 
-def enumerate_completions(model: LanguageModel, prompt, max_new_tokens: int,
-                          stop_ids=()) -> tuple[list[tuple[int, ...]], np.ndarray]:
+def enumerate_completions(
+    model: LanguageModel, prompt, max_new_tokens: int, stop_ids=()
+) -> tuple[list[tuple[int, ...]], np.ndarray]:
     """Every completion of ``prompt`` and its exact log-probability under ``model``.
 
     Args:
@@ -64,8 +66,9 @@ def enumerate_completions(model: LanguageModel, prompt, max_new_tokens: int,
         raise ValueError(f"{vocab}^{max_new_tokens} strings are too many to enumerate")
     prompt = np.asarray(prompt, np.int32)
     strings = np.array(list(itertools.product(range(vocab), repeat=max_new_tokens)), np.int32)
-    logp = np.asarray(_token_log_probs(model, jnp.asarray(prompt), jnp.asarray(strings)),
-                      np.float64)
+    logp = np.asarray(
+        _token_log_probs(model, jnp.asarray(prompt), jnp.asarray(strings)), np.float64
+    )
     stops = np.isin(strings, np.asarray(stop_ids, np.int32))
     # Length of each string's completion: up to and including its first stop token.
     lengths = np.where(stops.any(axis=1), stops.argmax(axis=1) + 1, max_new_tokens)
@@ -76,4 +79,3 @@ def enumerate_completions(model: LanguageModel, prompt, max_new_tokens: int,
             completions[c] = len(log_probs)
             log_probs.append(lp[:n].sum())
     return list(completions), np.asarray(log_probs)
-
