@@ -3,11 +3,13 @@
 import json
 
 import numpy as np
+import pytest
 
 from tts_jax.app import runs
 from tts_jax.app.cli import main
 
 
+@pytest.mark.slow
 def test_demo_writes_results_that_match_the_analytic_target(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = [
@@ -67,6 +69,7 @@ def test_unknown_preset_lists_the_known_ones(capsys):
         main(["run", "gmm-fk", "--budget", "5", "--num-steps", "20"])
 
 
+@pytest.mark.slow
 def test_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = [
@@ -101,6 +104,7 @@ def test_image_run_writes_a_png_grid(tmp_path, capsys):
     assert np.load(out / "samples.npz")["samples"].shape == (4, 1, 8, 8)
 
 
+@pytest.mark.slow
 def test_digits_demo_writes_a_grid_and_respects_the_budget(tmp_path, capsys):
     out = tmp_path / "digits"
     main(

@@ -34,6 +34,7 @@ def test_preset_defaults_are_the_settings_of_the_results():
     assert experiment.RunConfig().lam == 1.0
 
 
+@pytest.mark.slow
 def test_readme_fk_command_does_not_collapse_and_a_sharp_tilt_is_reported(tmp_path, caplog):
     ok = tmp_path / "ok"
     main([*README_FK, "--out-dir", str(ok)])
@@ -175,6 +176,7 @@ def test_flags_that_do_not_apply_are_errors(argv, flag):
         main(argv)
 
 
+@pytest.mark.slow
 def test_every_run_writes_what_the_readme_promises(tmp_path, capsys):
     promised = {"config.json", "result.json", "samples.npz", "diagnostics.npz"}
     runs_argv = {
@@ -201,6 +203,7 @@ def test_every_run_writes_what_the_readme_promises(tmp_path, capsys):
     assert np.load(tmp_path / "arith" / "samples.npz")["completion"].shape == (1,)
 
 
+@pytest.mark.slow
 def test_demo_writes_samples_and_diagnostics_for_every_part(tmp_path, capsys):
     main(
         [
@@ -243,6 +246,7 @@ def test_demo_writes_samples_and_diagnostics_for_every_part(tmp_path, capsys):
 # --------------------------------------------------------------------------- 5: extreme lambda
 
 
+@pytest.mark.slow
 def test_gmm_demo_reports_a_collapsed_tilt_and_its_discrepancy(tmp_path, caplog, capsys):
     out = tmp_path / "sharp"
     with caplog.at_level(logging.WARNING, logger="tts_jax"):

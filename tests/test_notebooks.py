@@ -27,6 +27,7 @@ def _errors(notebook) -> list:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path, tmp_path):
     stored = path.read_bytes()

@@ -9,6 +9,8 @@ loop.
 
 import textwrap
 
+import pytest
+
 from .helpers import run_on_host_devices
 
 SCRIPT = textwrap.dedent(
@@ -54,6 +56,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sharded_token_smc_matches_unsharded():
     run_on_host_devices(SCRIPT, 4, "SHARDED-LM-OK")
 
@@ -95,6 +98,7 @@ PF_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sharded_particle_filter_with_the_cached_prm_matches_unsharded():
     """The PRM's KV cache is particle state too: sharded with the rest, resampled across
     shards."""

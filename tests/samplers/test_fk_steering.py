@@ -104,6 +104,7 @@ def test_sweeping_lambda_and_diffusion_norm_does_not_recompile():
     assert TRACES["reward"] == before
 
 
+@pytest.mark.slow
 def test_nan_rewards_raise_by_default_and_drop_on_request():
     reward = Reward({"direction": DIRECTION}, _nan_reward, "nan")
     with pytest.raises(ValueError, match="NaN"):

@@ -67,6 +67,7 @@ def _run(name, seed, reward=REWARD, budget=BUDGET, **kw):
     return METHODS[name](jax.random.key(seed), MODEL, reward, GRID, budget=budget, **kw)
 
 
+@pytest.mark.slow
 def test_equal_nfe_ordering_rbf_svdd_bon():
     best = {}
     for name in METHODS:

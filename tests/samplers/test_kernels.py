@@ -221,6 +221,7 @@ def test_a_diffusion_written_outside_the_package_runs_and_can_reproduce_a_built_
     assert not np.array_equal(np.asarray(out.samples), np.asarray(square.samples))
 
 
+@pytest.mark.slow
 def test_custom_potential_resampler_and_diffusion_together_target_the_tilted_mixture():
     """All three pieces from this file, vmapped over 4 seeds in one program: the final
     correction makes any potential exact, so the weighted particles match the closed-form tilt."""

@@ -385,6 +385,7 @@ def test_outputs_are_bit_identical_to_the_pinned_runs(name):
     assert got == PINNED[name], f"{name}: got {got}, pinned {PINNED[name]}"
 
 
+@pytest.mark.slow
 def test_gibbs_kernel_is_the_convenience_function_and_vmaps_over_keys():
     sampler = lm_smc.gibbs_sampler(2 * N, 2, 2, 1, 2, first_token_scorer)
     assert lm_smc.gibbs_sampler(2 * N, 2, 2, 1, 2, first_token_scorer) is sampler

@@ -138,6 +138,7 @@ def _check_log_z(results, log_z_exact):
     assert abs(z.mean() - 1.0) < 4 * se + 0.02, (z.mean(), se)
 
 
+@pytest.mark.slow
 def test_weighted_particles_and_log_z_converge_to_the_exact_tilted_target():
     completions, target, log_z = exact_target(lam=1.0)
     runs = 6
