@@ -40,10 +40,13 @@ CONFIGS = {
 }
 N, T = 4, 5  # particles, text tokens
 # bf16 parameters and activations against the fp32 model, max |diff| / max |fp32 output|:
-# measured 0.012-0.017 on these configs (bf16 keeps 8 bits of mantissa, ~0.4% per rounding).
-BF16_REL_TOL = 0.05
+# measured 0.0073 (sd3) and 0.0092 (sd35) (bf16 keeps 8 bits of mantissa, ~0.4% per rounding);
+# the bound leaves ~3x headroom.
+BF16_REL_TOL = 0.03
 
-_apply = jax.jit(sd3_apply)
+# Unoptimised XLA compiles ~3x faster; these tiny programs run in milliseconds either way.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+_apply = jax.jit(sd3_apply, compiler_options=_FAST_COMPILE)
 
 
 def _torch_model(kwargs):
