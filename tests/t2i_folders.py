@@ -138,7 +138,10 @@ def t5_vocab(words: tuple[str, ...] = WORDS) -> list[tuple[str, float]]:
     pieces += [("▁" + w, -3.0 - 0.01 * i) for i, w in enumerate(words)]
     pieces += [(c, -8.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"]
     pieces += [("▁" + c, -7.0) for c in "abcdefghijklmnopqrstuvwxyz"]
-    return pieces
+    first: dict[str, float] = {}
+    for piece, score in pieces:
+        first.setdefault(piece, score)  # "▁a" is a word and a letter: keep the word's entry
+    return list(first.items())
 
 
 def write_t5_tokenizer(folder: Path) -> int:
