@@ -102,9 +102,10 @@ def text_pair(request, tmp_path_factory):
 @functools.cache
 def _clip_pair(folder):
     torch.manual_seed(0)
+    # The towers' configs equal those of the single-tower tests, so compiles are shared.
     config = transformers.CLIPConfig(
-        text_config=dict(TEXT, eos_token_id=EOS),
-        vision_config=VISION,
+        text_config=dict(TEXT, eos_token_id=EOS, hidden_act="gelu"),
+        vision_config=dict(VISION, hidden_act="gelu"),
         projection_dim=24,
     )
     return _save(transformers.CLIPModel(config), folder), folder
@@ -184,9 +185,6 @@ def test_clip_model_parity(clip_pair):
     # transformers 5 replaces CLIPModel's tower pooler_output by the projected embedding.
     _close(vision.image_embeds, vision_ref.pooler_output)
     _close(got.text_model_output.text_embeds, want.text_model_output.pooler_output)
-    with torch.no_grad():
-        feats = ref.get_image_features(pixel_values=torch.from_numpy(pixels)).pooler_output
-    _close(clip.get_image_features(model, jnp.asarray(pixels)), feats)
 
 
 def test_single_towers_from_clip_folder(clip_pair):
