@@ -14,7 +14,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from tts_jax.models.checkpoint import CheckpointConfigError, TensorMismatchError
-from tts_jax.models.sd3 import SD3Config, load_sd3, save_sd3, sd3_apply
+from tts_jax.models.sd3 import SD3Config, load_sd3, save_sd3, sd3_apply, sincos_grid
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -27,9 +27,9 @@ TINY = dict(
     num_layers=2,
     attention_head_dim=8,
     num_attention_heads=2,
-    joint_attention_dim=16,
+    joint_attention_dim=12,  # text widths differ from the model width (16): see
     caption_projection_dim=16,
-    pooled_projection_dim=16,
+    pooled_projection_dim=20,  # test_text_projections_run_once_per_prompt
     pos_embed_max_size=16,
 )
 CONFIGS = {
@@ -108,6 +108,7 @@ def test_parity_with_a_shared_prompt(outputs):
     np.testing.assert_allclose(ours, ref, atol=1e-4 * max(1.0, np.abs(ref).max()), rtol=0)
 
 
+@pytest.mark.parametrize("saved", ["sd3"], indirect=True)
 def test_parity_non_square_and_cropped(saved):
     """A 6x10 latent (3x5 patches, cropped off-centre from the 16x16 table) and one prompt per
     pair of particles."""
@@ -126,6 +127,7 @@ def test_shared_prompt_equals_repeated_prompt(saved, outputs):
     np.testing.assert_allclose(np.asarray(repeated), ours, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("saved", ["sd35"], indirect=True)
 def test_bf16_close_to_fp32(saved, outputs):
     _, _, folder, _ = saved
     inputs, ours, _ = outputs
@@ -217,3 +219,21 @@ def test_too_many_particles_per_prompt_group_is_refused(saved):
     latents, timestep, text, pooled = _inputs(CONFIGS[name], n=3, prompts=2)
     with pytest.raises(ValueError, match="does not divide"):
         sd3_apply(params, latents, timestep, text, pooled)
+
+
+def test_text_projections_run_once_per_prompt(saved):
+    """With one prompt for N particles, the prompt tokens ``[1, T, 12]`` and the pooled
+    embedding ``[1, 20]`` are projected at batch 1: no ``[N, T, 12]`` / ``[N, 20]`` copy exists."""
+    name, _, _, params = saved
+    inputs = _inputs(CONFIGS[name])
+    text = str(jax.make_jaxpr(sd3_apply)(params, *inputs))
+    assert f"f32[1,{T},12]" in text and "f32[1,20]" in text
+    assert f"f32[{N},{T},12]" not in text and f"f32[{N},20]" not in text
+
+
+def test_positional_table_is_diffusers():
+    """The table a fresh model starts from (loading reads the checkpoint's)."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    ref = get_2d_sincos_pos_embed(16, 16, base_size=4, output_type="pt").float().numpy()
+    np.testing.assert_allclose(np.asarray(sincos_grid(16, 16, 4)), ref, atol=1e-5, rtol=0)
