@@ -811,3 +811,16 @@ def load_clip(
     tensors = read_tensors(path, loader, WEIGHTS_NAME)
     abstract = nnx.eval_shape(lambda: CLIPModel(config, rngs=nnx.Rngs(0), dtype=dtype))
     return load_params(abstract, tensors, IDENTITY)
+
+
+def split_clip(
+    model: CLIPModel,
+) -> tuple[CLIPTextModelWithProjection, CLIPVisionModelWithProjection]:
+    """The two towers of a :class:`CLIPModel` as projection models sharing its parameters (no
+    copy), e.g. to keep only the image side inside a jitted reward."""
+    config = model.config
+    text = nnx.eval_shape(lambda: CLIPTextModelWithProjection(config.text, rngs=nnx.Rngs(0)))
+    text.text_model, text.text_projection = model.text_model, model.text_projection
+    vision = nnx.eval_shape(lambda: CLIPVisionModelWithProjection(config.vision, rngs=nnx.Rngs(0)))
+    vision.vision_model, vision.visual_projection = model.vision_model, model.visual_projection
+    return text, vision
