@@ -31,8 +31,10 @@ from tts_jax import interpolants as I
 from tts_jax import smc
 from tts_jax.models.zoo import load_digits_flow
 from tts_jax.rewards.classifier import class_log_prob_reward, load_digits_verifier
-from tts_jax.samplers import flow_particles, lm_search, lm_smc, noise_search
-from tts_jax.samplers.fk_steering import fk_steering
+from tts_jax.samplers.image import flow_particles, noise_search
+from tts_jax.samplers.image.fk_steering import fk_steering
+from tts_jax.samplers.lm import particle_filter, token_smc
+from tts_jax.samplers.lm import search as lm_search
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 SWEEP = (0.5, 0.8, 0.9)
@@ -137,7 +139,7 @@ def lm_samplers() -> dict[str, tuple[str, Callable[..., object]]]:
         "particle_filter": (
             "temperature, softmax T",
             lambda v: tokens(
-                lm_smc.particle_filter(
+                particle_filter.particle_filter(
                     key,
                     model,
                     prompt,
@@ -152,7 +154,7 @@ def lm_samplers() -> dict[str, tuple[str, Callable[..., object]]]:
         "entropic_particle_filter": (
             "temperature",
             lambda v: tokens(
-                lm_smc.entropic_particle_filter(
+                particle_filter.entropic_particle_filter(
                     key, model, prompt, step_scorer, None, temperature=v, **steps
                 )
             ),
@@ -160,7 +162,7 @@ def lm_samplers() -> dict[str, tuple[str, Callable[..., object]]]:
         "particle_gibbs": (
             "temperature",
             lambda v: tokens(
-                lm_smc.particle_gibbs(
+                particle_filter.particle_gibbs(
                     key, model, prompt, step_scorer, None, num_sweeps=2, temperature=v, **steps
                 )
             ),
@@ -168,7 +170,7 @@ def lm_samplers() -> dict[str, tuple[str, Callable[..., object]]]:
         "token_smc": (
             "lambda, ESS threshold",
             lambda v: tokens(
-                lm_smc.token_smc(
+                token_smc.token_smc(
                     key,
                     model,
                     prompt,

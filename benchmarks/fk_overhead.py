@@ -29,8 +29,8 @@ from tts_jax import interpolants as I
 from tts_jax import smc
 from tts_jax.models import gmm as G
 from tts_jax.rewards.analytic import linear_reward
-from tts_jax.samplers.fk_steering import fk_steering
-from tts_jax.samplers.integrate import tweedie
+from tts_jax.samplers.image.fk_steering import fk_steering
+from tts_jax.samplers.image.integrate import tweedie
 
 STEPS = 50
 SCHEDULES = {"every 10": (lambda k: smc.every(k, 10), 10), "adaptive": (smc.adaptive, 1)}

@@ -31,7 +31,7 @@ from benchmarks.lm_fixtures import even_token_tilt, small_qwen2, step_scorer
 from benchmarks.timing import time_call, time_pair
 from tts_jax.models import lm
 from tts_jax.models.lm_reward import RewardModel, cached_prm_scorer, prm_scorer
-from tts_jax.samplers import lm_smc
+from tts_jax.samplers.lm import particle_filter, token_smc
 
 
 def measure(n: int, new: int, args: argparse.Namespace) -> None:
@@ -57,10 +57,12 @@ def measure(n: int, new: int, args: argparse.Namespace) -> None:
             ).tokens
         ),
         "particle_filter": lambda: (
-            lm_smc.particle_filter(next(keys), model, prompt, step_scorer, None, **pf_kwargs).tokens
+            particle_filter.particle_filter(
+                next(keys), model, prompt, step_scorer, None, **pf_kwargs
+            ).tokens
         ),
         "token_smc": lambda: (
-            lm_smc.token_smc(
+            token_smc.token_smc(
                 next(keys),
                 model,
                 prompt,
@@ -71,10 +73,12 @@ def measure(n: int, new: int, args: argparse.Namespace) -> None:
             ).tokens
         ),
         "particle_filter+PRM": lambda: (
-            lm_smc.particle_filter(next(keys), model, prompt, prm_scorer, prm, **pf_kwargs).tokens
+            particle_filter.particle_filter(
+                next(keys), model, prompt, prm_scorer, prm, **pf_kwargs
+            ).tokens
         ),
         "particle_filter+cached PRM": lambda: (
-            lm_smc.particle_filter(
+            particle_filter.particle_filter(
                 next(keys), model, prompt, cached_prm_scorer, prm, **pf_kwargs
             ).tokens
         ),

@@ -36,8 +36,8 @@ from benchmarks.fk_overhead import bare_forwards, gmm_setup
 from benchmarks.timing import interleaved, median_ratio
 from tts_jax import interpolants as I
 from tts_jax import smc
-from tts_jax.samplers import fk_steering as fk
 from tts_jax.samplers import run
+from tts_jax.samplers.image import fk_steering as fk
 
 STEPS = 50
 NS = (1, 8, 64, 256, 1024)

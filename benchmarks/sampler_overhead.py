@@ -57,8 +57,8 @@ from tts_jax.models import gmm as G
 from tts_jax.models.zoo import load_digits_flow
 from tts_jax.rewards.analytic import distance_reward
 from tts_jax.rewards.classifier import class_log_prob_reward, load_digits_verifier
-from tts_jax.samplers import flow_particles, integrate, noise_search, selection
-from tts_jax.samplers.fk_steering import fk_steering
+from tts_jax.samplers.image import flow_particles, integrate, noise_search, selection
+from tts_jax.samplers.image.fk_steering import fk_steering
 
 STEPS = 10
 DIT_WIDTHS = (8, 64, 256)

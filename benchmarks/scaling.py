@@ -22,9 +22,9 @@ from tts_jax import smc
 from tts_jax.models import lm
 from tts_jax.models.zoo import load_digits_flow
 from tts_jax.rewards.classifier import class_log_prob_reward, load_digits_verifier
-from tts_jax.samplers import fk_steering as fk
-from tts_jax.samplers import lm_smc
 from tts_jax.samplers import run as run_sampler
+from tts_jax.samplers.image import fk_steering as fk
+from tts_jax.samplers.lm import particle_filter, token_smc
 
 
 def _compiled_bytes(model, reward, n, grid, diffusion, schedule) -> int:
@@ -115,15 +115,15 @@ def kv_cache_memory() -> None:
             ),
             "token_smc": run_jit.lower(
                 jax.random.key(0),
-                lm_smc.token_smc_sampler(n, new, even_token_tilt, None, "systematic"),
-                lm_smc.make_token_smc_params(
+                token_smc.token_smc_sampler(n, new, even_token_tilt, None, "systematic"),
+                token_smc.make_token_smc_params(
                     model, prompt, temperature=1.0, potential_params=jnp.float32(0.3)
                 ),
             ),
             "particle_filter": run_jit.lower(
                 jax.random.key(0),
-                lm_smc.pf_sampler(n, new // 8, 8, new, step_scorer, "last", "multinomial"),
-                lm_smc.make_pf_params(
+                particle_filter.pf_sampler(n, new // 8, 8, new, step_scorer, "last", "multinomial"),
+                particle_filter.make_pf_params(
                     model, prompt, None, max_new_tokens=new, temperature=1.0, prompt_length=8
                 ),
             ),

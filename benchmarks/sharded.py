@@ -7,7 +7,7 @@ devices, checked against the unsharded runs, and the collectives that resampling
   program (initial noise, prompt prefill), so there is no input to place; XLA propagates the output
   sharding back through the SMC loop, whose carry then holds N/8 rows per device. FK steering is
   its public kernel, ``tts_jax.samplers.run(key, fk_steering.sampler(...), params)``, jitted as
-  is; token SMC is its public kernel too, ``run(key, lm_smc.token_smc_sampler(...), params)``
+  is; token SMC is its public kernel too, ``run(key, token_smc.token_smc_sampler(...), params)``
   (its convenience wrapper adds host-side checks, which cannot run under an outer jit).
 * **Collectives.** Every all-gather / all-reduce / all-to-all / collective-permute /
   reduce-scatter in the compiled sharded HLO, attributed to the innermost ``tts_jax`` frame of its
@@ -54,9 +54,10 @@ from tts_jax.models import lm  # noqa: E402
 from tts_jax.particles import ess, gather, log_normalize  # noqa: E402
 from tts_jax.resampling import systematic  # noqa: E402
 from tts_jax.rewards.analytic import linear_reward  # noqa: E402
-from tts_jax.samplers import fk_steering as fk  # noqa: E402
-from tts_jax.samplers import lm_smc, run  # noqa: E402
-from tts_jax.samplers.lm_state import decode_config, init_state  # noqa: E402
+from tts_jax.samplers import run  # noqa: E402
+from tts_jax.samplers.image import fk_steering as fk  # noqa: E402
+from tts_jax.samplers.lm import token_smc  # noqa: E402
+from tts_jax.samplers.lm.state import decode_config, init_state  # noqa: E402
 from tts_jax.sharding import (  # noqa: E402
     PARTICLE_AXIS,
     constrain_particles,
@@ -130,10 +131,10 @@ def token_smc_program(model: lm.LM):
     """Token-level SMC on a tiny random Qwen2, no stop token, ESS-triggered systematic
     resampling."""
 
-    sampler = lm_smc.token_smc_sampler(LM_N, LM_TOKENS, tilt, None, "systematic")
+    sampler = token_smc.token_smc_sampler(LM_N, LM_TOKENS, tilt, None, "systematic")
 
     def program(key, model, prompt, cfg, potential_params, ess_threshold):
-        params = lm_smc.TokenSMCParams(model, prompt, cfg, ess_threshold, potential_params)
+        params = token_smc.TokenSMCParams(model, prompt, cfg, ess_threshold, potential_params)
         return run(key, sampler, params)
 
     cfg = decode_config(1.0, None, None)
@@ -307,7 +308,7 @@ def fk_state(n):
 
 
 def lm_state(model, n):
-    """Token SMC's :class:`~tts_jax.samplers.lm_state.LMState` (KV cache included)."""
+    """Token SMC's :class:`~tts_jax.samplers.lm.state.LMState` (KV cache included)."""
     make = jax.jit(init_state, static_argnums=(2, 3))
     return make(model, jnp.arange(1, 9, dtype=jnp.int32), n, LM_TOKENS, jnp.int32(0))
 

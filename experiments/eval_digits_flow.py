@@ -36,7 +36,7 @@ from tts_jax.models.wrappers import with_guidance
 from tts_jax.models.zoo import load_digits_flow
 from tts_jax.rewards.classifier import load_digits_heldout
 from tts_jax.rewards.metrics import classifier_features, frechet_distance
-from tts_jax.samplers.integrate import initial_noise, solve
+from tts_jax.samplers.image.integrate import initial_noise, solve
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the headless backend)

@@ -19,7 +19,7 @@ from tts_jax.app.tasks.arith_models import eval_problems
 from tts_jax.app.tasks.arith_tokenizer import ArithTokenizer
 from tts_jax.models import lm
 from tts_jax.models.lm_reward import RewardModel
-from tts_jax.samplers.lm_state import sequences
+from tts_jax.samplers.lm.state import sequences
 
 N = 2
 KEYS = {

@@ -8,7 +8,7 @@ import pytest
 from tts_jax import interpolants as I
 from tts_jax.models import gmm as G
 from tts_jax.models.base import linear_to_vp
-from tts_jax.samplers import integrate
+from tts_jax.samplers.image import integrate
 
 from .helpers import assert_matches_gmm
 

@@ -16,7 +16,7 @@ from .helpers import run_on_host_devices
 SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
-    from tts_jax.samplers import lm_smc
+    from tts_jax.samplers.lm import engine, particle_filter, token_smc
     from tts_jax.samplers.base import run_with_keys
     from tts_jax.sharding import constrain_particles, particle_mesh
     from tests.samplers.test_lm_smc import EOS, PROMPT, _params, potential, tiny_lm
@@ -24,17 +24,17 @@ SCRIPT = textwrap.dedent(
     assert len(jax.devices()) == 4, jax.devices()
     N, TOKENS, THRESHOLD = 32, 8, 0.9
     pot, banned = _params(lam=1.0)
-    plain = lm_smc.token_smc(jax.random.key(0), tiny_lm(), PROMPT, num_particles=N,
+    plain = token_smc.token_smc(jax.random.key(0), tiny_lm(), PROMPT, num_particles=N,
                              max_new_tokens=TOKENS, potential=potential, potential_params=pot,
                              stop_ids=[EOS], pad_id=EOS, ess_threshold=THRESHOLD)
-    sampler = lm_smc.token_smc_sampler(N, TOKENS, potential)
+    sampler = token_smc.token_smc_sampler(N, TOKENS, potential)
     mesh = particle_mesh(4)
 
     @jax.jit
     def sharded_program(key, model):
-        params = lm_smc.make_token_smc_params(model, PROMPT, stop_ids=[EOS], pad_id=EOS,
+        params = token_smc.make_token_smc_params(model, PROMPT, stop_ids=[EOS], pad_id=EOS,
                                               ess_threshold=THRESHOLD, potential_params=pot)
-        out = run_with_keys(*lm_smc.token_smc_keys(key, sampler), sampler, params)
+        out = run_with_keys(*token_smc.token_smc_keys(key, sampler), sampler, params)
         return constrain_particles(out, mesh, N)
 
     sharded = sharded_program(jax.random.key(0), tiny_lm())
@@ -64,7 +64,7 @@ def test_sharded_token_smc_matches_unsharded():
 PF_SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
-    from tts_jax.samplers import lm_smc
+    from tts_jax.samplers.lm import engine, particle_filter, token_smc
     from tts_jax.models.lm_reward import cached_prm_scorer
     from tts_jax.samplers.base import run_with_keys
     from tts_jax.sharding import constrain_particles, particle_mesh
@@ -73,18 +73,18 @@ PF_SCRIPT = textwrap.dedent(
 
     assert len(jax.devices()) == 4, jax.devices()
     N, STEPS, STEP_TOKENS, TOKENS = 16, 4, 2, 7
-    plain = lm_smc.particle_filter(jax.random.key(1), tiny_lm(), PROMPT, cached_prm_scorer,
+    plain = particle_filter.particle_filter(jax.random.key(1), tiny_lm(), PROMPT, cached_prm_scorer,
                                    tiny_prm(), num_particles=N, max_steps=STEPS,
                                    max_step_tokens=STEP_TOKENS, max_new_tokens=TOKENS,
                                    temperature=1.0, sep_id=SEP, stop_ids=[EOS], pad_id=EOS)
-    sampler = lm_smc.pf_sampler(N, STEPS, STEP_TOKENS, TOKENS, cached_prm_scorer)
+    sampler = particle_filter.pf_sampler(N, STEPS, STEP_TOKENS, TOKENS, cached_prm_scorer)
     mesh = particle_mesh(4)
 
     @jax.jit
     def sharded_program(key, model, prm):
-        params = lm_smc.make_pf_params(model, PROMPT, prm, max_new_tokens=TOKENS,
+        params = particle_filter.make_pf_params(model, PROMPT, prm, max_new_tokens=TOKENS,
                                        temperature=1.0, sep_id=SEP, stop_ids=[EOS], pad_id=EOS)
-        out = run_with_keys(*lm_smc.pf_keys(key, sampler), sampler, params)
+        out = run_with_keys(*particle_filter.pf_keys(key, sampler), sampler, params)
         return constrain_particles(out, mesh, N)
 
     sharded = sharded_program(jax.random.key(1), tiny_lm(), tiny_prm())

@@ -9,7 +9,7 @@ from tts_jax import interpolants as I
 from tts_jax import smc
 from tts_jax.models import gmm as G
 from tts_jax.rewards.analytic import linear_reward
-from tts_jax.samplers import fk_steering as fk
+from tts_jax.samplers.image import fk_steering as fk
 
 from .helpers import assert_matches_gmm, gmm_expected_statistics, gmm_statistics
 

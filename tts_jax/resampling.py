@@ -2,9 +2,9 @@
 
 A resampler is a value: any function with that signature (:data:`Resampler`) can be passed
 wherever one is expected (:func:`tts_jax.smc.step`, the samplers' factories such as
-:func:`tts_jax.samplers.fk_steering.sampler`); the names of :data:`RESAMPLERS` are aliases of the
-four below, resolved by :func:`get_resampler` (the CLI and the convenience entry points accept
-them). A resampler of your own must be jit-able with static shapes, return indices in
+:func:`tts_jax.samplers.image.fk_steering.sampler`); the names of :data:`RESAMPLERS` are
+aliases of the four below, resolved by :func:`get_resampler` (the CLI and the convenience entry
+points accept them). A resampler of your own must be jit-able with static shapes, return indices in
 ``[0, N)``, and never pick a particle whose log-weight is ``-inf`` (the engine calls it only when
 some weight is positive).
 

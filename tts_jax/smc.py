@@ -16,8 +16,8 @@ Two levels of API:
 
 * :func:`init` / :func:`step` are pure, un-jitted functions over :class:`SMCState` that samplers
   compose inside their own jitted programs (optax / blackjax style): the kernels of
-  :mod:`tts_jax.samplers` (e.g. :func:`tts_jax.samplers.fk_steering.sampler`) are built on them,
-  and :func:`run_scan` / :func:`run_until` loop over :func:`step`;
+  :mod:`tts_jax.samplers` (e.g. :func:`tts_jax.samplers.image.fk_steering.sampler`) are built on
+  them, and :func:`run_scan` / :func:`run_until` loop over :func:`step`;
 * :func:`run` jits the whole loop once (``lax.scan`` over steps), returns per-step
   :class:`SMCInfo` as scan outputs, and performs the host-side checks (NaN potentials).
 

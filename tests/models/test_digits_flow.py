@@ -13,7 +13,7 @@ from tts_jax.interpolants import ode, uniform_grid
 from tts_jax.models import zoo
 from tts_jax.rewards.classifier import load_digits_heldout
 from tts_jax.rewards.metrics import class_accuracy
-from tts_jax.samplers.integrate import initial_noise, solve
+from tts_jax.samplers.image.integrate import initial_noise, solve
 
 CLASSES = (3, 7)
 PER_CLASS = 100

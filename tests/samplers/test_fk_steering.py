@@ -12,7 +12,7 @@ from tts_jax import smc
 from tts_jax.models import gmm as G
 from tts_jax.rewards.analytic import linear_reward
 from tts_jax.rewards.base import Reward
-from tts_jax.samplers import fk_steering as fk
+from tts_jax.samplers.image import fk_steering as fk
 
 DIRECTION = jnp.array([1.0, -0.5])
 GRID = I.uniform_grid(40)
@@ -249,7 +249,7 @@ def digest(result) -> str:
 
 def _pinned_case(name):
     from tts_jax.models.base import linear_to_vp
-    from tts_jax.samplers import flow_particles as fp
+    from tts_jax.samplers.image import flow_particles as fp
 
     model = G.flow_model(G.asymmetric_gmm_2d())
     reward = linear_reward(DIRECTION)

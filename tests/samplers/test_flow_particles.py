@@ -14,11 +14,11 @@ from tts_jax.models import gmm as G
 from tts_jax.models.base import linear_to_vp
 from tts_jax.rewards.analytic import linear_reward
 from tts_jax.rewards.base import Reward
-from tts_jax.samplers import fk_steering as fk
-from tts_jax.samplers import flow_particles as fp
-from tts_jax.samplers import flow_search, rollover
 from tts_jax.samplers.base import Sampler, run, run_with_keys
-from tts_jax.samplers.integrate import solve, tweedie
+from tts_jax.samplers.image import fk_steering as fk
+from tts_jax.samplers.image import flow_particles as fp
+from tts_jax.samplers.image import flow_search, rollover
+from tts_jax.samplers.image.integrate import solve, tweedie
 
 from ..helpers import assert_matches_gmm
 

@@ -15,7 +15,7 @@ from tts_jax.models import gmm as G
 from tts_jax.models.base import FlowModel
 from tts_jax.rewards.analytic import linear_reward
 from tts_jax.samplers import Sampler, run
-from tts_jax.samplers import fk_steering as fk
+from tts_jax.samplers.image import fk_steering as fk
 
 from ..helpers import gmm_expected_statistics, gmm_statistics, run_on_host_devices
 
@@ -278,7 +278,7 @@ SHARDED = textwrap.dedent(
     from tts_jax.models import gmm as G
     from tts_jax.rewards.analytic import linear_reward
     from tts_jax.samplers import run
-    from tts_jax.samplers import fk_steering as fk
+    from tts_jax.samplers.image import fk_steering as fk
     from tts_jax.sharding import constrain_particles, particle_mesh
 
     assert len(jax.devices()) == 4

@@ -12,8 +12,9 @@ import pytest
 from flax import nnx
 
 from tts_jax.models import lm
-from tts_jax.samplers import lm_smc, lm_state
 from tts_jax.samplers.base import run
+from tts_jax.samplers.lm import particle_filter, token_smc
+from tts_jax.samplers.lm import state as lm_state
 
 CONFIG = lm.LMConfig(
     model_type="qwen2",
@@ -57,12 +58,12 @@ def _scorer(_params, tokens, step_ends):
 def _compiled(program: str, new_tokens: int):
     model, cfg = _model(), lm_state.decode_config(1.0, None, None, 0)
     if program == "token_smc":
-        sampler = lm_smc.token_smc_sampler(N, new_tokens, _twist)
-        params = lm_smc.TokenSMCParams(model, PROMPT, cfg, jnp.float32(0.5), jnp.float32(0.5))
+        sampler = token_smc.token_smc_sampler(N, new_tokens, _twist)
+        params = token_smc.TokenSMCParams(model, PROMPT, cfg, jnp.float32(0.5), jnp.float32(0.5))
         lowered = jax.jit(run, static_argnames="sampler").lower(jax.random.key(0), sampler, params)
     else:
-        sampler = lm_smc.pf_sampler(N, new_tokens // 8, 8, new_tokens, _scorer)
-        params = lm_smc.PFParams(
+        sampler = particle_filter.pf_sampler(N, new_tokens // 8, 8, new_tokens, _scorer)
+        params = particle_filter.PFParams(
             model,
             PROMPT,
             jnp.int32(4),

@@ -17,11 +17,11 @@ from flax import nnx
 
 from tests.lm_exact import enumerate_completions
 from tts_jax.models.lm_reward import RewardModel, cached_prm_scorer, prm_scorer
-from tts_jax.samplers import lm_smc
 from tts_jax.samplers.base import run as base_run
 from tts_jax.samplers.base import run_with_keys
-from tts_jax.samplers.lm_scoring import AGGREGATIONS, score_sequences
-from tts_jax.samplers.lm_state import sequences
+from tts_jax.samplers.lm import engine, particle_filter
+from tts_jax.samplers.lm.scoring import AGGREGATIONS, score_sequences
+from tts_jax.samplers.lm.state import sequences
 
 from .test_lm_smc import EOS, PINNED_JAX, VOCAB, digest, iid_tv, random_module, tiny_lm
 
@@ -42,7 +42,7 @@ def p0() -> np.ndarray:
     return np.exp(log_p)
 
 
-def run(seed, table=TABLE, method=lm_smc.particle_filter, n=N, temperature=1.0, **kwargs):
+def run(seed, table=TABLE, method=particle_filter.particle_filter, n=N, temperature=1.0, **kwargs):
     return method(
         jax.random.key(seed),
         tiny_lm(),
@@ -144,7 +144,7 @@ def test_puri_weights_are_absolute_and_finished_particles_stay_finished():
 
 
 def test_particle_gibbs_never_resamples_the_reference_away():
-    r = run(3, method=lm_smc.particle_gibbs, n=2 * N, num_sweeps=2)
+    r = run(3, method=particle_filter.particle_gibbs, n=2 * N, num_sweeps=2)
     reference = np.asarray(r.info["references"])[0]
     tokens, length = np.asarray(r.tokens)[0], int(r.lengths[0])
     np.testing.assert_array_equal(tokens[:length], reference[:length])
@@ -156,11 +156,15 @@ def test_particle_gibbs_never_resamples_the_reference_away():
 def test_entropic_temperature_formula_and_run():
     lw = jnp.asarray([0.0, -10.0, -10.0, -10.0])  # ESS ~ 1 of 4
     ratio = 1.0 / 4
-    t_early = float(lm_smc.entropic_temperature(lw, jnp.float32(0.1)))
+    t_early = float(particle_filter.entropic_temperature(lw, jnp.float32(0.1)))
     assert t_early == pytest.approx((1 - 0.1) / ratio, rel=1e-3)
-    assert float(lm_smc.entropic_temperature(lw, jnp.float32(0.6))) == 1.0  # late: untempered
-    assert float(lm_smc.entropic_temperature(jnp.zeros(4), jnp.float32(0.1))) == 1.0  # ESS = N
-    r = run(0, method=lm_smc.entropic_particle_filter, softmax_temperature=0.1)
+    assert (
+        float(particle_filter.entropic_temperature(lw, jnp.float32(0.6))) == 1.0
+    )  # late: untempered
+    assert (
+        float(particle_filter.entropic_temperature(jnp.zeros(4), jnp.float32(0.1))) == 1.0
+    )  # ESS = N
+    r = run(0, method=particle_filter.entropic_particle_filter, softmax_temperature=0.1)
     scores = np.asarray(r.scores)
     assert scores[int(r.best)] == scores.max()
 
@@ -176,7 +180,7 @@ def test_empty_budget_and_bad_options_are_refused():
     with pytest.raises(ValueError, match="empty budget"):
         run(0, n=0)
     with pytest.raises(ValueError, match="empty budget"):
-        lm_smc.particle_filter(
+        particle_filter.particle_filter(
             jax.random.key(0),
             tiny_lm(),
             PROMPT,
@@ -193,24 +197,26 @@ def test_empty_budget_and_bad_options_are_refused():
         run(0, weighting="twisted", temperature=0.0)
     run(0, temperature=0.0)  # greedy proposals are fine for the (uncorrected) Puri weights
     with pytest.raises(ValueError, match="particles per"):
-        run(0, method=lm_smc.particle_gibbs, n=N, num_sweeps=N)
+        run(0, method=particle_filter.particle_gibbs, n=N, num_sweeps=N)
 
 
 def test_new_temperatures_or_weighting_compile_nothing():
     # Compile each program once first: the jit cache is shared by the whole process.
     run(0, softmax_temperature=1.0)
-    run(0, method=lm_smc.particle_gibbs, n=2 * N, num_sweeps=2).tokens.block_until_ready()
-    size = lm_smc._run_with_keys._cache_size()
+    run(0, method=particle_filter.particle_gibbs, n=2 * N, num_sweeps=2).tokens.block_until_ready()
+    size = engine.run_jitted._cache_size()
     run(1, softmax_temperature=0.3, temperature=0.7)
     run(2, softmax_temperature=4.0, weighting="twisted", ess_threshold=0.8)
-    gibbs = run(3, method=lm_smc.particle_gibbs, n=2 * N, num_sweeps=2, softmax_temperature=2.0)
+    gibbs = run(
+        3, method=particle_filter.particle_gibbs, n=2 * N, num_sweeps=2, softmax_temperature=2.0
+    )
     gibbs.tokens.block_until_ready()
-    assert lm_smc._run_with_keys._cache_size() == size
+    assert engine.run_jitted._cache_size() == size
 
 
 def _kernel(weighting="puri", temperature=1.0, softmax_temperature=1.0, resampler="multinomial"):
-    sampler = lm_smc.pf_sampler(N, 2, 1, 2, first_token_scorer, "last", resampler)
-    params = lm_smc.make_pf_params(
+    sampler = particle_filter.pf_sampler(N, 2, 1, 2, first_token_scorer, "last", resampler)
+    params = particle_filter.make_pf_params(
         tiny_lm(),
         PROMPT,
         jnp.asarray(TABLE),
@@ -222,16 +228,16 @@ def _kernel(weighting="puri", temperature=1.0, softmax_temperature=1.0, resample
         pad_id=EOS,
         weighting=weighting,
     )
-    lm_smc.check_pf_params(params, sampler)
+    particle_filter.check_pf_params(params, sampler)
     return sampler, params
 
 
-@pytest.mark.parametrize("weighting", lm_smc.WEIGHTINGS)
+@pytest.mark.parametrize("weighting", particle_filter.WEIGHTINGS)
 def test_kernel_is_the_convenience_function_vmaps_over_keys_and_compiles_once(weighting):
     sampler, params = _kernel(weighting)
-    assert lm_smc.pf_sampler(N, 2, 1, 2, first_token_scorer) is sampler
+    assert particle_filter.pf_sampler(N, 2, 1, 2, first_token_scorer) is sampler
     jitted = jax.jit(run_with_keys, static_argnames="sampler")
-    out = jitted(*lm_smc.pf_keys(jax.random.key(5), sampler), sampler, params)
+    out = jitted(*particle_filter.pf_keys(jax.random.key(5), sampler), sampler, params)
     assert digest(out) == digest(run(5, weighting=weighting))
     keys = jax.random.split(jax.random.key(6), 3)
     run_jit = jax.jit(base_run, static_argnames="sampler")
@@ -251,7 +257,7 @@ def test_kernel_is_the_convenience_function_vmaps_over_keys_and_compiles_once(we
     assert run_jit._cache_size() == compiled  # a new temperature compiles nothing
     if weighting == "twisted":
         with pytest.raises(ValueError, match="temperature > 0"):
-            lm_smc.check_pf_params(_kernel(weighting, temperature=0.0)[1], sampler)
+            particle_filter.check_pf_params(_kernel(weighting, temperature=0.0)[1], sampler)
 
 
 @functools.cache
@@ -289,9 +295,9 @@ def test_cached_prm_scorer_equals_rescoring_the_whole_sequence(how):
 @pytest.mark.parametrize(
     "method, options",
     [
-        (lm_smc.particle_filter, {}),
-        (lm_smc.entropic_particle_filter, {}),
-        (lm_smc.particle_gibbs, {"num_sweeps": 2}),
+        (particle_filter.particle_filter, {}),
+        (particle_filter.entropic_particle_filter, {}),
+        (particle_filter.particle_gibbs, {"num_sweeps": 2}),
     ],
 )
 def test_particle_filters_with_the_cached_prm_reproduce_full_rescoring(method, options):
@@ -364,12 +370,12 @@ def _pinned_case(name):
     cases = {
         "puri": lambda: run(0, softmax_temperature=0.5, temperature=0.8),
         "twisted": lambda: run(1, weighting="twisted", ess_threshold=0.8, temperature=0.7),
-        "entropic": lambda: run(2, method=lm_smc.entropic_particle_filter),
-        "gibbs": lambda: run(3, method=lm_smc.particle_gibbs, n=2 * N, num_sweeps=2),
-        "prm-puri-stratified": lambda: prm(lm_smc.particle_filter, resampler="stratified"),
-        "prm-twisted": lambda: prm(lm_smc.particle_filter, weighting="twisted"),
-        "prm-entropic": lambda: prm(lm_smc.entropic_particle_filter),
-        "prm-gibbs": lambda: prm(lm_smc.particle_gibbs, num_sweeps=2),
+        "entropic": lambda: run(2, method=particle_filter.entropic_particle_filter),
+        "gibbs": lambda: run(3, method=particle_filter.particle_gibbs, n=2 * N, num_sweeps=2),
+        "prm-puri-stratified": lambda: prm(particle_filter.particle_filter, resampler="stratified"),
+        "prm-twisted": lambda: prm(particle_filter.particle_filter, weighting="twisted"),
+        "prm-entropic": lambda: prm(particle_filter.entropic_particle_filter),
+        "prm-gibbs": lambda: prm(particle_filter.particle_gibbs, num_sweeps=2),
     }
     return cases[name]()
 
@@ -387,9 +393,9 @@ def test_outputs_are_bit_identical_to_the_pinned_runs(name):
 
 @pytest.mark.slow
 def test_gibbs_kernel_is_the_convenience_function_and_vmaps_over_keys():
-    sampler = lm_smc.gibbs_sampler(2 * N, 2, 2, 1, 2, first_token_scorer)
-    assert lm_smc.gibbs_sampler(2 * N, 2, 2, 1, 2, first_token_scorer) is sampler
-    params = lm_smc.make_pf_params(
+    sampler = particle_filter.gibbs_sampler(2 * N, 2, 2, 1, 2, first_token_scorer)
+    assert particle_filter.gibbs_sampler(2 * N, 2, 2, 1, 2, first_token_scorer) is sampler
+    params = particle_filter.make_pf_params(
         tiny_lm(),
         PROMPT,
         jnp.asarray(TABLE),
@@ -400,7 +406,7 @@ def test_gibbs_kernel_is_the_convenience_function_and_vmaps_over_keys():
         pad_id=EOS,
     )
     jitted = jax.jit(run_with_keys, static_argnames="sampler")
-    out = jitted(*lm_smc.gibbs_keys(jax.random.key(3), sampler), sampler, params)
+    out = jitted(*particle_filter.gibbs_keys(jax.random.key(3), sampler), sampler, params)
     assert digest(out) == PINNED["gibbs"][0]
     assert out.info["references"].shape == (1, 2)
     keys = jax.random.split(jax.random.key(6), 2)

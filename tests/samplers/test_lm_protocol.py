@@ -24,7 +24,8 @@ import pytest
 from tests.lm_exact import enumerate_completions
 from tts_jax.models.base import LanguageModel
 from tts_jax.rewards.base import PromptRows, RescoringScorer, StepScorer, last_step_only
-from tts_jax.samplers import lm_search, lm_smc
+from tts_jax.samplers.lm import particle_filter, token_smc
+from tts_jax.samplers.lm import search as lm_search
 
 VOCAB, EOS, LENGTH, SEP = 4, 0, 4, 2
 PROMPT = np.array([1, 2], np.int32)
@@ -154,7 +155,7 @@ def test_token_smc_on_the_bigram_lm_matches_exact_enumeration(temperature):
     Mutants run on the same seeds, against the target: no potential 500+, no ``p / q``
     correction (T = 0.5) 20."""
     results = [
-        lm_smc.token_smc(
+        token_smc.token_smc(
             jax.random.key(seed),
             bigram_lm(),
             PROMPT,
@@ -189,7 +190,7 @@ def count3_scorer(lam, tokens, step_ends):
 
 def run_pf(seed, scorer=count3_scorer, temperature=1.0, softmax_temperature=1.0, **kwargs):
     # Steps end at token 2 or after 2 tokens; 4 steps finish every completion (<= 4 tokens).
-    return lm_smc.particle_filter(
+    return particle_filter.particle_filter(
         jax.random.key(seed),
         bigram_lm(),
         PROMPT,
@@ -330,8 +331,8 @@ def test_rescoring_state_is_the_prompt_on_every_row():
 def test_the_lm_samplers_import_no_model():
     """The samplers depend on the protocols only: importing them loads no concrete network."""
     code = (
-        "import sys; import tts_jax.samplers.lm_smc, tts_jax.samplers.lm_search, "
-        "tts_jax.samplers.lm_result, tts_jax.samplers.lm_scoring; "
+        "import sys; import tts_jax.samplers.lm.particle_filter, tts_jax.samplers.lm.search, "
+        "tts_jax.samplers.lm.answers, tts_jax.samplers.lm.scoring; "
         "bad = [m for m in ('tts_jax.models.lm', 'tts_jax.models.lm_reward') "
         "if m in sys.modules]; print(bad); assert not bad"
     )

@@ -12,11 +12,11 @@ import pytest
 from flax import nnx
 
 from tts_jax.models.lm_reward import RewardModel, cached_prm_scorer, prm_scorer, prm_scores
-from tts_jax.samplers import lm_search
 from tts_jax.samplers.base import run as base_run
 from tts_jax.samplers.base import run_with_keys
-from tts_jax.samplers.lm_result import select
-from tts_jax.samplers.lm_scoring import aggregate, host_scorer
+from tts_jax.samplers.lm import search as lm_search
+from tts_jax.samplers.lm.answers import select
+from tts_jax.samplers.lm.scoring import aggregate, host_scorer
 
 from .test_lm_pf import PROMPT, SEP, TABLE, first_token_scorer, tiny_prm
 from .test_lm_smc import EOS, PINNED_JAX, VOCAB, digest, random_module, tiny_lm

@@ -18,9 +18,11 @@ from flax import nnx
 from tests.lm_exact import enumerate_completions
 from tts_jax.models import lm
 from tts_jax.particles import gather
-from tts_jax.samplers import lm_result, lm_smc, lm_state
 from tts_jax.samplers.base import run as base_run
 from tts_jax.samplers.base import run_with_keys
+from tts_jax.samplers.lm import answers as lm_result
+from tts_jax.samplers.lm import engine, token_smc
+from tts_jax.samplers.lm import state as lm_state
 
 VOCAB, EOS, PROMPT, LENGTH = 5, 0, np.array([1, 2], np.int32), 4
 SMALL, LARGE = 32, 512
@@ -82,7 +84,7 @@ def _params(lam=0.0, require1=False, banned=()):
 
 def run(seed, n, lam=0.0, require1=False, banned=(), temperature=1.0, **kwargs):
     pot, banned_mask = _params(lam, require1, banned)
-    return lm_smc.token_smc(
+    return token_smc.token_smc(
         jax.random.key(seed),
         tiny_lm(),
         PROMPT,
@@ -198,16 +200,16 @@ def test_new_temperature_lambda_or_threshold_compiles_nothing():
     # Compile each program once first: the jit cache is shared by the whole process.
     run(1, SMALL, lam=0.5)
     run(1, SMALL, lam=0.5, banned=(2,)).tokens.block_until_ready()
-    size = lm_smc._run_with_keys._cache_size()
+    size = engine.run_jitted._cache_size()
     run(2, SMALL, lam=2.0, temperature=0.7, ess_threshold=0.9)
     run(3, SMALL, lam=-1.0, banned=(2,), temperature=1.3).tokens.block_until_ready()
-    assert lm_smc._run_with_keys._cache_size() == size
+    assert engine.run_jitted._cache_size() == size
 
 
 def _kernel(n=SMALL, lam=1.0, temperature=1.0):
     pot, banned = _params(lam)
-    sampler = lm_smc.token_smc_sampler(n, LENGTH, potential, constraint)
-    params = lm_smc.make_token_smc_params(
+    sampler = token_smc.token_smc_sampler(n, LENGTH, potential, constraint)
+    params = token_smc.make_token_smc_params(
         tiny_lm(),
         PROMPT,
         temperature=temperature,
@@ -216,16 +218,16 @@ def _kernel(n=SMALL, lam=1.0, temperature=1.0):
         potential_params=pot,
         constraint_params=banned,
     )
-    lm_smc.check_token_smc_params(params, sampler)
+    token_smc.check_token_smc_params(params, sampler)
     return sampler, params
 
 
 def test_kernel_is_the_convenience_function_vmaps_over_keys_and_compiles_once():
     sampler, params = _kernel()
-    assert lm_smc.token_smc_sampler(SMALL, LENGTH, potential, constraint) is sampler
+    assert token_smc.token_smc_sampler(SMALL, LENGTH, potential, constraint) is sampler
     jitted = jax.jit(run_with_keys, static_argnames="sampler")
     key = jax.random.key(5)
-    assert digest(jitted(*lm_smc.token_smc_keys(key, sampler), sampler, params)) == digest(
+    assert digest(jitted(*token_smc.token_smc_keys(key, sampler), sampler, params)) == digest(
         run(5, SMALL, lam=1.0)
     )
     keys = jax.random.split(jax.random.key(6), 3)
@@ -247,18 +249,18 @@ def test_kernel_is_the_convenience_function_vmaps_over_keys_and_compiles_once():
     run_jit(keys[0], sampler, hotter).tokens.block_until_ready()
     assert run_jit._cache_size() == compiled  # a new temperature compiles nothing
     with pytest.raises(ValueError, match="temperature > 0"):
-        lm_smc.check_token_smc_params(_kernel(temperature=0.0)[1], sampler)
+        token_smc.check_token_smc_params(_kernel(temperature=0.0)[1], sampler)
 
 
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="empty budget"):
         run(0, 0)
     with pytest.raises(ValueError, match="empty budget"):
-        lm_smc.token_smc(jax.random.key(0), tiny_lm(), PROMPT, num_particles=4, max_new_tokens=0)
+        token_smc.token_smc(jax.random.key(0), tiny_lm(), PROMPT, num_particles=4, max_new_tokens=0)
     with pytest.raises(ValueError, match="temperature > 0"):
         run(0, SMALL, temperature=0.0)
     with pytest.raises(ValueError, match="prompt"):
-        lm_smc.token_smc(
+        token_smc.token_smc(
             jax.random.key(0),
             tiny_lm(),
             np.zeros((0,), np.int32),

@@ -14,9 +14,10 @@ from tts_jax.models.base import FlowModel
 from tts_jax.rewards.analytic import distance_reward, linear_reward
 from tts_jax.rewards.base import Reward
 from tts_jax.rewards.ensemble import mean_rank_ensemble
-from tts_jax.samplers import Sampler, integrate, run, selection
-from tts_jax.samplers import noise_search as ns
-from tts_jax.samplers.scaffold import run_with_keys
+from tts_jax.samplers import Sampler, run
+from tts_jax.samplers.image import integrate, selection
+from tts_jax.samplers.image import noise_search as ns
+from tts_jax.samplers.image.scaffold import run_with_keys
 from tts_jax.smc import step_keys_for
 
 K = 8

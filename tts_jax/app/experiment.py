@@ -31,8 +31,8 @@ from tts_jax import interpolants as I
 from tts_jax.app import plots, runs, sweeps
 from tts_jax.models.base import FlowModel, linear_to_vp
 from tts_jax.rewards.base import Reward
-from tts_jax.samplers import flow_particles, noise_search
-from tts_jax.samplers.fk_steering import fk_steering
+from tts_jax.samplers.image import flow_particles, noise_search
+from tts_jax.samplers.image.fk_steering import fk_steering
 from tts_jax.samplers.result import SampleResult
 
 log = logging.getLogger("tts_jax")

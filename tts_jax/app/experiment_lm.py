@@ -2,7 +2,8 @@
 
 A run is (method, particle budget ``N``, seed, held-out problem). :data:`LM_METHODS` maps a method
 name to an adapter that spends ``N`` particles with a library sampler
-(:mod:`tts_jax.samplers.lm_search`, :mod:`tts_jax.samplers.lm_smc`) and picks the final answer:
+(:mod:`tts_jax.samplers.lm.search`, :mod:`tts_jax.samplers.lm.particle_filter`) and picks the
+final answer:
 
 - ``greedy``: one temperature-0 completion (independent of ``N``: recorded with budget 1);
 - ``majority``: self-consistency, the most frequent answer of ``N`` samples (no scorer);
@@ -22,7 +23,7 @@ draw independent samples (majority, bon, wbon) see the very same samples.
 
 Scorers: ``prm`` is the embedded process reward model (``tts_jax/assets/arith-prm``); ``oracle``
 is the exact programmatic checker used as a PRM behind the host boundary
-(:func:`~tts_jax.samplers.lm_scoring.host_scorer`): a step scores :data:`ORACLE_HIT` if the
+(:func:`~tts_jax.samplers.lm.scoring.host_scorer`): a step scores :data:`ORACLE_HIT` if the
 solution prefix up to it is still correct and :data:`ORACLE_MISS` otherwise. The scores are
 smoothed away from 0 / 1 so that the log-odds weights of particle filtering stay finite and a
 particle filter whose particles are all wrong still resamples by weight instead of dividing by
@@ -75,9 +76,10 @@ from tts_jax.app.tasks.arithmetic import (
 )
 from tts_jax.models.lm import LM
 from tts_jax.models.lm_reward import RewardModel, cached_prm_scorer
-from tts_jax.samplers import lm_search, lm_smc
-from tts_jax.samplers.lm_result import LMResult, extract_answers
-from tts_jax.samplers.lm_scoring import StepScorer, host_scorer
+from tts_jax.samplers.lm import particle_filter
+from tts_jax.samplers.lm import search as lm_search
+from tts_jax.samplers.lm.answers import LMResult, extract_answers
+from tts_jax.samplers.lm.scoring import StepScorer, host_scorer
 
 SCORERS = ("prm", "oracle")
 ORACLE_HIT = 0.99
@@ -346,9 +348,9 @@ def _beam(key, bundle, config, prompt):
 
 
 PARTICLE_SAMPLERS = {
-    "pf": lm_smc.particle_filter,
-    "epf": lm_smc.entropic_particle_filter,
-    "gibbs": lm_smc.particle_gibbs,
+    "pf": particle_filter.particle_filter,
+    "epf": particle_filter.entropic_particle_filter,
+    "gibbs": particle_filter.particle_gibbs,
 }
 
 

@@ -141,7 +141,7 @@ class CachedPRMScorer:
     :meth:`init` prefills the prompt once on one row and broadcasts it to ``N``; :meth:`update`
     (after every step) feeds each row its new tokens, at most one step's worth: a PRM pass over
     ``window`` token positions per particle and step (each written token is fed once) instead of
-    ``P + L``. The state is part of :class:`~tts_jax.samplers.lm_state.LMState` and is resampled
+    ``P + L``. The state is part of :class:`~tts_jax.samplers.lm.state.LMState` and is resampled
     with it. Scores equal :data:`prm_scorer`'s.
     """
 

@@ -252,18 +252,17 @@ def _image_embeds(vision: CLIPVisionModelWithProjection, x: Array, config: CLIPP
 
 @dataclasses.dataclass(frozen=True)
 class _CosineApply:
-    """``scale * cos(image, text)`` (clamped at 0 if ``clamp``); static and hashable."""
+    """``scale * cos(image, text)``, clamped at 0 where ``params["clamp"]``; static and hashable
+    (CLIPScore and PickScore rewards of one preprocessing share a compiled sampler)."""
 
     config: CLIPPreprocess
-    clamp: bool
 
     def __call__(self, params: dict, x: Array, cond: Any) -> Array:
         del cond
         image, finite = _image_embeds(params["vision"], x, self.config)
         text = jnp.broadcast_to(params["text"][None], image.shape)
         cos = jnp.sum(image * text, axis=-1)
-        if self.clamp:
-            cos = jnp.maximum(cos, 0.0)
+        cos = jnp.where(params["clamp"], jnp.maximum(cos, 0.0), cos)
         return jnp.where(finite, params["scale"] * cos, -jnp.inf)
 
 
@@ -287,8 +286,13 @@ def _cosine_reward(
     ids = _prompt_ids(prompt, tokenizer, model.config.text.max_position_embeddings)
     text, vision = split_clip(model)
     text_embed = _unit(_text_embeds(text, jnp.asarray(ids)))[0]
-    params = {"vision": vision, "text": text_embed, "scale": jnp.asarray(scale(model), jnp.float32)}
-    return Reward(params, _CosineApply(preprocess_config, clamp), name)
+    params = {
+        "vision": vision,
+        "text": text_embed,
+        "scale": jnp.asarray(scale(model), jnp.float32),
+        "clamp": jnp.asarray(clamp),
+    }
+    return Reward(params, _CosineApply(preprocess_config), name)
 
 
 def clip_score(

@@ -20,7 +20,7 @@ configuration and shapes.
 :func:`run` is pure and traceable: jit it, ``vmap`` it over keys
 (``jax.vmap(run, in_axes=(0, None, None))``), or shard the particles it creates. It never reads
 values on the host; argument checks are a separate host-side function of each method
-(e.g. :func:`tts_jax.samplers.fk_steering.check_params`) that the convenience entry points
+(e.g. :func:`tts_jax.samplers.image.fk_steering.check_params`) that the convenience entry points
 call first, and checks of the finished result (NaN rewards, every particle dead) come after.
 """
 

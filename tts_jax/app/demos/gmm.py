@@ -23,7 +23,7 @@ from tts_jax import interpolants as I
 from tts_jax.app import runs
 from tts_jax.models import gmm as G
 from tts_jax.rewards.analytic import linear_reward
-from tts_jax.samplers.fk_steering import fk_steering
+from tts_jax.samplers.image.fk_steering import fk_steering
 
 log = logging.getLogger("tts_jax")
 

@@ -11,7 +11,7 @@ The package is split by job; every name is importable from ``tts_jax.models.lm``
   first) and :func:`init_cache`;
 - :mod:`~tts_jax.models.lm.generation`: the pure forward functions over a cache
   (:func:`hidden_states`, :func:`lm_logits`, :func:`forward`, :func:`decode_step`) and the jitted
-  sampler :func:`generate`; ``sample_token`` is re-exported from :mod:`tts_jax.samplers.lm_state`;
+  sampler :func:`generate`; ``sample_token`` is re-exported from :mod:`tts_jax.samplers.lm.state`;
 - :mod:`~tts_jax.models.lm.checkpoint`: :func:`load_lm` / :func:`save_lm` and the generic
   :func:`load_weights` / :func:`save_weights` (transformers folders, safetensors only);
 - :mod:`~tts_jax.models.lm.protocol`: :func:`language_model`, the adapter to the

@@ -4,7 +4,7 @@ Modules are pytrees (Flax NNX), so :func:`forward`, :func:`decode_step` and frie
 as an ordinary argument inside ``jax.jit`` / ``lax.while_loop``: one compiled program serves any
 weights and nothing is closed over. They are un-jitted library functions; :func:`generate` is the
 jitted runner (``lax.while_loop`` over tokens, cache donated, temperature an array argument).
-``sample_token`` is defined next to the samplers (:mod:`tts_jax.samplers.lm_state`) and
+``sample_token`` is defined next to the samplers (:mod:`tts_jax.samplers.lm.state`) and
 re-exported here. See docs/design.md, "Models we ship", and docs/algorithms.md, 4.4.
 """
 
@@ -21,7 +21,7 @@ from flax import nnx
 
 from tts_jax.models.lm.cache import KVCache, _check_fits, init_cache
 from tts_jax.models.lm.modules import LM, Backbone, _rope_tables
-from tts_jax.samplers.lm_state import sample_token  # defined next to the samplers
+from tts_jax.samplers.lm.state import sample_token  # defined next to the samplers
 
 Array = jax.Array
 

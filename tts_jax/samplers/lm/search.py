@@ -1,9 +1,9 @@
 """Search baselines for LM steering with the same interface and budget accounting as
-:mod:`tts_jax.samplers.lm_smc` (docs/algorithms.md 4.3).
+:mod:`tts_jax.samplers.lm.particle_filter` (docs/algorithms.md 4.3).
 
 * :func:`best_of_n`: ``N`` independent completions, scored once at the end by an ORM (use
   ``aggregation="model"``) or the aggregated PRM score; pick with ``argmax``
-  (:func:`~tts_jax.samplers.lm_result.select`), :func:`weighted_best_of_n` (sum the scores of equal
+  (:func:`~tts_jax.samplers.lm.answers.select`), :func:`weighted_best_of_n` (sum the scores of equal
   answers) or :func:`majority_vote` (self-consistency; Wang et al. 2023).
 * :func:`beam_search` over steps: every step, keep the top ``N / beam_width`` partial solutions by
   PRM score and expand each ``beam_width`` times (optional duplicate filtering).
@@ -13,7 +13,7 @@
 
 All three are one grouped top-k selection after each step: the ``N`` particles form ``G``
 groups of ``N / G``; each group keeps its ``k`` best partial solutions and copies each
-``N / (G k)`` times (one gather of the whole :class:`~tts_jax.samplers.lm_state.LMState`,
+``N / (G k)`` times (one gather of the whole :class:`~tts_jax.samplers.lm.state.LMState`,
 KV cache included). Best-of-N is ``G = N, k = 1`` without intermediate scoring. Finished
 particles stay in the pool with their final score (as in particle filtering); with
 ``dedup=True`` identical completions in a group compete only once. No selection happens after the
@@ -45,7 +45,7 @@ from tts_jax.models.base import LanguageModel, as_language_model
 from tts_jax.particles import gather
 from tts_jax.rewards.base import AGGREGATIONS, StepScorer, as_step_scorer
 from tts_jax.samplers.base import Sampler, run_with_keys
-from tts_jax.samplers.lm_result import (
+from tts_jax.samplers.lm.answers import (
     LMResult,
     check_budget,
     check_nan,
@@ -54,12 +54,12 @@ from tts_jax.samplers.lm_result import (
     make_result,
     select,
 )
-from tts_jax.samplers.lm_scoring import (
+from tts_jax.samplers.lm.scoring import (
     final_scores,
     step_scores,
     with_scorer_state,
 )
-from tts_jax.samplers.lm_state import (
+from tts_jax.samplers.lm.state import (
     DecodeConfig,
     add_budget,
     decode_config,
@@ -122,7 +122,7 @@ class SearchParams(NamedTuple):
         prompt: ``int32[P]`` prompt tokens, right-padded.
         prompt_length: int32 scalar, the real tokens of ``prompt``.
         scorer_params: parameters of the sampler's scorer (e.g. the PRM module).
-        decode: :class:`~tts_jax.samplers.lm_state.DecodeConfig` (``temperature``, ``sep_id``,
+        decode: :class:`~tts_jax.samplers.lm.state.DecodeConfig` (``temperature``, ``sep_id``,
             ``stop_ids int32[S]``, ``pad_id``).
         num_groups: int32 scalar G, dividing N (best-of-N: N; beam search: 1; DVTS:
             ``N / beam_width``).
@@ -221,7 +221,7 @@ def search_sampler(
     every particle, scores it when ``score_steps`` and, before the last step, keeps each
     group's best (:func:`grouped_top_k`, one gather of the state). ``info``: ``ancestors
     int32[K, N]``, ``scores float32[K, N]`` (before selection), ``num_nan``. The result is the
-    :class:`~tts_jax.samplers.lm_result.LMResult` of :func:`best_of_n` / :func:`beam_search` /
+    :class:`~tts_jax.samplers.lm.answers.LMResult` of :func:`best_of_n` / :func:`beam_search` /
     :func:`dvts`, which run it with :func:`search_keys`.
 
     Raises:
@@ -391,12 +391,13 @@ def best_of_n(
 ) -> LMResult:
     """``N`` independent completions scored once at the end (one scorer call per particle).
 
-    Arguments as :func:`tts_jax.samplers.lm_smc.particle_filter` (``prompt_length`` included);
+    Arguments as :func:`tts_jax.samplers.lm.particle_filter.particle_filter` (``prompt_length``
+    included);
     ``aggregation="model"`` makes the scorer an outcome reward model (only the final position is
     scored).
 
     Returns:
-        :class:`~tts_jax.samplers.lm_result.LMResult` with uniform weights; ``best`` is the
+        :class:`~tts_jax.samplers.lm.answers.LMResult` with uniform weights; ``best`` is the
         argmax of the final scores.
     """
     return _search(

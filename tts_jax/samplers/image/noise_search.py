@@ -24,8 +24,8 @@ Two ways to call each (the kernel shape of :mod:`tts_jax.samplers.base`):
   compiled program;
 * :func:`best_of_n`, :func:`zero_order_search`, :func:`search_over_paths`, the convenience entry
   points: budget -> sizes, the host checks, the jitted kernel, then the host-side NaN check
-  (:func:`tts_jax.samplers.scaffold.finish`). They keep the key layout they had before the
-  kernels existed (:func:`tts_jax.samplers.scaffold.run_with_keys`), so their results are
+  (:func:`tts_jax.samplers.image.scaffold.finish`). They keep the key layout they had before the
+  kernels existed (:func:`tts_jax.samplers.image.scaffold.run_with_keys`), so their results are
   bit-identical to it; ``run(key, ...)`` derives its keys from ``key`` its own way, so the same
   key gives other (equally distributed) candidates there.
 
@@ -45,15 +45,15 @@ hyper-parameters (``lambda_cos``, the diffusion norm, grid times) are an error a
 ``held_out`` verifiers (``name -> Reward``) are evaluated on the returned samples only, reported
 in ``info["held_out"]`` and never used for selection: optimizing one verifier can lower the
 others, which users need to see. (The checks, the scoring and the result are
-:mod:`tts_jax.samplers.scaffold`; the selection is :mod:`tts_jax.samplers.selection`.)
+:mod:`tts_jax.samplers.image.scaffold`; the selection is :mod:`tts_jax.samplers.image.selection`.)
 
 Conditioning and batching. All candidates search for one sample of one condition: ``cond`` is
 ``None`` or a pytree whose leaves have a leading axis of size 1 (e.g. a class label ``[1]``),
 broadcast to the rows of every model and verifier call. The model is called on all candidates
 at once (``[C, ...]``, one batched forward per step), or, when ``batch_size`` bounds memory, on
 chunks of ``batch_size`` rows in sequence. Candidate ``i``'s SDE noise comes from its own key
-(:func:`~tts_jax.samplers.integrate.solve_rows`), so a candidate does not depend on which others
-share its batch: results do not depend on ``batch_size`` (up to float rounding).
+(:func:`~tts_jax.samplers.image.integrate.solve_rows`), so a candidate does not depend on which
+others share its batch: results do not depend on ``batch_size`` (up to float rounding).
 """
 
 from __future__ import annotations
@@ -69,9 +69,8 @@ from tts_jax.interpolants import Diffusion, forward_renoise, ode
 from tts_jax.models.base import FlowModel
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers.base import Sampler
-from tts_jax.samplers.integrate import initial_noise, solve_rows, tweedie
-from tts_jax.samplers.result import SampleResult, count_invalid
-from tts_jax.samplers.scaffold import (
+from tts_jax.samplers.image.integrate import initial_noise, solve_rows, tweedie
+from tts_jax.samplers.image.scaffold import (
     broadcast_cond,
     check_batch_size,
     check_budget,
@@ -85,7 +84,8 @@ from tts_jax.samplers.scaffold import (
     score,
     search_result,
 )
-from tts_jax.samplers.selection import keep_top, top_set
+from tts_jax.samplers.image.selection import keep_top, top_set
+from tts_jax.samplers.result import SampleResult, count_invalid
 from tts_jax.smc import step_keys_for
 
 Array = jax.Array
@@ -698,9 +698,9 @@ def paths_sampler(
     ``init`` denoises ``N`` noises to ``grid[start_step]`` (``split(key, 3)[:2]``: the noises,
     their solves); each step is one round of :func:`paths_plan` (re-noise every path ``M``
     times, solve back, score the ``N M`` candidates on their Tweedie estimate, keep the top
-    ``N`` as a set, :func:`~tts_jax.samplers.selection.top_set`); the last step is the round
+    ``N`` as a set, :func:`~tts_jax.samplers.image.selection.top_set`); the last step is the round
     that reaches the data end, scores the samples themselves and keeps the top ``N`` best first
-    (:func:`~tts_jax.samplers.selection.keep_top`). Cost: ``N paths_plan(...).nfe_per_path``
+    (:func:`~tts_jax.samplers.image.selection.keep_top`). Cost: ``N paths_plan(...).nfe_per_path``
     NFE; a budget buys ``N = budget // nfe_per_path`` paths.
 
     Args:

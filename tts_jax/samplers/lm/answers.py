@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from tts_jax.samplers.lm_state import Budget, LMState
+from tts_jax.samplers.lm.state import Budget, LMState
 
 Array = jax.Array
 SELECTIONS = ("argmax", "weighted_sample", "weighted_vote", "majority_vote")
@@ -39,7 +39,7 @@ class LMResult(NamedTuple):
         log_evidence: ``log Z_hat`` for proper SMC weightings, NaN otherwise, ``-inf`` when every
             particle died.
         all_dead: True when every particle has zero weight (then ``best`` is meaningless).
-        budget: :class:`~tts_jax.samplers.lm_state.Budget` of scalar totals.
+        budget: :class:`~tts_jax.samplers.lm.state.Budget` of scalar totals.
         info: per-step diagnostics (arrays with a leading step axis, e.g. ``ess``,
             ``unique_ancestors``, ``ancestors``, ``resampled``).
     """

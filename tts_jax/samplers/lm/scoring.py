@@ -38,7 +38,7 @@ from tts_jax.rewards.base import (
     last_step_only,
     score_sequences,
 )
-from tts_jax.samplers.lm_state import LMState
+from tts_jax.samplers.lm.state import LMState
 
 Array = jax.Array
 SCORE_EPS = 1e-6  # scores are clipped to [eps, 1 - eps] before the logit
@@ -94,7 +94,7 @@ def with_scorer_state(
     prompt: Array,
     prompt_length: Array | None,
 ) -> LMState:
-    """``state`` (fresh from :func:`~tts_jax.samplers.lm_state.init_state`) with the scorer's
+    """``state`` (fresh from :func:`~tts_jax.samplers.lm.state.init_state`) with the scorer's
     initial state (:meth:`~tts_jax.rewards.base.StepScorer.init`)."""
     n, max_new_tokens = state.tokens.shape
     return state._replace(

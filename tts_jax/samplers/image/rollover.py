@@ -28,7 +28,7 @@ from tts_jax.interpolants import Diffusion, sde_step_mean_std, velocity_to_x0
 from tts_jax.models.base import FlowModel
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers.base import Sampler, run_with_keys
-from tts_jax.samplers.flow_search import (
+from tts_jax.samplers.image.flow_search import (
     _check_size,
     _propose,
     _register,
@@ -38,10 +38,10 @@ from tts_jax.samplers.flow_search import (
     _validate,
     make_params,
 )
-from tts_jax.samplers.integrate import initial_noise
+from tts_jax.samplers.image.integrate import initial_noise
+from tts_jax.samplers.image.scaffold import finish, score, search_result
+from tts_jax.samplers.image.selection import best_of_groups
 from tts_jax.samplers.result import SampleResult, count_invalid
-from tts_jax.samplers.scaffold import finish, score, search_result
-from tts_jax.samplers.selection import best_of_groups
 
 Array = jax.Array
 

@@ -72,7 +72,7 @@ class LMState(NamedTuple):
         scorer_state: per-particle state of the step scorer
             (:class:`~tts_jax.rewards.base.StepScorer`; e.g. the PRM's own KV cache of
             :data:`~tts_jax.models.lm_reward.cached_prm_scorer`), resampled with the rest;
-            ``None`` until :func:`~tts_jax.samplers.lm_scoring.with_scorer_state`.
+            ``None`` until :func:`~tts_jax.samplers.lm.scoring.with_scorer_state`.
     """
 
     tokens: Array

@@ -16,7 +16,7 @@ Kernels run with :func:`tts_jax.samplers.base.run` (``jax.jit(run, static_argnam
 ``jax.vmap`` over keys); shapes, budgets and policies are documented in :mod:`.flow_search`.
 """
 
-from tts_jax.samplers.flow_search import (
+from tts_jax.samplers.image.flow_search import (
     Params,
     bon,
     check_params,
@@ -29,7 +29,7 @@ from tts_jax.samplers.flow_search import (
     svdd,
     svdd_sampler,
 )
-from tts_jax.samplers.rollover import rbf, rbf_keys, rbf_sampler
+from tts_jax.samplers.image.rollover import rbf, rbf_keys, rbf_sampler
 
 __all__ = [
     "Params",

@@ -1,10 +1,10 @@
-"""Particle methods for language models: step-level particle filtering with a PRM (plain,
-entropic, particle Gibbs) and token-level SMC with twists and hard constraints.
+"""Step-level particle filtering of language models with a step scorer (plain, entropic,
+particle Gibbs).
 
-All of them run on :class:`~tts_jax.samplers.lm_state.LMState` particles (KV cache included, one
+All of them run on :class:`~tts_jax.samplers.lm.state.LMState` particles (KV cache included, one
 gather per resampling, prompt prefilled once) through the Feynman-Kac engine
 :mod:`tts_jax.smc` inside one jitted program, and return an
-:class:`~tts_jax.samplers.lm_result.LMResult` with the budget spent (tokens, per-row LM forwards,
+:class:`~tts_jax.samplers.lm.answers.LMResult` with the budget spent (tokens, per-row LM forwards,
 batched LM calls, scorer calls).
 
 **Step-level particle filtering** (Puri et al. 2025, "A Probabilistic Inference Approach to
@@ -47,16 +47,6 @@ resampling, and the final answer is the untempered argmax.
 replays a reference trajectory drawn by weight from the previous sweep and is never resampled
 away (conditional resampling pins ancestor 0).
 
-**Token-level SMC** (:func:`token_smc`, Lew et al. 2023, "Sequential Monte Carlo Steering of
-Large Language Models using Probabilistic Programs", llamppl / genlm-control style,
-docs/algorithms.md 4.2): propose
-each token from ``q`` = the LM at ``temperature``, optionally restricted by a constraint mask;
-weight by ``p / q`` times ``psi(prefix_t) / psi(prefix_{t-1})`` for a user twist ``log psi``
-(whose value at a done particle is the final potential). ESS-triggered resampling. Hard
-constraints: a potential of ``-inf`` or a prefix with no allowed next token kills the particle;
-if every particle dies the result says so (``all_dead``, ``log_evidence = -inf``) rather than
-raising.
-
 **Kernels** (:mod:`tts_jax.samplers.base`, issue 16). Each method is also a pure
 :class:`~tts_jax.samplers.base.Sampler` built by a memoized factory of static configuration,
 with an array pytree of params and host-side checks:
@@ -64,9 +54,6 @@ with an array pytree of params and host-side checks:
 =========================  ==============================  ===================================
 method                     factory (static)                params / checks / key layout
 =========================  ==============================  ===================================
-:func:`token_smc`          :func:`token_smc_sampler`       :class:`TokenSMCParams`,
-                                                           :func:`check_token_smc_params`,
-                                                           :func:`token_smc_keys`
 :func:`particle_filter`,   :func:`pf_sampler`              :class:`PFParams` (weighting,
 :func:`entropic_particle_                                  annealing, reference: data),
 filter`                                                    :func:`check_pf_params`,
@@ -79,9 +66,7 @@ filter`                                                    :func:`check_pf_param
 (``vmap`` it over keys; a new temperature, threshold or weight of the same shapes reuses the
 program). The convenience functions are the host checks, then
 ``run_with_keys(*<method>_keys(key, sampler), sampler, params)`` jitted (the key layout they
-had before they were kernels: the same bits for the same key), then the NaN policy. Token SMC
-stops once every particle is done (:attr:`~tts_jax.samplers.base.Sampler.done`).
-"""
+had before they were kernels: the same bits for the same key), then the NaN policy."""
 
 from __future__ import annotations
 
@@ -99,7 +84,7 @@ from tts_jax.particles import ess
 from tts_jax.resampling import Resampler, get_resampler
 from tts_jax.rewards.base import AGGREGATIONS, StepScorer, as_step_scorer
 from tts_jax.samplers.base import Sampler, run_with_keys
-from tts_jax.samplers.lm_result import (
+from tts_jax.samplers.lm.answers import (
     LMResult,
     check_budget,
     check_nan,
@@ -107,12 +92,13 @@ from tts_jax.samplers.lm_result import (
     check_prompt_length,
     make_result,
 )
-from tts_jax.samplers.lm_scoring import (
+from tts_jax.samplers.lm.engine import run_jitted, smc_init
+from tts_jax.samplers.lm.scoring import (
     log_odds,
     step_scores,
     with_scorer_state,
 )
-from tts_jax.samplers.lm_state import (
+from tts_jax.samplers.lm.state import (
     Budget,
     DecodeConfig,
     add_budget,
@@ -125,10 +111,6 @@ from tts_jax.samplers.lm_state import (
 Array = jax.Array
 WEIGHTINGS = ("puri", "twisted")
 RESAMPLERS = ("multinomial", "stratified", "systematic")
-# potential(params, tokens int32[N, L], lengths int32[N], done bool[N]) -> log psi float32[N]
-Potential = Callable[[Any, Array, Array, Array], Array]
-# constraint(params, tokens int32[N, L], lengths int32[N]) -> allowed next tokens bool[N, V]
-Constraint = Callable[[Any, Array, Array], Array]
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,7 +171,7 @@ def token_log_ratio(logits: Array, token: Array, temperature: Array) -> Array:
 
 
 def _generate_step_weighted(model, state, key, cfg, max_step_tokens, forced, forced_tokens):
-    """:func:`~tts_jax.samplers.lm_state.generate_step` (the same draws from the same key) that
+    """:func:`~tts_jax.samplers.lm.state.generate_step` (the same draws from the same key) that
     also returns the step's ``sum_t log p(y_t | ...) - log q_T(y_t | ...)`` ``float32[N]`` over
     the tokens each row wrote (forced tokens included; 0 for rows that wrote none)."""
 
@@ -262,7 +244,7 @@ class PFParams(NamedTuple):
         prompt: ``int32[P]`` prompt tokens, right-padded.
         prompt_length: int32 scalar, the real tokens of ``prompt`` (``1 <= . <= P``).
         scorer_params: parameters of the sampler's scorer (e.g. the PRM module).
-        decode: :class:`~tts_jax.samplers.lm_state.DecodeConfig`: sampling ``temperature`` of
+        decode: :class:`~tts_jax.samplers.lm.state.DecodeConfig`: sampling ``temperature`` of
             the proposal ``q_T``, step separator ``sep_id`` (-1: none), ``stop_ids int32[S]``,
             ``pad_id``.
         softmax_temperature: float32 scalar ``T_softmax`` of the weights.
@@ -374,7 +356,7 @@ def pf_sampler(
     ``max_steps`` SMC steps (a ``lax.scan``: steps after every particle is done keep their
     particles; ``keys_per_step = 2``), never resampling after the last one. The state is an
     :class:`SMCCarry` (its ``key`` draws the next Gibbs reference in ``finalize``), the result
-    the :class:`~tts_jax.samplers.lm_result.LMResult` of :func:`particle_filter`, with
+    the :class:`~tts_jax.samplers.lm.answers.LMResult` of :func:`particle_filter`, with
     ``info["num_nan"]`` and ``info["next_reference"] int32[L]``. :func:`particle_filter` runs it
     with :func:`pf_keys`.
 
@@ -434,7 +416,7 @@ def _pf_sampler(n, max_steps, max_step_tokens, length, scorer, aggregation, resa
         state = with_scorer_state(
             as_step_scorer(scorer), params.scorer_params, state, params.prompt, params.prompt_length
         )
-        return _smc_init(key, state, callbacks(params)[1], params)
+        return smc_init(key, state, callbacks(params)[1], params)
 
     def step(keys, carry, params):
         propagate, log_potential = callbacks(params)
@@ -526,7 +508,7 @@ def _run_pf(
         reference=reference,
     )
     check_pf_params(params, sampler, method)
-    result = _run_with_keys(*pf_keys(key, sampler), sampler, params)
+    result = run_jitted(*pf_keys(key, sampler), sampler, params)
     check_nan(int(result.info["num_nan"]), method, nan_policy)
     return result
 
@@ -566,7 +548,7 @@ def particle_filter(
             :data:`~tts_jax.models.lm_reward.prm_scorer`, or
             :data:`~tts_jax.models.lm_reward.cached_prm_scorer`: the same scores from a PRM KV
             cache kept per particle, fed one step at a time), or a plain function of whole
-            sequences (:mod:`~tts_jax.samplers.lm_scoring`); static, hashed.
+            sequences (:mod:`~tts_jax.samplers.lm.scoring`); static, hashed.
         scorer_params: its parameters (e.g. the PRM module; traced).
         num_particles: N (static).
         max_steps: K SMC steps (static); particles not done after K steps are returned
@@ -594,7 +576,7 @@ def particle_filter(
             width share one compiled program); ``None``: all of ``prompt``.
 
     Returns:
-        :class:`~tts_jax.samplers.lm_result.LMResult` (``info`` holds the SMC diagnostics per
+        :class:`~tts_jax.samplers.lm.answers.LMResult` (``info`` holds the SMC diagnostics per
         step: ``ess``, ``resampled``, ``ancestors``, ``unique_ancestors``, ...).
 
     Raises:
@@ -707,7 +689,7 @@ def particle_gibbs(
     :func:`particle_filter`.
 
     Returns:
-        The last sweep's :class:`~tts_jax.samplers.lm_result.LMResult`, with ``budget`` and
+        The last sweep's :class:`~tts_jax.samplers.lm.answers.LMResult`, with ``budget`` and
         ``info["num_nan"]`` summed over all sweeps and ``info["references"]``
         (``int32[num_sweeps - 1, L]``) the reference of each conditional sweep. The kernel is
         :func:`gibbs_sampler` (one kernel step per sweep), run with :func:`gibbs_keys`.
@@ -734,7 +716,7 @@ def particle_gibbs(
         prompt_length=length,
     )
     check_pf_params(params, sampler, "particle_gibbs")
-    result = _run_with_keys(*gibbs_keys(key, sampler), sampler, params)
+    result = run_jitted(*gibbs_keys(key, sampler), sampler, params)
     check_nan(int(result.info["num_nan"]), "particle_gibbs", nan_policy)
     return result
 
@@ -763,7 +745,7 @@ def gibbs_sampler(
     num_sweeps`` particles, multinomial resampling) run with ``params`` (a :class:`PFParams`;
     its ``reference`` / ``has_ref`` are replaced by the carried :class:`GibbsCarry`), whose
     ``next_reference`` becomes the next sweep's reference. The result is the last sweep's
-    :class:`~tts_jax.samplers.lm_result.LMResult` with ``budget`` and ``info["num_nan"]``
+    :class:`~tts_jax.samplers.lm.answers.LMResult` with ``budget`` and ``info["num_nan"]``
     summed over the sweeps and ``info["references"] int32[num_sweeps - 1, L]``.
     :func:`particle_gibbs` runs it with :func:`gibbs_keys`.
 
@@ -812,308 +794,3 @@ def gibbs_keys(key: Array, sampler: Sampler) -> tuple[Array, Array]:
     """``(init_key, sweep_keys Key[S])`` of :func:`particle_gibbs`'s key layout (sweep ``s``:
     ``fold_in(key, s)``, then :func:`pf_keys`)."""
     return key, smc.step_keys_for(key, sampler.num_steps)
-
-
-# --------------------------------------------------------------------------------------------
-# Token-level SMC
-# --------------------------------------------------------------------------------------------
-def _token_callbacks(model, cfg, potential, constraint):
-    """``propagate`` / ``log_potential`` of token-level SMC (see module doc); their ``params``
-    is a :class:`TokenSMCParams`."""
-
-    def propagate(key, s, k, params):
-        """One token for every row not done (done rows are left as they are)."""
-        go = ~s.done
-        logp = jax.nn.log_softmax(s.logits, axis=-1)
-        allowed = (
-            jnp.ones(s.logits.shape, bool)
-            if constraint is None
-            else constraint(params.constraint, s.tokens, s.length)
-        )
-        any_ok = jnp.any(allowed, axis=-1)
-        prop = jnp.where(allowed, s.logits / params.decode.temperature, -jnp.inf)
-        prop = jnp.where(any_ok[:, None], prop, 0.0)  # rows with no allowed token die below
-        token = jax.random.categorical(key, prop, axis=-1).astype(jnp.int32)
-        logq = jax.nn.log_softmax(prop, axis=-1)
-        pick = token[:, None]
-        log_ratio = (
-            jnp.take_along_axis(logp, pick, axis=1) - jnp.take_along_axis(logq, pick, axis=1)
-        )[:, 0]
-        correction = jnp.where(go, jnp.where(any_ok, log_ratio, -jnp.inf), 0.0)
-        dead = go & ~any_ok
-        none = jnp.zeros(go.shape, bool)
-        s, _ = append_token(model, s, jnp.where(dead, cfg.pad_id, token), go & any_ok, none, cfg)
-        return s._replace(done=s.done | dead), correction
-
-    def log_potential(s, k, params):
-        if potential is None:
-            return jnp.zeros(s.done.shape, jnp.float32)
-        return potential(params.potential, s.tokens, s.length, s.done)
-
-    return propagate, log_potential
-
-
-class SMCCarry(NamedTuple):
-    """State of the LM particle kernels (:func:`token_smc_sampler`, :func:`pf_sampler`).
-
-    Attributes:
-        smc: :class:`~tts_jax.smc.SMCState` over :class:`~tts_jax.samplers.lm_state.LMState`
-            particles (``N`` rows: tokens ``int32[N, L]``, KV cache, scores, budget, ...).
-        num_nan_initial: int32 scalar, NaN potentials of the initial particles (dropped).
-        key: PRNG key the kernel's ``init`` received, kept for ``finalize`` (the particle
-            filter draws the next Gibbs reference with it; unused by token SMC).
-    """
-
-    smc: smc.SMCState
-    num_nan_initial: Array
-    key: Array
-
-
-def _smc_init(key, state, log_potential, params) -> SMCCarry:
-    """:func:`tts_jax.smc.init` and the count of NaN initial potentials it dropped."""
-    lp0 = log_potential(state, jnp.int32(0), params)
-    num_nan = jnp.sum(jnp.isnan(lp0)).astype(jnp.int32)
-    return SMCCarry(smc.init(state, log_potential, params), num_nan, key)
-
-
-def _smc_info(final: smc.SMCState, infos: smc.SMCInfo) -> dict[str, Array]:
-    """The diagnostics ``dict`` of an LM result from a run that may have stopped early (rows of
-    steps not run are zeros): those steps read as the no-ops they would have been, exactly as
-    :func:`tts_jax.smc.run_until` records them (ESS of the final weights, no resampling,
-    identity ancestors, zero evidence increment); ``observed`` is dropped."""
-    lw = final.particles.log_weights
-    n, num_steps = lw.shape[0], infos.ess.shape[0]
-    not_run = jnp.arange(num_steps) >= final.step
-    info = infos._replace(
-        ess=jnp.where(not_run, ess(lw), infos.ess),
-        ancestors=jnp.where(not_run[:, None], jnp.arange(n, dtype=jnp.int32), infos.ancestors),
-        unique_ancestors=jnp.where(not_run, jnp.int32(n), infos.unique_ancestors),
-        all_dead=jnp.where(not_run, ~jnp.isfinite(final.log_evidence), infos.all_dead),
-    )._asdict()
-    del info["observed"]  # no per-step observation requested
-    return info
-
-
-class TokenSMCParams(NamedTuple):
-    """Everything array-valued token-level SMC needs (a pytree: a jit argument, never static).
-
-    Attributes:
-        model: :class:`~tts_jax.models.base.LanguageModel` or a model with a registered
-            adapter (its weights are leaves).
-        prompt: ``int32[P]`` prompt tokens.
-        decode: :class:`~tts_jax.samplers.lm_state.DecodeConfig`: proposal ``temperature``
-            (> 0), ``stop_ids int32[S]``, ``pad_id`` (``sep_id`` unused, -1).
-        ess_threshold: resample when ``ESS < threshold * N`` (float32 scalar).
-        potential: parameters of the sampler's ``potential`` (any pytree, or ``None``).
-        constraint: parameters of the sampler's ``constraint`` (any pytree, or ``None``).
-    """
-
-    model: Any
-    prompt: Array
-    decode: DecodeConfig
-    ess_threshold: Array
-    potential: Any = None
-    constraint: Any = None
-
-
-def make_token_smc_params(
-    model,
-    prompt,
-    *,
-    temperature=1.0,
-    stop_ids=None,
-    pad_id=0,
-    ess_threshold=0.5,
-    potential_params=None,
-    constraint_params=None,
-) -> TokenSMCParams:
-    """:class:`TokenSMCParams` from Python or array values (no checks: see
-    :func:`check_token_smc_params`)."""
-    return TokenSMCParams(
-        model,
-        jnp.asarray(prompt, jnp.int32),
-        decode_config(temperature, None, stop_ids, pad_id),
-        jnp.asarray(ess_threshold, jnp.float32),
-        potential_params,
-        constraint_params,
-    )
-
-
-def check_token_smc_params(
-    params: TokenSMCParams, sampler: Sampler, method: str = "token_smc"
-) -> None:
-    """Host-side checks of ``params`` (values only when concrete: traced ones are skipped).
-
-    Raises:
-        ValueError: a bad prompt (:func:`~tts_jax.samplers.lm_result.check_prompt`), a
-            non-positive temperature.
-    """
-    check_prompt(params.prompt)
-    temperature = params.decode.temperature
-    if not isinstance(temperature, jax.core.Tracer) and np.any(np.asarray(temperature) <= 0):
-        raise ValueError(
-            f"{method} needs a temperature > 0 (a proposal with full support), got {temperature}"
-        )
-
-
-def token_smc_sampler(
-    num_particles: int,
-    max_new_tokens: int,
-    potential: Potential | None = None,
-    constraint: Constraint | None = None,
-    resampler: str | Resampler = "systematic",
-) -> Sampler:
-    """Token-level SMC (Lew et al. 2023, docs/algorithms.md 4.2) as a
-    :class:`~tts_jax.samplers.base.Sampler` of static configuration only (memoized: equal
-    arguments give the same sampler, one compilation of ``jax.jit(run,
-    static_argnames="sampler")`` per configuration and shapes).
-
-    One step per token (``max_new_tokens`` steps at most, ``keys_per_step = 2``: proposal and
-    resampler); the run stops once every particle is done (:attr:`Sampler.done`; steps not run
-    read as no-ops in ``info``). Its params are a :class:`TokenSMCParams`, its state an
-    :class:`SMCCarry` and its result the :class:`~tts_jax.samplers.lm_result.LMResult` of
-    :func:`token_smc` (``info["num_nan"]``: NaN potentials dropped; the host-side NaN policy
-    is the entry point's). :func:`token_smc` runs it with :func:`token_smc_keys`.
-
-    Args:
-        num_particles: N.
-        max_new_tokens: L, the token budget per particle (and the number of steps).
-        potential: ``(potential_params, tokens int32[N, L], lengths int32[N], done bool[N]) ->
-            log psi float32[N]`` or ``None`` (0).
-        constraint: ``(constraint_params, tokens int32[N, L], lengths int32[N]) -> bool[N, V]``
-            or ``None`` (every token allowed).
-        resampler: a name in :mod:`tts_jax.resampling` or any ``(key, log_weights [N], num) ->
-            int32[num]`` function.
-
-    Raises:
-        ValueError: an empty budget, an unknown resampler name.
-    """
-    check_budget(num_particles, max_new_tokens, 1, 1)
-    return _token_smc_sampler(
-        int(num_particles), int(max_new_tokens), potential, constraint, get_resampler(resampler)
-    )
-
-
-@functools.cache
-def _token_smc_sampler(n, length, potential, constraint, resampler) -> Sampler:
-    def callbacks(params):
-        return _token_callbacks(
-            as_language_model(params.model), params.decode, potential, constraint
-        )
-
-    def schedule(params):
-        return smc.ResampleSchedule(jnp.arange(length) < length - 1, params.ess_threshold)
-
-    def init(key, params):
-        state = init_state(
-            as_language_model(params.model), params.prompt, n, length, params.decode.pad_id
-        )
-        return _smc_init(key, state, callbacks(params)[1], params)
-
-    def step(keys, carry, params):
-        propagate, log_potential = callbacks(params)
-        new, info = smc.step(
-            keys, carry.smc, propagate, log_potential, schedule(params), params, resampler
-        )
-        return carry._replace(smc=new), info
-
-    def done(carry, params):
-        return jnp.all(carry.smc.particles.state.done)
-
-    def finalize(carry, infos, params):
-        final = carry.smc
-        state, lw = final.particles.state, final.particles.log_weights
-        state = state._replace(score=callbacks(params)[1](state, jnp.int32(length), params))
-        info = _smc_info(final, infos)
-        info["num_nan"] = jnp.sum(info["num_nan_potentials"]) + carry.num_nan_initial
-        best = jnp.argmax(jnp.where(jnp.isnan(lw), -jnp.inf, lw)).astype(jnp.int32)
-        all_dead = ~jnp.isfinite(final.log_evidence)
-        return make_result(state, lw, best, final.log_evidence, all_dead, info)
-
-    return Sampler(init, step, finalize, length, keys_per_step=2, done=done)
-
-
-def token_smc_keys(key: Array, sampler: Sampler) -> tuple[Array, Array]:
-    """``(init_key, step_keys Key[L, 2])`` of :func:`token_smc`'s key layout (step ``k``:
-    ``split(fold_in(key, k))``, as :func:`tts_jax.smc.run_until` derived them): with them,
-    ``jax.jit(run_with_keys, static_argnames="sampler")(*token_smc_keys(key, sampler),
-    sampler, params)`` is :func:`token_smc` bit for bit (without its host-side checks)."""
-    return key, smc.step_keys(key, sampler.num_steps)
-
-
-_run_with_keys = jax.jit(run_with_keys, static_argnames="sampler")
-
-
-def token_smc(
-    key: Array,
-    model: LanguageModel,
-    prompt,
-    *,
-    num_particles: int,
-    max_new_tokens: int,
-    potential: Potential | None = None,
-    potential_params: Any = None,
-    constraint: Constraint | None = None,
-    constraint_params: Any = None,
-    temperature: float | Array = 1.0,
-    stop_ids=None,
-    pad_id: int = 0,
-    ess_threshold: float | Array = 0.5,
-    resampler: str = "systematic",
-    nan_policy: str = "raise",
-) -> LMResult:
-    """Token-level SMC with twisted potentials and hard constraints (docs/algorithms.md 4.2).
-
-    Target: ``p(y | prompt) * psi_final(y) / Z`` over completions ``y`` that end with a stop token
-    or fill the ``max_new_tokens`` buffer, restricted to completions whose every token the
-    constraint allows (``Z`` is then the probability of the constraint times the mean final
-    potential). One SMC step per token (at most ``max_new_tokens`` steps; the loop ends once
-    every particle is done and the remaining steps' diagnostics read as no-ops); the proposal
-    is the LM at ``temperature`` with disallowed tokens masked out, and the incremental
-    log-weight is ``log p(t) - log q(t) + log psi(prefix_t) - log psi(prefix_{t-1})``.
-
-    Args:
-        key: PRNG key.
-        model: a :class:`~tts_jax.models.base.LanguageModel` or a model with a registered
-            adapter (e.g. the transformer :class:`~tts_jax.models.lm.LM`).
-        prompt: ``int[P]`` prompt tokens (prefilled once).
-        num_particles: N (static).
-        max_new_tokens: L, token budget per particle (static).
-        potential: ``(potential_params, tokens int32[N, L], lengths int32[N], done bool[N]) ->
-            log psi float32[N]``, cumulative: the twist of a running prefix and the final
-            potential of a done one (``-inf`` kills a particle); ``None``: 0. Static.
-        potential_params: traced parameters of ``potential`` (e.g. ``lambda``).
-        constraint: ``(constraint_params, tokens int32[N, L], lengths int32[N]) -> bool[N, V]``
-            allowed next tokens; ``None``: every token. Static.
-        constraint_params: traced parameters of ``constraint``.
-        temperature: proposal temperature (array, > 0; the target stays the untempered LM).
-        stop_ids: token id(s) that end a completion (EOS).
-        pad_id: buffer filler.
-        ess_threshold: resample when ``ESS < threshold * N`` (array).
-        resampler: ``systematic`` | ``stratified`` | ``multinomial`` | ``residual``.
-        nan_policy: ``raise`` or ``drop`` (a NaN potential gives weight zero).
-
-    Returns:
-        :class:`~tts_jax.samplers.lm_result.LMResult`: ``scores`` are the final log potentials,
-        ``log_evidence`` the estimate of ``log Z`` (``-inf`` with ``all_dead`` when every
-        particle died), ``info`` the per-token SMC diagnostics (``ess``, ``unique_ancestors``,
-        ``resampled``, ``ancestors``, ``log_evidence_increment``, ``all_dead``).
-
-    Raises:
-        ValueError: empty budget, bad prompt, non-positive temperature, NaN potentials (``raise``).
-    """
-    sampler = token_smc_sampler(num_particles, max_new_tokens, potential, constraint, resampler)
-    params = make_token_smc_params(
-        model,
-        check_prompt(prompt),
-        temperature=temperature,
-        stop_ids=stop_ids,
-        pad_id=pad_id,
-        ess_threshold=ess_threshold,
-        potential_params=potential_params,
-        constraint_params=constraint_params,
-    )
-    check_token_smc_params(params, sampler)
-    result = _run_with_keys(*token_smc_keys(key, sampler), sampler, params)
-    check_nan(int(result.info["num_nan"]), "token_smc", nan_policy)
-    return result

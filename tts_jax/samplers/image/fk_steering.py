@@ -59,7 +59,7 @@ from tts_jax.models.base import FlowModel
 from tts_jax.resampling import Resampler, get_resampler
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers.base import Sampler, run
-from tts_jax.samplers.integrate import initial_noise, tweedie
+from tts_jax.samplers.image.integrate import initial_noise, tweedie
 from tts_jax.samplers.result import (
     SampleResult,
     check_finite_hyperparameters,

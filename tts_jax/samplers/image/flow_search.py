@@ -18,8 +18,8 @@ generation mode is the caller's choice and every method accepts all three:
 Methods (``S = len(grid) - 1`` transitions from noise to the data end ``grid[-1] = 0``):
 
 * :func:`bon` - best-of-N: ``N = budget // S`` independent samples, keep the argmax reward.
-* :func:`smc` - FK particle filtering (:func:`~tts_jax.samplers.fk_steering.fk_steering`) with the
-  potential ``exp(lam (r_k - r_{k-1}))`` on the Tweedie x0-prediction and multinomial
+* :func:`smc` - FK particle filtering (:func:`~tts_jax.samplers.image.fk_steering.fk_steering`) with
+  the potential ``exp(lam (r_k - r_{k-1}))`` on the Tweedie x0-prediction and multinomial
   resampling after every step.
 * :func:`svdd` - ``B`` chains; at every step each chain draws ``M`` SDE proposals from its state
   and keeps the one whose x0-prediction has the highest reward.
@@ -86,12 +86,11 @@ from tts_jax import smc as smc_engine
 from tts_jax.interpolants import Diffusion, sde_step
 from tts_jax.models.base import FlowModel
 from tts_jax.rewards.base import Reward
-from tts_jax.samplers import fk_steering
 from tts_jax.samplers.base import Sampler, run
-from tts_jax.samplers.fk_steering import check_fk_result, fk_steering_unchecked
-from tts_jax.samplers.integrate import initial_noise, solve, tweedie
-from tts_jax.samplers.result import SampleResult, count_invalid
-from tts_jax.samplers.scaffold import (
+from tts_jax.samplers.image import fk_steering
+from tts_jax.samplers.image.fk_steering import check_fk_result, fk_steering_unchecked
+from tts_jax.samplers.image.integrate import initial_noise, solve, tweedie
+from tts_jax.samplers.image.scaffold import (
     check_budget,
     check_finite_hyperparameters,
     check_grid,
@@ -101,7 +100,8 @@ from tts_jax.samplers.scaffold import (
     score,
     search_result,
 )
-from tts_jax.samplers.selection import best_of_groups
+from tts_jax.samplers.image.selection import best_of_groups
+from tts_jax.samplers.result import SampleResult, count_invalid
 
 Array = jax.Array
 
@@ -258,7 +258,7 @@ def smc(
 
     Raises:
         ValueError: as :func:`bon`, a non-finite ``lam``, or every particle with zero weight
-            (see :func:`~tts_jax.samplers.fk_steering.fk_steering`).
+            (see :func:`~tts_jax.samplers.image.fk_steering.fk_steering`).
     """
     grid, held_out = _validate("smc", grid, budget, nan_policy, held_out, diffusion)
     num_steps = grid.shape[0] - 1
@@ -288,7 +288,7 @@ def smc(
 
 def smc_sampler(num_particles: int, num_steps: int) -> Sampler:
     """:func:`smc`'s kernel: the FK steering sampler
-    (:func:`tts_jax.samplers.fk_steering.sampler`) with the ``diff`` potential and multinomial
+    (:func:`tts_jax.samplers.image.fk_steering.sampler`) with the ``diff`` potential and multinomial
     resampling, for ``N = num_particles`` particles over ``S = num_steps`` transitions (static;
     memoized by FK). Run it with :func:`smc_params`; the result is :func:`smc`'s without the
     host-side ``info["nfe"]`` / ``info["init_nfe"]`` (``N`` velocities at ``grid[0]``, ``N`` per
@@ -305,8 +305,8 @@ def smc_params(
     *,
     cond: Any = None,
 ) -> fk_steering.Params:
-    """:func:`smc`'s parameters: FK's (:func:`tts_jax.samplers.fk_steering.make_params`) with a
-    resampling after every step (``smc.every(S, 1)``). Check them with
+    """:func:`smc`'s parameters: FK's (:func:`tts_jax.samplers.image.fk_steering.make_params`) with
+    a resampling after every step (``smc.every(S, 1)``). Check them with
     ``fk_steering.check_params(params, sampler, "smc")``."""
     grid = np.asarray(grid, np.float32) if not isinstance(grid, jax.Array) else grid
     num_steps = check_grid("smc", grid)
@@ -439,7 +439,7 @@ def code_sampler(num_chains: int, num_proposals: int, num_steps: int, block: int
     each chain into ``M`` proposals ``[B M, ...]``, rolls them out over the block (transition
     ``j`` of the block draws its noise with ``fold_in(step key, j)``, 1 NFE per proposal and
     transition landing at ``t > 0``), scores the x0-predictions at the block's end and keeps
-    each chain's best (:func:`~tts_jax.samplers.selection.best_of_groups`). The last step
+    each chain's best (:func:`~tts_jax.samplers.image.selection.best_of_groups`). The last step
     (``last_step``) ends at the data end: its final transition needs no velocity and its
     proposals are scored as samples. ``run(key, sampler, params)`` gives :func:`code`'s result.
 
