@@ -182,6 +182,16 @@ def test_sharded_save_loads_the_same(saved, outputs, tmp_path):
     np.testing.assert_array_equal(out, ours)
 
 
+def test_diffusers_sharded_save_loads_the_same(saved, tmp_path):
+    """A folder diffusers' ``save_pretrained(max_shard_size=...)`` shards (and its index)."""
+    _, model, folder, params = saved
+    model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
+    assert (tmp_path / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    _, sharded = load_flux(tmp_path)
+    for a, b in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(params[1]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def _copy_with(folder, tmp_path, config_edit=None, tensor_edit=None):
     config = json.loads((folder / "config.json").read_text())
     tensors = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
