@@ -253,6 +253,24 @@ def test_bfloat16(clip_pair):
     assert all(errors[k] < BF16_ATOL[k] for k in errors), errors
 
 
+def test_legacy_position_ids_buffers(clip_pair, tmp_path):
+    """Files of transformers < 4.31 carry the position_ids buffers; they are skipped."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    _, folder = clip_pair
+    shutil.copy(folder / "config.json", tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["text_model.embeddings.position_ids"] = np.arange(16)[None]
+    tensors["vision_model.embeddings.position_ids"] = np.arange(17)[None]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    a, b = clip.load_clip(folder), clip.load_clip(tmp_path)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert isinstance(clip.load_clip_text(tmp_path), clip.CLIPTextModelWithProjection)
+
+
 def test_sharded_folder_loads_identically(clip_pair, tmp_path):
     ref, folder = clip_pair
     ref.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")

@@ -531,6 +531,9 @@ class CLIPModel(nnx.Module):
         self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, jnp.float32))
 
 
+# Non-parameter buffers older checkpoints carry (transformers < 4.31 saved them); recomputed.
+_BUFFER_SUFFIXES = ("embeddings.position_ids",)
+
 TextModel = CLIPTextModel | CLIPTextModelWithProjection | CLIPModel
 VisionModel = CLIPVisionModel | CLIPVisionModelWithProjection | CLIPModel
 
@@ -766,7 +769,7 @@ def load_clip_text(
         ignore = []
     layout = _prefixed("text_model.", tensors, "final_layer_norm.weight")
     abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype))
-    return load_params(abstract, tensors, layout, ignore=ignore)
+    return load_params(abstract, tensors, layout, ignore=ignore, ignore_suffixes=_BUFFER_SUFFIXES)
 
 
 def load_clip_vision(
@@ -795,7 +798,7 @@ def load_clip_vision(
         ignore = []
     layout = _prefixed("vision_model.", tensors, "post_layernorm.weight")
     abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype))
-    return load_params(abstract, tensors, layout, ignore=ignore)
+    return load_params(abstract, tensors, layout, ignore=ignore, ignore_suffixes=_BUFFER_SUFFIXES)
 
 
 def load_clip(
@@ -810,7 +813,7 @@ def load_clip(
     config = _parse_clip(config_file)
     tensors = read_tensors(path, loader, WEIGHTS_NAME)
     abstract = nnx.eval_shape(lambda: CLIPModel(config, rngs=nnx.Rngs(0), dtype=dtype))
-    return load_params(abstract, tensors, IDENTITY)
+    return load_params(abstract, tensors, IDENTITY, ignore_suffixes=_BUFFER_SUFFIXES)
 
 
 def split_clip(
