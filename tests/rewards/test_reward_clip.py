@@ -59,6 +59,22 @@ def _processor():
     )
 
 
+def _save_tokenizer(folder):
+    """A tiny CLIP BPE tokenizer: single letters, no merges; <|startoftext|> = 96 and
+    <|endoftext|> = 97 (also the pad token), matching the model's eos_token_id."""
+    import json
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tokens = [*letters, *(c + "</w>" for c in letters)]
+    tokens += [f"unused{i}" for i in range(96 - len(tokens))]
+    vocab = {t: i for i, t in enumerate([*tokens, "<|startoftext|>", "<|endoftext|>"])}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    tokenizer.save_pretrained(folder)
+
+
 @functools.cache
 def _build(folder):
     torch.manual_seed(0)
@@ -70,6 +86,7 @@ def _build(folder):
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     ref.save_pretrained(folder, safe_serialization=True)
     _processor().save_pretrained(folder)
+    _save_tokenizer(folder)
     head = torch.nn.Sequential(
         torch.nn.Linear(24, 1024),
         torch.nn.Dropout(0.2),
@@ -192,6 +209,17 @@ def test_clip_score_and_pickscore(built):
 
     r, g = _value_and_grad(rclip.pickscore(folder, PROMPT), x)
     _check(r, g, ref.logit_scale.exp().item() * cos)
+
+
+def test_text_prompt_uses_the_folder_tokenizer(built):
+    ref, _, folder = built
+    ids = rclip.tokenize(folder, "a cat", 16)
+    assert ids.tolist() == [[96, 26, 2, 0, 45, 97] + [97] * 10]
+    reward = rclip.pickscore(folder, "a cat")
+    with torch.no_grad():
+        text = ref.get_text_features(input_ids=torch.from_numpy(ids).long()).pooler_output[0]
+    want = (text / text.norm()).numpy()
+    np.testing.assert_allclose(reward.params["text"], want, atol=1e-5, rtol=0)
 
 
 def test_laion_aesthetic(built):
