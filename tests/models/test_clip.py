@@ -137,7 +137,8 @@ def test_text_parity(text_pair):
     got = apply_text(model, jnp.asarray(ids))
     _close(got.last_hidden_state, want.last_hidden_state)
     assert len(got.hidden_states) == len(want.hidden_states) == 3
-    _close(got.hidden_states[-2], want.hidden_states[-2])  # SD3's prompt embedding
+    _close(clip.sd3_prompt_embeds(got), want.hidden_states[-2])  # SD3's prompt embedding
+    _close(clip.sd3_prompt_embeds(got, clip_skip=1), want.hidden_states[-3])
     for ours, theirs in zip(got.hidden_states, want.hidden_states, strict=True):
         _close(ours, theirs)
     if projection:

@@ -647,6 +647,12 @@ def clip_text_apply(
     return CLIPTextOutput(last, pooled, states, embeds)
 
 
+def sd3_prompt_embeds(output: CLIPTextOutput, clip_skip: int | None = None) -> Array:
+    """The token embeddings SD3 takes from a CLIP text encoder: ``hidden_states[-2]`` (the input
+    of the last layer), or ``hidden_states[-(clip_skip + 2)]`` (diffusers' ``clip_skip``)."""
+    return output.hidden_states[-((clip_skip or 0) + 2)]
+
+
 def clip_vision_apply(model: VisionModel, pixel_values: Array) -> CLIPVisionOutput:
     """The vision tower of ``model`` on normalized ``pixel_values [B, C, S, S]`` (``S`` the
     config's ``image_size``; see :mod:`tts_jax.rewards.clip` for the preprocessing).
