@@ -44,11 +44,9 @@ SD3_STYLE = dict(
     latents_mean=None,
     latents_std=None,
 )
-CONFIGS = {
-    "default": TINY,
-    "shifted_no_quant": dict(TINY, shift_factor=0.25, use_quant_conv=False),
-    "sd3_style_16ch": SD3_STYLE,
-}
+# The SD3-style case also covers a shift_factor and absent quant convs (it replaced a 4-channel
+# "shifted_no_quant" case: each case costs two compiles, the file must stay fast).
+CONFIGS = {"default": TINY, "sd3_style_16ch": SD3_STYLE}
 # vae/config.json of the hub's FLUX.1-dev and stable-diffusion-3-medium-diffusers.
 _REAL_BLOCKS = dict(
     block_out_channels=[128, 256, 512, 512],
@@ -97,9 +95,9 @@ REAL_CONFIGS = {
         "use_quant_conv": False,
     },
 }
-# bfloat16 parameters and compute against float32, max abs over the decoded images (measured
-# 0.0XX on the tiny 16-channel VAE; the documented bound in tts_jax/models/vae.py).
-BF16_DECODE_ATOL = 0.05
+# bfloat16 parameters and compute against float32, max abs over the decoded images: measured
+# 0.038 (mean 0.0067) on the tiny 16-channel VAE, documented in tts_jax/models/vae.py.
+BF16_DECODE_ATOL = 0.06
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -122,52 +120,60 @@ def _latents(channels=4):
     return np.random.default_rng(1).standard_normal((2, channels, 8, 8)).astype(np.float32)
 
 
+@pytest.fixture(scope="module")
+def loaded(saved):
+    """``(config, vae)`` of the saved folder, loaded once per config."""
+    return load_vae(saved[1])
+
+
 @jax.jit
 def _encode(params, images):
-    """``encode`` compiled once per config (eager NNX dispatch is slower than one compile)."""
-    return nnx.merge(*params).encode(images)
+    """``(mean, logvar, encode_latents)``, one compile per config (eager NNX dispatch is slower
+    than one compile)."""
+    vae = nnx.merge(*params)
+    return *vae.encode(images), vae.encode_latents(images)
 
 
-@jax.jit
-def _encode_latents(params, images):
-    return nnx.merge(*params).encode_latents(images)
+_decode_jit = jax.jit(vae_decode)
 
 
-def test_encoder_parity(saved):
-    torch_model, folder = saved
-    _, vae = load_vae(folder)
+def _decode(vae, latents):
+    return np.asarray(_decode_jit(nnx.split(vae), jnp.asarray(latents)), np.float32)
+
+
+def test_encoder_parity(saved, loaded):
+    torch_model, _ = saved
+    _, vae = loaded
     with torch.no_grad():
         post = torch_model.encode(torch.tensor(_images())).latent_dist
-    mean, logvar = _encode(nnx.split(vae), jnp.asarray(_images()))
+    mean, logvar, _ = _encode(nnx.split(vae), jnp.asarray(_images()))
     np.testing.assert_allclose(np.asarray(mean), post.mean.numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(logvar), post.logvar.numpy(), atol=1e-4, rtol=0)
 
 
-def test_decoder_parity_with_scaling(saved):
-    torch_model, folder = saved
-    config, vae = load_vae(folder)
+def test_decoder_parity_with_scaling(saved, loaded):
+    torch_model, _ = saved
+    config, vae = loaded
     latents = _latents(config.latent_channels)
     shift = config.shift_factor or 0.0
     with torch.no_grad():
         raw = torch.tensor(latents / config.scaling_factor + shift)
         ref = torch_model.decode(raw).sample.numpy()
-    ours = jax.jit(vae_decode)(nnx.split(vae), jnp.asarray(latents))
+    ours = _decode(vae, latents)
     assert ours.shape == (2, 3, 16, 16)
-    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
-def test_encode_latents_inverts_scaling(saved):
-    _, folder = saved
-    config, vae = load_vae(folder)
-    mean, _ = _encode(nnx.split(vae), jnp.asarray(_images()))
-    scaled = _encode_latents(nnx.split(vae), jnp.asarray(_images()))
+def test_encode_latents_inverts_scaling(loaded):
+    config, vae = loaded
+    mean, _, scaled = _encode(nnx.split(vae), jnp.asarray(_images()))
     expected = (mean - (config.shift_factor or 0.0)) * config.scaling_factor
     np.testing.assert_allclose(np.asarray(scaled), np.asarray(expected), rtol=1e-6)
 
 
-def test_save_then_diffusers_from_pretrained(saved, tmp_path):
-    torch_model, folder = saved
-    config, vae = load_vae(folder)
+def test_save_then_diffusers_from_pretrained(saved, loaded, tmp_path):
+    torch_model, _ = saved
+    config, vae = loaded
     save_vae(tmp_path, config, vae)
     reloaded = diffusers.AutoencoderKL.from_pretrained(tmp_path).eval()
     z = torch.tensor(_latents(config.latent_channels))
@@ -220,17 +226,13 @@ def sd3_style(tmp_path_factory):
     return model, folder
 
 
-def _decode(vae, latents):
-    return np.asarray(jax.jit(vae_decode)(nnx.split(vae), jnp.asarray(latents)), np.float32)
-
-
 def test_bfloat16_decode_close_to_float32(sd3_style):
     _, folder = sd3_style
     _, vae32 = load_vae(folder)
     _, vae16 = load_vae(folder, dtype=jnp.bfloat16)
     assert vae16.dtype == jnp.bfloat16 and vae32.dtype == jnp.float32
     latents = _latents(16)
-    out16 = jax.jit(vae_decode)(nnx.split(vae16), jnp.asarray(latents))
+    out16 = _decode_jit(nnx.split(vae16), jnp.asarray(latents))
     assert out16.dtype == jnp.bfloat16
     ref = _decode(vae32, latents)
     err = np.abs(np.asarray(out16, np.float32) - ref)
