@@ -447,6 +447,13 @@ def pack_flux_latents(latents: np.ndarray) -> np.ndarray:
     return x.reshape(b, (h // 2) * (w // 2), 4 * c)
 
 
+def unpack_flux_latents(packed: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Inverse of :func:`pack_flux_latents`: ``[B, (h/2)(w/2), 4 C]`` -> ``[B, C, h, w]``."""
+    b, _, c4 = packed.shape
+    x = packed.reshape(b, height // 2, width // 2, c4 // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, height, width)
+
+
 def reference_images(
     pipe,
     prompt: str | list[str],

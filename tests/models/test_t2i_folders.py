@@ -141,6 +141,31 @@ def test_tiny_scheduler_configs_are_read(tiny):
     assert flux.use_dynamic_shifting and flux.base_image_seq_len == 256
 
 
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_vae_of_the_pipeline_matches_its_decode(tiny, name):
+    """load_vae on the pipeline's vae/ reproduces the pipeline's last step: unpack (FLUX),
+    ``latents / scaling_factor + shift_factor``, decode, ``[-1, 1] -> [0, 1]``."""
+    import jax.numpy as jnp
+
+    from tts_jax.models.vae import load_vae
+
+    pipe = T.load_reference(tiny[name])
+    latents = np.random.default_rng(3).standard_normal((1, 16, 8, 8)).astype(np.float32)
+    final = T.reference_images(pipe, "a cat", latents, output_type="latent")
+    images = T.reference_images(pipe, "a cat", latents)
+    if name == "flux":
+        final = T.unpack_flux_latents(final, 8, 8)
+    unpacked = T.unpack_flux_latents(T.pack_flux_latents(latents), 8, 8)
+    np.testing.assert_array_equal(unpacked, latents)
+    config, vae = load_vae(F.read_pipeline_folder(tiny[name]).vae)
+    factors = T.SD3_VAE if name == "sd3" else T.FLUX_VAE
+    assert config.shift_factor == factors["shift_factor"]
+    assert config.scaling_factor == factors["scaling_factor"]
+    ours = np.asarray(vae.decode_latents(jnp.asarray(final)))
+    ours = np.clip(ours / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(ours, images, atol=2e-4, rtol=0)
+
+
 # --------------------------------------------------------------------------- reading
 
 
