@@ -91,7 +91,9 @@ def timestep_embedding(
     """
     half = dim // 2
     exponent = -math.log(max_period) * np.arange(half, dtype=np.float32) / (half - freq_shift)
-    freqs = jnp.asarray(np.exp(exponent.astype(np.float32)))
+    # exp in float64, rounded once: the float32 frequencies PyTorch's exp gives (bar an ulp, which
+    # at t = 5000 would already move the features by 3e-4).
+    freqs = jnp.asarray(np.exp(exponent.astype(np.float64)).astype(np.float32))
     args = timestep.astype(jnp.float32)[:, None] * freqs[None, :]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
