@@ -23,7 +23,10 @@ real SD3 / FLUX ``tokenizer`` folders), ``model_max_length`` :data:`CLIP_MAX_LEN
 ``<|endoftext|>``).
 
 References: :func:`reference_images` runs the diffusers pipeline from given initial latents and
-:func:`reference_prompt_embeds` returns ``pipe.encode_prompt``'s outputs, both as numpy.
+:func:`reference_prompt_embeds` returns ``pipe.encode_prompt``'s outputs, both as numpy. On a
+shared 2-core machine call ``torch.set_num_threads(1)`` in the test module first (see
+tests/models/test_t2i_folders.py): the tiny models gain nothing from threads and a multi-threaded
+torch under load made one reference run take seconds instead of ~0.1 s.
 """
 
 from __future__ import annotations

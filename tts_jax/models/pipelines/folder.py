@@ -55,7 +55,11 @@ ignored)."""
 OPTIONAL_COMPONENTS = {"sd3": ("text_encoder_3", "tokenizer_3")}
 """Components ``model_index.json`` may set to ``[null, null]``: SD3 runs without T5 (the
 pipeline then uses zeros for the T5 part of the prompt embedding)."""
-WEIGHTS_NAMES = {"transformers": checkpoint.WEIGHTS_NAME, "diffusers": "diffusion_pytorch_model"}
+WEIGHTS_NAMES = {
+    "transformers": checkpoint.WEIGHTS_NAME,
+    "diffusers": checkpoint.DIFFUSERS_WEIGHTS_NAME,
+}
+"""Standard weights file name per component library (``model_index.json``'s first entry)."""
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_ALLOW_PATTERNS = (MODEL_INDEX_NAME, "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model")
 """What :func:`resolve_pipeline` downloads: the index and the components' configs, safetensors,
@@ -184,8 +188,7 @@ def find_component_weights(
             raise PickleWeightsError(
                 f"{loader}: {folder} holds only pickle weights ({', '.join(pickles)}); {_CONVERT}"
             )
-    stem = WEIGHTS_NAMES.get(library, WEIGHTS_NAMES["diffusers"])
-    standard = stem if stem.endswith(checkpoint.SAFETENSORS) else stem + checkpoint.SAFETENSORS
+    standard = WEIGHTS_NAMES.get(library, checkpoint.DIFFUSERS_WEIGHTS_NAME)
     if (folder / standard).is_file() or (folder / (standard + checkpoint.INDEX_SUFFIX)).is_file():
         return checkpoint.find_weights(folder, loader, standard)
     return checkpoint.find_weights(folder, loader, hint=f"expected {standard} or its shards")
