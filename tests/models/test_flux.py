@@ -135,6 +135,19 @@ def test_parity_non_square_with_two_prompts(saved):
     np.testing.assert_allclose(ours, ref, atol=_tol(ref), rtol=0)
 
 
+def test_parity_at_large_positions(saved, outputs):
+    """Position ids of a 128 x 128-token image's corner (and non-zero text ids, as FLUX Kontext
+    style pipelines pass): the rotary angles are float32 here, float64 in diffusers."""
+    name, model, _, params = saved
+    (packed, timestep, guidance, pooled, text, txt_ids, img_ids), _, _ = outputs
+    img_ids = img_ids + np.array([1.0, 124.0, 124.0], np.float32)
+    txt_ids = txt_ids + np.arange(T, dtype=np.float32)[:, None]
+    inputs = (packed, timestep, guidance, pooled, text, txt_ids, img_ids)
+    ours = np.asarray(_apply(params, *_jnp(inputs)))
+    ref = _torch_out(model, *inputs)
+    np.testing.assert_allclose(ours, ref, atol=_tol(ref), rtol=0)
+
+
 def test_shared_prompt_equals_repeated_prompt(saved, outputs):
     _, _, _, params = saved
     (packed, timestep, guidance, pooled, text, txt_ids, img_ids), ours, _ = outputs
