@@ -1,6 +1,26 @@
 """Text-to-image pipelines (SD3 / SD3.5, FLUX) read from local diffusers folders.
 
-Submodules: :mod:`~tts_jax.models.pipelines.folder` (which files make up a pipeline folder) and
+Submodules: :mod:`~tts_jax.models.pipelines.folder` (which files make up a pipeline folder),
 :mod:`~tts_jax.models.pipelines.schedule` (the flow-matching time grid the diffusers pipelines
-use).
+use), :mod:`~tts_jax.models.pipelines.prompts` (tokenizers and text encoders) and
+:mod:`~tts_jax.models.pipelines.text_to_image` (the pipeline as a prompt-conditioned flow model:
+:func:`load_text_to_image`).
 """
+
+from tts_jax.models.pipelines.prompts import TextCondition
+from tts_jax.models.pipelines.text_to_image import (
+    TextToImagePipeline,
+    decode_latents,
+    decoded_reward,
+    load_text_to_image,
+    with_guidance,
+)
+
+__all__ = [
+    "TextCondition",
+    "TextToImagePipeline",
+    "decode_latents",
+    "decoded_reward",
+    "load_text_to_image",
+    "with_guidance",
+]
