@@ -153,7 +153,10 @@ def test_original_imagereward_layout_loads(built, tmp_path):
         "layer_norm2": "norm2",
     }
     tensors = load_file(str(built[3] / "model.safetensors"))
-    original = {"blip.vision_proj.weight": np.zeros((4, 32), np.float32)}
+    original = {
+        "blip.vision_proj.weight": np.zeros((4, 32), np.float32),
+        "blip.text_encoder.embeddings.position_ids": np.arange(16)[None],
+    }
     for name, value in tensors.items():
         if name.startswith("vision_model."):
             inner = name.removeprefix("vision_model.")

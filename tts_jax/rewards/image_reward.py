@@ -21,7 +21,7 @@ text prompts): either
   ...)``): ``blip.visual_encoder.*`` (timm ViT names, renamed by
   :func:`~tts_jax.models.blip.timm_vit_to_transformers`), ``blip.text_encoder.*``,
   ``mlp.layers.*``; ``blip.vision_proj.*`` / ``blip.text_proj.*`` (contrastive heads the score
-  does not use) are skipped.
+  does not use) and the ``embeddings.position_ids`` buffer are skipped.
 
 ``config.json``: ``{"vision_config": {...}, "text_config": {...}}`` in transformers' BLIP field
 names; without it, ImageReward-v1.0's architecture (:class:`~tts_jax.models.blip.BlipVisionConfig`
@@ -77,6 +77,8 @@ STD = 1.0333394966054072
 MAX_LENGTH = 35
 _HEAD_LINEARS = (0, 2, 4, 6, 7)
 _ORIGINAL_SKIPPED = ("blip.vision_proj.", "blip.text_proj.")
+# Non-parameter buffer older BERT code saved (BLIP's med.py, transformers < 4.31); recomputed.
+_BUFFER_SUFFIXES = ("embeddings.position_ids",)
 
 
 class ImageRewardModel(nnx.Module):
@@ -168,7 +170,7 @@ def load_image_reward(
     abstract = nnx.eval_shape(
         lambda: ImageRewardModel(vision, text, widths, rngs=nnx.Rngs(0), dtype=dtype)
     )
-    return load_params(abstract, tensors, LAYOUT)
+    return load_params(abstract, tensors, LAYOUT, ignore_suffixes=_BUFFER_SUFFIXES)
 
 
 def image_reward_apply(
