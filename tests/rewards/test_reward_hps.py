@@ -9,6 +9,7 @@ modules are imported under a stub package and a stub ``torchvision.ops.misc``, b
 ``sys.modules`` again afterwards.
 """
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -38,6 +39,7 @@ MODEL_CONFIG = {
 PROMPT = np.array([61, 5, 17, 33, 8, 63, 0, 0, 0, 0, 0, 0], np.int32)
 
 
+@functools.cache
 def _open_clip_model_module():
     """``open_clip.model`` (with a stub package / torchvision when torchvision is missing)."""
     if importlib.util.find_spec("torchvision") is not None:
@@ -88,6 +90,13 @@ def built(tmp_path_factory):
 
 
 _call = jax.jit(lambda reward, x: reward(x))
+
+
+@jax.jit
+def _value_and_grad(reward, x):
+    """``(reward(x), d sum(reward) / dx)`` in one compilation."""
+    r, pullback = jax.vjp(reward, x)
+    return r, pullback(jnp.ones_like(r))[0]
 
 
 def _images(n, h, w, seed):
@@ -151,10 +160,10 @@ def test_gradient_finite_and_nan_particle_gets_minus_inf(built):
     _, model, _ = built
     reward = hps.hps_v2(model, PROMPT)
     images = _images(3, 32, 24, 2)  # non-square: resize + pad path
-    grad = jax.jit(jax.grad(lambda x: reward(x).sum()))(images)
+    _, grad = _value_and_grad(reward, images)
     assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).sum() > 0
     bad = images.at[1, 0, 0, 0].set(jnp.nan)
-    r = np.asarray(_call(reward, bad))
+    r = np.asarray(_value_and_grad(reward, bad)[0])
     assert r[1] == -np.inf and np.isfinite(r[[0, 2]]).all()
 
 
@@ -186,3 +195,18 @@ def test_layout_errors_name_the_keys(built, tmp_path):
 def test_text_prompt_needs_a_tokenizer(built):
     with pytest.raises(ValueError, match="tokenizer"):
         hps.hps_v2(built[1], "a cat")
+
+
+def test_vit_h_14_layout_matches_open_clip():
+    """The names and shapes expected for HPSv2's ViT-H-14 are open_clip's (meta tensors)."""
+    oc = _open_clip_model_module()
+    with torch.device("meta"):
+        ref = oc.CLIP(
+            embed_dim=hps.VIT_H_14["embed_dim"],
+            vision_cfg=oc.CLIPVisionCfg(**hps.VIT_H_14["vision_cfg"]),
+            text_cfg=oc.CLIPTextCfg(**hps.VIT_H_14["text_cfg"]),
+        )
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    config = hps.clip_config_from_open_clip(hps.VIT_H_14)
+    assert hps.open_clip_names(config) == want
+    assert (config.vision.num_attention_heads, config.text.num_attention_heads) == (16, 16)

@@ -44,7 +44,7 @@ TEXT = dict(
     bos_token_id=1,
     sep_token_id=3,
 )
-HEAD = (1024, 128, 64, 16, 1)
+HEAD = HEAD_V1 = (1024, 128, 64, 16, 1)
 # [CLS]=2 ... [SEP]=3, padded with 0 to 10 tokens.
 PROMPT = np.array([2, 11, 25, 7, 40, 3, 0, 0, 0, 0], np.int32)
 
@@ -193,3 +193,33 @@ def test_tensor_errors_are_named(built, tmp_path):
     assert err.value.unexpected == ["mlp.layers.9.weight"]
     with pytest.raises(ValueError, match="tokenizer"):
         ir.image_reward(ir.load_image_reward(built[3]), "a cat")
+
+
+def test_imagereward_v1_names_match_transformers():
+    """ImageReward-v1.0's architecture (the loader's defaults) has transformers' BLIP names and
+    shapes (meta tensors, nothing allocated)."""
+    from flax import nnx
+
+    from tts_jax.models.blip import BlipTextConfig, BlipVisionConfig
+
+    abstract = nnx.eval_shape(
+        lambda: ir.ImageRewardModel(BlipVisionConfig(), BlipTextConfig(), rngs=nnx.Rngs(0))
+    )
+    got = {
+        ir.LAYOUT.name(path): tuple(v.get_value().shape)
+        for path, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    }
+    vision_config = transformers.BlipVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=224, patch_size=16,
+    )  # fmt: skip
+    text_config = transformers.BlipTextConfig(vocab_size=30524, encoder_hidden_size=1024)
+    with torch.device("meta"):
+        vision = transformers.BlipVisionModel(vision_config)
+        text = transformers.BlipTextModel(text_config, add_pooling_layer=False)
+    want = {f"vision_model.{k}": tuple(v.shape) for k, v in vision.state_dict().items()}
+    want |= {f"text_encoder.{k}": tuple(v.shape) for k, v in text.state_dict().items()}
+    widths = (768, *HEAD_V1)
+    for i, (a, b) in zip((0, 2, 4, 6, 7), zip(widths[:-1], widths[1:], strict=True), strict=True):
+        want |= {f"mlp.layers.{i}.weight": (b, a), f"mlp.layers.{i}.bias": (b,)}
+    assert got == want
