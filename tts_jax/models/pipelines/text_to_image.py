@@ -95,6 +95,11 @@ FLUX_DEFAULT_SAMPLE_SIZE = 128
 """``FluxPipeline.default_sample_size`` (latent pixels; images 1024 px with the real VAE)."""
 TIMESTEP_SCALE = 1000.0
 
+# The networks as nested jits: a sampler that calls the model or the reward at several places
+# traces and lowers each network once (XLA still inlines every call site).
+_sd3 = jax.jit(sd3_apply)
+_flux = jax.jit(flux_apply)
+
 
 # --------------------------------------------------------------------------- velocities
 
@@ -128,11 +133,11 @@ class SD3Velocity:
         ``B`` dividing ``N`` -> velocity ``[N, C, h, w]``."""
         timestep = t.astype(jnp.float32) * TIMESTEP_SCALE  # the scheduler's float32 timesteps
         if not self.cfg:
-            return sd3_apply(params.transformer, x, timestep, cond.embeds, cond.pooled)
+            return _sd3(params.transformer, x, timestep, cond.embeds, cond.pooled)
         if cond.negative_embeds is None:
             raise ValueError("classifier-free guidance needs the negative prompt's embeddings")
         n = x.shape[0]
-        both = sd3_apply(
+        both = _sd3(
             params.transformer,
             jnp.concatenate([x, x]),
             jnp.concatenate([timestep, timestep]),
@@ -192,7 +197,7 @@ class FluxVelocity:
         if self.guidance_embeds:
             guidance = jnp.broadcast_to(params.guidance.astype(jnp.float32), (n,))
         seq = cond.embeds.shape[1]
-        out = flux_apply(
+        out = _flux(
             params.transformer,
             pack_latents(x),
             timestep,
@@ -214,6 +219,7 @@ def with_guidance(flow: FlowModel, guidance_scale: float | Array) -> FlowModel:
 # --------------------------------------------------------------------------- decoding, rewards
 
 
+@jax.jit
 def decode_latents(vae: Split, latents: Array) -> Array:
     """Latents ``[N, C, h, w]`` -> images ``float32[N, 3, H, W]`` in ``[-1, 1]`` (pure, jittable).
 
