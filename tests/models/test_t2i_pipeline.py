@@ -273,6 +273,12 @@ def test_sizes_and_grid(pipes):
         sd3.latent_shape(4, 4)
 
 
+def test_flow_without_prompt_is_an_error(pipes):
+    flow = pipes["sd3"].flow(SIZE, SIZE)
+    with pytest.raises(ValueError, match="encode_prompt"):
+        flow.velocity(jnp.zeros((1, *flow.sample_shape)), 0.5, None)
+
+
 def _copy(folders, name, tmp_path):
     return shutil.copytree(folders[name], tmp_path / name)
 

@@ -55,12 +55,16 @@ class TextCondition(NamedTuple):
         pooled: ``[B, P]`` pooled embedding (SD3: CLIP-L and CLIP-G projections; FLUX: CLIP-L).
         negative_embeds: ``[B, T, D]`` the negative prompt's (SD3), or ``None`` (FLUX).
         negative_pooled: ``[B, P]`` likewise.
+        extra: anything else the rewards read from ``cond`` (e.g. a CLIP reward's token ids,
+            ``cond._replace(extra=ids)``), leaves with the prompt batch ``B`` first; ignored by
+            the flow.
     """
 
     embeds: Array
     pooled: Array
     negative_embeds: Array | None = None
     negative_pooled: Array | None = None
+    extra: Any = None
 
 
 # --------------------------------------------------------------------------- tokenizers

@@ -123,6 +123,14 @@ class T2IFlowParams(NamedTuple):
     guidance: Array
 
 
+def _check_cond(cond: Any) -> None:
+    if not isinstance(cond, TextCondition):
+        raise ValueError(
+            "a text-to-image flow needs cond = pipeline.encode_prompt(prompts) (a TextCondition), "
+            f"got {type(cond).__name__}"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class SD3Velocity:
     """Apply of an SD3 / SD3.5 flow (hashable by value: rebuilding it never retraces).
@@ -136,6 +144,7 @@ class SD3Velocity:
     def __call__(self, params: T2IFlowParams, x: Array, t: Array, cond: TextCondition) -> Array:
         """``x [N, C, h, w]``, ``t [N]`` (sigma in ``[0, 1]``), ``cond`` leaves ``[B, ...]`` with
         ``B`` dividing ``N`` -> velocity ``[N, C, h, w]``."""
+        _check_cond(cond)
         timestep = t.astype(jnp.float32) * TIMESTEP_SCALE  # the scheduler's float32 timesteps
         if not self.cfg:
             return _sd3(params.transformer, x, timestep, cond.embeds, cond.pooled)
@@ -194,6 +203,7 @@ class FluxVelocity:
         The time goes through the scheduler's timestep and back, ``(1000 t) / 1000`` in float32,
         as the pipeline passes ``timesteps / 1000`` to the transformer.
         """
+        _check_cond(cond)
         n, _, h, w = x.shape
         if h % 2 or w % 2:
             raise ValueError(f"FLUX latents need an even height and width, got {h}x{w}")
