@@ -7,6 +7,9 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test,train]"
+	# open_clip is the HPSv2 parity reference (tests import its model module only). Without its
+	# dependencies: PyPI's torchvision does not load beside the CPU torch of these machines.
+	$(PY) -m pip install -q --no-deps open-clip-torch==3.3.0
 	touch $(STAMP)
 
 .PHONY: demo test lint bench

@@ -133,7 +133,7 @@ def lm_samplers() -> dict[str, tuple[str, Callable[..., object]]]:
     steps = dict(num_particles=N, max_steps=4, max_step_tokens=8, max_new_tokens=32)
 
     def tokens(result):
-        return result.tokens
+        return result.samples.tokens
 
     return {
         "particle_filter": (

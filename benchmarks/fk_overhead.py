@@ -102,7 +102,7 @@ def main() -> None:
                 schedule=schedule,
                 potential="diff",
             )
-            calls = int(jax.block_until_ready(fk()).reward_calls) // n
+            calls = int(jax.block_until_ready(fk()).cost.reward_calls) // n
             compile_s = time.perf_counter() - start
             med, per_round = interleaved(
                 {

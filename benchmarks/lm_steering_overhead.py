@@ -54,12 +54,12 @@ def measure(n: int, new: int, args: argparse.Namespace) -> None:
         "generate": lambda: (
             lm.generate(
                 model, np.tile(prompt, (n, 1)), next(keys), max_new_tokens=new, temperature=1.0
-            ).tokens
+            ).samples.tokens
         ),
         "particle_filter": lambda: (
             particle_filter.particle_filter(
                 next(keys), model, prompt, step_scorer, None, **pf_kwargs
-            ).tokens
+            ).samples.tokens
         ),
         "token_smc": lambda: (
             token_smc.token_smc(
@@ -70,17 +70,17 @@ def measure(n: int, new: int, args: argparse.Namespace) -> None:
                 max_new_tokens=new,
                 potential=even_token_tilt,
                 potential_params=jnp.float32(0.3),
-            ).tokens
+            ).samples.tokens
         ),
         "particle_filter+PRM": lambda: (
             particle_filter.particle_filter(
                 next(keys), model, prompt, prm_scorer, prm, **pf_kwargs
-            ).tokens
+            ).samples.tokens
         ),
         "particle_filter+cached PRM": lambda: (
             particle_filter.particle_filter(
                 next(keys), model, prompt, cached_prm_scorer, prm, **pf_kwargs
-            ).tokens
+            ).samples.tokens
         ),
     }
     print(

@@ -322,8 +322,8 @@ def main() -> None:
                 start = time.perf_counter()
                 jax.block_until_ready(run(key, model, reward))
                 short = time.perf_counter() - start < SHORT_CALL
-                forwards = math.ceil(int(out.nfe) / width)
-                reward_batches = math.ceil(int(out.reward_calls) / width)
+                forwards = math.ceil(int(out.cost.nfe) / width)
+                reward_batches = math.ceil(int(out.cost.reward_calls) / width)
                 calls = {
                     "sampler": lambda run=run: run(key, model, reward),
                     "reference": lambda f=forwards, r=reward_batches, name=name: reference(
@@ -341,7 +341,7 @@ def main() -> None:
                 medians, per_round = interleaved(calls, rounds=rounds, budget=0.05)
                 ratio = median_ratio(per_round, "sampler", "reference")
                 print(
-                    f"| {name} | {width} | {int(out.nfe)} | {int(out.reward_calls)} "
+                    f"| {name} | {width} | {int(out.cost.nfe)} | {int(out.cost.reward_calls)} "
                     f"| {medians['reference'] * 1e3:.2f} | {medians['sampler'] * 1e3:.2f} "
                     f"| {ratio:.2f} | {first:.1f} |",
                     flush=True,

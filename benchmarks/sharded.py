@@ -336,10 +336,10 @@ def equality_row(name, plain, sharded, samples_field):
     else:
         samples = f"max abs diff {_max_diff(a, b):.1e}"
     return (
-        f"| {name} | {int(plain.info['resampled'].sum())} | {samples} "
+        f"| {name} | {int(plain.info.resampled.sum())} | {samples} "
         f"| {_max_diff(plain.log_weights, sharded.log_weights):.1e} "
         f"| {float(plain.log_evidence):.6f} / {float(sharded.log_evidence):.6f} "
-        f"| {np.array_equal(plain.info['ancestors'], sharded.info['ancestors'])} "
+        f"| {np.array_equal(plain.info.ancestors, sharded.info.ancestors)} "
         f"| {_sharding_text(b)} |"
     )
 

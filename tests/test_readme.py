@@ -12,6 +12,6 @@ def test_quickstart_runs(capsys):
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     out = scope["out"]
-    assert int(out.nfe) == 50 * 1024
+    assert int(out.cost.nfe) == 50 * 1024
     assert np.isfinite(float(out.log_evidence))
     assert capsys.readouterr().out.strip()

@@ -38,11 +38,11 @@ SCRIPT = textwrap.dedent(
         return constrain_particles(out, mesh, N)
 
     sharded = sharded_program(jax.random.key(0), tiny_lm())
-    assert len(sharded.tokens.sharding.device_set) == 4
-    assert sharded.tokens.addressable_shards[0].data.shape == (N // 4, TOKENS)
-    assert int(plain.info["resampled"].sum()) > 0
-    np.testing.assert_array_equal(sharded.tokens, plain.tokens)
-    np.testing.assert_array_equal(sharded.info["ancestors"], plain.info["ancestors"])
+    assert len(sharded.samples.tokens.sharding.device_set) == 4
+    assert sharded.samples.tokens.addressable_shards[0].data.shape == (N // 4, TOKENS)
+    assert int(plain.info.resampled.sum()) > 0
+    np.testing.assert_array_equal(sharded.samples.tokens, plain.samples.tokens)
+    np.testing.assert_array_equal(sharded.info.ancestors, plain.info.ancestors)
     np.testing.assert_allclose(sharded.log_weights, plain.log_weights, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sharded.log_evidence, plain.log_evidence, rtol=1e-5)
     try:
@@ -88,11 +88,11 @@ PF_SCRIPT = textwrap.dedent(
         return constrain_particles(out, mesh, N)
 
     sharded = sharded_program(jax.random.key(1), tiny_lm(), tiny_prm())
-    assert len(sharded.tokens.sharding.device_set) == 4
-    assert int(plain.info["resampled"].sum()) > 0
-    np.testing.assert_array_equal(sharded.tokens, plain.tokens)
-    np.testing.assert_array_equal(sharded.info["ancestors"], plain.info["ancestors"])
-    np.testing.assert_allclose(sharded.scores, plain.scores, rtol=1e-5)
+    assert len(sharded.samples.tokens.sharding.device_set) == 4
+    assert int(plain.info.resampled.sum()) > 0
+    np.testing.assert_array_equal(sharded.samples.tokens, plain.samples.tokens)
+    np.testing.assert_array_equal(sharded.info.ancestors, plain.info.ancestors)
+    np.testing.assert_allclose(sharded.rewards, plain.rewards, rtol=1e-5)
     print("SHARDED-PF-OK")
     """
 )

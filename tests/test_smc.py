@@ -137,7 +137,7 @@ def test_lambda_zero_reproduces_the_untilted_mixture_with_unit_evidence():
         0.0,
     )
     assert float(out.log_evidence) == pytest.approx(0.0, abs=1e-5)
-    assert not bool(out.info["resampled"].any())
+    assert not bool(out.info.resampled.any())
     assert_matches_gmm(gmm, out.samples, slack=0.02)
 
 

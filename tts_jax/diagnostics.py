@@ -32,18 +32,19 @@ def weight_collapse(
     Args:
         info: per-step diagnostics with ``ess [K]`` and optionally ``resampled [K]`` and
             ``unique_ancestors [K]`` (the :class:`~tts_jax.smc.SMCInfo` fields; leading axes
-            beyond the step axis, e.g. problems, are flattened).
+            beyond the step axis, e.g. problems, are flattened), e.g. ``Result.info.flat()``.
         num_particles: N.
         min_ess_fraction: collapse threshold on ``ESS / N``.
         min_unique_ancestors: collapse threshold on distinct ancestors at a resampling step.
 
     Returns:
-        ``None`` when ``info`` has no ``ess`` (not a weighted particle method); else
+        ``None`` when ``info`` has no (or an empty) ``ess`` (not a weighted particle method);
+        else
         ``{"collapsed", "min_ess", "min_ess_fraction", "min_unique_ancestors",
         "collapsed_steps", "first_collapsed_step"}`` (``min_unique_ancestors`` is ``None`` when
         the method never resampled or does not report ancestors).
     """
-    if "ess" not in info or num_particles < 1:
+    if "ess" not in info or np.size(info["ess"]) == 0 or num_particles < 1:
         return None
     ess = np.asarray(info["ess"], np.float64)
     ess = ess.reshape(-1, ess.shape[-1]) if ess.ndim > 1 else ess[None]

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import legacy_image_fields
 from tts_jax import interpolants as I
 from tts_jax import smc
 from tts_jax.models import gmm as G
@@ -89,7 +90,7 @@ def test_ode_copies_stay_identical_while_sde_particles_diversify():
     sde = _run(0, 64, lam=3.0, schedule=schedule)
     n_unique_ode = len(np.unique(np.round(np.asarray(ode.samples), 5), axis=0))
     n_unique_sde = len(np.unique(np.round(np.asarray(sde.samples), 5), axis=0))
-    ancestors_ode = int(ode.info["unique_ancestors"][4])
+    ancestors_ode = int(ode.info.unique_ancestors[4])
     assert ancestors_ode < 64  # resampling did duplicate particles
     assert n_unique_ode < 64  # deterministic dynamics keep the duplicates identical
     assert n_unique_sde == 64
@@ -113,7 +114,7 @@ def test_nan_rewards_raise_by_default_and_drop_on_request():
         out = _run(0, 16, reward=reward, nan_policy="drop", potential=potential)
         assert np.isfinite(np.asarray(out.samples)).all()
         # Row 0 of every reward call is NaN: one NaN per evaluated step (4 of 40), counted once.
-        assert int(out.info["num_nan_rewards"]) == 4, potential
+        assert int(out.info.num_nan) == 4, potential
 
 
 def test_plus_inf_rewards_raise_by_default_and_drop_on_request():
@@ -124,8 +125,8 @@ def test_plus_inf_rewards_raise_by_default_and_drop_on_request():
         _run(0, 16, reward=reward)
     out = _run(0, 16, reward=reward, nan_policy="drop")
     # Row 0 of every reward call is +inf: one per evaluated step (4 of 40), counted once.
-    assert int(out.info["num_inf_rewards"]) == 4 and int(out.info["num_nan_rewards"]) == 0
-    assert int(np.asarray(out.info["num_nan_potentials"]).sum()) == 4  # dropped by the engine
+    assert int(out.info.num_inf) == 4 and int(out.info.num_nan) == 0
+    assert int(np.asarray(out.info.extra["num_nan_potentials"]).sum()) == 4  # dropped by the engine
     assert np.isfinite(float(out.log_evidence))
     # The last step resamples: its +inf particle (zero weight) has no copy among the outputs.
     assert np.isfinite(np.asarray(out.rewards)).all()
@@ -176,7 +177,7 @@ def test_unknown_nan_policy_is_rejected():
 def test_best_reward_per_step_follows_the_reward_calls_and_resampling():
     # Rewards at steps 9, 19, 29 (each followed by resampling) and at the last step (none).
     out = _run(0, 64, schedule=smc.every(40, 10, include_last=False))
-    best = np.asarray(out.info["best_reward"])
+    best = np.asarray(out.info.extra["best_reward"])
     assert best.shape == (40,)
     assert np.all(best[:9] == -np.inf)  # no reward call yet
     for call in (9, 19, 29):  # until the next call: the resampled particles' rewards
@@ -187,8 +188,8 @@ def test_best_reward_per_step_follows_the_reward_calls_and_resampling():
 
 def test_budget_accounting():
     out = _run(0, 16)
-    assert int(out.nfe) == 40 * 16
-    assert int(out.reward_calls) == 4 * 16  # every 10 of 40 steps, the last included
+    assert int(out.cost.nfe) == 40 * 16
+    assert int(out.cost.reward_calls) == 4 * 16  # every 10 of 40 steps, the last included
 
 
 def test_bad_arguments_are_rejected():
@@ -203,7 +204,7 @@ def test_bad_arguments_are_rejected():
 def test_held_out_rewards_are_reported_on_the_final_particles():
     held = {"neg": Reward({"direction": -DIRECTION}, _counting_reward, "neg")}
     out = _run(0, 16, held_out=held)
-    np.testing.assert_allclose(out.info["held_out"]["neg"], -(out.samples @ DIRECTION), rtol=1e-5)
+    np.testing.assert_allclose(out.info.held_out["neg"], -(out.samples @ DIRECTION), rtol=1e-5)
 
 
 # ------------------------------------------------------------------ bit-for-bit regression pins
@@ -234,10 +235,10 @@ def _nan_second(params, x, cond=None):
 
 
 def digest(result) -> str:
-    """SHA-256 (first 32 hex digits) of every field of a SampleResult, ``info`` entries included:
+    """SHA-256 (first 32 hex digits) of every field of a Result, ``info`` entries included:
     name, dtype, shape and bytes."""
     h = hashlib.sha256()
-    fields = result._asdict()
+    fields = legacy_image_fields(result)
     info = fields.pop("info")
     items = sorted(fields.items()) + sorted(("info." + k, v) for k, v in info.items())
     for name, value in items:

@@ -164,7 +164,7 @@ def _batched_and_separate(model, potential, resampler):
     keys = jax.random.split(jax.random.key(0), 4)
     batched = jax.jit(jax.vmap(run, in_axes=(0, None, None)), static_argnums=1)(keys, s, params)
     assert batched.samples.shape == (4, 32, 2)
-    assert bool(np.asarray(batched.info["resampled"]).any())
+    assert bool(np.asarray(batched.info.resampled).any())
     pairs = [
         (jax.tree.map(lambda leaf, i=i: leaf[i], batched), RUN(keys[i], s, params))
         for i in range(4)
@@ -187,7 +187,7 @@ def test_vmap_over_keys_of_a_contracting_model_matches_to_rounding():
     gmm_model = G.flow_model(G.asymmetric_gmm_2d())
     for got, want in _batched_and_separate(gmm_model, "diff", "systematic"):
         for key in ("resampled", "ancestors", "unique_ancestors"):
-            np.testing.assert_array_equal(got.info[key], want.info[key])
+            np.testing.assert_array_equal(getattr(got.info, key), getattr(want.info, key))
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
@@ -205,11 +205,11 @@ def test_a_potential_written_outside_the_package_runs_and_can_reproduce_a_built_
 
 def test_a_resampler_written_outside_the_package_is_the_one_that_runs():
     out = RUN(jax.random.key(2), fk.sampler(16, K, "diff", keep_the_best), _params(lam=3.0))
-    resampled = np.flatnonzero(np.asarray(out.info["resampled"]))
+    resampled = np.flatnonzero(np.asarray(out.info.resampled))
     assert resampled.size
     for k in resampled:  # every slot copies the single best particle
-        ancestors = np.asarray(out.info["ancestors"][k])
-        assert (ancestors == ancestors[0]).all() and int(out.info["unique_ancestors"][k]) == 1
+        ancestors = np.asarray(out.info.ancestors[k])
+        assert (ancestors == ancestors[0]).all() and int(out.info.unique_ancestors[k]) == 1
 
 
 def test_a_diffusion_written_outside_the_package_runs_and_can_reproduce_a_built_in_one():
@@ -293,8 +293,8 @@ SHARDED = textwrap.dedent(
         jax.random.key(0), params)
     assert len(sharded.samples.sharding.device_set) == 4
     assert sharded.samples.addressable_shards[0].data.shape == (n // 4, 2)
-    assert int(plain.info["resampled"].sum()) > 0
-    np.testing.assert_array_equal(sharded.info["ancestors"], plain.info["ancestors"])
+    assert int(plain.info.resampled.sum()) > 0
+    np.testing.assert_array_equal(sharded.info.ancestors, plain.info.ancestors)
     np.testing.assert_allclose(sharded.samples, plain.samples, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sharded.log_evidence, plain.log_evidence, rtol=1e-5)
     print("SHARDED-FK-OK")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.helpers import EOS, PINNED_JAX, VOCAB, digest, iid_tv, random_module, tiny_lm
 from tests.lm_exact import enumerate_completions
 from tts_jax.models.lm_reward import RewardModel, cached_prm_scorer, prm_scorer
 from tts_jax.samplers.base import run as base_run
@@ -22,8 +23,6 @@ from tts_jax.samplers.base import run_with_keys
 from tts_jax.samplers.lm import engine, particle_filter
 from tts_jax.samplers.lm.scoring import AGGREGATIONS, score_sequences
 from tts_jax.samplers.lm.state import sequences
-
-from .test_lm_smc import EOS, PINNED_JAX, VOCAB, digest, iid_tv, random_module, tiny_lm
 
 PROMPT = np.array([2, 3], np.int32)
 SEP, N, RUNS = 1, 16, 40
@@ -73,7 +72,7 @@ def _histogram(values, weights=None):
 
 def test_infinite_softmax_temperature_is_independent_sampling():
     first = np.concatenate(
-        [np.asarray(run(s, softmax_temperature=1e6).tokens)[:, 0] for s in range(RUNS)]
+        [np.asarray(run(s, softmax_temperature=1e6).samples.tokens)[:, 0] for s in range(RUNS)]
     )
     # Resampling uniform weights keeps the marginal; copies halve the effective sample size.
     assert _tv(_histogram(first), p0()) < 2.5 * iid_tv(p0(), RUNS * N // 2)
@@ -83,7 +82,7 @@ def test_zero_softmax_temperature_keeps_only_the_best_scored_prefix():
     chosen = []
     for s in range(RUNS):
         r = run(s, softmax_temperature=1e-3)
-        first = np.asarray(r.tokens)[:, 0]
+        first = np.asarray(r.samples.tokens)[:, 0]
         assert (first == first[0]).all()  # every particle descends from the best first step
         chosen.append(first[0])
     # The kept first token is the best-scored of N draws: P(v) = F(<= v)^N - F(< v)^N.
@@ -104,7 +103,7 @@ def test_twisted_weighting_targets_the_odds_tilted_first_token():
         r = run(s, softmax_temperature=t, weighting="twisted")
         z.append(float(r.log_evidence))
         w = np.exp(np.asarray(r.log_weights, np.float64) + z[-1])
-        pooled += np.bincount(np.asarray(r.tokens)[:, 0], weights=w, minlength=len(TABLE))
+        pooled += np.bincount(np.asarray(r.samples.tokens)[:, 0], weights=w, minlength=len(TABLE))
     # Tight enough that the absolute (Puri) weights, which double-count, fail it (TV ~ 0.09).
     assert _tv(pooled / pooled.sum(), target) < 1.5 * iid_tv(target, RUNS * N // 2)
     z_exact = np.sum(p0() * odds ** (1 / t))
@@ -125,7 +124,7 @@ def test_twisted_weighting_corrects_a_tempered_proposal_back_to_the_lm():
     for s in range(runs):
         r = run(100 + s, temperature=temperature, softmax_temperature=t, weighting="twisted")
         w = np.exp(np.asarray(r.log_weights, np.float64) + float(r.log_evidence))
-        est[s] = np.bincount(np.asarray(r.tokens)[:, 0], weights=w, minlength=len(TABLE))
+        est[s] = np.bincount(np.asarray(r.samples.tokens)[:, 0], weights=w, minlength=len(TABLE))
     z = (est.mean(axis=0) - gamma) / (est.std(axis=0, ddof=1) / np.sqrt(runs))
     z_hat = est.sum(axis=1)
     z_total = (z_hat.mean() - gamma.sum()) / (z_hat.std(ddof=1) / np.sqrt(runs))
@@ -136,21 +135,23 @@ def test_puri_weights_are_absolute_and_finished_particles_stay_finished():
     r = run(0)
     assert np.isnan(float(r.log_evidence))  # not an evidence estimate
     lw = np.asarray(r.log_weights)
-    expected = np.log(TABLE / (1 - TABLE))[np.asarray(r.tokens)[:, 0]]
+    expected = np.log(TABLE / (1 - TABLE))[np.asarray(r.samples.tokens)[:, 0]]
     np.testing.assert_allclose(lw - lw.max(), expected - expected.max(), atol=1e-4)
-    finished = np.asarray(r.finished)
-    assert (np.asarray(r.tokens)[finished, np.asarray(r.lengths)[finished] - 1] == EOS).all()
-    assert int(r.budget.prm_calls) <= 2 * N and int(r.budget.lm_calls) <= 1 + 2
+    finished = np.asarray(r.samples.finished)
+    assert (
+        np.asarray(r.samples.tokens)[finished, np.asarray(r.samples.lengths)[finished] - 1] == EOS
+    ).all()
+    assert int(r.cost.reward_calls) <= 2 * N and int(r.info.extra["lm_calls"]) <= 1 + 2
 
 
 def test_particle_gibbs_never_resamples_the_reference_away():
     r = run(3, method=particle_filter.particle_gibbs, n=2 * N, num_sweeps=2)
-    reference = np.asarray(r.info["references"])[0]
-    tokens, length = np.asarray(r.tokens)[0], int(r.lengths[0])
+    reference = np.asarray(r.info.extra["references"])[0]
+    tokens, length = np.asarray(r.samples.tokens)[0], int(r.samples.lengths[0])
     np.testing.assert_array_equal(tokens[:length], reference[:length])
     single = run(3, n=N)  # one sweep of the same size: the budget is split, not multiplied
-    assert int(r.budget.tokens) <= 2 * N * 2 and int(single.budget.tokens) <= N * 2
-    assert r.tokens.shape[0] == N
+    assert int(r.cost.tokens) <= 2 * N * 2 and int(single.cost.tokens) <= N * 2
+    assert r.samples.tokens.shape[0] == N
 
 
 def test_entropic_temperature_formula_and_run():
@@ -165,7 +166,7 @@ def test_entropic_temperature_formula_and_run():
         float(particle_filter.entropic_temperature(jnp.zeros(4), jnp.float32(0.1))) == 1.0
     )  # ESS = N
     r = run(0, method=particle_filter.entropic_particle_filter, softmax_temperature=0.1)
-    scores = np.asarray(r.scores)
+    scores = np.asarray(r.rewards)
     assert scores[int(r.best)] == scores.max()
 
 
@@ -203,14 +204,16 @@ def test_empty_budget_and_bad_options_are_refused():
 def test_new_temperatures_or_weighting_compile_nothing():
     # Compile each program once first: the jit cache is shared by the whole process.
     run(0, softmax_temperature=1.0)
-    run(0, method=particle_filter.particle_gibbs, n=2 * N, num_sweeps=2).tokens.block_until_ready()
+    run(
+        0, method=particle_filter.particle_gibbs, n=2 * N, num_sweeps=2
+    ).samples.tokens.block_until_ready()
     size = engine.run_jitted._cache_size()
     run(1, softmax_temperature=0.3, temperature=0.7)
     run(2, softmax_temperature=4.0, weighting="twisted", ess_threshold=0.8)
     gibbs = run(
         3, method=particle_filter.particle_gibbs, n=2 * N, num_sweeps=2, softmax_temperature=2.0
     )
-    gibbs.tokens.block_until_ready()
+    gibbs.samples.tokens.block_until_ready()
     assert engine.run_jitted._cache_size() == size
 
 
@@ -246,14 +249,16 @@ def test_kernel_is_the_convenience_function_vmaps_over_keys_and_compiles_once(we
     )
     for i in range(3):
         single = run_jit(keys[i], sampler, params)
-        np.testing.assert_array_equal(np.asarray(batched.tokens[i]), np.asarray(single.tokens))
         np.testing.assert_array_equal(
-            np.asarray(batched.info["ancestors"][i]), np.asarray(single.info["ancestors"])
+            np.asarray(batched.samples.tokens[i]), np.asarray(single.samples.tokens)
         )
-        np.testing.assert_allclose(np.asarray(batched.scores[i]), np.asarray(single.scores))
+        np.testing.assert_array_equal(
+            np.asarray(batched.info.ancestors[i]), np.asarray(single.info.ancestors)
+        )
+        np.testing.assert_allclose(np.asarray(batched.rewards[i]), np.asarray(single.rewards))
     compiled = run_jit._cache_size()  # jit caches are shared by every jax.jit(run) of the process
     _, hotter = _kernel(weighting, temperature=0.7, softmax_temperature=0.3)
-    run_jit(keys[0], sampler, hotter).tokens.block_until_ready()
+    run_jit(keys[0], sampler, hotter).samples.tokens.block_until_ready()
     assert run_jit._cache_size() == compiled  # a new temperature compiles nothing
     if weighting == "twisted":
         with pytest.raises(ValueError, match="temperature > 0"):
@@ -324,13 +329,15 @@ def test_particle_filters_with_the_cached_prm_reproduce_full_rescoring(method, o
         )
 
     full, cached = sample(prm_scorer), sample(cached_prm_scorer)
-    assert np.asarray(full.info["resampled"]).any()
-    np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(full.tokens))
+    assert np.asarray(full.info.resampled).any()
     np.testing.assert_array_equal(
-        np.asarray(cached.info["ancestors"]), np.asarray(full.info["ancestors"])
+        np.asarray(cached.samples.tokens), np.asarray(full.samples.tokens)
     )
-    np.testing.assert_allclose(np.asarray(cached.scores), np.asarray(full.scores), rtol=1e-5)
-    assert int(cached.budget.prm_calls) == int(full.budget.prm_calls)
+    np.testing.assert_array_equal(
+        np.asarray(cached.info.ancestors), np.asarray(full.info.ancestors)
+    )
+    np.testing.assert_allclose(np.asarray(cached.rewards), np.asarray(full.rewards), rtol=1e-5)
+    assert int(cached.cost.reward_calls) == int(full.cost.reward_calls)
 
 
 # Digests of small runs pinned before the particle filters became kernels (issue 16): the port
@@ -408,12 +415,15 @@ def test_gibbs_kernel_is_the_convenience_function_and_vmaps_over_keys():
     jitted = jax.jit(run_with_keys, static_argnames="sampler")
     out = jitted(*particle_filter.gibbs_keys(jax.random.key(3), sampler), sampler, params)
     assert digest(out) == PINNED["gibbs"][0]
-    assert out.info["references"].shape == (1, 2)
+    assert out.info.extra["references"].shape == (1, 2)
     keys = jax.random.split(jax.random.key(6), 2)
     batched = jax.vmap(base_run, in_axes=(0, None, None))(keys, sampler, params)
     for i in range(2):
         single = base_run(keys[i], sampler, params)
-        np.testing.assert_array_equal(np.asarray(batched.tokens[i]), np.asarray(single.tokens))
         np.testing.assert_array_equal(
-            np.asarray(batched.info["references"][i]), np.asarray(single.info["references"])
+            np.asarray(batched.samples.tokens[i]), np.asarray(single.samples.tokens)
+        )
+        np.testing.assert_array_equal(
+            np.asarray(batched.info.extra["references"][i]),
+            np.asarray(single.info.extra["references"]),
         )

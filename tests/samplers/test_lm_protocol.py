@@ -23,9 +23,17 @@ import pytest
 
 from tests.lm_exact import enumerate_completions
 from tts_jax.models.base import LanguageModel
-from tts_jax.rewards.base import PromptRows, RescoringScorer, StepScorer, last_step_only
+from tts_jax.models.lm_reward import cached_prm_scorer
+from tts_jax.rewards.base import (
+    Aggregation,
+    PromptRows,
+    RescoringScorer,
+    StepScorer,
+    last_step_only,
+)
 from tts_jax.samplers.lm import particle_filter, token_smc
 from tts_jax.samplers.lm import search as lm_search
+from tts_jax.samplers.lm.answers import select
 
 VOCAB, EOS, LENGTH, SEP = 4, 0, 4, 2
 PROMPT = np.array([1, 2], np.int32)
@@ -112,7 +120,7 @@ def estimates(results) -> np.ndarray:
     out = []
     for r in results:
         w = np.exp(np.asarray(r.log_weights, np.float64) + float(r.log_evidence))
-        tokens, lengths = np.asarray(r.tokens), np.asarray(r.lengths)
+        tokens, lengths = np.asarray(r.samples.tokens), np.asarray(r.samples.lengths)
         rows = [table[tuple(int(t) for t in tokens[i, : lengths[i]])] for i in range(len(w))]
         out.append(w @ np.array(rows))
     return np.array(out)
@@ -170,7 +178,7 @@ def test_token_smc_on_the_bigram_lm_matches_exact_enumeration(temperature):
         )
         for seed in range(RUNS)
     ]
-    assert sum(int(np.asarray(r.info["resampled"]).sum()) for r in results) > RUNS  # resamples
+    assert sum(int(np.asarray(r.info.resampled).sum()) for r in results) > RUNS  # resamples
     log_g = lambda y: LAM * y.count(3)  # noqa: E731
     wrong = [tilted_measure(lambda y: 0.0)]  # weights without the potential
     if temperature != 1.0:
@@ -229,8 +237,8 @@ def test_twisted_particle_filter_on_the_bigram_lm_matches_exact_enumeration(
         for seed in range(RUNS)
     ]
     for r in results:  # every particle is a whole completion (EOS or the full budget)
-        assert (np.asarray(r.finished) | (np.asarray(r.lengths) == LENGTH)).all()
-    assert sum(int(np.asarray(r.info["resampled"]).sum()) for r in results) > RUNS  # resamples
+        assert (np.asarray(r.samples.finished) | (np.asarray(r.samples.lengths) == LENGTH)).all()
+    assert sum(int(np.asarray(r.info.resampled).sum()) for r in results) > RUNS  # resamples
     log_g = lambda y: (LAM * y.count(3) - OFFSET) / softmax_temperature  # noqa: E731
     wrong = [tilted_measure(lambda y: 0.0)]
     if temperature != 1.0:
@@ -272,12 +280,14 @@ def test_an_incremental_scorer_of_the_protocol_reproduces_the_rescoring_function
     for seed, temperature in ((0, 1.0), (1, 0.5)):
         full = run_pf(seed, temperature=temperature, ess_threshold=0.9)
         fed = run_pf(seed, COUNT3_SCORER, temperature=temperature, ess_threshold=0.9)
-        assert np.asarray(full.info["resampled"]).any()
-        np.testing.assert_array_equal(np.asarray(fed.tokens), np.asarray(full.tokens))
+        assert np.asarray(full.info.resampled).any()
         np.testing.assert_array_equal(
-            np.asarray(fed.info["ancestors"]), np.asarray(full.info["ancestors"])
+            np.asarray(fed.samples.tokens), np.asarray(full.samples.tokens)
         )
-        np.testing.assert_allclose(np.asarray(fed.scores), np.asarray(full.scores), rtol=1e-6)
+        np.testing.assert_array_equal(
+            np.asarray(fed.info.ancestors), np.asarray(full.info.ancestors)
+        )
+        np.testing.assert_allclose(np.asarray(fed.rewards), np.asarray(full.rewards), rtol=1e-6)
         np.testing.assert_allclose(float(fed.log_evidence), float(full.log_evidence), rtol=1e-5)
 
 
@@ -313,12 +323,82 @@ def test_search_methods_and_the_rescoring_scorer_value_run_on_the_bigram_lm():
             **kwargs,
             **options,
         )
-        np.testing.assert_array_equal(np.asarray(wrapped.tokens), np.asarray(r.tokens))
-        tokens, lengths = np.asarray(r.tokens), np.asarray(r.lengths)
+        np.testing.assert_array_equal(
+            np.asarray(wrapped.samples.tokens), np.asarray(r.samples.tokens)
+        )
+        tokens, lengths = np.asarray(r.samples.tokens), np.asarray(r.samples.lengths)
         threes = np.array([list(t[:n]).count(3) for t, n in zip(tokens, lengths, strict=True)])
         np.testing.assert_allclose(
-            np.asarray(r.scores), 1 / (1 + np.exp(OFFSET - LAM * threes)), rtol=1e-5
+            np.asarray(r.rewards), 1 / (1 + np.exp(OFFSET - LAM * threes)), rtol=1e-5
         )
+
+
+def _mean_of_steps(scores, step_ends):
+    """A user's aggregation: the mean score over the step ends."""
+    marked = jnp.sum(step_ends, axis=1)
+    return jnp.sum(jnp.where(step_ends, scores, 0.0), axis=1) / jnp.maximum(marked, 1)
+
+
+MEAN = Aggregation("mean", _mean_of_steps)
+
+
+def _shortest(result, answers, key):
+    """A user's selection rule: the shortest finished completion."""
+    lengths = np.where(np.asarray(result.samples.finished), result.samples.lengths, 10**9)
+    return int(np.argmin(lengths))
+
+
+def test_an_aggregation_and_a_selection_rule_from_outside_the_package():
+    """Aggregations and answer-selection rules are values: best-of-N with a mean-over-steps
+    aggregation scores every completion by the mean of its step scores (recomputed here by
+    hand), and a custom rule picks through :func:`select` like a built-in one."""
+    r = lm_search.best_of_n(
+        jax.random.key(4),
+        bigram_lm(),
+        PROMPT,
+        count3_scorer,
+        jnp.float32(LAM),
+        num_particles=16,
+        max_steps=LENGTH,
+        max_step_tokens=2,
+        max_new_tokens=LENGTH,
+        sep_id=SEP,
+        stop_ids=[EOS],
+        pad_id=EOS,
+        aggregation=MEAN,
+    )
+    tokens, lengths = np.asarray(r.samples.tokens), np.asarray(r.samples.lengths)
+    want = []
+    for row, n in zip(tokens, lengths, strict=True):
+        y = list(row[:n])
+        ends = sorted(set(_step_ends(y)))
+        threes = np.cumsum(np.asarray(y) == 3)
+        want.append(np.mean(1 / (1 + np.exp(OFFSET - LAM * threes[ends]))))
+    np.testing.assert_allclose(np.asarray(r.rewards), want, rtol=1e-5)
+    assert not np.allclose(np.asarray(r.rewards), np.asarray(aggregate_last(tokens, lengths)))
+    chosen = select(r, _shortest)
+    assert chosen == _shortest(r, None, None)
+    with pytest.raises(ValueError, match="cached PRM scorer reads only the built-in"):
+        cached_prm_scorer.read(None, None, None, None, None, MEAN)
+
+
+def _step_ends(y):
+    """Step ends of a completion ``y``: a step stops at the separator, at 2 tokens, or at the
+    end (the segmentation of ``max_step_tokens=2, sep_id=SEP``)."""
+    ends, start = [], 0
+    for i, v in enumerate(y):
+        if v == SEP or i - start + 1 == 2 or i == len(y) - 1:
+            ends.append(i)
+            start = i + 1
+    return ends
+
+
+def aggregate_last(tokens, lengths):
+    out = []
+    for row, n in zip(tokens, lengths, strict=True):
+        threes = np.cumsum(np.asarray(row[:n]) == 3)
+        out.append(1 / (1 + np.exp(OFFSET - LAM * threes[-1])))
+    return out
 
 
 def test_rescoring_state_is_the_prompt_on_every_row():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.helpers import EOS, PINNED_JAX, VOCAB, digest, random_module, tiny_lm
 from tts_jax.models.lm_reward import RewardModel, cached_prm_scorer, prm_scorer, prm_scores
 from tts_jax.samplers.base import run as base_run
 from tts_jax.samplers.base import run_with_keys
@@ -19,7 +20,6 @@ from tts_jax.samplers.lm.answers import select
 from tts_jax.samplers.lm.scoring import aggregate, host_scorer
 
 from .test_lm_pf import PROMPT, SEP, TABLE, first_token_scorer, tiny_prm
-from .test_lm_smc import EOS, PINNED_JAX, VOCAB, digest, random_module, tiny_lm
 
 N, BEAM = 16, 4
 
@@ -76,11 +76,11 @@ def test_grouped_top_k_and_duplicates():
 
 def test_best_of_n_budget_and_votes():
     r = run(lm_search.best_of_n)
-    first = np.asarray(r.tokens)[:, 0]
-    np.testing.assert_allclose(np.asarray(r.scores), TABLE[first])
+    first = np.asarray(r.samples.tokens)[:, 0]
+    np.testing.assert_allclose(np.asarray(r.rewards), TABLE[first])
     assert int(r.best) == int(np.argmax(TABLE[first]))
-    assert int(r.budget.tokens) == int(np.asarray(r.lengths).sum())  # nothing discarded
-    assert int(r.budget.prm_calls) == N and int(r.budget.lm_calls) <= 1 + 2
+    assert int(r.cost.tokens) == int(np.asarray(r.samples.lengths).sum())  # nothing discarded
+    assert int(r.cost.reward_calls) == N and int(r.info.extra["lm_calls"]) <= 1 + 2
     answers = [int(t) for t in first]
     counts = np.bincount(first, minlength=VOCAB)
     assert first[lm_search.majority_vote(r, answers)] == np.argmax(counts)
@@ -90,8 +90,8 @@ def test_best_of_n_budget_and_votes():
 @pytest.mark.parametrize("dedup", [False, True])
 def test_beam_search_keeps_the_top_scored_beams(dedup):
     r = run(lm_search.beam_search, seed=1, beam_width=BEAM, dedup=dedup)
-    scores = np.asarray(r.info["scores"])[0]
-    ancestors = np.asarray(r.info["ancestors"])[0]
+    scores = np.asarray(r.info.extra["scores"])[0]
+    ancestors = np.asarray(r.info.extra["ancestors"])[0]
     kept = ancestors[::BEAM]
     np.testing.assert_array_equal(ancestors, np.repeat(kept, BEAM))
     if not dedup:
@@ -101,13 +101,13 @@ def test_beam_search_keeps_the_top_scored_beams(dedup):
         distinct = len(set(scores.tolist()))
         assert len(set(scores[kept].tolist())) == min(N // BEAM, distinct)
         assert scores[kept].max() == scores.max()
-    assert int(r.budget.prm_calls) >= N
+    assert int(r.cost.reward_calls) >= N
 
 
 def test_dvts_subtrees_stay_independent_and_greedy():
     r = run(lm_search.dvts, seed=2, beam_width=BEAM)
-    scores = np.asarray(r.info["scores"])[0]
-    ancestors = np.asarray(r.info["ancestors"])[0]
+    scores = np.asarray(r.info.extra["scores"])[0]
+    ancestors = np.asarray(r.info.extra["ancestors"])[0]
     groups = np.arange(N) // BEAM
     np.testing.assert_array_equal(ancestors // BEAM, groups)
     np.testing.assert_array_equal(scores[ancestors], scores.reshape(-1, BEAM).max(1)[groups])
@@ -117,12 +117,12 @@ def test_prm_adapter_scores_with_the_reward_model_in_graph():
     config = tiny_lm().config
     prm = random_module(lambda: RewardModel(config, 2, rngs=nnx.Rngs(0)), 3)
     r = run(lm_search.best_of_n, scorer=prm_scorer, scorer_params=prm)
-    tokens = np.concatenate([np.tile(PROMPT, (N, 1)), np.asarray(r.tokens)], axis=1)
+    tokens = np.concatenate([np.tile(PROMPT, (N, 1)), np.asarray(r.samples.tokens)], axis=1)
     ends = np.zeros(tokens.shape, bool)
-    lengths = np.asarray(r.lengths)
+    lengths = np.asarray(r.samples.lengths)
     ends[np.arange(N), PROMPT.shape[0] + lengths - 1] = True  # the last step's end
     expected = jax.jit(prm_scores)(prm, jnp.asarray(tokens), jnp.asarray(ends))
-    np.testing.assert_allclose(np.asarray(r.scores), np.asarray(expected).max(1), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(r.rewards), np.asarray(expected).max(1), atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -156,13 +156,15 @@ def test_searches_with_the_cached_prm_reproduce_full_rescoring(method, options):
         )
 
     full, cached = search(prm_scorer), search(cached_prm_scorer)
-    np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(full.tokens))
     np.testing.assert_array_equal(
-        np.asarray(cached.info["ancestors"]), np.asarray(full.info["ancestors"])
+        np.asarray(cached.samples.tokens), np.asarray(full.samples.tokens)
     )
-    np.testing.assert_allclose(np.asarray(cached.scores), np.asarray(full.scores), rtol=1e-5)
-    assert np.ptp(np.asarray(full.scores)) > 0  # the PRM tells the particles apart
-    assert int(cached.budget.prm_calls) == int(full.budget.prm_calls)
+    np.testing.assert_array_equal(
+        np.asarray(cached.info.extra["ancestors"]), np.asarray(full.info.extra["ancestors"])
+    )
+    np.testing.assert_allclose(np.asarray(cached.rewards), np.asarray(full.rewards), rtol=1e-5)
+    assert np.ptp(np.asarray(full.rewards)) > 0  # the PRM tells the particles apart
+    assert int(cached.cost.reward_calls) == int(full.cost.reward_calls)
 
 
 def test_nan_scores_raise_or_are_never_selected():
@@ -171,7 +173,7 @@ def test_nan_scores_raise_or_are_never_selected():
     with pytest.raises(ValueError, match="NaN"):
         run(lm_search.beam_search, seed=1, table=table, beam_width=BEAM)
     r = run(lm_search.best_of_n, seed=1, table=table, nan_policy="drop")
-    assert not np.isnan(np.asarray(r.scores)[int(r.best)])
+    assert not np.isnan(np.asarray(r.rewards)[int(r.best)])
 
 
 def test_empty_budget_and_bad_beam_width_are_refused():
@@ -186,7 +188,7 @@ def test_every_method_and_temperature_share_one_compiled_program():
     size = lm_search._run_with_keys._cache_size()
     run(lm_search.beam_search, seed=4, beam_width=BEAM, temperature=0.5)
     run(lm_search.dvts, seed=5, beam_width=2, dedup=True, temperature=1.5)
-    run(lm_search.beam_search, seed=6, beam_width=8).tokens.block_until_ready()
+    run(lm_search.beam_search, seed=6, beam_width=8).samples.tokens.block_until_ready()
     assert lm_search._run_with_keys._cache_size() == size
 
 
@@ -232,13 +234,16 @@ def test_kernel_is_the_convenience_function_vmaps_over_keys_and_compiles_once(
     )
     for i in range(3):
         single = run_jit(keys[i], sampler, params)
-        np.testing.assert_array_equal(np.asarray(batched.tokens[i]), np.asarray(single.tokens))
         np.testing.assert_array_equal(
-            np.asarray(batched.info["ancestors"][i]), np.asarray(single.info["ancestors"])
+            np.asarray(batched.samples.tokens[i]), np.asarray(single.samples.tokens)
+        )
+        np.testing.assert_array_equal(
+            np.asarray(batched.info.extra["ancestors"][i]),
+            np.asarray(single.info.extra["ancestors"]),
         )
     compiled = run_jit._cache_size()  # jit caches are shared by every jax.jit(run) of the process
     _, hotter = _kernel(*plan, temperature=0.6)
-    run_jit(keys[0], sampler, hotter).tokens.block_until_ready()
+    run_jit(keys[0], sampler, hotter).samples.tokens.block_until_ready()
     assert run_jit._cache_size() == compiled  # a new temperature compiles nothing
     with pytest.raises(ValueError, match="must divide"):
         lm_search.check_search_params(_kernel(3, 1)[1], sampler, N)
@@ -264,8 +269,10 @@ HOST_SCORER = host_scorer(_numpy_first_token_scorer)
 def test_host_scorer_matches_the_in_graph_oracle_and_weighted_sample_selects_by_weight():
     in_graph = run(lm_search.best_of_n, seed=7)
     on_host = run(lm_search.best_of_n, seed=7, scorer=HOST_SCORER)
-    np.testing.assert_array_equal(np.asarray(on_host.tokens), np.asarray(in_graph.tokens))
-    np.testing.assert_allclose(np.asarray(on_host.scores), np.asarray(in_graph.scores))
+    np.testing.assert_array_equal(
+        np.asarray(on_host.samples.tokens), np.asarray(in_graph.samples.tokens)
+    )
+    np.testing.assert_allclose(np.asarray(on_host.rewards), np.asarray(in_graph.rewards))
     picks = {select(in_graph, "weighted_sample", key=jax.random.key(s)) for s in range(64)}
     assert len(picks) > 1 and picks <= set(range(N))  # uniform weights: many particles drawn
 

@@ -7,14 +7,13 @@ behaviour (lambda, banned tokens, required token) travels in their parameter arr
 """
 
 import functools
-import hashlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
+from tests.helpers import EOS, PINNED_JAX, VOCAB, digest, iid_tv, tiny_lm
 from tests.lm_exact import enumerate_completions
 from tts_jax.models import lm
 from tts_jax.particles import gather
@@ -24,37 +23,8 @@ from tts_jax.samplers.lm import answers as lm_result
 from tts_jax.samplers.lm import engine, token_smc
 from tts_jax.samplers.lm import state as lm_state
 
-VOCAB, EOS, PROMPT, LENGTH = 5, 0, np.array([1, 2], np.int32), 4
+PROMPT, LENGTH = np.array([1, 2], np.int32), 4
 SMALL, LARGE = 32, 512
-
-
-def random_module(make, seed: int):
-    """``make()``'s module with N(0, 0.5^2) weights around identity norms, filled from NumPy
-    (eager JAX initialisation is slow on a loaded machine)."""
-    graphdef, state = nnx.split(nnx.eval_shape(make))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        base = 1.0 if "norm" in jax.tree_util.keystr(path) else 0.0
-        return jnp.asarray(base + 0.5 * rng.normal(size=leaf.shape), jnp.float32)
-
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
-
-
-@functools.cache
-def tiny_lm(seed: int = 0) -> lm.LM:
-    """A 1-layer Qwen2 with vocabulary 5: peaked next-token distributions that are not
-    degenerate."""
-    config = lm.LMConfig(
-        model_type="qwen2",
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    return random_module(lambda: lm.LM(config, rngs=nnx.Rngs(0)), seed)
 
 
 def _written(tokens, lengths):
@@ -120,17 +90,10 @@ def pooled_distribution(results, completions):
     dist = np.zeros(len(completions))
     for zr, r in zip(z, results, strict=True):
         w = np.exp(np.asarray(r.log_weights, np.float64))
-        tokens, lengths = np.asarray(r.tokens), np.asarray(r.lengths)
+        tokens, lengths = np.asarray(r.samples.tokens), np.asarray(r.samples.lengths)
         for i in range(len(w)):
             dist[index[tuple(int(t) for t in tokens[i, : lengths[i]])]] += zr * w[i]
     return dist / dist.sum()
-
-
-def iid_tv(target, n, reps=200, seed=0):
-    """Mean total variation of an i.i.d. sample of size ``n`` from ``target`` (the yardstick)."""
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(n, target, size=reps) / n
-    return 0.5 * np.abs(counts - target[None, :]).sum(axis=1).mean()
 
 
 def _check_log_z(results, log_z_exact):
@@ -153,14 +116,14 @@ def test_weighted_particles_and_log_z_converge_to_the_exact_tilted_target():
     assert tv[LARGE] < 2.0 * iid_tv(target, runs * LARGE // 4), tv
     _check_log_z(results, log_z)
     r = results[0]
-    assert r.info["ess"].shape == (LENGTH,) and r.info["unique_ancestors"].shape == (LENGTH,)
-    assert 0 < int(r.budget.tokens) <= LARGE * LENGTH and int(r.budget.lm_calls) <= LENGTH + 1
+    assert r.info.ess.shape == (LENGTH,) and r.info.unique_ancestors.shape == (LENGTH,)
+    assert 0 < int(r.cost.tokens) <= LARGE * LENGTH and int(r.info.extra["lm_calls"]) <= LENGTH + 1
     # A strong tilt collapses the ESS: resampling triggers and reports fewer unique ancestors.
     strong = run(0, LARGE, lam=4.0)
-    resampled = np.asarray(strong.info["resampled"])
+    resampled = np.asarray(strong.info.resampled)
     assert resampled.any()
-    assert (np.asarray(strong.info["unique_ancestors"])[resampled] < LARGE).all()
-    assert (np.asarray(strong.info["ess"])[resampled] < 0.5 * LARGE).all()
+    assert (np.asarray(strong.info.unique_ancestors)[resampled] < LARGE).all()
+    assert (np.asarray(strong.info.ess)[resampled] < 0.5 * LARGE).all()
 
 
 @pytest.mark.parametrize("hard", ["mask", "potential"])
@@ -172,7 +135,7 @@ def test_hard_constraint_targets_the_conditioned_lm_and_log_z_is_its_probability
     dist = pooled_distribution(results, completions)
     assert 0.5 * np.abs(dist - target).sum() < 2.0 * iid_tv(target, 6 * LARGE // 8)
     for r in results:
-        tokens, lengths = np.asarray(r.tokens), np.asarray(r.lengths)
+        tokens, lengths = np.asarray(r.samples.tokens), np.asarray(r.samples.lengths)
         alive = np.isfinite(np.asarray(r.log_weights))
         for i in np.flatnonzero(alive):
             c = tokens[i, : lengths[i]]
@@ -183,7 +146,7 @@ def test_hard_constraint_targets_the_conditioned_lm_and_log_z_is_its_probability
 def test_every_particle_killed_gives_an_all_dead_result_not_an_error():
     r = run(0, SMALL, banned=tuple(range(VOCAB)))
     assert bool(r.all_dead) and np.isneginf(float(r.log_evidence))
-    assert bool(np.asarray(r.info["all_dead"])[-1])
+    assert bool(np.asarray(r.info.extra["all_dead"])[-1])
     assert np.isneginf(np.asarray(r.log_weights)).all()
     with pytest.raises(ValueError, match="every particle is dead"):
         lm_result.select(r)
@@ -199,10 +162,10 @@ def test_nan_potential_is_a_clear_error_or_a_documented_drop():
 def test_new_temperature_lambda_or_threshold_compiles_nothing():
     # Compile each program once first: the jit cache is shared by the whole process.
     run(1, SMALL, lam=0.5)
-    run(1, SMALL, lam=0.5, banned=(2,)).tokens.block_until_ready()
+    run(1, SMALL, lam=0.5, banned=(2,)).samples.tokens.block_until_ready()
     size = engine.run_jitted._cache_size()
     run(2, SMALL, lam=2.0, temperature=0.7, ess_threshold=0.9)
-    run(3, SMALL, lam=-1.0, banned=(2,), temperature=1.3).tokens.block_until_ready()
+    run(3, SMALL, lam=-1.0, banned=(2,), temperature=1.3).samples.tokens.block_until_ready()
     assert engine.run_jitted._cache_size() == size
 
 
@@ -237,16 +200,18 @@ def test_kernel_is_the_convenience_function_vmaps_over_keys_and_compiles_once():
     )
     for i in range(3):
         single = run_jit(keys[i], sampler, params)
-        np.testing.assert_array_equal(np.asarray(batched.tokens[i]), np.asarray(single.tokens))
         np.testing.assert_array_equal(
-            np.asarray(batched.info["ancestors"][i]), np.asarray(single.info["ancestors"])
+            np.asarray(batched.samples.tokens[i]), np.asarray(single.samples.tokens)
+        )
+        np.testing.assert_array_equal(
+            np.asarray(batched.info.ancestors[i]), np.asarray(single.info.ancestors)
         )
         np.testing.assert_allclose(
             np.asarray(batched.log_weights[i]), np.asarray(single.log_weights), rtol=1e-5, atol=1e-6
         )
     compiled = run_jit._cache_size()  # jit caches are shared by every jax.jit(run) of the process
     _, hotter = _kernel(lam=2.0, temperature=0.7)
-    run_jit(keys[0], sampler, hotter).tokens.block_until_ready()
+    run_jit(keys[0], sampler, hotter).samples.tokens.block_until_ready()
     assert run_jit._cache_size() == compiled  # a new temperature compiles nothing
     with pytest.raises(ValueError, match="temperature > 0"):
         token_smc.check_token_smc_params(_kernel(temperature=0.0)[1], sampler)
@@ -314,18 +279,6 @@ def test_a_resampled_particle_continues_exactly_as_its_ancestor():
     np.testing.assert_allclose(np.asarray(moved.logits), np.asarray(logits)[anc, -1], atol=1e-5)
 
 
-def digest(result) -> str:
-    """SHA-256 (first 32 hex digits) of every leaf of an LMResult (``budget`` and ``info``
-    entries included): path, dtype, shape and bytes."""
-    h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_leaves_with_path(result):
-        a = np.asarray(leaf)
-        h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape}:".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:32]
-
-
-PINNED_JAX = "0.10.2"
 # Digests of small runs pinned before token_smc became a kernel (issue 16): the port keeps the
 # key layout and every bit of the result.
 PINNED = {

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import legacy_image_fields
 from tts_jax import interpolants as I
 from tts_jax.models import gmm as G
 from tts_jax.models.base import FlowModel
@@ -115,11 +116,11 @@ def test_best_of_n_matches_order_statistics_of_independent_samples():
     best = []
     for seed in range(num_seeds):
         out, spent = _run_counted(_best_of_n, jax.random.key(seed), 16 * K + 3)
-        assert out.samples.shape == (16, 2) and spent == int(out.nfe) == 16 * K
-        assert int(out.reward_calls) == 16
+        assert out.samples.shape == (16, 2) and spent == int(out.cost.nfe) == 16 * K
+        assert int(out.cost.reward_calls) == 16
         assert float(out.best_reward) == float(out.rewards.max())
         # candidate i uses fold_in(key, i): best_reward[n - 1] is exactly best-of-n at n K NFE
-        best.append(np.asarray(out.info["best_reward"]))
+        best.append(np.asarray(out.info.extra["best_reward"]))
     best = np.array(best)
     for n in (1, 4, 16):
         expected = _expected_max(ref_rewards, n)
@@ -181,7 +182,7 @@ def test_budget_is_never_exceeded_and_best_reward_grows(method):
     for i, budget in enumerate(budgets):
         for seed in range(best.shape[1]):
             out, spent = _run_counted(run, jax.random.key(seed), budget)
-            assert spent == int(out.nfe) == int(out.info["nfe"][-1]) <= budget
+            assert spent == int(out.cost.nfe) == int(out.info.extra["nfe"][-1]) <= budget
             assert budget - spent < slack
             best[i, seed] = float(out.best_reward)
     gain = best[1] - best[0]
@@ -194,12 +195,12 @@ def test_budget_is_never_exceeded_and_best_reward_grows(method):
 
 def test_zero_order_diagnostics_and_paths_plan():
     out = _zero_order(jax.random.key(0), 150)
-    np.testing.assert_array_equal(np.asarray(out.info["nfe"]), K * (1 + 4 * np.arange(5)))
-    curve = np.asarray(out.info["best_reward"])
+    np.testing.assert_array_equal(np.asarray(out.info.extra["nfe"]), K * (1 + 4 * np.arange(5)))
+    curve = np.asarray(out.info.extra["best_reward"])
     assert (np.diff(curve) >= 0).all() and curve[-1] == float(out.best_reward)
-    restarted = np.asarray(out.info["restarted"])
-    assert np.isneginf(np.asarray(out.info["pivot_reward"])[restarted]).all()
-    assert int(out.reward_calls) == 1 + 4 * (4 + 2)
+    restarted = np.asarray(out.info.extra["restarted"])
+    assert np.isneginf(np.asarray(out.info.extra["pivot_reward"])[restarted]).all()
+    assert int(out.cost.reward_calls) == 1 + 4 * (4 + 2)
     plan = ns.paths_plan(K, **PATHS)
     assert plan == ns.PathsPlan((3, 5, 7), (3, 3, 2), (11, 19, PATH_NFE))
     assert ns.paths_plan(10, 3, 3, 2, 5) == ns.PathsPlan((3, 6, 9), (5, 5, 3), (21, 39, 48))
@@ -254,13 +255,13 @@ def test_held_out_rewards_are_reported_and_never_select():
         "paths": _paths(jax.random.key(5), 4 * PATH_NFE + 3),
     }
     for name, out in runs.items():
-        assert set(out.info["held_out"]) == set(HELD_OUT), name
+        assert set(out.info.held_out) == set(HELD_OUT), name
         for held, reward in HELD_OUT.items():
             np.testing.assert_allclose(
-                np.asarray(out.info["held_out"][held]), reward(out.samples), rtol=1e-6
+                np.asarray(out.info.held_out[held]), reward(out.samples), rtol=1e-6
             )
         # "negated" would pick the opposite sample: selection follows the steering reward only
-        np.testing.assert_allclose(out.info["held_out"]["negated"], -out.rewards, rtol=1e-6)
+        np.testing.assert_allclose(out.info.held_out["negated"], -out.rewards, rtol=1e-6)
         assert int(out.best) == int(np.argmax(np.asarray(out.rewards)))
 
 
@@ -272,7 +273,9 @@ def test_rank_ensemble_of_monotone_transforms_selects_like_its_member():
         a = _zero_order(jax.random.key(seed), 150)
         b = _zero_order(jax.random.key(seed), 150, reward=ensemble)
         np.testing.assert_array_equal(np.asarray(a.samples), np.asarray(b.samples))
-        np.testing.assert_array_equal(np.asarray(a.info["restarted"]), b.info["restarted"])
+        np.testing.assert_array_equal(
+            np.asarray(a.info.extra["restarted"]), b.info.extra["restarted"]
+        )
 
 
 def test_budget_below_one_trajectory_is_rejected_with_the_minimum():
@@ -309,8 +312,8 @@ def test_nan_rewards_raise_by_default_and_are_never_selected(method, run, budget
     with pytest.raises(ValueError, match=rf"{method}: reward 'linear' returned NaN in \d+ eval"):
         run(jax.random.key(0), budget, reward=nan_right)
     out = run(jax.random.key(0), budget, reward=nan_right, nan_policy="drop")
-    assert int(out.info["num_nan_rewards"]) > 0
-    assert int(out.info["num_inf_rewards"]) == 0
+    assert int(out.info.num_nan) > 0
+    assert int(out.info.num_inf) == 0
     assert np.isfinite(float(out.best_reward))
     assert float(out.best_sample[0]) <= 0
 
@@ -320,8 +323,8 @@ def test_plus_inf_rewards_raise_by_default_and_are_never_selected(method, run, b
     """Regression: a +inf score used to win the search and come back as ``best_reward: inf``."""
     inf_right = _reward(DIRECTION, inf_above=0.0)
     out = run(jax.random.key(0), budget, reward=inf_right, nan_policy="drop")
-    num_inf = int(out.info["num_inf_rewards"])
-    assert num_inf > 0 and int(out.info["num_nan_rewards"]) == 0
+    num_inf = int(out.info.num_inf)
+    assert num_inf > 0 and int(out.info.num_nan) == 0
     assert np.isfinite(float(out.best_reward))
     assert float(out.best_sample[0]) <= 0
     # The error names the method, the reward and the count the run reports under "drop".
@@ -335,7 +338,7 @@ def test_plus_inf_rewards_raise_by_default_and_are_never_selected(method, run, b
 def test_minus_inf_rewards_are_legal_and_reject_their_candidate(method, run, budget):
     reject_right = _reward(DIRECTION, neg_inf_above=0.0)
     out = run(jax.random.key(0), budget, reward=reject_right)  # no error under "raise"
-    assert int(out.info["num_nan_rewards"]) == 0 and int(out.info["num_inf_rewards"]) == 0
+    assert int(out.info.num_nan) == 0 and int(out.info.num_inf) == 0
     assert np.isfinite(float(out.best_reward))
     assert float(out.best_sample[0]) <= 0
 
@@ -428,8 +431,8 @@ def test_jitted_run_of_the_kernel_with_public_names(name):
     s, params = KERNELS[name](), _kernel_params(lambda_cos=0.9)
     key = jax.random.key(21)
     out, spent = _run_counted(RUN, key, s, params)
-    assert spent == int(out.nfe) == int(out.info["nfe"][-1])
-    assert set(out.info) >= {"best_reward", "nfe", "num_nan_rewards", "num_inf_rewards", "held_out"}
+    assert spent == int(out.cost.nfe) == int(out.info.extra["nfe"][-1])
+    assert set(out.info.extra) >= {"best_reward", "nfe"}
     assert int(out.best) == int(np.argmax(np.asarray(out.rewards)))
     with_keys = jax.jit(run_with_keys, static_argnames="sampler")
     k_init, k_run = jax.random.split(key)
@@ -556,10 +559,10 @@ PINNED = {
 
 
 def digest(result) -> str:
-    """SHA-256 (first 32 hex digits) of every leaf of a SampleResult, ``info`` entries (nested
+    """SHA-256 (first 32 hex digits) of every leaf of a Result, ``info`` entries (nested
     ``held_out`` scores too) included: path, dtype, shape and bytes."""
     h = hashlib.sha256()
-    leaves = jax.tree_util.tree_flatten_with_path(result._asdict())[0]
+    leaves = jax.tree_util.tree_flatten_with_path(legacy_image_fields(result, search=True))[0]
     for path, value in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
         a = np.asarray(value)
         h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape}:".encode())

@@ -33,7 +33,7 @@ from tts_jax.models.base import FlowModel, linear_to_vp
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers.image import flow_particles, noise_search
 from tts_jax.samplers.image.fk_steering import fk_steering
-from tts_jax.samplers.result import SampleResult
+from tts_jax.samplers.result import Result
 
 log = logging.getLogger("tts_jax")
 
@@ -247,7 +247,7 @@ def model_defaults(model: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- methods
 
 
-def _fk(key, bundle: Bundle, config: RunConfig) -> SampleResult:
+def _fk(key, bundle: Bundle, config: RunConfig) -> Result:
     """FK steering with the ``max`` potential, ~5 resampling points, on the VP-converted SDE."""
     n = max(config.budget // config.num_steps, 1)
     model = _vp(bundle.model)
@@ -276,7 +276,7 @@ def _search(search_fn, single: bool = False):
     ``single`` spends exactly one trajectory whatever the budget: the no-search baseline.
     """
 
-    def run(key, bundle: Bundle, config: RunConfig) -> SampleResult:
+    def run(key, bundle: Bundle, config: RunConfig) -> Result:
         budget = config.num_steps if single else config.budget
         grid = I.uniform_grid(config.num_steps)
         return search_fn(
@@ -295,7 +295,7 @@ def _search(search_fn, single: bool = False):
 def _particles(method: str):
     """A Kim et al. 2025 particle method on the VP-converted SDE (``g = norm t^2``)."""
 
-    def run(key, bundle: Bundle, config: RunConfig) -> SampleResult:
+    def run(key, bundle: Bundle, config: RunConfig) -> Result:
         args = (
             key,
             _vp(bundle.model),
@@ -320,12 +320,12 @@ class ImageMethod(NamedTuple):
     """A registry entry.
 
     Attributes:
-        run: ``(key, bundle, config) -> SampleResult`` spending ``config.budget`` NFE.
+        run: ``(key, bundle, config) -> Result`` spending ``config.budget`` NFE.
         description: one line for ``tts-jax presets``.
         options: config fields the method reads (besides seed, nan_policy and out_dir).
     """
 
-    run: Callable[[Any, Bundle, RunConfig], SampleResult]
+    run: Callable[[Any, Bundle, RunConfig], Result]
     description: str
     options: frozenset[str]
 
@@ -361,7 +361,7 @@ COMMON_OPTIONS = frozenset({"seed", "nan_policy", "out_dir"})
 # --------------------------------------------------------------------------- running
 
 
-def evaluate_held_out(bundle: Bundle, result: SampleResult) -> dict[str, float]:
+def evaluate_held_out(bundle: Bundle, result: Result) -> dict[str, float]:
     """Held-out rewards of the selected (best) sample and their mean over all returned samples."""
     out = {}
     for name, reward in bundle.held_out.items():
@@ -387,12 +387,12 @@ def run_one(config: RunConfig, bundle: Bundle | None = None, write: bool = True)
     result = METHODS[config.method].run(jax.random.key(config.seed), bundle, config)
     jax.block_until_ready(result)
     wall = time.perf_counter() - start
-    if int(result.nfe) > config.budget:
+    if int(result.cost.nfe) > config.budget:
         raise AssertionError(
-            f"{config.method} spent {int(result.nfe)} NFE over its budget {config.budget}"
+            f"{config.method} spent {int(result.cost.nfe)} NFE over its budget {config.budget}"
         )
     num = int(np.shape(result.rewards)[0])
-    collapse = diagnostics.weight_collapse(result.info, num)
+    collapse = diagnostics.weight_collapse(result.info.flat(), num)
     warning = diagnostics.collapse_message(f"{config.model}-{config.method}", collapse, num)
     if warning:
         log.warning(warning)
@@ -405,8 +405,8 @@ def run_one(config: RunConfig, bundle: Bundle | None = None, write: bool = True)
         "target_class": config.target_class,
         "config": fields,
         "config_id": runs.config_id(fields),
-        "nfe": int(result.nfe),
-        "reward_calls": int(result.reward_calls),
+        "nfe": int(result.cost.nfe),
+        "reward_calls": int(result.cost.reward_calls),
         "num_samples": num,
         "best_reward": float(result.best_reward),
         "mean_reward": float(
@@ -423,7 +423,7 @@ def run_one(config: RunConfig, bundle: Bundle | None = None, write: bool = True)
     return record
 
 
-def write_run(out: pathlib.Path, config: RunConfig, record: dict, result: SampleResult) -> list:
+def write_run(out: pathlib.Path, config: RunConfig, record: dict, result: Result) -> list:
     """Write a run's files into ``out``; returns the names of the files written."""
     files = ["config.json", "result.json", "samples.npz", "diagnostics.npz"]
     is_image = np.ndim(result.samples) == 4  # [N, C, H, W]
@@ -438,8 +438,7 @@ def write_run(out: pathlib.Path, config: RunConfig, record: dict, result: Sample
         rewards=np.asarray(result.rewards),
         log_weights=np.asarray(result.log_weights),
     )
-    per_step = {k: np.asarray(v) for k, v in result.info.items() if np.ndim(v) >= 1}
-    np.savez(out / "diagnostics.npz", **per_step)
+    np.savez(out / "diagnostics.npz", **result.info.arrays())
     if is_image:
         plots.image_grid(
             np.asarray(result.samples), np.asarray(result.rewards), out / "samples.png"

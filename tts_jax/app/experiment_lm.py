@@ -78,8 +78,9 @@ from tts_jax.models.lm import LM
 from tts_jax.models.lm_reward import RewardModel, cached_prm_scorer
 from tts_jax.samplers.lm import particle_filter
 from tts_jax.samplers.lm import search as lm_search
-from tts_jax.samplers.lm.answers import LMResult, extract_answers
+from tts_jax.samplers.lm.answers import extract_answers
 from tts_jax.samplers.lm.scoring import StepScorer, host_scorer
+from tts_jax.samplers.result import Result
 
 SCORERS = ("prm", "oracle")
 ORACLE_HIT = 0.99
@@ -277,12 +278,12 @@ class LMMethod(NamedTuple):
     """A registry entry.
 
     Attributes:
-        run: ``(key, bundle, config, prompt) -> (LMResult, chosen particle index)``.
+        run: ``(key, bundle, config, prompt) -> (Result, chosen particle index)``.
         uses_scorer: the method consults the scorer (else it is recorded with scorer "none").
         budget_independent: the method ignores ``N`` (recorded with budget 1).
     """
 
-    run: Callable[[jax.Array, LMBundle, LMRunConfig, Prompt], tuple[LMResult, int]]
+    run: Callable[[jax.Array, LMBundle, LMRunConfig, Prompt], tuple[Result, int]]
     uses_scorer: bool
     budget_independent: bool = False
 
@@ -301,11 +302,11 @@ def _sampling_kwargs(bundle: LMBundle, config: LMRunConfig, prompt: Prompt) -> d
     }
 
 
-def _answers(bundle: LMBundle, result: LMResult) -> list[int | None]:
+def _answers(bundle: LMBundle, result: Result) -> list[int | None]:
     return extract_answers(result, lambda ids: extract_answer(bundle.tokenizer.decode(ids)))
 
 
-def _sample(sampler, key, bundle, config, prompt, *, scored: bool = True, **overrides) -> LMResult:
+def _sample(sampler, key, bundle, config, prompt, *, scored: bool = True, **overrides) -> Result:
     """``sampler`` on ``prompt`` with the run's sampling settings and ``N`` particles; the run's
     scorer if ``scored`` (else a constant one); ``overrides`` replace or add keyword arguments."""
     scorer, params = scorer_of(bundle, config.scorer) if scored else (constant_scorer, None)
@@ -429,8 +430,9 @@ def run_problem(config: LMRunConfig, index: int, bundle: LMBundle) -> dict[str, 
     result, chosen = method.run(key, bundle, config, prompt)
     jax.block_until_ready(result)
     wall = time.perf_counter() - start
-    length = int(result.lengths[chosen])
-    text = bundle.tokenizer.decode(np.asarray(result.tokens[chosen])[:length])
+    text_samples = result.samples
+    length = int(text_samples.lengths[chosen])
+    text = bundle.tokenizer.decode(np.asarray(text_samples.tokens[chosen])[:length])
     return {
         "method": config.method,
         "budget": recorded_budget(config),
@@ -444,15 +446,15 @@ def run_problem(config: LMRunConfig, index: int, bundle: LMBundle) -> dict[str, 
         "answer": extract_answer(text),
         "expected": problem.answer,
         "completion": text,
-        "finished": bool(result.finished[chosen]),
-        "tokens": int(result.budget.tokens),
-        "nfe": int(result.budget.nfe),
-        "lm_calls": int(result.budget.lm_calls),
-        "prm_calls": int(result.budget.prm_calls) if method.uses_scorer else 0,
+        "finished": bool(text_samples.finished[chosen]),
+        "tokens": int(result.cost.tokens),
+        "nfe": int(result.cost.nfe),
+        "lm_calls": int(result.info.extra["lm_calls"]),
+        "prm_calls": int(result.cost.reward_calls) if method.uses_scorer else 0,
         "wall_time_s": wall,
         "config": fields,
         "config_id": runs.config_id(fields),
-        **step_diagnostics(result.info),
+        **step_diagnostics(result.info.flat()),
     }
 
 
@@ -480,7 +482,8 @@ DIAGNOSTICS = ("ess", "resampled", "unique_ancestors")
 
 def step_diagnostics(info: dict[str, Any]) -> dict[str, list]:
     """Per-step SMC diagnostics (ESS, resampling events, unique ancestors) of particle methods."""
-    return {f"step_{k}": np.asarray(info[k]).tolist() for k in DIAGNOSTICS if k in info}
+    present = [k for k in DIAGNOSTICS if k in info and np.size(info[k])]
+    return {f"step_{k}": np.asarray(info[k]).tolist() for k in present}
 
 
 def record_collapse(record: dict[str, Any]) -> dict[str, Any] | None:

@@ -408,7 +408,7 @@ def load_dit(path: str | Path) -> tuple[DiTConfig, DiT]:
     Raises:
         ValueError: naming the tensor when the weights do not match the config.
     """
-    config = DiTConfig.from_dict(ckpt.read_config(path))
+    config = DiTConfig.from_dict(ckpt.read_config(path, DiTConfig, required=("patch_size",)))
     abstract = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
     return config, ckpt.load_state(abstract, ckpt.load_tensors(path), _torch_key)
 

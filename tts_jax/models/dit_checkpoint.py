@@ -60,9 +60,9 @@ def torch_key(path: tuple[Any, ...], key_fn: KeyFn) -> str:
 
 def read_config(
     folder: str | Path,
+    config_cls: type,
     *,
     loader: str = "load_dit",
-    config_cls: type | None = None,
     required: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The ``config.json`` of a diffusers model folder as a dict, checked against ``config_cls``.
@@ -75,9 +75,8 @@ def read_config(
     Args:
         folder: the checkpoint folder.
         loader: the calling loader's name (first word of the messages).
-        config_cls: a config dataclass with a ``from_dict`` classmethod. Default:
-            :class:`~tts_jax.models.dit.DiTConfig` with ``patch_size`` required, the settings of
-            :func:`~tts_jax.models.dit.load_dit`, which calls this with the folder only.
+        config_cls: a config dataclass with a ``from_dict`` classmethod (e.g.
+            :class:`~tts_jax.models.dit.DiTConfig`).
         required: keys that must be present (default: the fields of ``config_cls`` without a
             default).
 
@@ -86,11 +85,6 @@ def read_config(
         CheckpointConfigError: invalid JSON, a missing or wrongly typed key, or a value the
             config class refuses.
     """
-    if config_cls is None:
-        from tts_jax.models.dit import DiTConfig  # dit imports this module
-
-        config_cls = DiTConfig
-        required = ("patch_size",) if required is None else required
 
     def check(raw: dict[str, Any]) -> dict[str, Any]:
         config_cls.from_dict(raw)

@@ -36,7 +36,13 @@ from tts_jax.models.lm import (
     save_weights,
 )
 from tts_jax.particles import gather
-from tts_jax.rewards.base import RescoringScorer, last_step_only
+from tts_jax.rewards.base import (
+    AGGREGATIONS,
+    Aggregation,
+    RescoringScorer,
+    as_aggregation,
+    last_step_only,
+)
 
 Array = jax.Array
 
@@ -183,7 +189,7 @@ class CachedPRMScorer:
         length: Array,
         step_ends: Array,
         window: int,
-        how: str,
+        how: Aggregation,
         needed: Array | bool = True,
     ) -> tuple[Array, PRMCache]:
         """Feed every row its completion tokens ``[fed, length)`` and aggregate the new step
@@ -196,7 +202,7 @@ class CachedPRMScorer:
             length: ``int32[N]`` tokens written.
             step_ends: ``bool[N, L]`` step-end marks of the completion.
             window: static bound on the tokens a row writes between two updates (one step).
-            how: aggregation (see :func:`~tts_jax.rewards.base.aggregate`).
+            how: an :class:`~tts_jax.rewards.base.Aggregation` (a built-in one).
             needed: unused.
 
         Returns:
@@ -224,16 +230,29 @@ class CachedPRMScorer:
         completion: Array,
         length: Array,
         step_ends: Array,
-        how: str,
+        how: Aggregation,
         needed: Array | bool = True,
     ) -> Array:
-        """The aggregate ``float32[N]`` of every step end fed so far (no PRM call)."""
-        return {
+        """The aggregate ``float32[N]`` of every step end fed so far (no PRM call).
+
+        The cache keeps the running newest / minimum / log-product of the step scores, so it
+        reads the built-in aggregations (:data:`~tts_jax.rewards.base.AGGREGATIONS`); for an
+        aggregation of your own, score with ``RescoringScorer(prm_scores)``, which applies any.
+        """
+        how = as_aggregation(how)
+        if AGGREGATIONS.get(how.name) is not how:
+            raise ValueError(
+                f"the cached PRM scorer reads only the built-in aggregations "
+                f"{sorted(AGGREGATIONS)}, got {how.name!r}: use RescoringScorer(prm_scores) for "
+                "another"
+            )
+        running = {
             "last": state.last,
             "model": state.last,
             "min": state.low,
             "prod": jnp.exp(state.log_prod),
-        }[how]
+        }
+        return running[how.name]
 
 
 cached_prm_scorer = CachedPRMScorer()

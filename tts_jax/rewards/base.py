@@ -49,10 +49,6 @@ class Reward:
 # --------------------------------------------------------------------------------------------
 # Step scorers (language models)
 # --------------------------------------------------------------------------------------------
-# Aggregations of the per-step scores of a partial solution into one score (Puri et al. 2025,
-# docs/algorithms.md 4.1): the newest step's score, the minimum, the product, or ``model`` (only the
-# last position is marked, so the scorer judges the whole response as one step).
-AGGREGATIONS = ("last", "min", "prod", "model")
 # fn(params, tokens int32[N, T], step_ends bool[N, T]) -> float32[N, T]: P(correct so far) at the
 # marked step ends (values elsewhere are ignored); tokens are prompt + completion, right-padded.
 SequenceScoreFn = Callable[[PyTree, Array, Array], Array]
@@ -67,7 +63,7 @@ class StepScorer(Protocol):
     traceable; ``params`` is the scorer's traced parameter pytree (e.g. a PRM module). The
     completion arguments are the particles' buffers: ``completion int32[N, L]`` (tokens after
     the prompt, right-padded), ``length int32[N]`` tokens written, ``step_ends bool[N, L]`` true
-    at the last token of every finished step. ``how`` is one of :data:`AGGREGATIONS` (static).
+    at the last token of every finished step. ``how`` is an :class:`Aggregation` (static).
     """
 
     def init(
@@ -91,7 +87,7 @@ class StepScorer(Protocol):
         length: Array,
         step_ends: Array,
         window: int,
-        how: str,
+        how: Aggregation,
         needed: Array | bool = True,
     ) -> tuple[Array, PyTree]:
         """Take the tokens written since the last update (at most ``window``, static, per row)
@@ -112,7 +108,7 @@ class StepScorer(Protocol):
         completion: Array,
         length: Array,
         step_ends: Array,
-        how: str,
+        how: Aggregation,
         needed: Array | bool = True,
     ) -> Array:
         """``float32[N]``: the aggregate score of the completions as they are, after the last
@@ -127,25 +123,69 @@ def last_step_only(step_ends: Array) -> Array:
     return jnp.arange(t)[None, :] == last[:, None]
 
 
-def aggregate(scores: Array, step_ends: Array, how: str) -> Array:
+class Aggregation(NamedTuple):
+    """How the per-step scores of a partial solution become one score (Puri et al. 2025,
+    docs/algorithms.md 4.1). A value: pass one of the built-ins or your own wherever an
+    ``aggregation`` / ``how`` is expected (their names in :data:`AGGREGATIONS` are aliases).
+
+    Attributes:
+        name: shown in messages and records.
+        reduce: ``(scores float32[N, T], step_ends bool[N, T]) -> float32[N]`` over the marked
+            positions (pure, traceable; NaN must propagate so callers can report it).
+        outcome: the scorer is shown only the last step end, so it judges the whole response as
+            one step (an outcome reward model).
+    """
+
+    name: str
+    reduce: Callable[[Array, Array], Array]
+    outcome: bool = False
+
+
+def _last(scores: Array, step_ends: Array) -> Array:
+    return jnp.sum(jnp.where(last_step_only(step_ends), scores, 0.0), axis=1)
+
+
+def _min(scores: Array, step_ends: Array) -> Array:
+    return jnp.min(jnp.where(step_ends, scores, jnp.inf), axis=1)
+
+
+def _prod(scores: Array, step_ends: Array) -> Array:
+    return jnp.exp(jnp.sum(jnp.where(step_ends, jnp.log(scores), 0.0), axis=1))
+
+
+LAST = Aggregation("last", _last)
+"""The newest step's score."""
+MIN = Aggregation("min", _min)
+"""The minimum over the steps (a solution is as good as its weakest step)."""
+PROD = Aggregation("prod", _prod)
+"""The product over the steps (the chance that every step is correct, if independent)."""
+OUTCOME = Aggregation("model", _last, outcome=True)
+"""The scorer's judgement of the whole response (only the last position is shown)."""
+AGGREGATIONS: dict[str, Aggregation] = {a.name: a for a in (LAST, MIN, PROD, OUTCOME)}
+"""The built-in aggregations by name (the command line's choices)."""
+
+
+def as_aggregation(how: str | Aggregation) -> Aggregation:
+    """``how`` as an :class:`Aggregation` (a name of :data:`AGGREGATIONS` or a value)."""
+    if isinstance(how, Aggregation):
+        return how
+    if how not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {how!r}; known: {sorted(AGGREGATIONS)}")
+    return AGGREGATIONS[how]
+
+
+def aggregate(scores: Array, step_ends: Array, how: str | Aggregation) -> Array:
     """Aggregate per-step scores ``float32[N, T]`` over the marked ``bool[N, T]`` positions.
 
     Args:
         scores: scorer output.
         step_ends: positions to aggregate (at least one per row for a meaningful score).
-        how: ``last`` | ``min`` | ``prod`` | ``model`` (``model`` reads the last position, like
-            ``last``; the difference is in which positions the scorer was shown).
+        how: an :class:`Aggregation` or its name.
 
     Returns:
         ``float32[N]`` (NaN propagates so callers can report it).
     """
-    if how in ("last", "model"):
-        return jnp.sum(jnp.where(last_step_only(step_ends), scores, 0.0), axis=1)
-    if how == "min":
-        return jnp.min(jnp.where(step_ends, scores, jnp.inf), axis=1)
-    if how == "prod":
-        return jnp.exp(jnp.sum(jnp.where(step_ends, jnp.log(scores), 0.0), axis=1))
-    raise ValueError(f"unknown aggregation {how!r}; known: {AGGREGATIONS}")
+    return as_aggregation(how).reduce(scores, step_ends)
 
 
 def score_sequences(
@@ -158,12 +198,12 @@ def score_sequences(
         params: its parameters.
         tokens: ``int32[N, T]``.
         step_ends: ``bool[N, T]`` step ends of the completions.
-        how: aggregation (see :func:`aggregate`; ``model`` shows ``fn`` only the last one).
+        how: an :class:`Aggregation` or its name (an outcome one shows ``fn`` only the last
+            step end).
     """
-    if how not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {how!r}; known: {AGGREGATIONS}")
-    ends = last_step_only(step_ends) if how == "model" else step_ends
-    return aggregate(fn(params, tokens, ends), ends, how)
+    how = as_aggregation(how)
+    ends = last_step_only(step_ends) if how.outcome else step_ends
+    return how.reduce(fn(params, tokens, ends), ends)
 
 
 def join_prompt(
@@ -251,7 +291,7 @@ class RescoringScorer:
         length: Array,
         step_ends: Array,
         window: int,
-        how: str,
+        how: Aggregation,
         needed: Array | bool = True,
     ) -> tuple[Array, PromptRows]:
         """``(scores float32[N], state)``: :meth:`read` (nothing to feed)."""
@@ -264,7 +304,7 @@ class RescoringScorer:
         completion: Array,
         length: Array,
         step_ends: Array,
-        how: str,
+        how: Aggregation,
         needed: Array | bool = True,
     ) -> Array:
         """``float32[N]``: :func:`score_sequences` of prompt + completion when ``needed``, else

@@ -16,7 +16,7 @@ are not re-exported here: import them from their module.
 """
 
 from tts_jax.samplers.base import Sampler, run, run_with_keys
-from tts_jax.samplers.image.flow_particles import bon, code, rbf, svdd
+from tts_jax.samplers.image.flow_particles import code, rbf, svdd
 from tts_jax.samplers.image.noise_search import best_of_n, search_over_paths, zero_order_search
 from tts_jax.samplers.lm.particle_filter import (
     entropic_particle_filter,
@@ -26,14 +26,16 @@ from tts_jax.samplers.lm.particle_filter import (
 from tts_jax.samplers.lm.search import beam_search, dvts, majority_vote, weighted_best_of_n
 from tts_jax.samplers.lm.search import best_of_n as lm_best_of_n
 from tts_jax.samplers.lm.token_smc import token_smc
-from tts_jax.samplers.result import SampleResult
+from tts_jax.samplers.result import Cost, Info, Result, Text
 
 __all__ = [
-    "SampleResult",
+    "Cost",
+    "Info",
+    "Result",
+    "Text",
     "Sampler",
     "beam_search",
     "best_of_n",
-    "bon",
     "code",
     "dvts",
     "entropic_particle_filter",

@@ -47,7 +47,7 @@ class Sampler(NamedTuple):
         step: ``(key, state, params) -> (state, info)``: one transition; ``info`` is a pytree of
             per-step diagnostics (stacked by :func:`run` along a leading step axis).
         finalize: ``(state, infos, params) -> result``: the result (e.g. a
-            :class:`~tts_jax.samplers.result.SampleResult`) from the last state and the stacked
+            :class:`~tts_jax.samplers.result.Result`) from the last state and the stacked
             ``infos``.
         num_steps: number of transitions ``K`` (static).
         last_step: optional ``(key, state, params) -> (state, info)`` that replaces ``step`` for

@@ -1,4 +1,5 @@
-"""The result every sampler returns, and the checks shared by all of them.
+"""The result every sampler returns (:class:`Result`: samples, rewards, weights, :class:`Cost`,
+:class:`Info`), and the checks shared by all of them.
 
 Non-finite values (docs/policies.md): a reward of NaN or ``+inf`` is invalid. Inside the jitted
 loop it is replaced by ``-inf`` (never selected, zero weight) and counted; after the run it is
@@ -8,6 +9,7 @@ Non-finite numeric hyper-parameters are an error at the call, before tracing.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -18,32 +20,147 @@ import numpy as np
 Array = jax.Array
 
 
-class SampleResult(NamedTuple):
-    """Output of every image sampler.
+class Cost(NamedTuple):
+    """Compute a run spent, counted per particle so that methods compare at equal cost.
 
     Attributes:
-        samples: ``[N, ...]`` final samples (particles, chains or search candidates kept).
-        rewards: ``[N]`` steering reward of each sample.
-        log_weights: ``[N]`` normalized log-weights (uniform for search methods).
-        best: index of the sample with the highest reward.
-        nfe: model forward passes spent, counted per particle (int scalar).
-        reward_calls: reward evaluations, counted per particle (int scalar).
-        log_evidence: ``log Z_hat`` for SMC methods, NaN otherwise.
-        info: per-step diagnostics (dict of arrays with a leading step axis).
+        nfe: int32, model forward passes: one velocity evaluation of one image particle, or one
+            LM forward of one row (a prompt prefill counts 1).
+        reward_calls: int32, reward / verifier / step-scorer evaluations, one per particle (or
+            partial solution) scored.
+        tokens: int32, tokens sampled, discarded ones included (0 for image samplers).
     """
 
-    samples: Array
+    nfe: Array
+    reward_calls: Array
+    tokens: Array
+
+
+class Info(NamedTuple):
+    """The diagnostics of a run, one name per quantity for every sampler.
+
+    Per-step fields have a leading step axis ``S`` (the SMC steps; ``S = 0`` for search methods,
+    which never reweight).
+
+    Attributes:
+        num_nan: int32, NaN rewards / potentials / scores seen (such particles get zero weight
+            and are never selected, see docs/policies.md).
+        num_inf: int32, ``+inf`` rewards seen (treated as NaN; ``-inf`` is a valid rejection).
+        ess: ``float32[S]`` effective sample size after reweighting, before resampling.
+        resampled: ``bool[S]`` whether the step resampled.
+        ancestors: ``int32[S, N]`` ancestor of each particle (identity when not resampled).
+        unique_ancestors: ``int32[S]`` distinct ancestors kept.
+        held_out: ``name -> float32[N]`` held-out rewards of the returned samples (never used
+            for selection).
+        extra: the method's own diagnostics (e.g. ``best_reward``, the best-of-n curve of a
+            search; ``log_evidence_increment [S]`` of SMC), documented by each method.
+    """
+
+    num_nan: Array
+    num_inf: Array
+    ess: Array
+    resampled: Array
+    ancestors: Array
+    unique_ancestors: Array
+    held_out: dict[str, Array]
+    extra: dict[str, Any]
+
+    def flat(self) -> dict[str, Any]:
+        """One ``name -> array`` dict of every field (``held_out/<name>`` for held-out rewards,
+        the ``extra`` entries under their own names), e.g. to save as ``.npz``."""
+        out = {k: getattr(self, k) for k in self._fields if k not in ("held_out", "extra")}
+        out.update({f"held_out/{k}": v for k, v in self.held_out.items()})
+        return {**out, **self.extra}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The non-empty array entries (at least one axis) of :meth:`flat` as host numpy, the
+        per-step and per-sample diagnostics a run saves (e.g. ``np.savez(file, **arrays)``)."""
+        flat = {k: np.asarray(v) for k, v in self.flat().items()}
+        return {k: v for k, v in flat.items() if v.ndim >= 1 and v.size}
+
+
+def make_info(
+    num_particles: int,
+    *,
+    num_nan: Any = 0,
+    num_inf: Any = 0,
+    steps: Any = None,
+    held_out: dict[str, Array] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Info:
+    """An :class:`Info` (inside jit).
+
+    Args:
+        num_particles: ``N`` (the ancestor rows of a run without SMC steps are ``[0, N]``).
+        num_nan, num_inf: the counts.
+        steps: per-step SMC diagnostics with ``ess``, ``resampled``, ``ancestors`` and
+            ``unique_ancestors`` (:class:`tts_jax.smc.SMCInfo` or a dict); ``None`` for a search.
+        held_out: held-out rewards.
+        extra: the method's own diagnostics.
+    """
+    if steps is None:
+        per_step = (
+            jnp.zeros((0,), jnp.float32),
+            jnp.zeros((0,), bool),
+            jnp.zeros((0, num_particles), jnp.int32),
+            jnp.zeros((0,), jnp.int32),
+        )
+    else:
+        get = steps.get if isinstance(steps, Mapping) else functools.partial(getattr, steps)
+        per_step = tuple(get(k) for k in ("ess", "resampled", "ancestors", "unique_ancestors"))
+    return Info(
+        jnp.asarray(num_nan, jnp.int32),
+        jnp.asarray(num_inf, jnp.int32),
+        *per_step,
+        dict(held_out or {}),
+        dict(extra or {}),
+    )
+
+
+class Text(NamedTuple):
+    """The samples of an LM sampler: ``N`` completions of one prompt.
+
+    Attributes:
+        tokens: ``int32[N, L]`` completion tokens (``pad_id`` after ``lengths``).
+        lengths: ``int32[N]``.
+        finished: ``bool[N]`` a stop token was generated (else truncated or out of steps).
+    """
+
+    tokens: Array
+    lengths: Array
+    finished: Array
+
+
+class Result(NamedTuple):
+    """What every sampler returns, image and text alike.
+
+    Attributes:
+        samples: the ``N`` final samples (particles, chains or search candidates kept):
+            ``[N, ...]`` arrays for flow models, a :class:`Text` for language models.
+        rewards: ``float32[N]`` the steering reward of each sample (LM: the final aggregated
+            scorer score, or the final log-potential of token-level SMC).
+        log_weights: ``float32[N]`` normalized final log-weights (uniform for searches).
+        best: int32 index of the highest-reward live sample.
+        log_evidence: ``log Z_hat`` of proper SMC weightings; NaN otherwise; ``-inf`` when
+            every particle died.
+        all_dead: bool, every particle has zero weight (``best`` is then meaningless).
+        cost: :class:`Cost`.
+        info: :class:`Info`.
+    """
+
+    samples: Any
     rewards: Array
     log_weights: Array
     best: Array
-    nfe: Array
-    reward_calls: Array
     log_evidence: Array
-    info: dict[str, Any]
+    all_dead: Array
+    cost: Cost
+    info: Info
 
     @property
-    def best_sample(self) -> Array:
-        return self.samples[self.best]
+    def best_sample(self) -> Any:
+        """The sample at ``best`` (every leaf indexed)."""
+        return jax.tree.map(lambda leaf: leaf[self.best], self.samples)
 
     @property
     def best_reward(self) -> Array:
@@ -89,19 +206,19 @@ def reward_name(reward: Any) -> str:
 
 
 def check_finite_rewards(
-    result: SampleResult, method: str, reward: Any = None, nan_policy: str = "raise"
-) -> SampleResult:
+    result: Result, method: str, reward: Any = None, nan_policy: str = "raise"
+) -> Result:
     """Host-side check after a run: NaN and ``+inf`` rewards are an error under
     ``nan_policy="raise"``, naming the method, the reward and the count of each.
 
-    Samplers count both kinds inside the jitted loop (``info["num_nan_rewards"]`` and
-    ``info["num_inf_rewards"]``) and treat them alike: the sample is never selected and gets
+    Samplers count both kinds inside the jitted loop (``info.num_nan`` and
+    ``info.num_inf``) and treat them alike: the sample is never selected and gets
     zero weight (see :func:`mask_invalid_rewards`). That is the documented fallback under
     ``nan_policy="drop"``; under ``"raise"`` a run that saw any is an error. ``-inf`` is a legal
     reward (it rejects its sample) and is never counted.
 
     Args:
-        result: the finished :class:`SampleResult`.
+        result: the finished :class:`Result`.
         method: sampler name, used in the message.
         reward: the steering reward (its ``name`` goes in the message).
         nan_policy: ``raise`` or ``drop`` (``drop`` returns ``result`` unchecked).
@@ -111,8 +228,14 @@ def check_finite_rewards(
     """
     if nan_policy == "drop":
         return result
-    nan = int(np.asarray(result.info.get("num_nan_rewards", 0)).sum())
-    inf = int(np.asarray(result.info.get("num_inf_rewards", 0)).sum())
+    nan, inf = jax.device_get((result.info.num_nan, result.info.num_inf))  # one transfer
+    raise_for_invalid_rewards(method, reward, int(nan), int(inf))
+    return result
+
+
+def raise_for_invalid_rewards(method: str, reward: Any, nan: int, inf: int) -> None:
+    """The error of :func:`check_finite_rewards` for ``nan`` NaN and ``inf`` ``+inf`` reward
+    evaluations (nothing when both are 0)."""
     if nan or inf:
         counts = (("NaN", nan), ("+inf", inf))
         returned = " and ".join(f"{kind} in {n} evaluations" for kind, n in counts if n)
@@ -121,7 +244,6 @@ def check_finite_rewards(
             "real number or -inf (which rejects its sample). Pass nan_policy='drop' to never "
             "select such samples (zero weight) instead"
         )
-    return result
 
 
 def held_out_scores(held_out, samples: Array, cond: Any = None) -> dict[str, Array]:
@@ -154,9 +276,3 @@ def count_invalid(invalid: Array) -> Array:
     """``Int32[2]`` counts (NaN, ``+inf``) of an ``invalid Bool[2, ...]`` mask from
     :func:`mask_invalid_rewards`."""
     return jnp.sum(invalid.reshape(2, -1), axis=1, dtype=jnp.int32)
-
-
-def invalid_reward_info(counts: Array) -> dict[str, Array]:
-    """The ``info`` entries every image sampler reports from ``counts Int32[2]``:
-    ``num_nan_rewards`` and ``num_inf_rewards`` (``+inf`` evaluations)."""
-    return {"num_nan_rewards": counts[0], "num_inf_rewards": counts[1]}

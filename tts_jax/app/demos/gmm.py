@@ -84,7 +84,7 @@ def run_gmm_demo(config: GMMDemoConfig = GMMDemoConfig()) -> dict:
     exact_std = np.sqrt(np.diag(np.asarray(G.covariance(tilted), np.float64)))
     sampled_mean = w @ samples
     error_std = float(np.max(np.abs(sampled_mean - exact_mean) / exact_std))
-    collapse = diagnostics.weight_collapse(out.info, config.num_particles)
+    collapse = diagnostics.weight_collapse(out.info.flat(), config.num_particles)
     result = {
         "method": "fk_steering",
         "model": "gmm-2d",
@@ -107,17 +107,16 @@ def run_gmm_demo(config: GMMDemoConfig = GMMDemoConfig()) -> dict:
             "diagnostics.npz",
             "gmm_steering.png",
         ],
-        "nfe": int(out.nfe),
-        "reward_calls": int(out.reward_calls),
-        "resampling_events": int(np.asarray(out.info["resampled"]).sum()),
+        "nfe": int(out.cost.nfe),
+        "reward_calls": int(out.cost.reward_calls),
+        "resampling_events": int(np.asarray(out.info.resampled).sum()),
         "wall_time_s": wall,
     }
     out_dir = pathlib.Path(config.out_dir)
     runs.write_json(out_dir / "config.json", {"config": config, "environment": runs.environment()})
     runs.write_json(out_dir / "result.json", result)
     np.savez(out_dir / "samples.npz", samples=samples, log_weights=np.asarray(out.log_weights))
-    per_step = {k: np.asarray(v) for k, v in out.info.items() if np.ndim(v) >= 1}
-    np.savez(out_dir / "diagnostics.npz", **per_step)
+    np.savez(out_dir / "diagnostics.npz", **out.info.arrays())
     for warning in discrepancy_warnings(result, config):
         log.warning(warning)
     _plot(gmm, tilted, samples, w, out_dir / "gmm_steering.png", config.seed)

@@ -34,7 +34,7 @@ Two ways to call it:
 
 Non-finite values (docs/policies.md). A NaN or ``+inf`` reward is invalid: its particle gets
 zero weight (the engine drops its NaN-flagged potential) and it is counted in
-``info["num_nan_rewards"]`` / ``info["num_inf_rewards"]``; unless ``nan_policy="drop"`` a run
+``info.num_nan`` / ``info.num_inf``; unless ``nan_policy="drop"`` a run
 that saw any is an error naming the reward and both counts. A ``-inf`` reward is valid and
 rejects its particle. If every particle ends with zero weight the error says why: every
 particle met a ``-inf`` reward (or a potential below the float32 range), or, under
@@ -61,13 +61,15 @@ from tts_jax.rewards.base import Reward
 from tts_jax.samplers.base import Sampler, run
 from tts_jax.samplers.image.integrate import initial_noise, tweedie
 from tts_jax.samplers.result import (
-    SampleResult,
+    Cost,
+    Result,
     check_finite_hyperparameters,
-    check_finite_rewards,
     check_nan_policy,
     count_invalid,
     held_out_scores,
+    make_info,
     mask_invalid_rewards,
+    raise_for_invalid_rewards,
     reward_name,
 )
 
@@ -364,7 +366,7 @@ def sampler(
         velocity), "phi" [N], "reward" [N], "invalid" Int8[N], "running" (the potential's
         state)}``, whose ``info`` is a :class:`~tts_jax.smc.SMCInfo` (``observed``: the step's
         best reward and invalid-reward counts) and whose result is the
-        :class:`~tts_jax.samplers.result.SampleResult` of :func:`fk_steering`. Steps take
+        :class:`~tts_jax.samplers.result.Result` of :func:`fk_steering`. Steps take
         ``keys_per_step = 2`` keys (proposal, resampler); the last step is its own function
         (no velocity at the data end).
 
@@ -419,19 +421,30 @@ def _sampler(n: int, num_steps: int, potential: Potential, resampler: Resampler)
 
     def finalize(state, infos, params):
         final = state.particles.state
-        info = infos._asdict()
-        info["best_reward"], invalid = info.pop("observed")  # [K], [K, 2]
-        info["num_nan_rewards"] = jnp.sum(invalid[:, 0])  # each invalid reward counted once
-        info["num_inf_rewards"] = jnp.sum(invalid[:, 1])
+        best_reward, invalid = infos.observed  # [K], [K, 2]
         evaluated = jnp.asarray(params.schedule.mask).at[num_steps - 1].set(True)
-        return SampleResult(
+        info = make_info(
+            n,
+            num_nan=jnp.sum(invalid[:, 0]),  # each invalid reward counted once
+            num_inf=jnp.sum(invalid[:, 1]),
+            steps=infos,
+            extra={
+                "best_reward": best_reward,
+                "log_evidence_increment": infos.log_evidence_increment,
+                "num_nan_potentials": infos.num_nan_potentials,
+                "all_dead": infos.all_dead,
+            },
+        )
+        return Result(
             samples=final["x"],
             rewards=final["reward"],
             log_weights=state.particles.log_weights,
             best=jnp.argmax(final["reward"]),
-            nfe=jnp.int32(num_steps * n),
-            reward_calls=jnp.sum(evaluated).astype(jnp.int32) * n,
             log_evidence=state.log_evidence,
+            all_dead=~jnp.isfinite(state.log_evidence),
+            cost=Cost(
+                jnp.int32(num_steps * n), jnp.sum(evaluated).astype(jnp.int32) * n, jnp.int32(0)
+            ),
             info=info,
         )
 
@@ -455,7 +468,7 @@ def fk_steering(
     cond: Any = None,
     held_out: dict[str, Reward] | None = None,
     nan_policy: str = "raise",
-) -> SampleResult:
+) -> Result:
     """Run FK steering: the convenience entry point.
 
     :func:`check_params` on the host, the jitted kernel (:func:`sampler` run by
@@ -478,19 +491,19 @@ def fk_steering(
         resampler: any ``(key, log_weights [N], num) -> Int32[num]`` function or its name in
             :mod:`tts_jax.resampling`.
         held_out: ``name -> Reward`` evaluated on the final particles only
-            (``info["held_out"]``), never used for weighting.
+            (``info.held_out``), never used for weighting.
         nan_policy: ``raise`` (a NaN or ``+inf`` reward is an error after the run) or ``drop``
             (such a reward gives its particle zero weight).
 
     Returns:
-        :class:`SampleResult`: weighted particles targeting ``p(x0) exp(lam r(x0)) / Z``,
+        :class:`Result`: weighted particles targeting ``p(x0) exp(lam r(x0)) / Z``,
         ``log_evidence`` estimating ``log E_p[exp(lam r(x0))]``, per-step SMC diagnostics
         (:class:`~tts_jax.smc.SMCInfo`: ``ess``, ``resampled``, ``ancestors``,
         ``unique_ancestors``, ``num_nan_potentials`` (the invalid rewards of each step), ...)
         and ``best_reward [K]``: after each step, the best of the particles' latest rewards (on
         the Tweedie estimate before the last step, whose reward is the samples'; at steps
         without a reward call, the previous call's rewards of the current particles);
-        ``num_nan_rewards`` and ``num_inf_rewards`` (NaN and ``+inf`` reward evaluations).
+        ``info.num_nan`` and ``info.num_inf`` (NaN and ``+inf`` reward evaluations).
 
     Raises:
         ValueError: bad arguments (non-finite ``lam``, diffusion norm, grid or ESS threshold
@@ -530,7 +543,7 @@ def fk_steering_unchecked(
     resampler: str | Resampler = "multinomial",
     cond: Any = None,
     held_out: Any = None,
-) -> SampleResult:
+) -> Result:
     """:func:`fk_steering` without the host-side checks of the finished run, for samplers built
     on it (``method`` names them in the argument errors); finish with :func:`check_fk_result`.
 
@@ -546,14 +559,12 @@ def fk_steering_unchecked(
     check_params(params, fk_sampler, method)
     result = _run(key, fk_sampler, params)
     if held_out:
-        info = dict(result.info, held_out=held_out_scores(held_out, result.samples, cond))
-        result = result._replace(info=info)
+        scores = held_out_scores(held_out, result.samples, cond)
+        result = result._replace(info=result.info._replace(held_out=scores))
     return result
 
 
-def check_fk_result(
-    result: SampleResult, method: str, reward: Reward, nan_policy: str
-) -> SampleResult:
+def check_fk_result(result: Result, method: str, reward: Reward, nan_policy: str) -> Result:
     """Host-side checks of a finished FK run (no eager device op: host reads of its arrays).
 
     1. NaN and ``+inf`` rewards: an error unless ``nan_policy="drop"``
@@ -569,12 +580,17 @@ def check_fk_result(
     Raises:
         ValueError: as above, naming ``method``, the reward and the first step concerned.
     """
-    result = check_finite_rewards(result, method, reward, nan_policy)
-    log_z = float(np.asarray(result.log_evidence))
+    # One device-to-host transfer for the three scalars the checks read.
+    nan, inf, log_z = jax.device_get(
+        (result.info.num_nan, result.info.num_inf, result.log_evidence)
+    )
+    nan, inf, log_z = int(nan), int(inf), float(log_z)
+    if nan_policy != "drop":
+        raise_for_invalid_rewards(method, reward, nan, inf)
     if np.isfinite(log_z):
         return result
-    dead = np.flatnonzero(np.asarray(result.info["all_dead"]))
-    num_steps = np.asarray(result.info["all_dead"]).shape[0]
+    dead = np.flatnonzero(np.asarray(result.info.extra["all_dead"]))
+    num_steps = np.asarray(result.info.extra["all_dead"]).shape[0]
     when = f" at step {dead[0] + 1} of {num_steps}" if dead.size else ""
     name = reward_name(reward)
     if not np.isneginf(log_z):
@@ -583,8 +599,6 @@ def check_fk_result(
             f"(reward {name!r}) reached +inf, from a huge reward or lam, or from lam < 0 and a "
             "-inf reward"
         )
-    nan = int(np.asarray(result.info["num_nan_rewards"]))
-    inf = int(np.asarray(result.info["num_inf_rewards"]))
     if nan or inf:
         counts = (("NaN", nan), ("+inf", inf))
         returned = " and ".join(f"{kind} in {n} evaluations" for kind, n in counts if n)

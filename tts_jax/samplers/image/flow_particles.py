@@ -3,7 +3,7 @@
 Kim, Yoon, Lee & Sung 2025, "Inference-Time Scaling for Flow Models via Stochastic Generation
 and Rollover Budget Forcing". This module re-exports the methods so callers keep one import:
 
-* :mod:`.flow_search`: :func:`bon`, :func:`smc` (FK steering's kernel, :func:`smc_sampler` /
+* :mod:`.flow_search`: :func:`smc` (FK steering's kernel, :func:`smc_sampler` /
   :func:`smc_params`), :func:`svdd` and :func:`code` (:func:`svdd_sampler`,
   :func:`code_sampler`), and what all of them share: :class:`Params`, :func:`make_params`,
   :func:`check_params`;
@@ -18,7 +18,6 @@ Kernels run with :func:`tts_jax.samplers.base.run` (``jax.jit(run, static_argnam
 
 from tts_jax.samplers.image.flow_search import (
     Params,
-    bon,
     check_params,
     code,
     code_sampler,
@@ -33,7 +32,6 @@ from tts_jax.samplers.image.rollover import rbf, rbf_keys, rbf_sampler
 
 __all__ = [
     "Params",
-    "bon",
     "check_params",
     "code",
     "code_sampler",

@@ -17,7 +17,6 @@ generation mode is the caller's choice and every method accepts all three:
 
 Methods (``S = len(grid) - 1`` transitions from noise to the data end ``grid[-1] = 0``):
 
-* :func:`bon` - best-of-N: ``N = budget // S`` independent samples, keep the argmax reward.
 * :func:`smc` - FK particle filtering (:func:`~tts_jax.samplers.image.fk_steering.fk_steering`) with
   the potential ``exp(lam (r_k - r_{k-1}))`` on the Tweedie x0-prediction and multinomial
   resampling after every step.
@@ -32,7 +31,7 @@ Methods (``S = len(grid) - 1`` transitions from noise to the data end ``grid[-1]
   quota runs out it takes the step's best proposal (``r*`` is not lowered). Chains advance
   asynchronously inside one ``lax.while_loop``.
 
-Budget accounting (``result.nfe`` counts model forward passes per particle):
+Budget accounting (``result.cost.nfe`` counts model forward passes per particle):
 
 * a proposal landing at ``t > 0`` costs 1 NFE: the velocity at the proposal gives its
   x0-prediction (``velocity_to_x0``, 0 NFE) *and* the drift of the chain's next step, so it is
@@ -44,15 +43,15 @@ Budget accounting (``result.nfe`` counts model forward passes per particle):
 * BoN and SMC spend ``S`` NFE per sample (one velocity per grid point except the data end).
 
 Every method rejects budgets below its minimum with a message that states it, returns
-:class:`~tts_jax.samplers.result.SampleResult` whose ``samples`` are the outputs at ``t = 0``
+:class:`~tts_jax.samplers.result.Result` whose ``samples`` are the outputs at ``t = 0``
 (particles, chains or BoN candidates) with their rewards, and ``info`` with per-step
 diagnostics (``nfe`` per step, ``init_nfe``, ``best_reward``: the running best reward, for SMC
 each step's best, plus method-specific entries). Rewards passed as ``held_out`` are evaluated
-on the outputs only (``info["held_out"][name]``), never used for selection.
+on the outputs only (``info.held_out[name]``), never used for selection.
 
 Non-finite rewards: a NaN or ``+inf`` reward is invalid. The proposal is scored ``-inf`` and never
 selected (if all of a chain's proposals are invalid it keeps the first one; SMC gives the
-particle zero weight); the counts are ``info["num_nan_rewards"]`` and ``info["num_inf_rewards"]``
+particle zero weight); the counts are ``info.num_nan`` and ``info.num_inf``
 and, with ``nan_policy="raise"`` (default), a run that saw any is a host-side error naming the
 method, the reward and both counts. A ``-inf`` reward is valid: it rejects the proposal.
 
@@ -68,8 +67,9 @@ values from static sizes; :func:`make_params` gathers the arrays (:class:`Params
 ``jax.jit(run, static_argnames="sampler")(key, sampler, params)`` is :func:`svdd` /
 :func:`code` bit for bit; :func:`~.rollover.rbf` keeps its key layout through
 ``run_with_keys(*rbf_keys(key), sampler, params)``. :func:`smc_sampler` / :func:`smc_params`
-are FK steering's kernel and parameters as :func:`smc` configures them. :func:`bon` stays a
-jitted function (an ODE or SDE solve of ``N`` noises and one reward call: no steps to expose).
+are FK steering's kernel and parameters as :func:`smc` configures them. Best-of-N, the baseline
+of Kim et al., is the library's one image best-of-N,
+:func:`~tts_jax.samplers.image.noise_search.best_of_n` (it takes a ``diffusion`` too).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ from tts_jax.rewards.base import Reward
 from tts_jax.samplers.base import Sampler, run
 from tts_jax.samplers.image import fk_steering
 from tts_jax.samplers.image.fk_steering import check_fk_result, fk_steering_unchecked
-from tts_jax.samplers.image.integrate import initial_noise, solve, tweedie
+from tts_jax.samplers.image.integrate import initial_noise, tweedie
 from tts_jax.samplers.image.scaffold import (
     check_budget,
     check_finite_hyperparameters,
@@ -101,7 +101,7 @@ from tts_jax.samplers.image.scaffold import (
     search_result,
 )
 from tts_jax.samplers.image.selection import best_of_groups
-from tts_jax.samplers.result import SampleResult, count_invalid
+from tts_jax.samplers.result import Result, count_invalid
 
 Array = jax.Array
 
@@ -161,69 +161,6 @@ def _propose(key, model: FlowModel, diffusion: Diffusion, x, u, t, t_next) -> Ar
     return sde_step(key, model.interpolant, u, x, t, jnp.broadcast_to(t_next, x.shape[:1]), g)
 
 
-# --------------------------------------------------------------------------- best-of-N
-
-
-@functools.partial(jax.jit, static_argnames=("num_samples",))
-def _bon(key, model, reward, grid, diffusion, cond, held_out, num_samples):
-    k_init, k_run = jax.random.split(key)
-    x = solve(k_run, model, initial_noise(k_init, model, num_samples), grid, diffusion, cond)
-    r, invalid = score(reward, x, cond)
-    num_steps = grid.shape[0] - 1
-    info = {
-        "best_reward": jax.lax.cummax(r),
-        "nfe": jnp.full((num_samples,), num_steps, jnp.int32),
-        "init_nfe": jnp.int32(0),
-    }
-    return search_result(
-        x, r, num_steps * num_samples, num_samples, count_invalid(invalid), info, held_out, cond
-    )
-
-
-def bon(
-    key: Array,
-    model: FlowModel,
-    reward: Reward,
-    grid: Array,
-    diffusion: Diffusion,
-    budget: int,
-    *,
-    cond: Any = None,
-    held_out: Sequence[Reward] | dict[str, Reward] = (),
-    nan_policy: str = "raise",
-) -> SampleResult:
-    """Best-of-N: ``N = budget // S`` independent samples, keep the argmax reward.
-
-    Args:
-        key: PRNG key.
-        model: :class:`~tts_jax.models.base.FlowModel` (``linear_to_vp(model)`` for the VP path).
-        reward: :class:`~tts_jax.rewards.base.Reward` ``r(x0, cond) -> [N]``, scored once per
-            sample.
-        grid: ``[S + 1]`` times from noise to the data end 0.
-        diffusion: ``ode()`` (the paper's BoN) or an SDE coefficient.
-        budget: NFE; at least ``S`` (one trajectory).
-        cond, held_out, nan_policy: see the module docstring.
-
-    Returns:
-        :class:`SampleResult` with ``samples [N, ...]``; ``info["best_reward"] [N]`` is the
-        best-of-n curve (running best over the first n samples, i.e. at budget ``n S``) and
-        ``info["nfe"] [N]`` the NFE of each sample (``S``); ``num_nan_rewards`` and
-        ``num_inf_rewards`` count the NaN and ``+inf`` rewards.
-
-    Raises:
-        ValueError: bad arguments, a non-finite grid or diffusion norm, or (unless
-            ``nan_policy="drop"``) a NaN or ``+inf`` reward.
-    """
-    grid, held_out = _validate("bon", grid, budget, nan_policy, held_out, diffusion)
-    num_steps = grid.shape[0] - 1
-    _require(budget, num_steps, "bon", f"one trajectory of {num_steps} steps")
-    result = _bon(key, model, reward, grid, diffusion, cond, held_out, budget // num_steps)
-    return finish(result, "bon", reward, nan_policy)
-
-
-# --------------------------------------------------------------------------- SMC
-
-
 def smc(
     key: Array,
     model: FlowModel,
@@ -236,7 +173,7 @@ def smc(
     cond: Any = None,
     held_out: Sequence[Reward] | dict[str, Reward] = (),
     nan_policy: str = "raise",
-) -> SampleResult:
+) -> Result:
     """Particle filtering with ``log G_k = lam (r_k - r_{k-1})``, multinomial resampling every step.
 
     ``N = budget // S`` particles; this is FK steering (Singhal et al. 2025) with the ``diff``
@@ -246,18 +183,18 @@ def smc(
     Args:
         lam: inverse temperature (array; sweeping it does not recompile); must be finite.
         budget: NFE; at least ``S`` (one particle).
-        Others: as :func:`bon` (use a stochastic ``diffusion``: ODE copies stay identical).
+        Others: as :func:`code` (use a stochastic ``diffusion``: ODE copies stay identical).
 
     Returns:
-        :class:`SampleResult` of the ``N`` particles with FK's SMC diagnostics (``ess``,
+        :class:`Result` of the ``N`` particles with FK's SMC diagnostics (``ess``,
         ``unique_ancestors``, ``resampled``, ``log_evidence_increment`` per step), ``nfe [S]``
         and ``init_nfe``; ``best_reward [S]`` is each step's best reward of the particles'
         x0-predictions (the samples' at the last step), not a running maximum: intermediate
-        rewards are on Tweedie estimates, not samples. ``num_nan_rewards`` and
-        ``num_inf_rewards`` count the invalid rewards (their particles get zero weight).
+        rewards are on Tweedie estimates, not samples. ``info.num_nan`` and
+        ``info.num_inf`` count the invalid rewards (their particles get zero weight).
 
     Raises:
-        ValueError: as :func:`bon`, a non-finite ``lam``, or every particle with zero weight
+        ValueError: as :func:`code`, a non-finite ``lam``, or every particle with zero weight
             (see :func:`~tts_jax.samplers.image.fk_steering.fk_steering`).
     """
     grid, held_out = _validate("smc", grid, budget, nan_policy, held_out, diffusion)
@@ -282,8 +219,9 @@ def smc(
     # fk_steering evaluates the velocity at grid[0] and at every landing point except t = 0.
     per_step = np.full(num_steps, n, np.int32)
     per_step[-1] = 0
-    info = dict(result.info, nfe=per_step, init_nfe=np.int32(n))  # host values: no device op
-    return check_fk_result(result._replace(info=info), "smc", reward, nan_policy)
+    extra = dict(result.info.extra, nfe=per_step, init_nfe=np.int32(n))  # host values
+    result = result._replace(info=result.info._replace(extra=extra))
+    return check_fk_result(result, "smc", reward, nan_policy)
 
 
 def smc_sampler(num_particles: int, num_steps: int) -> Sampler:
@@ -291,8 +229,9 @@ def smc_sampler(num_particles: int, num_steps: int) -> Sampler:
     (:func:`tts_jax.samplers.image.fk_steering.sampler`) with the ``diff`` potential and multinomial
     resampling, for ``N = num_particles`` particles over ``S = num_steps`` transitions (static;
     memoized by FK). Run it with :func:`smc_params`; the result is :func:`smc`'s without the
-    host-side ``info["nfe"]`` / ``info["init_nfe"]`` (``N`` velocities at ``grid[0]``, ``N`` per
-    step landing at ``t > 0``) and ``info["held_out"]`` that :func:`smc` adds."""
+    host-side ``info.extra["nfe"]`` / ``info.extra["init_nfe"]`` (``N`` velocities at
+    ``grid[0]``, ``N`` per step landing at ``t > 0``) and ``info.held_out`` that :func:`smc`
+    adds."""
     return fk_steering.sampler(num_particles, num_steps, "diff", "multinomial")
 
 
@@ -567,7 +506,7 @@ def code(
     cond: Any = None,
     held_out: Sequence[Reward] | dict[str, Reward] = (),
     nan_policy: str = "raise",
-) -> SampleResult:
+) -> Result:
     """CoDe: ``B`` chains, each drawing ``M`` proposals rolled out ``block`` steps, then argmax.
 
     Every ``block`` transitions each chain copies itself into ``M`` proposals, advances them
@@ -580,16 +519,24 @@ def code(
         num_chains: ``B`` (static).
         block: ``L`` transitions between selections (static; 1 is SVDD).
         budget: NFE; at least ``B S`` (``M = 1``).
-        Others: as :func:`bon`; ``diffusion`` must be stochastic for the proposals to differ.
+        key: PRNG key.
+        model: :class:`~tts_jax.models.base.FlowModel` (``linear_to_vp(model)`` for the VP path).
+        reward: :class:`~tts_jax.rewards.base.Reward` ``r(x0, cond) -> [N]``, scored once per
+            sample.
+        grid: ``[S + 1]`` times from noise to the data end 0.
+        diffusion: an SDE coefficient (stochastic: the proposals must differ).
+        cond, held_out, nan_policy: see the module docstring.
+
 
     Returns:
-        :class:`SampleResult` of the ``B`` chains at ``t = 0``; per selection step ``j``
+        :class:`Result` of the ``B`` chains at ``t = 0``; per selection step ``j``
         (``ceil(S / L)`` of them): ``best_reward`` (running best over chains), ``chain_reward
         [j, B]`` of the kept proposal, ``selected [j, B]`` its index, ``step_end [j]`` its grid
-        index and ``nfe [j]``; ``num_nan_rewards`` and ``num_inf_rewards``.
+        index and ``nfe [j]``; ``info.num_nan`` and ``info.num_inf``.
 
     Raises:
-        ValueError: as :func:`bon`.
+        ValueError: bad arguments, a non-finite grid or diffusion norm, a budget below the
+            minimum, or (unless ``nan_policy="drop"``) a NaN or ``+inf`` reward.
     """
     return _code_method(
         "code",
@@ -619,7 +566,7 @@ def svdd(
     cond: Any = None,
     held_out: Sequence[Reward] | dict[str, Reward] = (),
     nan_policy: str = "raise",
-) -> SampleResult:
+) -> Result:
     """SVDD (Li et al. 2024, as run by Kim et al. 2025): :func:`code` selecting after every step.
 
     Each of the ``B`` chains draws ``M = (budget // B - 1) // (S - 1)`` one-step SDE proposals

@@ -38,12 +38,12 @@ run of a method are rejected with an error that names the minimum.
 Verifiers and non-finite scores. Selection only ever compares scores computed in the same
 verifier batch, so batch-relative verifiers (mean-rank ensembles) select correctly. A NaN or
 ``+inf`` score is invalid and becomes ``-inf``: such a candidate is never selected while any
-other exists; ``info["num_nan_rewards"]`` and ``info["num_inf_rewards"]`` count them. After the
+other exists; ``info.num_nan`` and ``info.num_inf`` count them. After the
 run the host raises an error naming the method, the verifier and both counts if any was seen,
 unless ``nan_policy="drop"``. A ``-inf`` score is valid (it rejects the candidate). Non-finite
 hyper-parameters (``lambda_cos``, the diffusion norm, grid times) are an error at the call.
 ``held_out`` verifiers (``name -> Reward``) are evaluated on the returned samples only, reported
-in ``info["held_out"]`` and never used for selection: optimizing one verifier can lower the
+in ``info.held_out`` and never used for selection: optimizing one verifier can lower the
 others, which users need to see. (The checks, the scoring and the result are
 :mod:`tts_jax.samplers.image.scaffold`; the selection is :mod:`tts_jax.samplers.image.selection`.)
 
@@ -59,6 +59,7 @@ others share its batch: results do not depend on ``batch_size`` (up to float rou
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -85,7 +86,7 @@ from tts_jax.samplers.image.scaffold import (
     search_result,
 )
 from tts_jax.samplers.image.selection import keep_top, top_set
-from tts_jax.samplers.result import SampleResult, count_invalid
+from tts_jax.samplers.result import Result, count_invalid
 from tts_jax.smc import step_keys_for
 
 Array = jax.Array
@@ -134,13 +135,13 @@ def make_params(
     *,
     lambda_cos: float | Array = 0.95,
     cond: Any = None,
-    held_out: dict[str, Reward] | None = None,
+    held_out: dict[str, Reward] | Sequence[Reward] | None = None,
 ) -> Params:
     """:class:`Params` with ``grid`` and ``lambda_cos`` as float32 arrays, ``diffusion``
     defaulting to ``ode()`` and ``held_out`` to ``{}``. No checks (:func:`check_params`) and no
     device op for host values."""
     diffusion = ode() if diffusion is None else diffusion
-    held_out = {} if held_out is None else dict(held_out)
+    held_out = held_out_dict("make_params", held_out)  # a mapping or a sequence of rewards
     return Params(model, reward, _float32(grid), diffusion, _float32(lambda_cos), cond, held_out)
 
 
@@ -263,7 +264,7 @@ def _score(params: Params, x: Array) -> tuple[Array, Array]:
     return score(params.reward, x, broadcast_cond(params.cond, x.shape[0]))
 
 
-def _result(params: Params, samples, rewards, nfe, reward_calls, invalid, info) -> SampleResult:
+def _result(params: Params, samples, rewards, nfe, reward_calls, invalid, info) -> Result:
     """Uniformly weighted search output ``samples [N, ...]`` with the held-out scores."""
     cond = broadcast_cond(params.cond, samples.shape[0])
     return search_result(samples, rewards, nfe, reward_calls, invalid, info, params.held_out, cond)
@@ -351,11 +352,11 @@ def best_of_n(
     grid: Array,
     diffusion: Diffusion | None = None,
     *,
-    held_out: dict[str, Reward] | None = None,
+    held_out: dict[str, Reward] | Sequence[Reward] | None = None,
     cond: Any = None,
     batch_size: int | None = None,
     nan_policy: str = "raise",
-) -> SampleResult:
+) -> Result:
     """Random search: ``N = budget // K`` independent noises, each denoised, argmax verifier.
 
     Ma et al. 2025, "Inference-Time Scaling for Diffusion Models beyond Scaling Denoising Steps"
@@ -372,17 +373,18 @@ def best_of_n(
         budget: maximum NFE; at least ``K``, one full trajectory.
         grid: ``[K + 1]`` times from noise (1) to data (0).
         diffusion: ``ode()`` (default) or an SDE coefficient.
-        held_out: ``name -> Reward`` evaluated on the returned samples only.
+        held_out: ``name -> Reward`` (or a sequence of rewards, keyed by their ``name``)
+            evaluated on the returned samples only.
         cond: shared condition (leaves ``[1, ...]``) or ``None``.
         batch_size: denoise at most this many candidates at once; ``None``: all.
         nan_policy: ``raise`` (default: a NaN or ``+inf`` score is an error after the run) or
             ``drop`` (such candidates score ``-inf``: never selected).
 
     Returns:
-        :class:`SampleResult` with all ``N`` candidates ``[N, ...]``, their scores ``[N]``,
+        :class:`Result` with all ``N`` candidates ``[N, ...]``, their scores ``[N]``,
         ``best`` the argmax, ``nfe = N K``, ``reward_calls = N``; ``info``: ``best_reward [N]``
         and ``nfe [N]`` (the best score and cost after each of the first ``n`` candidates),
-        ``num_nan_rewards`` and ``num_inf_rewards`` (NaN and ``+inf`` scores),
+        ``info.num_nan`` and ``info.num_inf`` (NaN and ``+inf`` scores),
         ``held_out`` (``name -> [N]``).
 
     Raises:
@@ -562,11 +564,11 @@ def zero_order_search(
     *,
     num_neighbours: int = 4,
     lambda_cos: float | Array = 0.95,
-    held_out: dict[str, Reward] | None = None,
+    held_out: dict[str, Reward] | Sequence[Reward] | None = None,
     cond: Any = None,
     batch_size: int | None = None,
     nan_policy: str = "raise",
-) -> SampleResult:
+) -> Result:
     """Zero-order search over the initial noise (Ma et al. 2025, docs/algorithms.md 1).
 
     Start from a random pivot noise, denoised and scored once (``K`` NFE). Each iteration draws
@@ -598,10 +600,10 @@ def zero_order_search(
         held_out, cond, batch_size, nan_policy: as in :func:`best_of_n`.
 
     Returns:
-        :class:`SampleResult` with the best sample ``[1, ...]`` and its score ``[1]``; ``info``:
+        :class:`Result` with the best sample ``[1, ...]`` and its score ``[1]``; ``info.extra``:
         per iteration (index 0 is the initial pivot) ``best_reward [I + 1]`` (best so far),
         ``pivot_reward [I + 1]`` (``-inf`` after a restart), ``restarted [I + 1]``,
-        ``nfe [I + 1]`` (spent so far); ``num_nan_rewards``, ``num_inf_rewards``; ``held_out``
+        ``nfe [I + 1]`` (spent so far); ``info.num_nan``, ``info.num_inf``; ``info.held_out``
         (``name -> [1]``).
 
     Raises:
@@ -834,11 +836,11 @@ def search_over_paths(
     start_step: int | None = None,
     forward_steps: int | None = None,
     backward_steps: int | None = None,
-    held_out: dict[str, Reward] | None = None,
+    held_out: dict[str, Reward] | Sequence[Reward] | None = None,
     cond: Any = None,
     batch_size: int | None = None,
     nan_policy: str = "raise",
-) -> SampleResult:
+) -> Result:
     """Search over denoising paths (Ma et al. 2025, docs/algorithms.md 1).
 
     ``N`` noises are solved to the intermediate level ``s = grid[start_step]``. Then, in rounds,
@@ -867,10 +869,10 @@ def search_over_paths(
         held_out, cond, batch_size, nan_policy: as in :func:`best_of_n`.
 
     Returns:
-        :class:`SampleResult` with the final ``N`` candidates ``[N, ...]`` and scores ``[N]``;
-        ``info`` per round: ``best_reward`` (the best kept score: on the Tweedie estimate for
+        :class:`Result` with the final ``N`` candidates ``[N, ...]`` and scores ``[N]``;
+        ``info.extra`` per round: ``best_reward`` (the best kept score: on the Tweedie estimate for
         intermediate rounds, on the sample for the last), ``nfe`` (spent so far), ``time`` (the
-        level the round ends at); ``num_nan_rewards``, ``num_inf_rewards``; ``held_out``
+        level the round ends at); ``info.num_nan``, ``info.num_inf``; ``info.held_out``
         (``name -> [N]``).
 
     Raises:
@@ -911,7 +913,7 @@ def search_over_paths(
 
 
 @functools.partial(jax.jit, static_argnames=("sampler", "layout"))
-def _run_compat(key: Array, sampler: Sampler, params: Params, layout) -> SampleResult:
+def _run_compat(key: Array, sampler: Sampler, params: Params, layout) -> Result:
     """The kernel run by the convenience entry points, with the key layout ``layout(key,
     sampler) -> (init_key, step_keys)`` they had before the kernels (bit-identical results)."""
     return run_with_keys(*layout(key, sampler), sampler, params)

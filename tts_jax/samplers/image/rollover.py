@@ -41,7 +41,7 @@ from tts_jax.samplers.image.flow_search import (
 from tts_jax.samplers.image.integrate import initial_noise
 from tts_jax.samplers.image.scaffold import finish, score, search_result
 from tts_jax.samplers.image.selection import best_of_groups
-from tts_jax.samplers.result import SampleResult, count_invalid
+from tts_jax.samplers.result import Result, count_invalid
 
 Array = jax.Array
 
@@ -376,7 +376,7 @@ def rbf(
     cond: Any = None,
     held_out: Sequence[Reward] | dict[str, Reward] = (),
     nan_policy: str = "raise",
-) -> SampleResult:
+) -> Result:
     """Rollover budget forcing (Kim et al. 2025, docs/algorithms.md 3): spends exactly ``budget``
     NFE.
 
@@ -385,8 +385,8 @@ def rbf(
        x0-prediction at ``grid[1]``; each chain starts at ``grid[1]`` from its best pool member
        and ``r*`` starts at its reward. Scoring at ``grid[0]`` would be meaningless: at pure
        noise the x0-prediction is ``E[x0]`` whatever the noise (exactly so on the linear path).
-       Cost ``2 B num_init`` NFE: ``info["init_nfe"] = B num_init`` velocities at the noises,
-       and ``B num_init`` at the pool's proposals (step 0 of ``info["nfe"]``; the winners'
+       Cost ``2 B num_init`` NFE: ``info.extra["init_nfe"] = B num_init`` velocities at the noises,
+       and ``B num_init`` at the pool's proposals (step 0 of ``info.extra["nfe"]``; the winners'
        velocities drive their next step).
     2. Per-step quota ``Q = (budget - 2 B num_init) // ((S - 2) B)`` NFE per chain for each of
        the ``S - 2`` remaining transitions landing at ``t > 0`` (transitions into ``t = 0`` cost
@@ -412,19 +412,20 @@ def rbf(
         budget: NFE; at least ``B (2 num_init + S - 2)`` (a quota of one proposal per step).
         grid: at least 3 steps (the pool takes the first; the loop needs one more before the
             data end).
-        Others: as :func:`bon`; ``diffusion`` must be stochastic for proposals to differ.
+        Others: as :func:`~.flow_search.code`; ``diffusion`` must be stochastic for proposals
+            to differ.
 
     Returns:
-        :class:`SampleResult` of the ``B`` chains at ``t = 0`` with ``nfe == budget``. ``info``:
+        :class:`Result` of the ``B`` chains at ``t = 0`` with ``nfe == budget``. ``info``:
         ``nfe [S]`` and ``chain_nfe [S, B]`` per step (the data-end step spends 0),
         ``chain_reward [S, B]`` of the proposal each step advanced to, ``best_reward [S]``
         (running best over chains), ``running_best [B]`` final ``r*``, ``advanced_early [S, B]``
         (the step rolled its quota over), ``init_nfe``, ``pool_reward [B, num_init]`` (the
         initial pool's rewards at ``grid[1]``; ``chain_reward[0]`` is each chain's maximum),
-        ``iterations``, ``num_nan_rewards`` and ``num_inf_rewards``.
+        ``iterations``, ``info.num_nan`` and ``info.num_inf``.
 
     Raises:
-        ValueError: as :func:`bon`.
+        ValueError: as :func:`~.flow_search.code`.
     """
     grid, held_out = _validate("rbf", grid, budget, nan_policy, held_out, diffusion)
     sampler = rbf_sampler(num_chains, num_init, grid.shape[0] - 1, budget, final_proposals)

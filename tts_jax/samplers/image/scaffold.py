@@ -10,10 +10,10 @@ weights. Around its :class:`~tts_jax.samplers.base.Sampler` it needs the same pi
 * the NaN / ``+inf`` policy (docs/policies.md): in the graph :func:`score` maps invalid scores to
   ``-inf`` (never selected while another candidate exists) and returns their mask, whose counts
   (:func:`~tts_jax.samplers.result.count_invalid`) the result reports as
-  ``info["num_nan_rewards"]`` and ``info["num_inf_rewards"]``; on the host :func:`finish` makes
+  ``info.num_nan`` and ``info.num_inf``; on the host :func:`finish` makes
   any of them an error unless ``nan_policy="drop"``;
 * held-out verifiers, evaluated on the returned samples only and never used for selection
-  (``info["held_out"]``), and the uniformly weighted :class:`~tts_jax.samplers.result.SampleResult`
+  (``info.held_out``), and the uniformly weighted :class:`~tts_jax.samplers.result.Result`
   (:func:`search_result`);
 * :func:`tts_jax.samplers.base.run_with_keys` (re-exported): ``run`` with its keys given instead of
   derived from one key, for entry points that keep an older key layout.
@@ -33,12 +33,13 @@ import numpy as np
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers.base import run_with_keys
 from tts_jax.samplers.result import (
-    SampleResult,
+    Cost,
+    Result,
     check_finite_hyperparameters,
     check_finite_rewards,
     check_nan_policy,
     held_out_scores,
-    invalid_reward_info,
+    make_info,
     mask_invalid_rewards,
 )
 
@@ -143,7 +144,7 @@ def held_out_dict(method: str, held_out: Any) -> dict[str, Reward]:
     return out
 
 
-def finish(result: SampleResult, method: str, reward: Any, nan_policy: str) -> SampleResult:
+def finish(result: Result, method: str, reward: Any, nan_policy: str) -> Result:
     """The host-side check after a run: NaN or ``+inf`` scores are an error naming ``method``,
     the verifier and both counts, unless ``nan_policy="drop"``
     (:func:`~tts_jax.samplers.result.check_finite_rewards`). Returns ``result`` unchanged."""
@@ -181,9 +182,9 @@ def search_result(
     info: dict[str, Any],
     held_out: Any = None,
     cond: Any = None,
-) -> SampleResult:
-    """The :class:`~tts_jax.samplers.result.SampleResult` of a search: uniform weights, ``best``
-    the argmax reward, ``log_evidence`` NaN (no target distribution).
+) -> Result:
+    """The :class:`~tts_jax.samplers.result.Result` of a search: uniform weights, ``best``
+    the argmax reward, ``log_evidence`` NaN (no target distribution), no SMC steps.
 
     Args:
         samples: ``[N, ...]`` the candidates returned.
@@ -191,26 +192,26 @@ def search_result(
         nfe: model forward passes spent, per candidate (int).
         reward_calls: verifier evaluations, per candidate (int).
         invalid: ``Int32[2]`` NaN and ``+inf`` scores seen over the run.
-        info: the method's diagnostics; ``num_nan_rewards``, ``num_inf_rewards`` and
-            ``held_out`` are added.
+        info: the method's own diagnostics (``Info.extra``).
         held_out: ``{name: Reward}`` (or ``None``) evaluated on ``samples`` with ``cond``
             (passed unchanged), never used for selection.
     """
     num = samples.shape[0]
-    info = {
-        **info,
-        **invalid_reward_info(invalid),
-        "held_out": held_out_scores(held_out or {}, samples, cond),
-    }
-    return SampleResult(
+    return Result(
         samples=samples,
         rewards=rewards,
         log_weights=jnp.full((num,), -jnp.log(num), jnp.float32),
         best=jnp.argmax(rewards),
-        nfe=jnp.int32(nfe),
-        reward_calls=jnp.int32(reward_calls),
         log_evidence=jnp.float32(jnp.nan),
-        info=info,
+        all_dead=jnp.all(rewards == -jnp.inf),
+        cost=Cost(jnp.int32(nfe), jnp.int32(reward_calls), jnp.int32(0)),
+        info=make_info(
+            num,
+            num_nan=invalid[0],
+            num_inf=invalid[1],
+            held_out=held_out_scores(held_out or {}, samples, cond),
+            extra=info,
+        ),
     )
 
 

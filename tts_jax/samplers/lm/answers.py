@@ -1,193 +1,123 @@
-"""The result every LM steering sampler returns, final-answer selection and shared host checks.
+"""Final-answer selection: which of the ``N`` returned completions is the answer.
 
 Selection rules (Puri et al. 2025, docs/algorithms.md 4.1 / 4.3) run on the host after the jitted
-sampler, because answers are extracted from decoded text by a Python function:
+sampler, because answers are extracted from decoded text by a Python function. A rule is a value,
+any function ``rule(result, answers, key) -> int`` (the index of the chosen particle); the
+built-in ones, named in :data:`SELECTIONS` for the command line:
 
-* ``argmax``: the particle with the highest final score (``best``);
-* ``weighted_sample``: one particle drawn from the final weights;
-* ``weighted_vote``: the answer with the largest total weight (``weights="scores"`` sums the
-  final scores of equal answers instead: weighted best-of-N);
-* ``majority_vote``: the most frequent answer (self-consistency).
+* :func:`argmax`: the particle with the highest final score (``result.best``);
+* :func:`weighted_sample`: one particle drawn from the final weights (needs ``key``);
+* :func:`weighted_vote`: the answer with the largest total particle weight;
+* :func:`score_vote`: the answer with the largest sum of final scores (the weighted best-of-N of
+  Puri et al.);
+* :func:`majority_vote`: the most frequent answer (self-consistency, Wang et al. 2023).
+
+A vote returns the best-scoring particle with the winning answer; ``None`` answers (nothing
+extracted) never win unless every answer is ``None``.
 """
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
 
-from tts_jax.samplers.lm.state import Budget, LMState
+from tts_jax.samplers.result import Result
 
 Array = jax.Array
-SELECTIONS = ("argmax", "weighted_sample", "weighted_vote", "majority_vote")
+# rule(result, answers (one per particle, or None), key (or None)) -> chosen particle index
+Selection = Callable[[Result, "Sequence[Any] | None", "Array | None"], int]
 
 
-class LMResult(NamedTuple):
-    """Output of every LM sampler (``N`` final particles of one prompt).
-
-    Attributes:
-        tokens: ``int32[N, L]`` completions (``pad_id`` after ``lengths``).
-        lengths: ``int32[N]``.
-        finished: ``bool[N]`` a stop token was generated (else truncated or out of steps).
-        scores: ``float32[N]`` final aggregated score (PRM methods) or final log potential
-            (token-level SMC).
-        log_weights: ``float32[N]`` normalized final log-weights (uniform for search methods).
-        best: int32 index of the highest-scoring live particle.
-        log_evidence: ``log Z_hat`` for proper SMC weightings, NaN otherwise, ``-inf`` when every
-            particle died.
-        all_dead: True when every particle has zero weight (then ``best`` is meaningless).
-        budget: :class:`~tts_jax.samplers.lm.state.Budget` of scalar totals.
-        info: per-step diagnostics (arrays with a leading step axis, e.g. ``ess``,
-            ``unique_ancestors``, ``ancestors``, ``resampled``).
-    """
-
-    tokens: Array
-    lengths: Array
-    finished: Array
-    scores: Array
-    log_weights: Array
-    best: Array
-    log_evidence: Array
-    all_dead: Array
-    budget: Budget
-    info: dict[str, Any]
+def argmax(result: Result, answers: Sequence[Any] | None = None, key: Array | None = None) -> int:
+    """The highest-scoring live particle (``result.best``)."""
+    return int(result.best)
 
 
-def make_result(
-    state: LMState,
-    log_weights: Array,
-    best: Array,
-    log_evidence: Array,
-    all_dead: Array,
-    info: dict[str, Any],
-) -> LMResult:
-    """Pack a final :class:`LMState` (budget rows reduced to scalars)."""
-    budget = Budget(*(b[0] for b in state.budget))
-    return LMResult(
-        state.tokens,
-        state.length,
-        state.finished,
-        state.score,
-        log_weights,
-        best,
-        log_evidence,
-        all_dead,
-        budget,
-        info,
-    )
+def weighted_sample(
+    result: Result, answers: Sequence[Any] | None = None, key: Array | None = None
+) -> int:
+    """One particle drawn from the final weights ``exp(result.log_weights)``."""
+    if key is None:
+        raise ValueError("weighted_sample needs a PRNG key")
+    w = _particle_weights(result)
+    return int(jax.random.choice(key, w.shape[0], p=w / w.sum()))
 
 
-def check_budget(
-    num_particles: int, max_new_tokens: int, max_steps: int, max_step_tokens: int
-) -> None:
-    """Reject empty budgets with a clear error (host side).
-
-    Raises:
-        ValueError: any of the sizes below 1.
-    """
-    sizes = {
-        "num_particles": num_particles,
-        "max_new_tokens": max_new_tokens,
-        "max_steps": max_steps,
-        "max_step_tokens": max_step_tokens,
-    }
-    bad = {k: v for k, v in sizes.items() if v < 1}
-    if bad:
-        raise ValueError(f"empty budget: {bad} (every size must be >= 1)")
+def weighted_vote(result: Result, answers: Sequence[Any] | None, key: Array | None = None) -> int:
+    """The answer whose particles carry the largest total weight."""
+    return _vote(result, answers, _particle_weights(result), "weighted_vote")
 
 
-def check_prompt(prompt) -> np.ndarray:
-    """The prompt as ``int32[P]`` with ``P >= 1`` (host side)."""
-    prompt = np.asarray(prompt)
-    if prompt.ndim != 1 or prompt.shape[0] == 0 or not np.issubdtype(prompt.dtype, np.integer):
-        raise ValueError(
-            f"prompt must be a non-empty int vector [P], got {prompt.dtype} {prompt.shape}"
-        )
-    return prompt.astype(np.int32)
+def score_vote(result: Result, answers: Sequence[Any] | None, key: Array | None = None) -> int:
+    """The answer whose particles have the largest sum of final scores (NaN counts 0): the
+    weighted best-of-N of Puri et al. 2025."""
+    scores = np.nan_to_num(np.asarray(result.rewards, np.float64), nan=0.0)
+    return _vote(result, answers, scores, "score_vote")
 
 
-def check_prompt_length(prompt: np.ndarray, prompt_length: int | None) -> np.ndarray:
-    """The real length of a right-padded prompt as an int32 scalar (default: all of it).
-
-    Raises:
-        ValueError: ``prompt_length`` outside ``[1, P]``.
-    """
-    p = prompt.shape[0]
-    length = p if prompt_length is None else int(prompt_length)
-    if not 1 <= length <= p:
-        raise ValueError(f"prompt_length must lie in [1, {p}], got {prompt_length}")
-    return np.int32(length)
+def majority_vote(result: Result, answers: Sequence[Any] | None, key: Array | None = None) -> int:
+    """The most frequent answer (self-consistency)."""
+    return _vote(result, answers, np.ones(np.shape(result.rewards)), "majority_vote")
 
 
-def check_nan(num_nan: int, method: str, nan_policy: str) -> None:
-    """Raise for NaN scores unless ``nan_policy == "drop"`` (NaN-scored particles got weight 0)."""
-    if nan_policy not in ("raise", "drop"):
-        raise ValueError(f"nan_policy must be 'raise' or 'drop', got {nan_policy!r}")
-    if num_nan and nan_policy == "raise":
-        raise ValueError(
-            f"{method}: the scorer returned NaN for {num_nan} particle evaluations "
-            "(pass nan_policy='drop' to give such particles zero weight instead)"
-        )
-
-
-def _answer_weights(result: LMResult, weights: str) -> np.ndarray:
-    if weights == "scores":
-        return np.nan_to_num(np.asarray(result.scores, np.float64), nan=0.0)
-    return np.exp(np.asarray(result.log_weights, np.float64))
+SELECTIONS: dict[str, Selection] = {
+    "argmax": argmax,
+    "weighted_sample": weighted_sample,
+    "weighted_vote": weighted_vote,
+    "score_vote": score_vote,
+    "majority_vote": majority_vote,
+}
+"""The built-in rules by name (the command line's choices)."""
 
 
 def select(
-    result: LMResult,
-    rule: str = "argmax",
+    result: Result,
+    rule: str | Selection = argmax,
     answers: Sequence[Any] | None = None,
     key: Array | None = None,
-    weights: str = "log_weights",
 ) -> int:
-    """Index of the particle chosen as the final answer.
+    """Index of the particle chosen as the final answer by ``rule``.
 
     Args:
-        result: :class:`LMResult`.
-        rule: one of :data:`SELECTIONS`.
-        answers: the extracted answer of each particle (votes only; ``None`` answers never win
-            unless every answer is ``None``).
-        key: PRNG key for ``weighted_sample``.
-        weights: ``log_weights`` (the particle weights) or ``scores`` (sum of final scores, the
-            weighted best-of-N of Puri et al.) for ``weighted_vote``.
-
-    Returns:
-        The index of the chosen particle (for votes, the best-scoring particle with the winning
-        answer).
+        result: an LM sampler's :class:`~tts_jax.samplers.result.Result`.
+        rule: a :data:`Selection` function, or the name of a built-in one in :data:`SELECTIONS`.
+        answers: the extracted answer of each particle (votes only).
+        key: PRNG key (:func:`weighted_sample` only).
 
     Raises:
-        ValueError: unknown rule, missing answers or key, or every particle dead.
+        ValueError: an unknown rule name, missing answers or key, or every particle dead.
     """
-    if rule not in SELECTIONS:
-        raise ValueError(f"unknown selection rule {rule!r}; known: {SELECTIONS}")
+    if isinstance(rule, str):
+        if rule not in SELECTIONS:
+            raise ValueError(f"unknown selection rule {rule!r}; known: {sorted(SELECTIONS)}")
+        rule = SELECTIONS[rule]
     if bool(result.all_dead):
         raise ValueError("no answer to select: every particle is dead (all_dead)")
-    if rule == "argmax":
-        return int(result.best)
-    w = _answer_weights(result, weights)
-    if rule == "weighted_sample":
-        if key is None:
-            raise ValueError("weighted_sample needs a PRNG key")
-        return int(jax.random.choice(key, w.shape[0], p=w / w.sum()))
-    if answers is None or len(answers) != w.shape[0]:
-        raise ValueError(f"{rule} needs one extracted answer per particle ({w.shape[0]})")
+    return rule(result, answers, key)
+
+
+def _particle_weights(result: Result) -> np.ndarray:
+    return np.exp(np.asarray(result.log_weights, np.float64))
+
+
+def _vote(result: Result, answers: Sequence[Any] | None, weights: np.ndarray, name: str) -> int:
+    if answers is None or len(answers) != weights.shape[0]:
+        raise ValueError(f"{name} needs one extracted answer per particle ({weights.shape[0]})")
     totals = collections.defaultdict(float)
-    for a, wi in zip(answers, w if rule == "weighted_vote" else np.ones_like(w), strict=True):
-        totals[a] += wi
+    for a, w in zip(answers, weights, strict=True):
+        totals[a] += w
     valid = {a: t for a, t in totals.items() if a is not None} or totals
     winner = max(valid, key=valid.get)
-    scores = np.asarray(result.scores, np.float64)
+    scores = np.asarray(result.rewards, np.float64)
     members = [i for i, a in enumerate(answers) if a == winner]
     return max(members, key=lambda i: scores[i])
 
 
-def extract_answers(result: LMResult, decode: Callable[[np.ndarray], Any]) -> list[Any]:
+def extract_answers(result: Result, decode: Callable[[np.ndarray], Any]) -> list[Any]:
     """Apply a host answer extractor to every particle's completion tokens ``[:length]``."""
-    tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+    tokens, lengths = np.asarray(result.samples.tokens), np.asarray(result.samples.lengths)
     return [decode(tokens[i, : lengths[i]]) for i in range(tokens.shape[0])]

@@ -4,7 +4,7 @@ particle Gibbs).
 All of them run on :class:`~tts_jax.samplers.lm.state.LMState` particles (KV cache included, one
 gather per resampling, prompt prefilled once) through the Feynman-Kac engine
 :mod:`tts_jax.smc` inside one jitted program, and return an
-:class:`~tts_jax.samplers.lm.answers.LMResult` with the budget spent (tokens, per-row LM forwards,
+:class:`~tts_jax.samplers.result.Result` with the budget spent (tokens, per-row LM forwards,
 batched LM calls, scorer calls).
 
 **Step-level particle filtering** (Puri et al. 2025, "A Probabilistic Inference Approach to
@@ -82,16 +82,9 @@ from tts_jax import smc
 from tts_jax.models.base import LanguageModel, as_language_model
 from tts_jax.particles import ess
 from tts_jax.resampling import Resampler, get_resampler
-from tts_jax.rewards.base import AGGREGATIONS, StepScorer, as_step_scorer
+from tts_jax.rewards.base import Aggregation, StepScorer, as_aggregation, as_step_scorer
 from tts_jax.samplers.base import Sampler, run_with_keys
-from tts_jax.samplers.lm.answers import (
-    LMResult,
-    check_budget,
-    check_nan,
-    check_prompt,
-    check_prompt_length,
-    make_result,
-)
+from tts_jax.samplers.lm.checks import check_budget, check_nan, check_prompt, check_prompt_length
 from tts_jax.samplers.lm.engine import run_jitted, smc_init
 from tts_jax.samplers.lm.scoring import (
     log_odds,
@@ -99,14 +92,15 @@ from tts_jax.samplers.lm.scoring import (
     with_scorer_state,
 )
 from tts_jax.samplers.lm.state import (
-    Budget,
     DecodeConfig,
     add_budget,
     append_token,
     decode_config,
     init_state,
+    make_result,
     sample_token,
 )
+from tts_jax.samplers.result import Cost, Result
 
 Array = jax.Array
 WEIGHTINGS = ("puri", "twisted")
@@ -343,7 +337,7 @@ def pf_sampler(
     max_step_tokens: int,
     max_new_tokens: int,
     scorer: StepScorer | Callable,
-    aggregation: str = "last",
+    aggregation: str | Aggregation = "last",
     resampler: str | Resampler = "multinomial",
 ) -> Sampler:
     """Step-level particle filtering (Puri et al. 2025, docs/algorithms.md 4.1; twisted
@@ -356,8 +350,8 @@ def pf_sampler(
     ``max_steps`` SMC steps (a ``lax.scan``: steps after every particle is done keep their
     particles; ``keys_per_step = 2``), never resampling after the last one. The state is an
     :class:`SMCCarry` (its ``key`` draws the next Gibbs reference in ``finalize``), the result
-    the :class:`~tts_jax.samplers.lm.answers.LMResult` of :func:`particle_filter`, with
-    ``info["num_nan"]`` and ``info["next_reference"] int32[L]``. :func:`particle_filter` runs it
+    the :class:`~tts_jax.samplers.result.Result` of :func:`particle_filter`, with
+    ``info.num_nan`` and ``info.extra["next_reference"] int32[L]``. :func:`particle_filter` runs it
     with :func:`pf_keys`.
 
     Args:
@@ -366,7 +360,8 @@ def pf_sampler(
         max_step_tokens: token limit of one step.
         max_new_tokens: L, the completion buffer.
         scorer: :class:`~tts_jax.rewards.base.StepScorer` or a plain sequence scorer (hashed).
-        aggregation: ``last`` | ``min`` | ``prod`` | ``model``.
+        aggregation: an :class:`~tts_jax.rewards.base.Aggregation` or its name: ``last`` |
+            ``min`` | ``prod`` | ``model``.
         resampler: a name in :mod:`tts_jax.resampling` or any ``(key, log_weights [N], num) ->
             int32[num]`` function (pinned to keep particle 0 when ``params.has_ref``).
 
@@ -374,8 +369,7 @@ def pf_sampler(
         ValueError: an empty budget, an unknown aggregation or resampler name.
     """
     check_budget(num_particles, max_new_tokens, max_steps, max_step_tokens)
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; known: {AGGREGATIONS}")
+    aggregation = as_aggregation(aggregation)
     if isinstance(resampler, str) and resampler not in RESAMPLERS:
         raise ValueError(f"unknown resampler {resampler!r}; known: {RESAMPLERS}")
     return _pf_sampler(
@@ -509,7 +503,7 @@ def _run_pf(
     )
     check_pf_params(params, sampler, method)
     result = run_jitted(*pf_keys(key, sampler), sampler, params)
-    check_nan(int(result.info["num_nan"]), method, nan_policy)
+    check_nan(int(result.info.num_nan), method, nan_policy)
     return result
 
 
@@ -529,13 +523,13 @@ def particle_filter(
     sep_id: int | None = None,
     stop_ids=None,
     pad_id: int = 0,
-    aggregation: str = "last",
+    aggregation: str | Aggregation = "last",
     weighting: str = "puri",
     resampler: str = "multinomial",
     ess_threshold: float | Array | None = None,
     nan_policy: str = "raise",
     prompt_length: int | None = None,
-) -> LMResult:
+) -> Result:
     """Step-level particle filtering with a process reward model (Puri et al. 2025).
 
     Args:
@@ -563,7 +557,8 @@ def particle_filter(
         sep_id: step separator token (``None``: steps end only at ``max_step_tokens``).
         stop_ids: token id(s) that finish a particle (EOS, answer marker).
         pad_id: buffer filler.
-        aggregation: ``last`` | ``min`` | ``prod`` | ``model``.
+        aggregation: an :class:`~tts_jax.rewards.base.Aggregation` or its name: ``last`` |
+            ``min`` | ``prod`` | ``model``.
         weighting: ``puri`` (absolute softmax weights, tilting ``q_T``) or ``twisted``
             (incremental importance ratios targeting ``p(y | x) odds^(1 / T_softmax) / Z``; see
             the module docstring for both targets).
@@ -576,7 +571,7 @@ def particle_filter(
             width share one compiled program); ``None``: all of ``prompt``.
 
     Returns:
-        :class:`~tts_jax.samplers.lm.answers.LMResult` (``info`` holds the SMC diagnostics per
+        :class:`~tts_jax.samplers.result.Result` (``info`` holds the SMC diagnostics per
         step: ``ess``, ``resampled``, ``ancestors``, ``unique_ancestors``, ...).
 
     Raises:
@@ -624,10 +619,10 @@ def entropic_particle_filter(
     sep_id: int | None = None,
     stop_ids=None,
     pad_id: int = 0,
-    aggregation: str = "last",
+    aggregation: str | Aggregation = "last",
     nan_policy: str = "raise",
     prompt_length: int | None = None,
-) -> LMResult:
+) -> Result:
     """Entropic particle filtering: Puri weights annealed by :func:`entropic_temperature` while
     the ESS is low early on (premature-exploitation fix), systematic resampling, untempered
     argmax (``best``). Arguments as :func:`particle_filter`.
@@ -675,11 +670,11 @@ def particle_gibbs(
     sep_id: int | None = None,
     stop_ids=None,
     pad_id: int = 0,
-    aggregation: str = "last",
+    aggregation: str | Aggregation = "last",
     weighting: str = "puri",
     nan_policy: str = "raise",
     prompt_length: int | None = None,
-) -> LMResult:
+) -> Result:
     """Particle Gibbs over step-level particle filtering (Puri et al. 2025).
 
     The particle budget is split across sweeps: each sweep runs ``num_particles // num_sweeps``
@@ -689,8 +684,8 @@ def particle_gibbs(
     :func:`particle_filter`.
 
     Returns:
-        The last sweep's :class:`~tts_jax.samplers.lm.answers.LMResult`, with ``budget`` and
-        ``info["num_nan"]`` summed over all sweeps and ``info["references"]``
+        The last sweep's :class:`~tts_jax.samplers.result.Result`, with ``cost`` and
+        ``info.num_nan`` summed over all sweeps and ``info.extra["references"]``
         (``int32[num_sweeps - 1, L]``) the reference of each conditional sweep. The kernel is
         :func:`gibbs_sampler` (one kernel step per sweep), run with :func:`gibbs_keys`.
 
@@ -717,7 +712,7 @@ def particle_gibbs(
     )
     check_pf_params(params, sampler, "particle_gibbs")
     result = run_jitted(*gibbs_keys(key, sampler), sampler, params)
-    check_nan(int(result.info["num_nan"]), "particle_gibbs", nan_policy)
+    check_nan(int(result.info.num_nan), "particle_gibbs", nan_policy)
     return result
 
 
@@ -736,7 +731,7 @@ def gibbs_sampler(
     max_step_tokens: int,
     max_new_tokens: int,
     scorer: StepScorer | Callable,
-    aggregation: str = "last",
+    aggregation: str | Aggregation = "last",
 ) -> Sampler:
     """Particle Gibbs over step-level particle filtering (Puri et al. 2025, docs/algorithms.md
     4.1) as a :class:`~tts_jax.samplers.base.Sampler` of static configuration (memoized).
@@ -745,8 +740,8 @@ def gibbs_sampler(
     num_sweeps`` particles, multinomial resampling) run with ``params`` (a :class:`PFParams`;
     its ``reference`` / ``has_ref`` are replaced by the carried :class:`GibbsCarry`), whose
     ``next_reference`` becomes the next sweep's reference. The result is the last sweep's
-    :class:`~tts_jax.samplers.lm.answers.LMResult` with ``budget`` and ``info["num_nan"]``
-    summed over the sweeps and ``info["references"] int32[num_sweeps - 1, L]``.
+    :class:`~tts_jax.samplers.result.Result` with ``cost`` and ``info.num_nan``
+    summed over the sweeps and ``info.extra["references"] int32[num_sweeps - 1, L]``.
     :func:`particle_gibbs` runs it with :func:`gibbs_keys`.
 
     Raises:
@@ -777,15 +772,18 @@ def _gibbs_sampler(inner: Sampler, num_sweeps: int, length: int) -> Sampler:
     def step(key, carry, params):
         sweep = params._replace(reference=carry.reference, has_ref=carry.has_ref)
         result = run_with_keys(*pf_keys(key, inner), inner, sweep)
-        return GibbsCarry(result.info["next_reference"], jnp.asarray(True)), result
+        return GibbsCarry(result.info.extra["next_reference"], jnp.asarray(True)), result
 
     def finalize(carry, sweeps, params):
         last = jax.tree.map(lambda a: a[-1], sweeps)
-        info = dict(last.info)
-        info["num_nan"] = jnp.sum(sweeps.info["num_nan"])
-        info["references"] = sweeps.info["next_reference"][:-1]
-        budget = Budget(*(jnp.sum(b, axis=0) for b in sweeps.budget))
-        return last._replace(budget=budget, info=info)
+        extra = {
+            **last.info.extra,
+            "references": sweeps.info.extra["next_reference"][:-1],
+            "lm_calls": jnp.sum(sweeps.info.extra["lm_calls"], axis=0),
+        }
+        info = last.info._replace(num_nan=jnp.sum(sweeps.info.num_nan), extra=extra)
+        cost = Cost(*(jnp.sum(c, axis=0) for c in sweeps.cost))
+        return last._replace(cost=cost, info=info)
 
     return Sampler(init, step, finalize, num_sweeps)
 

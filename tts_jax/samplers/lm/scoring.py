@@ -30,6 +30,7 @@ import numpy as np
 
 from tts_jax.rewards.base import (
     AGGREGATIONS,
+    Aggregation,
     RescoringScorer,
     SequenceScoreFn,
     StepScorer,
@@ -109,7 +110,7 @@ def step_scores(
     scorer_params: Any,
     state: LMState,
     window: int,
-    how: str,
+    how: Aggregation,
     needed: Array,
 ) -> tuple[Array, LMState]:
     """Aggregated scores ``float32[N]`` of the particles after a step, and the state.
@@ -121,7 +122,7 @@ def step_scores(
 
     Args:
         window: static bound on the tokens a particle writes in one step.
-        how: aggregation (see :func:`~tts_jax.rewards.base.aggregate`).
+        how: an :class:`~tts_jax.rewards.base.Aggregation`.
     """
     fresh, scorer_state = as_step_scorer(scorer).update(
         scorer_params,
@@ -140,7 +141,7 @@ def final_scores(
     scorer: StepScorer | SequenceScoreFn,
     scorer_params: Any,
     state: LMState,
-    how: str,
+    how: Aggregation,
     needed: Array,
 ) -> Array:
     """Aggregated scores ``float32[N]`` of the finished particles when ``needed`` (traced bool),

@@ -20,7 +20,7 @@ particles stay in the pool with their final score (as in particle filtering); wi
 last step or once every particle is done. A NaN score is never selected while a finite one
 exists, and is an error after the run unless ``nan_policy="drop"``.
 
-Budget (``LMResult.budget``): tokens sampled, LM forwards per row, batched LM calls, scorer
+Budget (``Result.budget``): tokens sampled, LM forwards per row, batched LM calls, scorer
 evaluations per particle, the same units as the particle methods.
 
 **Kernel** (:mod:`tts_jax.samplers.base`, issue 16): :func:`search_sampler` (memoized, static:
@@ -43,17 +43,11 @@ import jax.numpy as jnp
 
 from tts_jax.models.base import LanguageModel, as_language_model
 from tts_jax.particles import gather
-from tts_jax.rewards.base import AGGREGATIONS, StepScorer, as_step_scorer
+from tts_jax.rewards.base import Aggregation, StepScorer, as_aggregation, as_step_scorer
 from tts_jax.samplers.base import Sampler, run_with_keys
-from tts_jax.samplers.lm.answers import (
-    LMResult,
-    check_budget,
-    check_nan,
-    check_prompt,
-    check_prompt_length,
-    make_result,
-    select,
-)
+from tts_jax.samplers.lm import answers as answers_module
+from tts_jax.samplers.lm.answers import select
+from tts_jax.samplers.lm.checks import check_budget, check_nan, check_prompt, check_prompt_length
 from tts_jax.samplers.lm.scoring import (
     final_scores,
     step_scores,
@@ -65,7 +59,9 @@ from tts_jax.samplers.lm.state import (
     decode_config,
     generate_step,
     init_state,
+    make_result,
 )
+from tts_jax.samplers.result import Result
 from tts_jax.smc import step_keys_for
 
 Array = jax.Array
@@ -211,7 +207,7 @@ def search_sampler(
     max_step_tokens: int,
     max_new_tokens: int,
     scorer: StepScorer | Any,
-    aggregation: str = "last",
+    aggregation: str | Aggregation = "last",
 ) -> Sampler:
     """Best-of-N, beam search and DVTS (docs/algorithms.md 4.3; DVTS: Beeching et al. 2024) as
     one :class:`~tts_jax.samplers.base.Sampler` of static configuration (memoized); the method
@@ -221,15 +217,14 @@ def search_sampler(
     every particle, scores it when ``score_steps`` and, before the last step, keeps each
     group's best (:func:`grouped_top_k`, one gather of the state). ``info``: ``ancestors
     int32[K, N]``, ``scores float32[K, N]`` (before selection), ``num_nan``. The result is the
-    :class:`~tts_jax.samplers.lm.answers.LMResult` of :func:`best_of_n` / :func:`beam_search` /
+    :class:`~tts_jax.samplers.result.Result` of :func:`best_of_n` / :func:`beam_search` /
     :func:`dvts`, which run it with :func:`search_keys`.
 
     Raises:
         ValueError: an empty budget, an unknown aggregation.
     """
     check_budget(num_particles, max_new_tokens, max_steps, max_step_tokens)
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; known: {AGGREGATIONS}")
+    aggregation = as_aggregation(aggregation)
     return _search_sampler(
         int(num_particles),
         int(max_steps),
@@ -358,7 +353,7 @@ def _search(
     )
     check_search_params(params, sampler, num_particles, method)
     result = _run_with_keys(*search_keys(key, sampler), sampler, params)
-    check_nan(int(result.info["num_nan"]), method, nan_policy)
+    check_nan(int(result.info.num_nan), method, nan_policy)
     return result
 
 
@@ -385,10 +380,10 @@ def best_of_n(
     sep_id: int | None = None,
     stop_ids=None,
     pad_id: int = 0,
-    aggregation: str = "last",
+    aggregation: str | Aggregation = "last",
     nan_policy: str = "raise",
     prompt_length: int | None = None,
-) -> LMResult:
+) -> Result:
     """``N`` independent completions scored once at the end (one scorer call per particle).
 
     Arguments as :func:`tts_jax.samplers.lm.particle_filter.particle_filter` (``prompt_length``
@@ -397,7 +392,7 @@ def best_of_n(
     scored).
 
     Returns:
-        :class:`~tts_jax.samplers.lm.answers.LMResult` with uniform weights; ``best`` is the
+        :class:`~tts_jax.samplers.result.Result` with uniform weights; ``best`` is the
         argmax of the final scores.
     """
     return _search(
@@ -441,13 +436,14 @@ def beam_search(
     sep_id: int | None = None,
     stop_ids=None,
     pad_id: int = 0,
-    aggregation: str = "last",
+    aggregation: str | Aggregation = "last",
     dedup: bool = False,
     nan_policy: str = "raise",
     prompt_length: int | None = None,
-) -> LMResult:
+) -> Result:
     """Step-level beam search with a PRM: keep the top ``N / beam_width``, expand each
-    ``beam_width`` times (``info["ancestors"]``, ``info["scores"]``: per step, before selection).
+    ``beam_width`` times (``info.extra["ancestors"]``, ``info.extra["scores"]``: per step, before
+    selection).
 
     Raises:
         ValueError: ``beam_width`` not dividing ``num_particles``, or as :func:`best_of_n`.
@@ -494,11 +490,11 @@ def dvts(
     sep_id: int | None = None,
     stop_ids=None,
     pad_id: int = 0,
-    aggregation: str = "last",
+    aggregation: str | Aggregation = "last",
     dedup: bool = False,
     nan_policy: str = "raise",
     prompt_length: int | None = None,
-) -> LMResult:
+) -> Result:
     """Diverse verifier tree search: ``N / beam_width`` independent subtrees (contiguous blocks
     of ``beam_width`` particles), each keeping its best partial solution and expanding it
     ``beam_width`` times.
@@ -532,11 +528,11 @@ def dvts(
     )
 
 
-def weighted_best_of_n(result: LMResult, answers: Sequence[Any]) -> int:
+def weighted_best_of_n(result: Result, answers: Sequence[Any]) -> int:
     """Index of a best-scoring particle of the answer with the largest summed score."""
-    return select(result, "weighted_vote", answers, weights="scores")
+    return select(result, answers_module.score_vote, answers)
 
 
-def majority_vote(result: LMResult, answers: Sequence[Any]) -> int:
+def majority_vote(result: Result, answers: Sequence[Any]) -> int:
     """Index of a best-scoring particle of the most frequent answer (self-consistency)."""
-    return select(result, "majority_vote", answers)
+    return select(result, answers_module.majority_vote, answers)

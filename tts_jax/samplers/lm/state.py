@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from tts_jax.models.base import LanguageModel, as_language_model
 from tts_jax.particles import gather
 from tts_jax.rewards.base import join_prompt
+from tts_jax.samplers.result import Cost, Result, Text, make_info
 
 Array = jax.Array
 
@@ -321,3 +322,44 @@ def sequences(
         ``(tokens int32[N, P + L], step_ends bool[N, P + L])`` (prompt positions never marked).
     """
     return join_prompt(prompt, prompt_length, state.tokens, state.step_ends)
+
+
+_STEP_FIELDS = ("ess", "resampled", "ancestors", "unique_ancestors")
+
+
+def make_result(
+    state: LMState,
+    log_weights: Array,
+    best: Array,
+    log_evidence: Array,
+    all_dead: Array,
+    info: dict[str, Any],
+) -> Result:
+    """The :class:`~tts_jax.samplers.result.Result` of final :class:`LMState` particles.
+
+    ``samples`` is the :class:`~tts_jax.samplers.result.Text` of the completions, ``rewards``
+    the final scores; the budget rows become the :class:`~tts_jax.samplers.result.Cost`
+    (``reward_calls`` = scorer calls) and ``info.extra["lm_calls"]`` (batched LM calls).
+
+    Args:
+        info: the method's diagnostics: ``num_nan``; the SMC step fields (``ess``,
+            ``resampled``, ``ancestors``, ``unique_ancestors``) when the method has SMC steps
+            (else an ``ancestors`` entry stays in ``extra``); the rest goes to ``extra``.
+    """
+    n = log_weights.shape[0]
+    extra = dict(info)
+    num_nan = extra.pop("num_nan")
+    steps = {k: extra.pop(k) for k in _STEP_FIELDS} if "ess" in extra else None
+    budget = Budget(*(b[0] for b in state.budget))
+    return Result(
+        samples=Text(state.tokens, state.length, state.finished),
+        rewards=state.score,
+        log_weights=log_weights,
+        best=best,
+        log_evidence=log_evidence,
+        all_dead=all_dead,
+        cost=Cost(nfe=budget.nfe, reward_calls=budget.prm_calls, tokens=budget.tokens),
+        info=make_info(
+            n, num_nan=num_nan, steps=steps, extra={"lm_calls": budget.lm_calls, **extra}
+        ),
+    )

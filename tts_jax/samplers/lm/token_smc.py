@@ -33,20 +33,16 @@ from tts_jax import smc
 from tts_jax.models.base import LanguageModel, as_language_model
 from tts_jax.resampling import Resampler, get_resampler
 from tts_jax.samplers.base import Sampler
-from tts_jax.samplers.lm.answers import (
-    LMResult,
-    check_budget,
-    check_nan,
-    check_prompt,
-    make_result,
-)
+from tts_jax.samplers.lm.checks import check_budget, check_nan, check_prompt
 from tts_jax.samplers.lm.engine import run_jitted, smc_info, smc_init
 from tts_jax.samplers.lm.state import (
     DecodeConfig,
     append_token,
     decode_config,
     init_state,
+    make_result,
 )
+from tts_jax.samplers.result import Result
 
 Array = jax.Array
 # potential(params, tokens int32[N, L], lengths int32[N], done bool[N]) -> log psi float32[N]
@@ -142,7 +138,7 @@ def check_token_smc_params(
     """Host-side checks of ``params`` (values only when concrete: traced ones are skipped).
 
     Raises:
-        ValueError: a bad prompt (:func:`~tts_jax.samplers.lm.answers.check_prompt`), a
+        ValueError: a bad prompt (:func:`~tts_jax.samplers.lm.checks.check_prompt`), a
             non-positive temperature.
     """
     check_prompt(params.prompt)
@@ -168,8 +164,8 @@ def token_smc_sampler(
     One step per token (``max_new_tokens`` steps at most, ``keys_per_step = 2``: proposal and
     resampler); the run stops once every particle is done (:attr:`Sampler.done`; steps not run
     read as no-ops in ``info``). Its params are a :class:`TokenSMCParams`, its state an
-    :class:`SMCCarry` and its result the :class:`~tts_jax.samplers.lm.answers.LMResult` of
-    :func:`token_smc` (``info["num_nan"]``: NaN potentials dropped; the host-side NaN policy
+    :class:`SMCCarry` and its result the :class:`~tts_jax.samplers.result.Result` of
+    :func:`token_smc` (``info.num_nan``: NaN potentials dropped; the host-side NaN policy
     is the entry point's). :func:`token_smc` runs it with :func:`token_smc_keys`.
 
     Args:
@@ -255,7 +251,7 @@ def token_smc(
     ess_threshold: float | Array = 0.5,
     resampler: str = "systematic",
     nan_policy: str = "raise",
-) -> LMResult:
+) -> Result:
     """Token-level SMC with twisted potentials and hard constraints (docs/algorithms.md 4.2).
 
     Target: ``p(y | prompt) * psi_final(y) / Z`` over completions ``y`` that end with a stop token
@@ -288,7 +284,7 @@ def token_smc(
         nan_policy: ``raise`` or ``drop`` (a NaN potential gives weight zero).
 
     Returns:
-        :class:`~tts_jax.samplers.lm.answers.LMResult`: ``scores`` are the final log potentials,
+        :class:`~tts_jax.samplers.result.Result`: ``scores`` are the final log potentials,
         ``log_evidence`` the estimate of ``log Z`` (``-inf`` with ``all_dead`` when every
         particle died), ``info`` the per-token SMC diagnostics (``ess``, ``unique_ancestors``,
         ``resampled``, ``ancestors``, ``log_evidence_increment``, ``all_dead``).
@@ -309,5 +305,5 @@ def token_smc(
     )
     check_token_smc_params(params, sampler)
     result = run_jitted(*token_smc_keys(key, sampler), sampler, params)
-    check_nan(int(result.info["num_nan"]), "token_smc", nan_policy)
+    check_nan(int(result.info.num_nan), "token_smc", nan_policy)
     return result
