@@ -4,7 +4,8 @@
 * ``tts-jax presets``: every preset (model, method, defaults) and every option.
 * ``tts-jax run PRESET``: one steering run; ``PRESET`` is ``<model>-<method>`` (``gmm-fk``,
   ``digits-rbf``, ``arith-pf``, ...) or ``path/to/config.py:<method>`` for a user file defining
-  ``make_bundle``.
+  ``make_bundle``. ``t2i-<method>`` steers a text-to-image pipeline (:mod:`tts_jax.app.t2i`):
+  ``tts-jax run t2i-fk --pipeline DIR_OR_HUB_ID --prompt "..." --reward pickscore=DIR``.
 * ``tts-jax sweep PRESET --methods ... --budgets ... --seeds ...``: a resumable scaling study with
   a plot, in a folder that holds one configuration.
 * ``tts-jax train MODEL``: retrain an embedded model (:mod:`tts_jax.app.training`), into an
@@ -25,7 +26,7 @@ from typing import Annotated, Any
 
 import tyro
 
-from tts_jax.app import experiment, experiment_lm, plots, runs
+from tts_jax.app import experiment, experiment_lm, plots, reward_specs, runs, t2i
 from tts_jax.app.demos import arith as arith_demo
 from tts_jax.app.demos import digits as digits_demo
 from tts_jax.app.demos.arith import ArithDemoConfig
@@ -53,6 +54,19 @@ OPTION_HELP = {
     "num_particles": "arith presets: N, the number of samples / particles / beams",
     "problems": "arith presets: held-out problem range START STOP",
     "scorer": "arith presets that use a verifier: prm (the embedded PRM) | oracle (exact checker)",
+    "pipeline": "t2i: a diffusers SD3 / FLUX pipeline folder or hub id",
+    "prompt": "t2i: the text prompt (text-reading rewards get it too)",
+    "negative_prompt": "t2i SD3: the negative prompt (default: empty)",
+    "reward": "t2i: a steering reward KIND=ARGS, repeatable (kinds: "
+    + ", ".join(reward_specs.KINDS)
+    + ")",
+    "held_out": "t2i: a held-out reward KIND=ARGS (never optimized), repeatable",
+    "ensemble": "t2i with several --reward: mean (weighted mean) | rank (search methods only)",
+    "height": "t2i: image height in pixels",
+    "width": "t2i: image width in pixels",
+    "guidance": "t2i: guidance scale (SD3 CFG weight, FLUX.1-dev embedded guidance)",
+    "dtype": "t2i: float32 | bfloat16, the networks' dtype",
+    "max_sequence_length": "t2i: T5 prompt length",
     "seed": "PRNG seed",
     "out_dir": "output folder",
 }
@@ -100,6 +114,39 @@ class _Settings:
     ] = None
     scorer: Annotated[
         str | None, _option(OPTION_HELP["scorer"], "(default: prm)", "{prm,oracle}")
+    ] = None
+    pipeline: Annotated[str | None, _option(OPTION_HELP["pipeline"], "", "DIR|HUB_ID")] = None
+    prompt: Annotated[str | None, _option(OPTION_HELP["prompt"], "", "TEXT")] = None
+    negative_prompt: Annotated[str | None, _option(OPTION_HELP["negative_prompt"], "", "TEXT")] = (
+        None
+    )
+    reward: Annotated[
+        tuple[str, ...],
+        tyro.conf.UseAppendAction,
+        _option(OPTION_HELP["reward"], "(repeatable; see tts-jax presets)", "SPEC"),
+    ] = ()
+    held_out: Annotated[
+        tuple[str, ...],
+        tyro.conf.UseAppendAction,
+        _option(OPTION_HELP["held_out"], "(repeatable)", "SPEC"),
+    ] = ()
+    ensemble: Annotated[
+        str | None, _option(OPTION_HELP["ensemble"], "(default: mean)", "{mean,rank}")
+    ] = None
+    height: Annotated[
+        int | None, _option(OPTION_HELP["height"], "(default: per pipeline)", "INT")
+    ] = None
+    width: Annotated[
+        int | None, _option(OPTION_HELP["width"], "(default: per pipeline)", "INT")
+    ] = None
+    guidance: Annotated[
+        float | None, _option(OPTION_HELP["guidance"], "(default: per pipeline)", "FLOAT")
+    ] = None
+    dtype: Annotated[
+        str | None, _option(OPTION_HELP["dtype"], "(default: bfloat16)", "{float32,bfloat16}")
+    ] = None
+    max_sequence_length: Annotated[
+        int | None, _option(OPTION_HELP["max_sequence_length"], "(default: per pipeline)", "INT")
     ] = None
 
 
@@ -171,6 +218,7 @@ class Train:
 # --------------------------------------------------------------------------- presets
 
 ARITH = "arith"
+T2I = t2i.T2I
 
 
 def parse_preset(preset: str) -> tuple[str, str]:
@@ -185,7 +233,7 @@ def parse_preset(preset: str) -> tuple[str, str]:
         if method not in experiment_lm.LM_METHODS:
             raise ValueError(f"unknown method in preset {preset!r}; {known_presets()}")
         return model, method
-    if not model.endswith(".py") and model not in experiment.MODELS:
+    if not model.endswith(".py") and model not in experiment.MODELS and model != T2I:
         raise ValueError(f"unknown model in preset {preset!r}; {known_presets()}")
     if method not in experiment.METHODS:
         raise ValueError(f"unknown method in preset {preset!r}; {known_presets()}")
@@ -195,6 +243,7 @@ def parse_preset(preset: str) -> tuple[str, str]:
 def known_presets() -> str:
     names = [f"{m}-{k}" for m in experiment.MODELS for k in experiment.METHODS]
     names += [f"{ARITH}-{k}" for k in experiment_lm.LM_METHODS]
+    names += [f"{T2I}-{k}" for k in experiment.METHODS]
     return "known presets: " + ", ".join(names) + " (or file.py:<method>)"
 
 
@@ -213,6 +262,8 @@ def preset_options(model: str, method: str) -> frozenset[str]:
     """Options the preset ``model-method`` reads."""
     if model == ARITH:
         return arith_options(method)
+    if model == T2I:
+        return experiment.METHODS[method].options | t2i.OPTIONS | experiment.COMMON_OPTIONS
     return (
         experiment.METHODS[method].options
         | experiment.model_options(model)
@@ -230,7 +281,7 @@ def given_options(cmd: Run | Sweep, swept: tuple[str, ...] = ()) -> dict[str, An
     return {
         f.name: getattr(cmd, f.name)
         for f in dataclasses.fields(cmd)
-        if f.name not in skip and getattr(cmd, f.name) is not None
+        if f.name not in skip and getattr(cmd, f.name) not in (None, ())
     }
 
 
@@ -246,7 +297,10 @@ def check_applicable(given: dict[str, Any], reads: frozenset[str], what: str) ->
 
 
 def image_config(model: str, method: str, given: dict[str, Any]) -> experiment.RunConfig:
-    """The resolved config of an image run: RunConfig < the model's preset defaults < flags."""
+    """The resolved config of an image run: RunConfig < the model's preset defaults < flags
+    (``t2i``: the pipeline's defaults, :func:`tts_jax.app.t2i.resolve_config`)."""
+    if model == T2I:
+        return t2i.resolve_config(method, given)
     fields = {**experiment.model_defaults(model), **given, "model": model, "method": method}
     return experiment.RunConfig(**fields)
 
@@ -278,6 +332,18 @@ def presets_text() -> str:
         doc = (entry.run.__doc__ or name).strip().splitlines()[0].rstrip(".")
         reads = ", ".join(_flag(k) for k in sorted(arith_options(name) - {"seed", "out_dir"}))
         lines.append(f"  {ARITH}-{name:<9} {doc}; reads {reads}")
+    lines += ["", f"{T2I}: a text-to-image pipeline (SD3 / FLUX) steered toward --reward specs"]
+    t2i_shown = (
+        "--num-steps 28 (schnell 4), --guidance 7.0 SD3 / 3.5 FLUX.1-dev, --budget 4 x steps"
+    )
+    for name, method in experiment.METHODS.items():
+        lines.append(f"  {T2I}-{name:<8} {method.description}")
+    lines += [
+        f"  defaults per pipeline: {t2i_shown}; needs --pipeline, --prompt, --reward",
+        "  reward specs: " + reward_specs.kinds_text(),
+        "    keys: weight=W (any kind), processor=DIR (clip, pickscore), tokenizer=DIR and "
+        "config=JSON (hps), key_env=VAR (http; the key itself only ever in the environment)",
+    ]
     lines += [
         "",
         "file.py:<method>: your own model and reward (make_bundle(config) -> Bundle), any image "
@@ -453,7 +519,7 @@ COMMANDS = {
 
 DESCRIPTION = (
     "Inference-time steering of flow models and language models. Presets are <model>-<method>: "
-    f"models {', '.join([*experiment.MODELS, ARITH])}; image methods "
+    f"models {', '.join([*experiment.MODELS, T2I, ARITH])}; image methods "
     f"{', '.join(experiment.METHODS)}; arith methods {', '.join(experiment_lm.LM_METHODS)}. "
     "`tts-jax presets` lists them with their defaults and options; `tts-jax run --help` explains "
     "every option."

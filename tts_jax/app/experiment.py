@@ -100,12 +100,30 @@ def identity(config: RunConfig) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class Bundle:
-    """What a run steers: a flow model, the steering reward, held-out rewards (never optimized)."""
+    """What a run steers: a flow model, the steering reward, held-out rewards (never optimized).
+
+    Attributes:
+        model: the flow model.
+        reward: the steering reward.
+        held_out: rewards evaluated on the returned samples only.
+        cond: the condition passed to the model and the rewards.
+        grid: the model's own time grid ``[num_steps + 1]`` on its path (a text-to-image
+            pipeline's sigmas), or ``None`` for :func:`tts_jax.interpolants.uniform_grid`; on
+            the VP-converted SDE the methods use the VP times of the same noise levels.
+        decode: ``samples -> images [N, 3, H, W]`` in ``[-1, 1]`` for the PNG grid (latent
+            models), or ``None`` (the samples are the images).
+        members: the members of an ensemble reward, each reported on its own.
+        record: extra JSON-able fields of the run's record (what was loaded).
+    """
 
     model: FlowModel
     reward: Reward
     held_out: dict[str, Reward]
     cond: Any = None
+    grid: Any = None
+    decode: Callable[[Any], Any] | None = None
+    members: dict[str, Reward] = dataclasses.field(default_factory=dict)
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- models
@@ -225,10 +243,17 @@ def load_user_bundle(config: RunConfig) -> Bundle:
     return bundle
 
 
+T2I = "t2i"  # the text-to-image task (tts_jax.app.t2i), configured by its own flags
+
+
 def load_bundle(config: RunConfig) -> Bundle:
-    """Build the bundle named by ``config.model`` (a registry name or a user Python file)."""
+    """Build the bundle named by ``config.model`` (a registry name, ``t2i`` or a user file)."""
     if config.model.endswith(".py"):
         return load_user_bundle(config)
+    if config.model == T2I:
+        from tts_jax.app import t2i
+
+        return t2i.build_bundle(config)
     if config.model not in MODELS:
         raise ValueError(f"unknown model {config.model!r}; known: {sorted(MODELS)} or a .py file")
     return MODELS[config.model].build(config)
@@ -256,7 +281,7 @@ def _fk(key, bundle: Bundle, config: RunConfig) -> Result:
         model,
         bundle.reward,
         n,
-        I.uniform_grid(config.num_steps),
+        _grid(bundle, config, model),
         I.diffusion("square", config.diffusion_norm),
         config.lam,
         schedule=smc.every(config.num_steps, max(config.num_steps // 5, 1)),
@@ -270,6 +295,21 @@ def _vp(model: FlowModel) -> FlowModel:
     return linear_to_vp(model) if isinstance(model.interpolant, I.Linear) else model
 
 
+def _grid(bundle: Bundle, config: RunConfig, model: FlowModel) -> Any:
+    """The time grid of ``model`` (the bundle's model, or its VP conversion)."""
+    if bundle.grid is None:
+        return I.uniform_grid(config.num_steps)
+    if len(bundle.grid) != config.num_steps + 1:
+        raise ValueError(
+            f"the bundle's grid has {len(bundle.grid) - 1} steps, the config {config.num_steps}"
+        )
+    if model.interpolant != bundle.model.interpolant:  # VP-converted: the same noise levels
+        from tts_jax.app.t2i import vp_times
+
+        return vp_times(bundle.grid)
+    return bundle.grid
+
+
 def _search(search_fn, single: bool = False):
     """A Ma et al. 2025 search (ODE, library defaults) spending the run's NFE budget.
 
@@ -278,7 +318,7 @@ def _search(search_fn, single: bool = False):
 
     def run(key, bundle: Bundle, config: RunConfig) -> Result:
         budget = config.num_steps if single else config.budget
-        grid = I.uniform_grid(config.num_steps)
+        grid = _grid(bundle, config, bundle.model)
         return search_fn(
             key,
             bundle.model,
@@ -296,11 +336,12 @@ def _particles(method: str):
     """A Kim et al. 2025 particle method on the VP-converted SDE (``g = norm t^2``)."""
 
     def run(key, bundle: Bundle, config: RunConfig) -> Result:
+        model = _vp(bundle.model)
         args = (
             key,
-            _vp(bundle.model),
+            model,
             bundle.reward,
-            I.uniform_grid(config.num_steps),
+            _grid(bundle, config, model),
             I.diffusion("square", config.diffusion_norm),
             config.budget,
         )
@@ -361,10 +402,13 @@ COMMON_OPTIONS = frozenset({"seed", "nan_policy", "out_dir"})
 # --------------------------------------------------------------------------- running
 
 
-def evaluate_held_out(bundle: Bundle, result: Result) -> dict[str, float]:
-    """Held-out rewards of the selected (best) sample and their mean over all returned samples."""
+def evaluate_held_out(
+    bundle: Bundle, result: Result, rewards: dict[str, Reward] | None = None
+) -> dict[str, float]:
+    """Held-out rewards (or ``rewards``) of the selected (best) sample and their mean over all
+    returned samples."""
     out = {}
-    for name, reward in bundle.held_out.items():
+    for name, reward in (bundle.held_out if rewards is None else rewards).items():
         values = np.asarray(reward(result.samples, bundle.cond))
         out[f"{name}_best"] = float(values[int(result.best)])
         out[f"{name}_mean"] = float(np.mean(values))
@@ -413,36 +457,50 @@ def run_one(config: RunConfig, bundle: Bundle | None = None, write: bool = True)
             jnp.mean(jnp.where(jnp.isfinite(result.rewards), result.rewards, 0.0))
         ),
         "wall_time_s": wall,
-        "best_sample": np.asarray(result.best_sample, np.float32).ravel(),
         **evaluate_held_out(bundle, result),
+        **bundle.record,
     }
+    if bundle.decode is None:  # latents are too large for a JSON record (samples.npz has them)
+        record["best_sample"] = np.asarray(result.best_sample, np.float32).ravel()
+    if bundle.members:
+        record["reward_members"] = evaluate_held_out(bundle, result, bundle.members)
     if collapse is not None:
         record["weight_collapse"] = collapse
     if write:
-        record["files"] = write_run(pathlib.Path(config.out_dir), config, record, result)
+        images = None if bundle.decode is None else bundle.decode(result.samples)
+        out = pathlib.Path(config.out_dir)
+        record["files"] = write_run(out, config, record, result, images)
     return record
 
 
-def write_run(out: pathlib.Path, config: RunConfig, record: dict, result: Result) -> list:
-    """Write a run's files into ``out``; returns the names of the files written."""
+def write_run(
+    out: pathlib.Path, config: RunConfig, record: dict, result: Result, images: Any = None
+) -> list:
+    """Write a run's files into ``out``; returns the names of the files written.
+
+    ``images`` (``[N, 3, H, W]`` in ``[-1, 1]``, the decoded samples of a latent model) are
+    drawn in ``samples.png`` and saved in ``samples.npz`` next to the samples; without them,
+    samples of shape ``[N, C, H, W]`` are drawn as they are.
+    """
     files = ["config.json", "result.json", "samples.npz", "diagnostics.npz"]
-    is_image = np.ndim(result.samples) == 4  # [N, C, H, W]
+    is_image = images is not None or np.ndim(result.samples) == 4  # [N, C, H, W]
     if is_image:
         files.append("samples.png")
     record = {**record, "files": files}
     runs.write_json(out / "config.json", {"config": config, "environment": runs.environment()})
     runs.write_json(out / "result.json", record)
+    arrays = {"images": np.asarray(images, np.float32)} if images is not None else {}
     np.savez(
         out / "samples.npz",
         samples=np.asarray(result.samples),
         rewards=np.asarray(result.rewards),
         log_weights=np.asarray(result.log_weights),
+        **arrays,
     )
     np.savez(out / "diagnostics.npz", **result.info.arrays())
     if is_image:
-        plots.image_grid(
-            np.asarray(result.samples), np.asarray(result.rewards), out / "samples.png"
-        )
+        shown = np.asarray(result.samples if images is None else images, np.float32)
+        plots.image_grid(shown, np.asarray(result.rewards), out / "samples.png")
     return files
 
 

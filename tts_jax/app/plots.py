@@ -67,7 +67,8 @@ def markdown_table(records: list[dict[str, Any]], metric: str) -> str:
 
 
 def image_grid(images: np.ndarray, scores: np.ndarray, path, max_images: int = 16) -> None:
-    """Save up to ``max_images`` of ``images [N, C, H, W]`` (in [-1, 1]), best score first."""
+    """Save up to ``max_images`` of ``images [N, C, H, W]`` (in [-1, 1]; ``C`` 1: grey, 3: RGB),
+    best score first."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,7 +77,10 @@ def image_grid(images: np.ndarray, scores: np.ndarray, path, max_images: int = 1
     order = np.argsort(-np.nan_to_num(scores, nan=-np.inf))[:max_images]
     cols = min(len(order), 8)
     rows = -(-len(order) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.3 * rows), squeeze=False)
+    panel = 1.2 if images.shape[1] == 1 else 2.4  # RGB images (text-to-image) drawn larger
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(panel * cols, (panel + 0.1) * rows), squeeze=False
+    )
     for ax in axes.ravel():
         ax.axis("off")
     for ax, i in zip(axes.ravel(), order, strict=False):

@@ -1,0 +1,295 @@
+"""The text-to-image task of the CLI: ``tts-jax run t2i-<method> --pipeline ... --prompt ...``.
+
+A ``t2i`` run steers an SD3 / SD3.5 or FLUX.1 pipeline
+(:mod:`tts_jax.models.pipelines.text_to_image`) toward rewards on the decoded images, with any
+image method of :data:`tts_jax.app.experiment.METHODS`:
+
+* the search methods (``single``, ``bon``, ``zo``, ``paths``) solve the probability-flow ODE on the
+  pipeline's own time grid (its shifted sigmas: diffusers' Euler scheduler step for step);
+* the SDE methods (``fk``, ``smc``, ``svdd``, ``code``, ``rbf``) run the flow converted to the VP
+  path (:func:`tts_jax.models.base.linear_to_vp`, as for the digits model) on the VP times of the
+  same signal-to-noise ratios as the pipeline's sigmas (:func:`vp_times`), ``g = norm t^2``.
+
+Rewards come from ``--reward SPEC`` (:mod:`tts_jax.app.reward_specs`); every reward that reads
+text gets the run's prompt. Several ``--reward`` form one steering reward, by ``--ensemble``:
+
+* ``mean`` (default): the weighted mean ``sum_i w_i r_i(x) / sum_i w_i`` (``weight=`` in a spec,
+  default 1) of the members' raw values, a fixed function of each image, so a valid potential for
+  every method (FK / SMC weights included). Members on different scales (PickScore ~20, CLIPScore
+  ~0.7) need weights to count alike.
+* ``rank``: the mean within-batch rank (:func:`tts_jax.rewards.ensemble.mean_rank_ensemble`, Ma
+  et al. 2025): scale-free but relative to the batch, so only for the methods whose selections
+  compare scores of one reward call (``single``, ``bon``, ``zo``, ``paths``); refused otherwise.
+
+Every member is also reported on its own in ``result.json`` (``reward_members``), and every
+``--held-out SPEC`` (never optimized) as ``<name>_best`` / ``<name>_mean``.
+
+Defaults follow the pipeline (read from its folder before anything is loaded): SD3 28 steps at
+guidance 7.0; FLUX.1-dev (``guidance_embeds``) 28 steps at guidance 3.5; FLUX.1-schnell 4 steps
+without guidance; the pipeline's default image size; the pipeline's T5 prompt length (SD3 256,
+FLUX 512); a budget of 4 trajectories; bfloat16 networks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tts_jax import interpolants as I
+from tts_jax.app import reward_specs
+from tts_jax.app.experiment import Bundle, RunConfig
+from tts_jax.rewards.base import Reward
+from tts_jax.rewards.ensemble import mean_rank_ensemble
+
+T2I = "t2i"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ENSEMBLES = ("mean", "rank")
+RANK_METHODS = frozenset({"single", "bon", "zo", "paths"})
+"""Methods whose selections compare only scores of one reward call (a rank ensemble is valid)."""
+OPTIONS = frozenset(
+    {
+        "pipeline",
+        "prompt",
+        "negative_prompt",
+        "reward",
+        "held_out",
+        "ensemble",
+        "height",
+        "width",
+        "guidance",
+        "dtype",
+        "max_sequence_length",
+    }
+)
+"""Config fields every ``t2i-<method>`` preset reads (besides the method's)."""
+TRAJECTORIES = 4
+"""The default budget is this many trajectories of ``num_steps``."""
+DEFAULT_STEPS = {"sd3": 28, "flux-dev": 28, "flux-schnell": 4}
+DEFAULT_GUIDANCE = {"sd3": 7.0, "flux-dev": 3.5, "flux-schnell": None}
+DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}
+FLUX_DEFAULT_SAMPLE_SIZE = 128
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class T2IRunConfig(RunConfig):
+    """A text-to-image run: :class:`~tts_jax.app.experiment.RunConfig` plus the pipeline, the
+    prompt and the rewards (resolved by :func:`resolve_config`; see the module docstring).
+
+    Attributes:
+        pipeline: a local pipeline folder (absolute) or a hub id.
+        prompt: the text prompt (every text-reading reward gets it too).
+        negative_prompt: SD3's negative prompt (``None``: ``""``, diffusers' default).
+        reward: canonical steering reward specs (:mod:`tts_jax.app.reward_specs`).
+        held_out: canonical held-out reward specs.
+        ensemble: ``mean`` or ``rank`` (module docstring).
+        height, width: image size in pixels.
+        guidance: guidance scale (``None`` for FLUX.1-schnell, which has none).
+        dtype: ``float32`` or ``bfloat16`` (the pipeline's and the rewards' networks).
+        max_sequence_length: T5 prompt length.
+    """
+
+    model: str = T2I
+    pipeline: str = ""
+    prompt: str = ""
+    negative_prompt: str | None = None
+    reward: tuple[str, ...] = ()
+    held_out: tuple[str, ...] = ()
+    ensemble: str = "mean"
+    height: int = 1024
+    width: int = 1024
+    guidance: float | None = None
+    dtype: str = "bfloat16"
+    max_sequence_length: int = 256
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.pipeline:
+            raise ValueError("a t2i run needs --pipeline DIR_OR_HUB_ID")
+        if not self.prompt:
+            raise ValueError("a t2i run needs --prompt TEXT")
+        if not self.reward:
+            raise ValueError(f"a t2i run needs --reward SPEC; kinds: {reward_specs.kinds_text()}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.ensemble not in ENSEMBLES:
+            raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")
+        if self.ensemble == "rank" and self.method not in RANK_METHODS:
+            raise ValueError(
+                f"--ensemble rank is relative to each reward batch, not a fixed potential; "
+                f"{self.method} needs one: use --ensemble mean (rank works with "
+                f"{', '.join(sorted(RANK_METHODS))})"
+            )
+        for name in ("height", "width", "max_sequence_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.guidance is not None and not np.isfinite(self.guidance):
+            raise ValueError(f"guidance must be a finite number, got {self.guidance}")
+
+
+# --------------------------------------------------------------------------- config
+
+
+def pipeline_variant(path_or_hub_id: str) -> tuple[str, Path, int]:
+    """``(variant, local folder, default image size)`` of a pipeline, read from its configs only.
+
+    ``variant`` is ``sd3``, ``flux-dev`` (``guidance_embeds``) or ``flux-schnell``.
+
+    Raises:
+        CheckpointNotFoundError, NotAPipelineFolderError, HubUnreachableError, ...: the named
+            errors of :mod:`tts_jax.models.pipelines.folder`.
+    """
+    from tts_jax.models.pipelines.folder import read_pipeline_folder, resolve_pipeline
+
+    folder = read_pipeline_folder(resolve_pipeline(path_or_hub_id))
+    transformer = json.loads((folder.transformer / "config.json").read_text())
+    vae = json.loads((folder.vae / "config.json").read_text())
+    scale = 2 ** (len(vae.get("block_out_channels", (0, 0, 0, 0))) - 1)
+    if folder.kind == "sd3":
+        return "sd3", folder.path, int(transformer.get("sample_size", 128)) * scale
+    dev = bool(transformer.get("guidance_embeds", False))
+    return ("flux-dev" if dev else "flux-schnell"), folder.path, FLUX_DEFAULT_SAMPLE_SIZE * scale
+
+
+def resolve_config(method: str, given: dict[str, Any]) -> T2IRunConfig:
+    """The resolved config of ``t2i-<method>``: RunConfig < the pipeline's defaults < flags.
+
+    Raises:
+        ValueError / FileNotFoundError: a missing option, a bad reward spec
+            (:class:`~tts_jax.app.reward_specs.RewardSpecError`), a missing pipeline folder, an
+            option the pipeline does not take (``--guidance`` for schnell, ``--negative-prompt``
+            for FLUX, ``--ensemble`` with one reward).
+    """
+    given = dict(given)
+    for name in ("pipeline", "prompt", "reward"):
+        if not given.get(name):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"t2i-{method} needs {flag}; kinds of --reward SPEC: "
+                             f"{reward_specs.kinds_text()}")  # fmt: skip
+    steer = reward_specs.parse_specs(given["reward"], "--reward")
+    held = reward_specs.parse_specs(given.get("held_out", ()), "--held-out")
+    given["reward"] = tuple(s.text for s in steer)
+    given["held_out"] = tuple(s.text for s in held)
+    if "ensemble" in given and len(steer) < 2:
+        raise ValueError("--ensemble combines several --reward specs; this run has one")
+    variant, folder, size = pipeline_variant(given["pipeline"])
+    if Path(given["pipeline"]).expanduser().exists():
+        given["pipeline"] = str(folder.resolve())
+    if variant == "flux-schnell" and given.get("guidance") is not None:
+        raise ValueError("--guidance does not apply to FLUX.1-schnell (it has no guidance)")
+    if variant != "sd3" and given.get("negative_prompt") is not None:
+        raise ValueError("--negative-prompt does not apply to FLUX (it takes no negative prompt)")
+    steps = given.get("num_steps", DEFAULT_STEPS[variant])
+    defaults = {
+        "num_steps": steps,
+        "budget": TRAJECTORIES * steps,
+        "guidance": DEFAULT_GUIDANCE[variant],
+        "height": size,
+        "width": size,
+        "max_sequence_length": DEFAULT_MAX_SEQUENCE_LENGTH[variant.split("-")[0]],
+    }
+    return T2IRunConfig(**{**defaults, **given, "model": T2I, "method": method})
+
+
+# --------------------------------------------------------------------------- the bundle
+
+
+def vp_times(sigmas: Any, vp: I.VP = I.VP()) -> jax.Array:
+    """VP times ``r`` with the signal-to-noise ratios of linear-path times ``sigmas``
+    (``t = sigma_vp(r) / (alpha_vp(r) + sigma_vp(r))``, :class:`~tts_jax.interpolants.LinearToVP`),
+    clipped to ``r <= 1``: the grid of a VP-converted flow that visits the pipeline's noise
+    levels.
+
+    Raises:
+        ValueError: the clipped grid is not strictly decreasing (times noisier than ``r = 1``).
+    """
+    t = np.asarray(sigmas, np.float64)
+    with np.errstate(divide="ignore"):
+        ratio = t / (1.0 - t)  # sigma / alpha on the VP path
+    total = np.log1p(np.square(ratio))  # T(r) = -log alpha^2
+    b = vp.b_max - vp.b_min
+    r = np.minimum((-vp.b_min + np.sqrt(vp.b_min**2 + 2.0 * b * total)) / b, 1.0)
+    if np.any(np.diff(r) >= 0):
+        raise ValueError(
+            f"the pipeline's first sigmas {t[:3].round(4).tolist()} are noisier than the VP path's "
+            "end; use fewer --num-steps for an SDE method, or a search method (ODE)"
+        )
+    return jnp.asarray(r, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WeightedMean:
+    """Static apply of the ``mean`` ensemble: ``sum_i w_i r_i / sum_i w_i`` (weights a leaf)."""
+
+    applies: tuple
+
+    def __call__(self, params: tuple, x: jax.Array, cond: Any) -> jax.Array:
+        weights, members = params
+        values = jnp.stack([f(p, x, cond) for f, p in zip(self.applies, members, strict=True)])
+        w = weights.astype(jnp.float32)
+        return jnp.tensordot(w, values.astype(jnp.float32), axes=1) / jnp.sum(w)
+
+
+def weighted_mean(rewards: list[Reward], weights: list[float], name: str = "mean") -> Reward:
+    """The ``mean`` ensemble of ``rewards`` (module docstring)."""
+    params = (jnp.asarray(weights, jnp.float32), tuple(r.params for r in rewards))
+    return Reward(params, _WeightedMean(tuple(r.apply for r in rewards)), name)
+
+
+def steering_reward(members: list[Reward], specs, ensemble: str) -> Reward:
+    """One reward on images from the members (itself when there is one)."""
+    if len(members) == 1:
+        return members[0]
+    if ensemble == "rank":
+        return mean_rank_ensemble(members, "mean_rank")
+    return weighted_mean(members, [s.weight for s in specs])
+
+
+def build_bundle(config: T2IRunConfig) -> Bundle:
+    """Load the pipeline and the rewards of ``config`` (module docstring)."""
+    from tts_jax.models.pipelines.text_to_image import decoded_reward, load_text_to_image
+
+    dtype = DTYPES[config.dtype]
+    pipe = load_text_to_image(
+        config.pipeline, dtype, max_sequence_length=config.max_sequence_length
+    )
+    cond = pipe.encode_prompt(config.prompt, config.negative_prompt)
+    flow = pipe.flow(config.height, config.width, guidance_scale=config.guidance)
+    steer = [reward_specs.parse_spec(s) for s in config.reward]
+    held = [reward_specs.parse_spec(s) for s in config.held_out]
+    members = [
+        reward_specs.build_image_reward(s, config.prompt, dtype, n)
+        for s, n in zip(steer, reward_specs.unique_names(steer), strict=True)
+    ]
+    image_reward = steering_reward(members, steer, config.ensemble)
+
+    def on_latents(reward: Reward) -> Reward:
+        return decoded_reward(pipe, reward.apply, reward.params, reward.name)
+
+    held_out = {
+        n: on_latents(reward_specs.build_image_reward(s, config.prompt, dtype, n))
+        for s, n in zip(held, reward_specs.unique_names(held), strict=True)
+    }
+    return Bundle(
+        flow,
+        on_latents(image_reward),
+        held_out,
+        cond,
+        grid=pipe.grid(config.num_steps, config.height, config.width),
+        decode=pipe.decode,
+        members={m.name: on_latents(m) for m in members} if len(members) > 1 else {},
+        record={
+            "pipeline_kind": pipe.kind,
+            "pipeline_folder": str(pipe.folder.path),
+            "latent_shape": list(flow.sample_shape),
+            "prompt": config.prompt,
+            "reward_specs": list(config.reward),
+            "held_out_specs": list(config.held_out),
+            "ensemble": config.ensemble if len(members) > 1 else None,
+        },
+    )
