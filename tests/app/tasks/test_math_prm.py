@@ -87,3 +87,27 @@ def test_pad_batch_buckets_lengths():
     b = F.PRMInput(np.arange(70, dtype=np.int32), np.arange(70) % 10 == 9)
     ids, mask = F.pad_batch([a, b], pad_id=-1, multiple=64)
     assert ids.shape == (2, 128) and mask.sum() == 8 and (ids[0, 5:] == -1).all()
+
+
+def test_host_fn_scores_policy_rows_at_their_marks(folders, prm):
+    policy_tok, prm_tok = P.load_tokenizer(folders[0]), P.load_tokenizer(folders[1])
+    prompt = P.build_prompt(policy_tok, PROBLEM)
+    completion = P.encode(policy_tok, "\n\n".join(STEPS)) + [policy_tok.eos_token_id]
+    enders = set(F.separator_token_ids(policy_tok))
+    ends = [i in enders for i in completion[:-1]] + [True]  # the stop token ends the last step
+    width = len(prompt) + len(completion) + 3
+    tokens = np.zeros((3, width), np.int32)
+    marks = np.zeros((3, width), bool)
+    first_step = ends.index(True) + 1
+    for r, cut in enumerate([len(completion), first_step, 0]):  # full, one step, no mark
+        row = prompt + completion[:cut]
+        tokens[r, : len(row)] = row
+        marks[r, len(prompt) : len(row)] = ends[:cut]
+    out = F.prm_host_fn(policy_tok, prm_tok, prm)(tokens, marks)
+    assert (out[~marks] == 0).all() and (out[2] == 0).all()
+    full = F.policy_to_prm(policy_tok, prm_tok, PROBLEM, completion, ends)
+    np.testing.assert_allclose(
+        out[0][marks[0]], reference_step_rewards(folders[1], full.ids), atol=1e-4, rtol=0
+    )
+    assert marks[1].sum() == 1 and marks[0].sum() == 3
+    np.testing.assert_allclose(out[1][marks[1]], out[0][marks[0]][:1], atol=1e-5)

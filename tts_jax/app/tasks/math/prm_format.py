@@ -29,7 +29,7 @@ When policy and PRM share a vocabulary and a format, the in-graph
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -251,3 +251,67 @@ def problem_from_chat_prompt(tokenizer: Any, prompt: Sequence[int] | np.ndarray)
     if start < 0 or end < 0:
         raise ValueError("not a ChatML prompt: no '<|im_start|>user ... <|im_end|>' message")
     return text[start + len(head) : end]
+
+
+def _completion_start(header: Sequence[int], row: np.ndarray, before: int) -> int:
+    """Index after the last occurrence of ``header`` in ``row[:before]``."""
+    h = len(header)
+    for s in range(before - h, -1, -1):
+        if row[s : s + h].tolist() == list(header):
+            return s + h
+    raise ValueError("no assistant header before the first step end: not a chat-prompt row")
+
+
+def prm_host_fn(
+    policy_tokenizer: Any,
+    prm_tokenizer: Any,
+    prm: Any,
+    *,
+    separator: str = STEP_SEPARATOR,
+    system_prompt: str = QWEN_MATH_SYSTEM,
+    assistant_header: str = "<|im_start|>assistant\n",
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """A host sequence scorer ``fn(tokens int[N, T], step_ends bool[N, T]) -> float32[N, T]``
+    that scores policy rows with a PRM reading its own format (for
+    :func:`~tts_jax.samplers.lm.scoring.host_scorer`).
+
+    Each row is a ChatML prompt + completion (what the samplers pass a scorer): the problem is
+    read back from the prompt (:func:`problem_from_chat_prompt`), the completion starts after
+    the last ``assistant_header`` before the first step end, its steps are cut at the marks
+    (the stop token of a finished particle is a mark too) and re-tokenized for the PRM
+    (:func:`policy_to_prm`); the ``k``-th PRM reward is written at the row's ``k``-th mark.
+    All rows go through the PRM in one batch (:func:`step_rewards`, lengths bucketed by 64).
+    The problem is not a closure variable, so one compiled sampler serves every problem.
+    Cost: see the module docstring (a full PRM pass over every row at every scoring).
+    """
+    header = encode(policy_tokenizer, assistant_header)
+    pad = prm_tokenizer.pad_token_id or 0
+
+    def fn(tokens: np.ndarray, step_ends: np.ndarray) -> np.ndarray:
+        tokens, step_ends = np.asarray(tokens), np.asarray(step_ends, bool)
+        out = np.zeros(tokens.shape, np.float32)
+        rows, inputs = [], []
+        for i, (row, ends) in enumerate(zip(tokens, step_ends, strict=True)):
+            marks = np.flatnonzero(ends)
+            if marks.size == 0:
+                continue
+            start = _completion_start(header, row, int(marks[0]) + 1)
+            problem = problem_from_chat_prompt(policy_tokenizer, row[:start])
+            stop = int(marks[-1]) + 1
+            prm_input = policy_to_prm(
+                policy_tokenizer,
+                prm_tokenizer,
+                problem,
+                row[start:stop],
+                ends[start:stop],
+                separator=separator,
+                system_prompt=system_prompt,
+            )
+            rows.append((i, marks))
+            inputs.append(prm_input)
+        if inputs:
+            for (i, marks), rewards in zip(rows, step_rewards(prm, inputs, pad), strict=True):
+                out[i, marks] = rewards
+        return out
+
+    return fn
