@@ -65,16 +65,19 @@ def test_generation_settings(policy, tokenizer, tmp_path):
     assert s.eos_ids == (im_end, eot) and s.stop_ids == (im_end, eot)
     assert s.pad_id == eot and s.max_new_tokens == 64 and s.temperature == 0.7
     assert s.multi_token_stops == ("\n\nQuestion:",)
+    assert s.unsupported == {"top_p": 0.8}
 
     folder = tmp_path / "other"
     shutil.copytree(policy, folder)
     gen = {"eos_token_id": im_end, "stop_strings": ["\n\n", "Question:"], "do_sample": False}
+    gen |= {"top_p": 1.0, "top_k": 20, "repetition_penalty": 1.05}
     (folder / "generation_config.json").write_text(json.dumps(gen))
     s = P.read_generation_settings(folder, tokenizer)
     sep = F.step_separator_id(tokenizer)
     assert s.eos_ids == (im_end,) and s.stop_ids == (im_end, sep)
     assert s.multi_token_stops == ("Question:",) and s.temperature == 0.0
     assert s.max_new_tokens is None and s.pad_id == eot  # the tokenizer's pad
+    assert s.unsupported == {"top_k": 20, "repetition_penalty": 1.05}
 
     (folder / "generation_config.json").unlink()
     assert P.read_generation_settings(folder, tokenizer).stop_ids == (im_end,)

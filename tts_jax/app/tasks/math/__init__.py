@@ -11,7 +11,9 @@ Qwen2.5-Math-PRM (the setup of Puri et al. 2025), one job per module:
 """
 
 from tts_jax.app.tasks.math.answers import (
+    SELECTIONS,
     EquivalenceVote,
+    completion_answer,
     extract_boxed,
     is_correct,
     is_equivalent,
@@ -25,7 +27,11 @@ from tts_jax.app.tasks.math.prm_format import (
     PRMInput,
     policy_to_prm,
     prm_conversation,
+    prm_host_fn,
+    separator_token_ids,
     split_steps,
+    step_rewards,
+    step_separator_id,
 )
 from tts_jax.app.tasks.math.prompting import (
     QWEN_MATH_SYSTEM,
@@ -39,6 +45,7 @@ from tts_jax.app.tasks.math.prompting import (
 __all__ = [
     "PRM_STEP_TOKEN",
     "QWEN_MATH_SYSTEM",
+    "SELECTIONS",
     "STEP_SEPARATOR",
     "EquivalenceVote",
     "GenerationSettings",
@@ -46,6 +53,7 @@ __all__ = [
     "MissingChatTemplateError",
     "PRMInput",
     "build_prompt",
+    "completion_answer",
     "extract_boxed",
     "is_correct",
     "is_equivalent",
@@ -54,7 +62,11 @@ __all__ = [
     "majority",
     "policy_to_prm",
     "prm_conversation",
+    "prm_host_fn",
     "read_generation_settings",
+    "separator_token_ids",
     "split_steps",
+    "step_rewards",
+    "step_separator_id",
     "weighted",
 ]

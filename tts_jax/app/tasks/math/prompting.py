@@ -118,6 +118,9 @@ class GenerationSettings(NamedTuple):
         temperature: the sampling temperature the model was released with (``None``: unset).
         multi_token_stops: stop strings that are several tokens; the samplers stop on ids only,
             so these are checked on the decoded text afterwards (or not at all).
+        unsupported: sampling settings of the file that the LM samplers do not implement
+            (``top_p`` < 1, ``top_k`` > 0, ``repetition_penalty`` != 1, ``min_p`` > 0), with
+            their values: a run samples at ``temperature`` alone and should record these.
     """
 
     stop_ids: tuple[int, ...]
@@ -126,6 +129,11 @@ class GenerationSettings(NamedTuple):
     max_new_tokens: int | None
     temperature: float | None
     multi_token_stops: tuple[str, ...]
+    unsupported: dict[str, float]
+
+
+# setting -> value at which it does nothing
+_NEUTRAL = {"top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "min_p": 0.0}
 
 
 def _as_ids(value: int | Sequence[int] | None) -> tuple[int, ...]:
@@ -179,4 +187,9 @@ def read_generation_settings(path: str | pathlib.Path, tokenizer: Any) -> Genera
         max_new_tokens=raw.get("max_new_tokens"),
         temperature=None if temperature is None else float(temperature),
         multi_token_stops=tuple(s for s, i in single.items() if i is None),
+        unsupported={
+            k: raw[k]
+            for k, neutral in _NEUTRAL.items()
+            if raw.get(k) is not None and raw[k] != neutral
+        },
     )
