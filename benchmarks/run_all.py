@@ -31,6 +31,11 @@ BENCHMARKS = [
     ("Scaling in particles and steps, compiled memory, KV-cache size", "benchmarks.scaling"),
     ("Sharded particles over 8 host devices (FK, token SMC)", "benchmarks.sharded"),
     ("Compile time per sampler; hyper-parameter sweeps compile once", "benchmarks.compile_time"),
+    (
+        "Text-to-image pipelines: tts-jax vs diffusers; FK and best-of-N overhead",
+        "benchmarks.t2i_pipeline",
+    ),
+    ("CLIP-family reward throughput and its share of an FK step", "benchmarks.t2i_rewards"),
 ]
 
 
