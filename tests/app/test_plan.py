@@ -101,3 +101,12 @@ def test_tiny_plan_is_consistent(tiny_sd3):
     table = plan.markdown()
     assert table.count("\n| ") == 3 and "fits 80 GiB GPU" in table
     assert plan.temp_per_particle == (four.temp_bytes - one.temp_bytes) / 3
+
+
+def test_command_line_parses():
+    import tyro
+
+    cmd = tyro.cli(P.Plan, args=["flux-dev", "--particles", "1", "2", "--height", "512"])
+    assert (cmd.config, cmd.particles, cmd.height, cmd.mode) == ("flux-dev", (1, 2), 512, "step")
+    with pytest.raises(SystemExit):
+        tyro.cli(P.Plan, args=["flux-pro"])

@@ -506,15 +506,16 @@ class Plan:
     """Plan the memory of FK steering on a real pipeline from its shipped configs (no weights).
 
     Builds the transformer and VAE abstractly, compiles FK steering on CPU for each particle
-    count and prints the weights, compiled argument / temporary / output sizes and whether
-    they fit one 80 GiB GPU and one 16 GiB TPU chip (CPU memory analysis as the estimate;
-    text encoders run once and are freed). A 12B FLUX step takes a minute or more to compile.
+    count and prints the weights, the compiled CPU argument / temporary sizes and an
+    accelerator estimate (without XLA CPU's float32 copies of bfloat16 weights; text encoders
+    run once per prompt and are freed), and whether it fits one 80 GiB GPU and one 16 GiB TPU
+    chip. A 12B FLUX step takes a minute or more to compile.
     """
 
     config: Annotated[
         Literal["flux-dev", "flux-schnell", "sd35-large", "sd35-medium"],
         tyro.conf.Positional,
-        tyro.conf.arg(metavar="CONFIG"),
+        tyro.conf.arg(metavar="CONFIG", help="flux-dev | flux-schnell | sd35-large | sd35-medium"),
     ]
     height: int = 1024
     """image height in pixels"""
