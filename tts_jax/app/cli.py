@@ -334,7 +334,8 @@ def presets_text() -> str:
         lines.append(f"  {ARITH}-{name:<9} {doc}; reads {reads}")
     lines += ["", f"{T2I}: a text-to-image pipeline (SD3 / FLUX) steered toward --reward specs"]
     t2i_shown = (
-        "--num-steps 28 (schnell 4), --guidance 7.0 SD3 / 3.5 FLUX.1-dev, --budget 4 x steps"
+        "--num-steps 28 (schnell 4), --guidance 7.0 SD3 / 3.5 FLUX.1-dev, "
+        "--budget 4 x steps (paths, rbf 8)"
     )
     for name, method in experiment.METHODS.items():
         lines.append(f"  {T2I}-{name:<8} {method.description}")

@@ -105,14 +105,16 @@ class Bundle:
     Attributes:
         model: the flow model.
         reward: the steering reward.
-        held_out: rewards evaluated on the returned samples only.
+        held_out: rewards evaluated on the returned samples only (on the decoded images when
+            ``decode`` is set).
         cond: the condition passed to the model and the rewards.
         grid: the model's own time grid ``[num_steps + 1]`` on its path (a text-to-image
             pipeline's sigmas), or ``None`` for :func:`tts_jax.interpolants.uniform_grid`; on
             the VP-converted SDE the methods use the VP times of the same noise levels.
         decode: ``samples -> images [N, 3, H, W]`` in ``[-1, 1]`` for the PNG grid (latent
             models), or ``None`` (the samples are the images).
-        members: the members of an ensemble reward, each reported on its own.
+        members: the members of an ensemble reward, each reported on its own (like
+            ``held_out``, on the decoded images when ``decode`` is set).
         record: extra JSON-able fields of the run's record (what was loaded).
     """
 
@@ -403,13 +405,16 @@ COMMON_OPTIONS = frozenset({"seed", "nan_policy", "out_dir"})
 
 
 def evaluate_held_out(
-    bundle: Bundle, result: Result, rewards: dict[str, Reward] | None = None
+    bundle: Bundle, result: Result, rewards: dict[str, Reward] | None = None, images: Any = None
 ) -> dict[str, float]:
     """Held-out rewards (or ``rewards``) of the selected (best) sample and their mean over all
-    returned samples."""
+    returned samples (``images``: the decoded samples of a bundle with ``decode``)."""
     out = {}
+    if bundle.decode is not None and images is None:
+        images = bundle.decode(result.samples)
+    x = result.samples if images is None else images
     for name, reward in (bundle.held_out if rewards is None else rewards).items():
-        values = np.asarray(reward(result.samples, bundle.cond))
+        values = np.asarray(reward(x, bundle.cond))
         out[f"{name}_best"] = float(values[int(result.best)])
         out[f"{name}_mean"] = float(np.mean(values))
     return out
@@ -441,6 +446,7 @@ def run_one(config: RunConfig, bundle: Bundle | None = None, write: bool = True)
     if warning:
         log.warning(warning)
     fields = identity(config)
+    images = None if bundle.decode is None else bundle.decode(result.samples)
     record = {
         "model": config.model,
         "method": config.method,
@@ -457,17 +463,16 @@ def run_one(config: RunConfig, bundle: Bundle | None = None, write: bool = True)
             jnp.mean(jnp.where(jnp.isfinite(result.rewards), result.rewards, 0.0))
         ),
         "wall_time_s": wall,
-        **evaluate_held_out(bundle, result),
+        **evaluate_held_out(bundle, result, images=images),
         **bundle.record,
     }
     if bundle.decode is None:  # latents are too large for a JSON record (samples.npz has them)
         record["best_sample"] = np.asarray(result.best_sample, np.float32).ravel()
     if bundle.members:
-        record["reward_members"] = evaluate_held_out(bundle, result, bundle.members)
+        record["reward_members"] = evaluate_held_out(bundle, result, bundle.members, images)
     if collapse is not None:
         record["weight_collapse"] = collapse
     if write:
-        images = None if bundle.decode is None else bundle.decode(result.samples)
         out = pathlib.Path(config.out_dir)
         record["files"] = write_run(out, config, record, result, images)
     return record

@@ -27,12 +27,14 @@ Every member is also reported on its own in ``result.json`` (``reward_members``)
 Defaults follow the pipeline (read from its folder before anything is loaded): SD3 28 steps at
 guidance 7.0; FLUX.1-dev (``guidance_embeds``) 28 steps at guidance 3.5; FLUX.1-schnell 4 steps
 without guidance; the pipeline's default image size; the pipeline's T5 prompt length (SD3 256,
-FLUX 512); a budget of 4 trajectories; bfloat16 networks.
+FLUX 512); a budget of 4 trajectories (8 for ``paths`` and ``rbf``, :data:`TRAJECTORIES`);
+bfloat16 networks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -68,8 +70,9 @@ OPTIONS = frozenset(
     }
 )
 """Config fields every ``t2i-<method>`` preset reads (besides the method's)."""
-TRAJECTORIES = 4
-"""The default budget is this many trajectories of ``num_steps``."""
+TRAJECTORIES = {"single": 1, "paths": 8, "rbf": 8}
+"""The default budget in trajectories of ``num_steps``: 4, but 8 for ``paths`` and ``rbf``
+(their minimum exceeds 4 trajectories: 150 NFE at 28 steps for ``paths``, 20 at 4 for ``rbf``)."""
 DEFAULT_STEPS = {"sd3": 28, "flux-dev": 28, "flux-schnell": 4}
 DEFAULT_GUIDANCE = {"sd3": 7.0, "flux-dev": 3.5, "flux-schnell": None}
 DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}
@@ -187,7 +190,7 @@ def resolve_config(method: str, given: dict[str, Any]) -> T2IRunConfig:
     steps = given.get("num_steps", DEFAULT_STEPS[variant])
     defaults = {
         "num_steps": steps,
-        "budget": TRAJECTORIES * steps,
+        "budget": TRAJECTORIES.get(method, 4) * steps,
         "guidance": DEFAULT_GUIDANCE[variant],
         "height": size,
         "width": size,
@@ -241,6 +244,28 @@ def weighted_mean(rewards: list[Reward], weights: list[float], name: str = "mean
     return Reward(params, _WeightedMean(tuple(r.apply for r in rewards)), name)
 
 
+def jitted(reward: Reward) -> Reward:
+    """``reward`` with its apply jitted: evaluated eagerly (held-out rewards, ensemble members on
+    the returned images) it compiles once instead of dispatching every op of its networks, and
+    rewards of one apply and shapes (CLIPScore and PickScore of one CLIP size) share it."""
+    return Reward(reward.params, _Jitted(reward.apply), reward.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Jitted:
+    """Static apply of :func:`jitted`."""
+
+    apply: Any
+
+    def __call__(self, params: Any, x: jax.Array, cond: Any) -> jax.Array:
+        return _call(self.apply, params, x, cond)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _call(apply: Any, params: Any, x: jax.Array, cond: Any) -> jax.Array:
+    return apply(params, x, cond)
+
+
 def steering_reward(members: list[Reward], specs, ensemble: str) -> Reward:
     """One reward on images from the members (itself when there is one)."""
     if len(members) == 1:
@@ -268,21 +293,19 @@ def build_bundle(config: T2IRunConfig) -> Bundle:
     ]
     image_reward = steering_reward(members, steer, config.ensemble)
 
-    def on_latents(reward: Reward) -> Reward:
-        return decoded_reward(pipe, reward.apply, reward.params, reward.name)
-
     held_out = {
-        n: on_latents(reward_specs.build_image_reward(s, config.prompt, dtype, n))
+        n: jitted(reward_specs.build_image_reward(s, config.prompt, dtype, n))
         for s, n in zip(held, reward_specs.unique_names(held), strict=True)
     }
+    steering = decoded_reward(pipe, image_reward.apply, image_reward.params, image_reward.name)
     return Bundle(
         flow,
-        on_latents(image_reward),
+        steering,
         held_out,
         cond,
         grid=pipe.grid(config.num_steps, config.height, config.width),
         decode=pipe.decode,
-        members={m.name: on_latents(m) for m in members} if len(members) > 1 else {},
+        members={m.name: jitted(m) for m in members} if len(members) > 1 else {},
         record={
             "pipeline_kind": pipe.kind,
             "pipeline_folder": str(pipe.folder.path),
