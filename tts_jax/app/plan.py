@@ -15,13 +15,14 @@ Two programs can be compiled (``mode``):
   params).compile()``: init (one velocity), the ``lax.scan`` of steps (its body, one velocity and
   one reward, compiles once whatever the step count), the last step and the result.
 * ``"step"`` (default): one FK step, ``jax.jit(sampler.step)`` on the abstract state of
-  ``sampler.init``: the transformer appears once instead of twice, so it compiles in about
-  half the time; its temporaries are those of the scan body, the peak of a run, and its
-  arguments include the particle state the run carries.
+  ``sampler.init``: the transformer appears once instead of twice (init and scan body), so it
+  compiles faster (12B FLUX at 1024 px: 60-95 s per particle count on a loaded 2-core CPU; the
+  run was not timed at that size); its temporaries are those of the scan body, the peak of a
+  run, and its arguments include the particle state the run carries.
 
 Assumptions behind the "fits" columns (state them with the numbers):
 
-* The compiled **CPU** memory analysis stands in for the accelerator's, with two corrections
+* The compiled **CPU** memory analysis stands in for the accelerator's, with one correction
   (:meth:`MemoryPlan.accelerator_bytes`). XLA CPU multiplies bfloat16 matrices in float32 and
   keeps float32 copies of the weights among its temporaries (tens of GiB for FLUX), which a
   GPU or TPU does not: the estimate counts the arguments (weights, particle state), the
