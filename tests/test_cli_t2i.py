@@ -111,7 +111,7 @@ def _written(out, printed):
 # --------------------------------------------------------------------------- runs
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", pytest.param("flux", marks=pytest.mark.slow)])
 def test_fk_and_bon_write_images_and_the_resolved_config(folders, kind, tmp_path, capsys):
     given = _given(folders, kind)
     for method in ("fk", "bon"):
@@ -149,6 +149,24 @@ def test_fk_and_bon_write_images_and_the_resolved_config(folders, kind, tmp_path
         images = samples["images"]
         assert images.shape == (2, 3, 32, 32) and np.abs(images).max() <= 1.0
         assert (out / "samples.png").stat().st_size > 2_000
+
+
+def test_sweep_records_the_t2i_settings_and_resumes(folders, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    given = {k: v for k, v in _given(folders, "sd3").items() if k != "budget"}
+    argv = ["sweep", "t2i-bon", "--methods", "bon", "fk", "--budgets", "6", "--seeds", "0"]
+    main([*argv, *_argv(given), "--out-dir", str(out)])
+    records = runs.read_jsonl(out / "runs.jsonl")
+    assert sorted(r["method"] for r in records) == ["bon", "fk"]
+    assert all(r["config"]["prompt"] == PROMPT and "pickscore_best" in r for r in records)
+    shared = json.loads((out / "config.json").read_text())["sweep"]
+    assert shared["pipeline"] == str(folders["sd3"].resolve())
+    assert shared["reward"] == list(given["reward"])
+    assert (out / "scaling.png").exists()
+    main([*argv, *_argv(given), "--out-dir", str(out)])  # resumed: nothing re-run
+    assert len(runs.read_jsonl(out / "runs.jsonl")) == 2
+    with pytest.raises(SystemExit, match="another configuration .*prompt"):
+        main([*argv, *_argv({**given, "prompt": "a dog"}), "--out-dir", str(out)])
 
 
 # --------------------------------------------------------------------------- planning
