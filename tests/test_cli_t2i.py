@@ -284,6 +284,9 @@ def test_reward_specs_are_canonical_and_keep_secrets_out(tmp_path, monkeypatch):
     ]:
         with pytest.raises(reward_specs.RewardSpecError, match=match):
             reward_specs.parse_spec(bad)
+    monkeypatch.setenv("MY_KEY", "sk-secret")
+    built = reward_specs.build_image_reward(judge, PROMPT, jnp.float32, "judge")
+    assert built.name == "judge" and "sk-secret" not in repr(built)  # no request, no key kept
     hps = reward_specs.parse_spec("hps=head.safetensors")
     with pytest.raises(reward_specs.RewardSpecError, match="no tokenizer in .*pass tokenizer=DIR"):
         reward_specs.build_image_reward(hps, PROMPT, jnp.float32, "hps")

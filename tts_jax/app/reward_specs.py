@@ -181,7 +181,7 @@ def parse_spec(spec: str) -> RewardSpec:
 
 
 def parse_specs(specs: tuple[str, ...] | list[str], flag: str) -> list[RewardSpec]:
-    """Parse every spec of one flag; names must be unique (two members of a kind get ``_2``...).
+    """Parse every spec of one flag (:func:`unique_names` labels them).
 
     Raises:
         RewardSpecError: see :func:`parse_spec` (the message names ``flag``).

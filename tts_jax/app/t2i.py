@@ -169,11 +169,14 @@ def resolve_config(method: str, given: dict[str, Any]) -> T2IRunConfig:
             for FLUX, ``--ensemble`` with one reward).
     """
     given = dict(given)
-    for name in ("pipeline", "prompt", "reward"):
+    needs = {
+        "pipeline": "--pipeline DIR_OR_HUB_ID (a diffusers SD3 / FLUX folder or hub id)",
+        "prompt": "--prompt TEXT",
+        "reward": f"--reward SPEC (kinds: {reward_specs.kinds_text()})",
+    }
+    for name, flag in needs.items():
         if not given.get(name):
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"t2i-{method} needs {flag}; kinds of --reward SPEC: "
-                             f"{reward_specs.kinds_text()}")  # fmt: skip
+            raise ValueError(f"t2i-{method} needs {flag}")
     steer = reward_specs.parse_specs(given["reward"], "--reward")
     held = reward_specs.parse_specs(given.get("held_out", ()), "--held-out")
     given["reward"] = tuple(s.text for s in steer)
