@@ -142,3 +142,15 @@ def test_wilson_interval():
     assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
     low, high = M.wilson_interval(0, 10)
     assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+
+
+def test_command_line_config(folders):
+    policy, prm, data = folders
+    given = {"policy": str(policy), "prm": str(prm), "data": str(data), "num_particles": 4}
+    config = M.math_config("pf", given)
+    assert config.problems == (0, 5) and config.out_dir == "outputs/lm-pf-n4-seed0"
+    assert M.math_config("pf", given | {"problems": (1, 3)}).problems == (1, 3)
+    with pytest.raises(ValueError, match="prm do"):
+        M.math_config("majority", given)
+    assert "softmax_temperature" in M.math_options("gibbs")
+    assert "num_particles" not in M.math_options("greedy")

@@ -726,3 +726,72 @@ def run_math(
         },
     )
     return summary | {"records": records}
+
+
+# --------------------------------------------------------------------------- command line
+
+PRESET_MODEL = "lm"
+"""The command line's presets of this module are ``lm-<method>``."""
+COMMON_OPTIONS = frozenset(
+    {
+        "policy",
+        "data",
+        "problem_field",
+        "answer_field",
+        "problems",
+        "seed",
+        "out_dir",
+        "max_steps",
+        "max_step_tokens",
+        "max_new_tokens",
+        "separator",
+        "system_prompt",
+    }
+)
+PARTICLE_METHODS = frozenset({"pf", "epf", "gibbs"})
+
+
+def math_options(method: str) -> frozenset[str]:
+    """The :class:`MathRunConfig` fields (command-line options) an ``lm-<method>`` preset reads."""
+    entry = MATH_METHODS[method]
+    options = set(COMMON_OPTIONS)
+    if not entry.budget_independent:
+        options |= {"num_particles", "temperature", "selection"}
+    if entry.uses_scorer:
+        options |= {"prm", "aggregation"}
+    if method in PARTICLE_METHODS:
+        options.add("softmax_temperature")
+    return frozenset(options)
+
+
+def math_config(method: str, given: dict[str, Any]) -> MathRunConfig:
+    """The config of ``tts-jax run lm-<method>`` from the options set on the command line.
+
+    Unset ``problems``: every problem of ``data``; unset ``out_dir``:
+    ``outputs/lm-<method>-n<N>-seed<seed>``.
+
+    Raises:
+        ValueError: an option the method does not read (naming it), or as :class:`MathRunConfig`.
+    """
+    if method not in MATH_METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {sorted(MATH_METHODS)}")
+    extra = sorted(set(given) - math_options(method))
+    if extra:
+        raise ValueError(
+            f"{', '.join(extra)} do(es) not apply to {PRESET_MODEL}-{method}; it reads "
+            f"{', '.join(sorted(math_options(method)))}"
+        )
+    fields = dict(given)
+    if "problems" not in fields and fields.get("data"):
+        count = len(
+            load_problems(
+                fields["data"],
+                fields.get("problem_field", "problem"),
+                fields.get("answer_field", "answer"),
+            )
+        )
+        fields["problems"] = (0, count)
+    if "out_dir" not in fields:
+        n = 1 if MATH_METHODS[method].budget_independent else fields.get("num_particles", 8)
+        fields["out_dir"] = f"outputs/{PRESET_MODEL}-{method}-n{n}-seed{fields.get('seed', 0)}"
+    return MathRunConfig(method=method, **fields)
