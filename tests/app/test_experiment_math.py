@@ -86,11 +86,16 @@ def test_restart_skips_finished_problems_and_refuses_another_config(
     # the same config again runs nothing
     M.run_math(dataclasses.replace(config, problems=(1, 4)), bundle)
     assert calls == [0, 1, 2, 3, 4]
+    # killed while writing problem 4: its truncated line is skipped and the problem re-run
+    path = tmp_path / "runs.jsonl"
+    path.write_text(path.read_text()[:-40])
+    assert M.run_math(dataclasses.replace(config, problems=(0, 5)), bundle)["num_problems"] == 5
+    assert calls == [0, 1, 2, 3, 4, 4]
     # another configuration in the same folder is refused before anything runs
     for other in ({"seed": 1}, {"method": "bon"}, {"temperature": 0.3}):
         with pytest.raises(M.ConfigMismatchError, match="another configuration"):
             M.run_math(dataclasses.replace(config, **other), bundle)
-    assert calls == [0, 1, 2, 3, 4]
+    assert calls == [0, 1, 2, 3, 4, 4]
     assert len(runs.read_jsonl(tmp_path / "runs.jsonl")) == 5
 
 
