@@ -57,10 +57,8 @@ OPTION_HELP = {
     "pipeline": "t2i: a diffusers SD3 / FLUX pipeline folder or hub id",
     "prompt": "t2i: the text prompt (text-reading rewards get it too)",
     "negative_prompt": "t2i SD3: the negative prompt (default: empty)",
-    "reward": "t2i: a steering reward KIND=ARGS, repeatable (kinds: "
-    + ", ".join(reward_specs.KINDS)
-    + ")",
-    "held_out": "t2i: a held-out reward KIND=ARGS (never optimized), repeatable",
+    "reward": "t2i: a steering reward KIND=ARGS (kinds: " + ", ".join(reward_specs.KINDS) + ")",
+    "held_out": "t2i: a held-out reward KIND=ARGS, reported, never optimized",
     "ensemble": "t2i with several --reward: mean (weighted mean) | rank (search methods only)",
     "height": "t2i: image height in pixels",
     "width": "t2i: image width in pixels",
@@ -115,15 +113,17 @@ class _Settings:
     scorer: Annotated[
         str | None, _option(OPTION_HELP["scorer"], "(default: prm)", "{prm,oracle}")
     ] = None
-    pipeline: Annotated[str | None, _option(OPTION_HELP["pipeline"], "", "DIR|HUB_ID")] = None
-    prompt: Annotated[str | None, _option(OPTION_HELP["prompt"], "", "TEXT")] = None
+    pipeline: Annotated[
+        str | None, _option(OPTION_HELP["pipeline"], "(t2i: required)", "DIR|HUB_ID")
+    ] = None
+    prompt: Annotated[str | None, _option(OPTION_HELP["prompt"], "(t2i: required)", "TEXT")] = None
     negative_prompt: Annotated[str | None, _option(OPTION_HELP["negative_prompt"], "", "TEXT")] = (
         None
     )
     reward: Annotated[
         tuple[str, ...],
         tyro.conf.UseAppendAction,
-        _option(OPTION_HELP["reward"], "(repeatable; see tts-jax presets)", "SPEC"),
+        _option(OPTION_HELP["reward"], "(repeatable: several make an --ensemble)", "SPEC"),
     ] = ()
     held_out: Annotated[
         tuple[str, ...],
@@ -154,7 +154,9 @@ class _Settings:
 class Run(_Settings):
     """One steering run of PRESET (``<model>-<method>`` or ``file.py:<method>``).
 
-    Image presets spend ``--budget`` NFE; ``arith-<method>`` presets use ``--num-particles`` N on
+    Image presets spend ``--budget`` NFE; ``t2i-<method>`` presets steer a text-to-image
+    pipeline (``--pipeline DIR_OR_HUB_ID --prompt TEXT --reward KIND=ARGS``, e.g.
+    ``--reward pickscore=DIR``); ``arith-<method>`` presets use ``--num-particles`` N on
     ``--problems START STOP`` held-out arithmetic problems. `tts-jax presets` lists the presets
     and the options each reads.
     """
