@@ -86,7 +86,9 @@ def make_tiny_clip(folder: str | Path, head: bool = True, seed: int = 0) -> Path
     if head:
         widths = (PROJECTION, 1024, 128, 64, 16, 1)
         layers = {}
-        for i, (a, b) in zip((0, 2, 4, 6, 7), zip(widths[:-1], widths[1:]), strict=True):
+        for i, (a, b) in zip(
+            (0, 2, 4, 6, 7), zip(widths[:-1], widths[1:], strict=False), strict=True
+        ):
             linear = torch.nn.Linear(a, b)
             layers[f"layers.{i}.weight"] = linear.weight.detach().contiguous()
             layers[f"layers.{i}.bias"] = linear.bias.detach().contiguous()
