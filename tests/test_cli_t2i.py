@@ -51,7 +51,9 @@ def _fast_and_shared():
         return cache[key]
 
     def fast(module, name, static):
-        original = getattr(module, name)
+        original = getattr(module, name, None)
+        if not hasattr(original, "__wrapped__"):
+            return  # renamed: the run compiles optimised, slower but the same
         quick = jax.jit(original.__wrapped__, static_argnames=static, compiler_options=_FAST)
 
         def run(key, *args, **kwargs):
