@@ -305,5 +305,11 @@ def test_vp_times_visit_the_pipeline_noise_levels():
     assert r[0] == 1.0 and r[-1] == 0.0 and np.all(np.diff(r) < 0)
     linear = np.asarray(I.LinearToVP().linear_time(jnp.asarray(r[1:])))
     np.testing.assert_allclose(linear, sigmas[1:], atol=1e-5)
-    with pytest.raises(ValueError, match="noisier than the VP path's end"):
-        t2i.vp_times([1.0, 0.9999, 0.5, 0.0])
+    # sigmas noisier than the VP end (r = 1) are spread between 1 and the first time below it
+    spread = np.asarray(t2i.vp_times([1.0, 0.9999, 0.9998, 0.5, 0.0]))
+    r_half = float(np.asarray(t2i.vp_times([1.0, 0.5, 0.0]))[1])
+    np.testing.assert_allclose(
+        spread, [1.0, 1 - (1 - r_half) / 3, 1 - 2 * (1 - r_half) / 3, r_half, 0]
+    )
+    with pytest.raises(ValueError, match="must decrease strictly"):
+        t2i.vp_times([1.0, 0.5, 0.5, 0.0])

@@ -207,24 +207,27 @@ def resolve_config(method: str, given: dict[str, Any]) -> T2IRunConfig:
 
 def vp_times(sigmas: Any, vp: I.VP = I.VP()) -> jax.Array:
     """VP times ``r`` with the signal-to-noise ratios of linear-path times ``sigmas``
-    (``t = sigma_vp(r) / (alpha_vp(r) + sigma_vp(r))``, :class:`~tts_jax.interpolants.LinearToVP`),
-    clipped to ``r <= 1``: the grid of a VP-converted flow that visits the pipeline's noise
-    levels.
+    (``t = sigma_vp(r) / (alpha_vp(r) + sigma_vp(r))``, :class:`~tts_jax.interpolants.LinearToVP`):
+    the grid of a VP-converted flow that visits the pipeline's noise levels.
+
+    The VP path ends at ``r = 1`` (``t ~ 0.9935`` with the default ``VP``); the leading sigmas
+    noisier than that (many steps with a large shift: FLUX.1-dev at 50 steps) would all map to 1,
+    so they are spread evenly between 1 and the first time below it, keeping ``K`` steps.
 
     Raises:
-        ValueError: the clipped grid is not strictly decreasing (times noisier than ``r = 1``).
+        ValueError: ``sigmas`` not strictly decreasing.
     """
     t = np.asarray(sigmas, np.float64)
+    if np.any(np.diff(t) >= 0):
+        raise ValueError(f"sigmas must decrease strictly, got {t.round(4).tolist()}")
     with np.errstate(divide="ignore"):
         ratio = t / (1.0 - t)  # sigma / alpha on the VP path
     total = np.log1p(np.square(ratio))  # T(r) = -log alpha^2
     b = vp.b_max - vp.b_min
     r = np.minimum((-vp.b_min + np.sqrt(vp.b_min**2 + 2.0 * b * total)) / b, 1.0)
-    if np.any(np.diff(r) >= 0):
-        raise ValueError(
-            f"the pipeline's first sigmas {t[:3].round(4).tolist()} are noisier than the VP path's "
-            "end; use fewer --num-steps for an SDE method, or a search method (ODE)"
-        )
+    first = int(np.argmax(r < 1.0))  # first time below the VP end (the data end 0 always is)
+    if first > 1:
+        r[:first] = np.linspace(1.0, r[first], first + 1)[:-1]
     return jnp.asarray(r, jnp.float32)
 
 
