@@ -102,7 +102,7 @@ def kv_cache_memory() -> None:
         cache = lm.init_cache(config, n, max_len)
         allocated = sum(leaf.nbytes for leaf in jax.tree.leaves(cache))
         programs = {
-            "generate": lm._generate_jit.lower(
+            "generate": lm.generate_program.lower(
                 model,
                 jnp.tile(prompt, (n, 1)),
                 jnp.full((n,), 8, jnp.int32),

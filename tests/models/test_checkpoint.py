@@ -361,7 +361,7 @@ def test_the_lm_package_keeps_the_names_of_the_former_module():
         "DecoderLayer", "Embedding", "GenerateOutput", "HF_CONFIG_TYPES", "HF_REQUIRED_KEYS",
         "INIT_STD", "KVCache", "LM", "LMConfig", "LanguageModel", "Linear", "MLP", "RMSNorm",
         "SUPPORTED_MODEL_TYPES", "_IGNORED_SUFFIXES", "_MOE_KEYS", "_apply_rope", "_bcast",
-        "_check_fits", "_default_rope_theta", "_eos_to_hf", "_generate_jit", "_init_cache",
+        "_check_fits", "_default_rope_theta", "_eos_to_hf", "generate_program", "_init_cache",
         "_name", "_prefill", "_read_tensors", "_rope_tables", "as_language_model",
         "check_architecture", "decode_step", "forward", "generate", "hidden_states",
         "init_cache", "language_model", "lm_logits", "load_lm", "load_weights",

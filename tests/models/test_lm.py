@@ -262,10 +262,10 @@ def test_stop_token_pads_and_leaves_the_stop_token_pending(qwen):
 def test_new_temperature_key_or_eos_compiles_nothing(qwen):
     _, model = qwen
     _generate(model, 11, temperature=0.7, eos_id=3)
-    size = lm._generate_jit._cache_size()
+    size = lm.generate_program._cache_size()
     _generate(model, 12, temperature=1.3, eos_id=5)
     _generate(model, 13, temperature=0.0, eos_id=5).tokens.block_until_ready()
-    assert lm._generate_jit._cache_size() == size
+    assert lm.generate_program._cache_size() == size
 
 
 def test_sample_token_matches_tempered_softmax_and_is_greedy_at_zero():

@@ -112,7 +112,7 @@ def test_generate_aliases_its_donated_cache():
     allocated = sum(leaf.nbytes for leaf in jax.tree.leaves((cache.k, cache.v)))
     assert allocated == _cache_bytes(new)
     mem = (
-        lm._generate_jit.lower(
+        lm.generate_program.lower(
             model,
             jnp.tile(PROMPT, (N, 1)),
             jnp.full((N,), 4, jnp.int32),

@@ -28,7 +28,7 @@ from tts_jax.models.checkpoint import (
     require_files,
     safetensors_errors,
 )
-from tts_jax.models.lm import cache, checkpoint, config, generation, modules, protocol
+from tts_jax.models.lm import cache, checkpoint, config, modules, protocol
 from tts_jax.models.lm.cache import KVCache, init_cache
 from tts_jax.models.lm.checkpoint import load_lm, load_weights, save_lm, save_weights
 from tts_jax.models.lm.config import (
@@ -45,6 +45,7 @@ from tts_jax.models.lm.generation import (
     decode_step,
     forward,
     generate,
+    generate_program,
     hidden_states,
     lm_logits,
     sample_token,
@@ -63,8 +64,7 @@ from tts_jax.models.lm.modules import (
 )
 from tts_jax.models.lm.protocol import language_model
 
-# Private helpers of the former single module ``models/lm.py``, still reachable from the package
-# (tests and benchmarks lower ``lm._generate_jit``).
+# Private helpers of the former single module ``models/lm.py``, still reachable from the package.
 _MOE_KEYS = config._MOE_KEYS
 _default_rope_theta = config._default_rope_theta
 _eos_to_hf = config._eos_to_hf
@@ -72,7 +72,6 @@ _bcast = modules._bcast
 _rope_tables = modules._rope_tables
 _apply_rope = modules._apply_rope
 _check_fits = cache._check_fits
-_generate_jit = generation._generate_jit
 _IGNORED_SUFFIXES = checkpoint._IGNORED_SUFFIXES
 _read_tensors = checkpoint._read_tensors
 _name = checkpoint._name
@@ -104,6 +103,7 @@ __all__ = [
     "decode_step",
     "forward",
     "generate",
+    "generate_program",
     "hidden_states",
     "init_cache",
     "language_model",

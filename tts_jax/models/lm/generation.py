@@ -144,7 +144,7 @@ class GenerateOutput(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("max_new_tokens",), donate_argnames=("cache",))
-def _generate_jit(
+def generate_program(
     model: LM,
     prompt: Array,
     prompt_lengths: Array,
@@ -155,7 +155,8 @@ def _generate_jit(
     pad_id: Array,
     max_new_tokens: int,
 ) -> GenerateOutput:
-    """Prefill all but the last prompt token, then one ``lax.while_loop`` step per token."""
+    """The jitted program behind :func:`generate` (lower it to read its memory): prefill all but
+    the last prompt token, then one ``lax.while_loop`` step per token."""
     n, p = prompt.shape
     if p > 1:
         _, cache = hidden_states(model, prompt[:, :-1], cache, prompt_lengths - 1)
@@ -251,7 +252,7 @@ def generate(
             f"has max_len={cache.max_len}"
         )
     stop = [-1] if eos_id is None else list(np.atleast_1d(eos_id))
-    return _generate_jit(
+    return generate_program(
         model,
         prompt,
         jnp.asarray(lengths, jnp.int32),

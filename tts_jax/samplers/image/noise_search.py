@@ -48,12 +48,14 @@ others, which users need to see. (The checks, the scoring and the result are
 :mod:`tts_jax.samplers.image.scaffold`; the selection is :mod:`tts_jax.samplers.image.selection`.)
 
 Conditioning and batching. All candidates search for one sample of one condition: ``cond`` is
-``None`` or a pytree whose leaves have a leading axis of size 1 (e.g. a class label ``[1]``),
-broadcast to the rows of every model and verifier call. The model is called on all candidates
-at once (``[C, ...]``, one batched forward per step), or, when ``batch_size`` bounds memory, on
-chunks of ``batch_size`` rows in sequence. Candidate ``i``'s SDE noise comes from its own key
-(:func:`~tts_jax.samplers.image.integrate.solve_rows`), so a candidate does not depend on which
-others share its batch: results do not depend on ``batch_size`` (up to float rounding).
+``None`` or a pytree whose leaves have a leading axis of size 1 (e.g. a class label ``[1]``, a
+prompt's embeddings), passed unchanged to every model and verifier call, which broadcast it to
+their rows (as FK steering does: one copy of a prompt serves every candidate). The model is
+called on all candidates at once (``[C, ...]``, one batched forward per step), or, when
+``batch_size`` bounds memory, on chunks of ``batch_size`` rows in sequence. Candidate ``i``'s
+SDE noise comes from its own key (:func:`~tts_jax.samplers.image.integrate.solve_rows`), so a
+candidate does not depend on which others share its batch: results do not depend on
+``batch_size`` (up to float rounding).
 """
 
 from __future__ import annotations
@@ -72,7 +74,6 @@ from tts_jax.rewards.base import Reward
 from tts_jax.samplers.base import Sampler
 from tts_jax.samplers.image.integrate import initial_noise, solve_rows, tweedie
 from tts_jax.samplers.image.scaffold import (
-    broadcast_cond,
     check_batch_size,
     check_budget,
     check_finite_hyperparameters,
@@ -234,8 +235,7 @@ def _map_rows(fn, xs, batch_size: int | None) -> Array:
 def _solve(keys: Array, params: Params, x: Array, grid: Array) -> Array:
     """Integrate the rows ``x [B, ...]`` along ``grid``, row ``i``'s noise from ``keys[i]``:
     ``(len(grid) - 1) B`` NFE, one batched forward per step."""
-    cond = broadcast_cond(params.cond, x.shape[0])
-    return solve_rows(keys, params.model, x, grid, params.diffusion, cond)
+    return solve_rows(keys, params.model, x, grid, params.diffusion, params.cond)
 
 
 def _denoise(keys: Array, params: Params, x: Array, grid: Array, batch_size) -> Array:
@@ -253,7 +253,7 @@ def _velocity(params: Params, x: Array, t: Array, batch_size) -> Array:
     """Velocity of every candidate ``x [C, ...]`` at scalar time ``t``, batched: ``C`` NFE."""
 
     def rows(xs):
-        return params.model.velocity(xs, t, broadcast_cond(params.cond, xs.shape[0]))
+        return params.model.velocity(xs, t, params.cond)
 
     return _map_rows(rows, x, batch_size)
 
@@ -261,13 +261,14 @@ def _velocity(params: Params, x: Array, t: Array, batch_size) -> Array:
 def _score(params: Params, x: Array) -> tuple[Array, Array]:
     """Verifier scores ``[C]`` of ``x [C, ...]`` in one call (NaN and ``+inf`` -> ``-inf``) and
     the mask ``Bool[2, C]`` of the NaN and ``+inf`` scores."""
-    return score(params.reward, x, broadcast_cond(params.cond, x.shape[0]))
+    return score(params.reward, x, params.cond)
 
 
 def _result(params: Params, samples, rewards, nfe, reward_calls, invalid, info) -> Result:
     """Uniformly weighted search output ``samples [N, ...]`` with the held-out scores."""
-    cond = broadcast_cond(params.cond, samples.shape[0])
-    return search_result(samples, rewards, nfe, reward_calls, invalid, info, params.held_out, cond)
+    return search_result(
+        samples, rewards, nfe, reward_calls, invalid, info, params.held_out, params.cond
+    )
 
 
 # --------------------------------------------------------------------------- random search

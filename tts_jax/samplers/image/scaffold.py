@@ -47,7 +47,6 @@ Array = jax.Array
 PyTree = Any
 
 __all__ = [
-    "broadcast_cond",
     "check_batch_size",
     "check_budget",
     "check_finite_hyperparameters",
@@ -111,7 +110,7 @@ def check_batch_size(method: str, batch_size: int | None) -> None:
 
 def check_shared_cond(method: str, cond: Any) -> None:
     """All candidates search for one sample of one condition: every leaf of ``cond`` has a
-    leading axis of size 1 (:func:`broadcast_cond` broadcasts it to the rows of a batch)."""
+    leading axis of size 1 (the model and the verifiers broadcast it to their rows)."""
     for leaf in jax.tree.leaves(cond):
         if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != 1:
             raise ValueError(
@@ -154,17 +153,12 @@ def finish(result: Result, method: str, reward: Any, nan_policy: str) -> Result:
 # --------------------------------------------------------------------------- inside the graph
 
 
-def broadcast_cond(cond: Any, num: int) -> Any:
-    """A shared condition (leaves ``[1, ...]``, or ``None``) broadcast to ``num`` rows."""
-    return jax.tree.map(lambda c: jnp.broadcast_to(c, (num, *c.shape[1:])), cond)
-
-
 def score(reward: Any, x: Array, cond: Any = None) -> tuple[Array, Array]:
     """Verifier scores of the batch ``x [C, ...]`` with NaN and ``+inf`` replaced by ``-inf``.
 
     All scores a selection compares come from one call, so batch-relative verifiers (rank
-    ensembles) select correctly. ``cond`` is passed unchanged (broadcast a shared one with
-    :func:`broadcast_cond` first).
+    ensembles) select correctly. ``cond`` is passed unchanged (a shared one, leading axis 1:
+    the reward broadcasts it to its rows).
 
     Returns:
         ``(scores Float[C], invalid Bool[2, C])``: the NaN and ``+inf`` masks
