@@ -159,3 +159,19 @@ def test_command_line_config(folders):
         M.math_config("majority", given)
     assert "softmax_temperature" in M.math_options("gibbs")
     assert "num_particles" not in M.math_options("greedy")
+
+
+def test_the_command_line_runs_an_lm_preset_and_refuses_options_it_does_not_read(folders, tmp_path):
+    from tts_jax.app.cli import main
+
+    policy, prm, data = folders
+    out = tmp_path / "run"
+    argv = ["run", "lm-pf", "--policy", str(policy), "--prm", str(prm), "--data", str(data)]
+    tiny = ["--max-steps", "2", "--max-step-tokens", "3", "--max-new-tokens", "6"]
+    main([*argv, *tiny, "--num-particles", "2", "--problems", "0", "2", "--out-dir", str(out)])
+    records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert sorted(r["problem"] for r in records) == [0, 1]
+    result = json.loads((out / "result.json").read_text())
+    assert result["config"]["policy"] == str(policy.resolve()) and "correct" in result
+    with pytest.raises(SystemExit, match="--lam does not apply to lm-pf"):
+        main([*argv, "--lam", "2"])

@@ -26,7 +26,7 @@ from typing import Annotated, Any
 
 import tyro
 
-from tts_jax.app import experiment, experiment_lm, plots, reward_specs, runs, t2i
+from tts_jax.app import experiment, experiment_lm, experiment_math, plots, reward_specs, runs, t2i
 from tts_jax.app.demos import arith as arith_demo
 from tts_jax.app.demos import digits as digits_demo
 from tts_jax.app.demos.arith import ArithDemoConfig
@@ -51,8 +51,8 @@ OPTION_HELP = {
     "diffusion_norm": "image SDE methods (fk, smc, svdd, code, rbf): g(t) = norm t^2",
     "target_class": "digits and user files: the class the reward steers toward",
     "nan_policy": "image presets: raise (a NaN reward is an error) | drop (zero weight)",
-    "num_particles": "arith presets: N, the number of samples / particles / beams",
-    "problems": "arith presets: held-out problem range START STOP",
+    "num_particles": "arith and lm presets: N, the number of samples / particles / beams",
+    "problems": "arith and lm presets: problem range START STOP (lm default: every problem)",
     "scorer": "arith presets that use a verifier: prm (the embedded PRM) | oracle (exact checker)",
     "pipeline": "t2i: a diffusers SD3 / FLUX pipeline folder or hub id",
     "prompt": "t2i: the text prompt (text-reading rewards get it too)",
@@ -65,6 +65,20 @@ OPTION_HELP = {
     "guidance": "t2i: guidance scale (SD3 CFG weight, FLUX.1-dev embedded guidance)",
     "dtype": "t2i: float32 | bfloat16, the networks' dtype",
     "max_sequence_length": "t2i: T5 prompt length",
+    "policy": "lm: the policy LM folder (transformers layout with a chat template)",
+    "prm": "lm with a verifier: the process reward model folder (Qwen2.5-Math-PRM layout)",
+    "data": "lm: problems (.jsonl, .parquet or a datasets save_to_disk folder)",
+    "problem_field": "lm: field of the problem statement (default: problem)",
+    "answer_field": "lm: field of the reference answer (default: answer)",
+    "selection": "lm: final answer rule argmax | majority | weighted | weight_vote",
+    "temperature": "lm: sampling temperature (default: generation_config.json, else 0.8)",
+    "softmax_temperature": "lm pf / epf / gibbs: temperature of the particle weights",
+    "aggregation": "lm with a PRM: step-score aggregation last | min | prod | model",
+    "max_steps": "lm: reasoning steps per solution",
+    "max_step_tokens": "lm: tokens per step",
+    "max_new_tokens": "lm: completion budget (default: generation_config.json, else 2048)",
+    "separator": "lm: the text that ends a step (default: a blank line)",
+    "system_prompt": "lm: the chat system prompt (default: Qwen2.5-Math's)",
     "seed": "PRNG seed",
     "out_dir": "output folder",
 }
@@ -148,6 +162,29 @@ class _Settings:
     max_sequence_length: Annotated[
         int | None, _option(OPTION_HELP["max_sequence_length"], "(default: per pipeline)", "INT")
     ] = None
+    policy: Annotated[str | None, _option(OPTION_HELP["policy"], "(lm: required)", "DIR")] = None
+    prm: Annotated[str | None, _option(OPTION_HELP["prm"], "", "DIR")] = None
+    data: Annotated[str | None, _option(OPTION_HELP["data"], "(lm: required)", "FILE|DIR")] = None
+    problem_field: Annotated[str | None, _option(OPTION_HELP["problem_field"], "", "NAME")] = None
+    answer_field: Annotated[str | None, _option(OPTION_HELP["answer_field"], "", "NAME")] = None
+    selection: Annotated[
+        str | None,
+        _option(OPTION_HELP["selection"], "(default: per method)", "{argmax,majority,...}"),
+    ] = None
+    temperature: Annotated[float | None, _option(OPTION_HELP["temperature"], "", "FLOAT")] = None
+    softmax_temperature: Annotated[
+        float | None, _option(OPTION_HELP["softmax_temperature"], "(default: 1)", "FLOAT")
+    ] = None
+    aggregation: Annotated[
+        str | None, _option(OPTION_HELP["aggregation"], "(default: last)", "{last,min,prod,model}")
+    ] = None
+    max_steps: Annotated[int | None, _option(OPTION_HELP["max_steps"], "", "INT")] = None
+    max_step_tokens: Annotated[int | None, _option(OPTION_HELP["max_step_tokens"], "", "INT")] = (
+        None
+    )
+    max_new_tokens: Annotated[int | None, _option(OPTION_HELP["max_new_tokens"], "", "INT")] = None
+    separator: Annotated[str | None, _option(OPTION_HELP["separator"], "", "TEXT")] = None
+    system_prompt: Annotated[str | None, _option(OPTION_HELP["system_prompt"], "", "TEXT")] = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -221,6 +258,7 @@ class Train:
 
 ARITH = "arith"
 T2I = t2i.T2I
+LM = experiment_math.PRESET_MODEL
 
 
 def parse_preset(preset: str) -> tuple[str, str]:
@@ -235,6 +273,10 @@ def parse_preset(preset: str) -> tuple[str, str]:
         if method not in experiment_lm.LM_METHODS:
             raise ValueError(f"unknown method in preset {preset!r}; {known_presets()}")
         return model, method
+    if model == LM:
+        if method not in experiment_math.MATH_METHODS:
+            raise ValueError(f"unknown method in preset {preset!r}; {known_presets()}")
+        return model, method
     if not model.endswith(".py") and model not in experiment.MODELS and model != T2I:
         raise ValueError(f"unknown model in preset {preset!r}; {known_presets()}")
     if method not in experiment.METHODS:
@@ -246,6 +288,7 @@ def known_presets() -> str:
     names = [f"{m}-{k}" for m in experiment.MODELS for k in experiment.METHODS]
     names += [f"{ARITH}-{k}" for k in experiment_lm.LM_METHODS]
     names += [f"{T2I}-{k}" for k in experiment.METHODS]
+    names += [f"{LM}-{k}" for k in experiment_math.MATH_METHODS]
     return "known presets: " + ", ".join(names) + " (or file.py:<method>)"
 
 
@@ -264,6 +307,8 @@ def preset_options(model: str, method: str) -> frozenset[str]:
     """Options the preset ``model-method`` reads."""
     if model == ARITH:
         return arith_options(method)
+    if model == LM:
+        return experiment_math.math_options(method)
     if model == T2I:
         return experiment.METHODS[method].options | t2i.OPTIONS | experiment.COMMON_OPTIONS
     return (
@@ -334,6 +379,13 @@ def presets_text() -> str:
         doc = (entry.run.__doc__ or name).strip().splitlines()[0].rstrip(".")
         reads = ", ".join(_flag(k) for k in sorted(arith_options(name) - {"seed", "out_dir"}))
         lines.append(f"  {ARITH}-{name:<9} {doc}; reads {reads}")
+    lines += ["", f"{LM}: a policy folder (--policy) steered on math problems (--data), PRM --prm"]
+    for name, entry in experiment_math.MATH_METHODS.items():
+        doc = (entry.run.__doc__ or name).strip().splitlines()[0].rstrip(".")
+        options = experiment_math.math_options(name) - {"seed", "out_dir"}
+        lines.append(
+            f"  {LM}-{name:<9} {doc}; reads {', '.join(_flag(k) for k in sorted(options))}"
+        )
     lines += ["", f"{T2I}: a text-to-image pipeline (SD3 / FLUX) steered toward --reward specs"]
     t2i_shown = (
         "--num-steps 28 (schnell 4), --guidance 7.0 SD3 / 3.5 FLUX.1-dev, "
@@ -365,6 +417,9 @@ def _run(cmd: Run) -> None:
     model, method = parse_preset(cmd.preset)
     given = given_options(cmd)
     check_applicable(given, preset_options(model, method), cmd.preset)
+    if model == LM:
+        _run_math(cmd.preset, method, given)
+        return
     seed = given.get("seed", 0)
     out_dir = cmd.out_dir or f"outputs/{pathlib.Path(model).stem}-{method}-seed{seed}"
     given.pop("out_dir", None)
@@ -382,6 +437,19 @@ def _run(cmd: Run) -> None:
         if key not in ("files", "config"):
             print(f"{key:>24}: {value}")
     print(f"wrote {out_dir}/: {', '.join(files)}")
+
+
+def _run_math(preset: str, method: str, given: dict[str, Any]) -> None:
+    """``lm-<method>``: a policy folder steered on a file of math problems
+    (:mod:`tts_jax.app.experiment_math`), one record per problem as it finishes."""
+    config = experiment_math.math_config(method, given)
+    summary = experiment_math.run_math(config, progress=True)
+    _warn_lm_collapse(preset, summary)
+    summary.pop("records")
+    for key, value in summary.items():
+        if key != "config":
+            print(f"{key:>24}: {value}")
+    print(f"wrote {config.out_dir}/: config.json, runs.jsonl, result.json")
 
 
 def _warn_lm_collapse(what: str, summary: dict[str, Any]) -> None:
@@ -403,6 +471,8 @@ def _sweep(cmd: Sweep) -> None:
     out_dir = given.pop("out_dir", None)
     reads = frozenset().union(*(preset_options(model, m) for m in _checked(model, methods)))
     check_applicable(given, reads, f"a sweep of {', '.join(methods)} on {model}")
+    if model == LM:
+        raise ValueError("lm presets run one configuration per folder: use tts-jax run lm-<method>")
     if model == ARITH:
         _sweep_arith(cmd, methods, given, out_dir)
         return
@@ -522,8 +592,9 @@ COMMANDS = {
 
 DESCRIPTION = (
     "Inference-time steering of flow models and language models. Presets are <model>-<method>: "
-    f"models {', '.join([*experiment.MODELS, T2I, ARITH])}; image methods "
-    f"{', '.join(experiment.METHODS)}; arith methods {', '.join(experiment_lm.LM_METHODS)}. "
+    f"models {', '.join([*experiment.MODELS, T2I, ARITH, LM])}; image methods "
+    f"{', '.join(experiment.METHODS)}; arith methods {', '.join(experiment_lm.LM_METHODS)}; "
+    f"lm methods {', '.join(experiment_math.MATH_METHODS)}. "
     "`tts-jax presets` lists them with their defaults and options; `tts-jax run --help` explains "
     "every option."
 )
