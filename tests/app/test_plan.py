@@ -106,7 +106,9 @@ def test_tiny_plan_is_consistent(tiny_sd3):
 def test_command_line_parses():
     import tyro
 
-    cmd = tyro.cli(P.Plan, args=["flux-dev", "--particles", "1", "2", "--height", "512"])
+    cmd = tyro.cli(
+        P.Plan, args=["--config", "flux-dev", "--particles", "1", "2", "--height", "512"]
+    )
     assert (cmd.config, cmd.particles, cmd.height, cmd.mode) == ("flux-dev", (1, 2), 512, "step")
     with pytest.raises(SystemExit):
-        tyro.cli(P.Plan, args=["flux-pro"])
+        tyro.cli(P.Plan, args=["--config", "flux-pro"])

@@ -8,6 +8,8 @@
   ``tts-jax run t2i-fk --pipeline DIR_OR_HUB_ID --prompt "..." --reward pickscore=DIR``.
 * ``tts-jax sweep PRESET --methods ... --budgets ... --seeds ...``: a resumable scaling study with
   a plot, in a folder that holds one configuration.
+* ``tts-jax plan --config NAME``: compile FK steering of a real text-to-image model on abstract
+  shapes (no weights) and print its memory per particle count (:mod:`tts_jax.app.plan`).
 * ``tts-jax train MODEL``: retrain an embedded model (:mod:`tts_jax.app.training`), into an
   output folder (``--install`` copies it over the shipped asset).
 
@@ -26,7 +28,16 @@ from typing import Annotated, Any
 
 import tyro
 
-from tts_jax.app import experiment, experiment_lm, experiment_math, plots, reward_specs, runs, t2i
+from tts_jax.app import (
+    experiment,
+    experiment_lm,
+    experiment_math,
+    plan,
+    plots,
+    reward_specs,
+    runs,
+    t2i,
+)
 from tts_jax.app.demos import arith as arith_demo
 from tts_jax.app.demos import digits as digits_demo
 from tts_jax.app.demos.arith import ArithDemoConfig
@@ -584,6 +595,7 @@ def _demo_gmm(config: GMMDemoConfig) -> None:
 
 COMMANDS = {
     "demo": (Demo, _demo),
+    "plan": (plan.Plan, plan.run_plan),
     "presets": (Presets, _presets),
     "run": (Run, _run),
     "sweep": (Sweep, _sweep),

@@ -515,8 +515,7 @@ class Plan:
 
     config: Annotated[
         Literal["flux-dev", "flux-schnell", "sd35-large", "sd35-medium"],
-        tyro.conf.Positional,
-        tyro.conf.arg(metavar="CONFIG", help="flux-dev | flux-schnell | sd35-large | sd35-medium"),
+        tyro.conf.arg(metavar="NAME", help="flux-dev | flux-schnell | sd35-large | sd35-medium"),
     ]
     height: int = 1024
     """image height in pixels"""
