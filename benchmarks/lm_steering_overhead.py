@@ -54,7 +54,7 @@ def measure(n: int, new: int, args: argparse.Namespace) -> None:
         "generate": lambda: (
             lm.generate(
                 model, np.tile(prompt, (n, 1)), next(keys), max_new_tokens=new, temperature=1.0
-            ).samples.tokens
+            ).tokens
         ),
         "particle_filter": lambda: (
             particle_filter.particle_filter(
