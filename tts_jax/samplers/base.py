@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tts_jax.smc import step_keys_for
 
@@ -163,3 +164,11 @@ def _run_until_done(state, step_keys, sampler, params):
 
     _, state, infos = jax.lax.while_loop(running, body, (jnp.int32(0), state, infos))
     return state, infos
+
+
+def float32(x: Any) -> Any:
+    """``x`` as a float32 array for a params pytree: NumPy for host values (no device op when
+    the params are built), ``jnp`` for JAX arrays (traced values included)."""
+    if isinstance(x, jax.Array):
+        return jnp.asarray(x, jnp.float32)
+    return np.asarray(x, np.float32)

@@ -58,7 +58,7 @@ from tts_jax.interpolants import Diffusion, sde_step
 from tts_jax.models.base import FlowModel
 from tts_jax.resampling import Resampler, get_resampler
 from tts_jax.rewards.base import Reward
-from tts_jax.samplers.base import Sampler, run
+from tts_jax.samplers.base import Sampler, float32, run
 from tts_jax.samplers.image.integrate import initial_noise, tweedie
 from tts_jax.samplers.result import (
     Cost,
@@ -191,13 +191,6 @@ class Params(NamedTuple):
 _default_schedule = functools.lru_cache(smc.adaptive)
 
 
-def _float32(x):
-    """A float32 array: NumPy for host values (no device op), ``jnp`` for JAX arrays."""
-    if isinstance(x, jax.Array):
-        return jnp.asarray(x, jnp.float32)
-    return np.asarray(x, np.float32)
-
-
 def make_params(
     model: FlowModel,
     reward: Reward,
@@ -211,7 +204,7 @@ def make_params(
     filled in: adaptive, ``ESS < 0.5 N``, never after the last step (see
     :func:`tts_jax.smc.adaptive`). No checks (:func:`check_params`) and no device op for host
     values."""
-    grid, lam = _float32(grid), _float32(lam)
+    grid, lam = float32(grid), float32(lam)
     if schedule is None and grid.ndim == 1 and grid.shape[0] >= 2:
         schedule = _default_schedule(grid.shape[0] - 1)
     return Params(model, reward, grid, diffusion, lam, schedule, cond)

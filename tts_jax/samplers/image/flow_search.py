@@ -86,7 +86,7 @@ from tts_jax import smc as smc_engine
 from tts_jax.interpolants import Diffusion, sde_step
 from tts_jax.models.base import FlowModel
 from tts_jax.rewards.base import Reward
-from tts_jax.samplers.base import Sampler, run
+from tts_jax.samplers.base import Sampler, float32, run
 from tts_jax.samplers.image import fk_steering
 from tts_jax.samplers.image.fk_steering import check_fk_result, fk_steering_unchecked
 from tts_jax.samplers.image.integrate import initial_noise, tweedie
@@ -307,11 +307,7 @@ def make_params(
 ) -> Params:
     """:class:`Params` with ``grid`` as a float32 array (NumPy for host values: no device op)
     and ``held_out`` defaulting to ``{}``. No checks (:func:`check_params`)."""
-    grid = (
-        jnp.asarray(grid, jnp.float32)
-        if isinstance(grid, jax.Array)
-        else np.asarray(grid, np.float32)
-    )
+    grid = float32(grid)
     held_out = {} if held_out is None else dict(held_out)
     return Params(model, reward, grid, diffusion, cond, held_out)
 

@@ -71,7 +71,7 @@ import numpy as np
 from tts_jax.interpolants import Diffusion, forward_renoise, ode
 from tts_jax.models.base import FlowModel
 from tts_jax.rewards.base import Reward
-from tts_jax.samplers.base import Sampler
+from tts_jax.samplers.base import Sampler, float32
 from tts_jax.samplers.image.integrate import initial_noise, solve_rows, tweedie
 from tts_jax.samplers.image.scaffold import (
     check_batch_size,
@@ -121,13 +121,6 @@ class Params(NamedTuple):
     held_out: dict[str, Reward] | None = None
 
 
-def _float32(x):
-    """A float32 array: NumPy for host values (no device op), ``jnp`` for JAX arrays."""
-    if isinstance(x, jax.Array):
-        return jnp.asarray(x, jnp.float32)
-    return np.asarray(x, np.float32)
-
-
 def make_params(
     model: FlowModel,
     reward: Reward,
@@ -143,7 +136,7 @@ def make_params(
     device op for host values."""
     diffusion = ode() if diffusion is None else diffusion
     held_out = held_out_dict("make_params", held_out)  # a mapping or a sequence of rewards
-    return Params(model, reward, _float32(grid), diffusion, _float32(lambda_cos), cond, held_out)
+    return Params(model, reward, float32(grid), diffusion, float32(lambda_cos), cond, held_out)
 
 
 class _Config(NamedTuple):
