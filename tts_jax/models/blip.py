@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tts_jax.models.clip import ACTIVATIONS, LayerNorm, activation
+from tts_jax.models.clip import ACTIVATIONS, LayerNorm, activation, require_multiple
 from tts_jax.models.lm.modules import Embedding, Linear
 
 Array = jax.Array
@@ -64,15 +64,8 @@ class BlipVisionConfig:
 
     def __post_init__(self):
         activation(self.hidden_act, BLIP_ACTIVATIONS)
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not a multiple of "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
-            )
+        require_multiple(self, "hidden_size", "num_attention_heads")
+        require_multiple(self, "image_size", "patch_size")
 
     @property
     def num_positions(self) -> int:
@@ -104,11 +97,7 @@ class BlipTextConfig:
 
     def __post_init__(self):
         activation(self.hidden_act, BLIP_ACTIVATIONS)
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not a multiple of "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
+        require_multiple(self, "hidden_size", "num_attention_heads")
 
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any]) -> BlipTextConfig:

@@ -87,6 +87,14 @@ VISION_ARCHITECTURES = ("CLIPVisionModel", "CLIPVisionModelWithProjection")
 LEGACY_EOS_TOKEN_ID = 2
 
 
+def require_multiple(config: Any, name: str, of: str) -> None:
+    """Raise ``ValueError`` naming both fields unless ``config.<name>`` is a multiple of
+    ``config.<of>`` (e.g. the width of a tower and its attention heads)."""
+    value, divisor = getattr(config, name), getattr(config, of)
+    if value % divisor:
+        raise ValueError(f"{name}={value} is not a multiple of {of}={divisor}")
+
+
 def activation(name: str, allowed: tuple[str, ...] = CLIP_ACTIVATIONS) -> Callable[[Array], Array]:
     """The activation function of transformers' name ``name``.
 
@@ -148,11 +156,7 @@ class CLIPTextConfig:
                 "projection_dim",
             ),
         )
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not a multiple of "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
+        require_multiple(self, "hidden_size", "num_attention_heads")
 
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any]) -> CLIPTextConfig:
@@ -200,15 +204,8 @@ class CLIPVisionConfig:
                 "projection_dim",
             ),
         )
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not a multiple of "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
-            )
+        require_multiple(self, "hidden_size", "num_attention_heads")
+        require_multiple(self, "image_size", "patch_size")
 
     @property
     def num_positions(self) -> int:
