@@ -18,6 +18,12 @@ Forward pass (per sample):
     out    = Linear(LN(x) (1 + scale) + shift) with (shift, scale) from c_0; unpatchify.
 Dropout (and the label dropout of training) is not applied: this is the inference network.
 
+Precision: parameters and activations in the ``dtype`` chosen at construction or load (e.g.
+``bfloat16``); the sinusoidal timestep features and positional table are computed in float32,
+layer-norm statistics and the attention softmax in float32 (``jax.nn.dot_product_attention``
+accumulates bfloat16 scores in float32); the output is returned in the input's dtype
+(docs/precision.md).
+
 Pure use inside ``jax.jit``: ``params = nnx.split(model)`` and ``dit_apply(params, x, t, y)``.
 """
 
@@ -37,6 +43,7 @@ from flax import nnx
 from tts_jax.models import dit_checkpoint as ckpt
 
 Array = jax.Array
+DType = Any
 CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")
 _TIME_FREQ_DIM = 256
 _ACTIVATIONS = {"gelu": False, "gelu-approximate": True}  # name -> tanh approximation
@@ -165,10 +172,17 @@ def sincos_2d(embed_dim: int, grid_h: int, grid_w: int, base_size: int) -> np.nd
 
 
 def _layer_norm(x: Array, eps: float) -> Array:
-    """LayerNorm over the last axis without affine parameters."""
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps)
+    """LayerNorm over the last axis without affine parameters, computed in float32 and returned
+    in ``x.dtype``."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def _linear(d_in: int, d_out: int, dtype: DType, rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
+    """``nnx.Linear`` with parameters and computation in ``dtype``."""
+    return nnx.Linear(d_in, d_out, dtype=dtype, param_dtype=dtype, rngs=rngs, **kwargs)
 
 
 def _modulate(x: Array, shift: Array, scale: Array) -> Array:
@@ -179,20 +193,26 @@ def _modulate(x: Array, shift: Array, scale: Array) -> Array:
 class TimestepEmbedder(nnx.Module):
     """Two-layer SiLU MLP on the sinusoidal timestep features (``linear_1``, ``linear_2``)."""
 
-    def __init__(self, dim: int, *, rngs: nnx.Rngs):
-        self.linear_1 = nnx.Linear(_TIME_FREQ_DIM, dim, rngs=rngs)
-        self.linear_2 = nnx.Linear(dim, dim, rngs=rngs)
+    def __init__(self, dim: int, *, dtype: DType = jnp.float32, rngs: nnx.Rngs):
+        self.linear_1 = _linear(_TIME_FREQ_DIM, dim, dtype, rngs)
+        self.linear_2 = _linear(dim, dim, dtype, rngs)
 
     def __call__(self, timestep: Array) -> Array:
-        return self.linear_2(jax.nn.silu(self.linear_1(timestep_frequencies(timestep))))
+        features = timestep_frequencies(timestep).astype(self.linear_1.param_dtype)
+        return self.linear_2(jax.nn.silu(self.linear_1(features)))
 
 
 class LabelEmbedder(nnx.Module):
     """Class-label table with one extra (null) row for classifier-free guidance."""
 
-    def __init__(self, num_classes: int, dim: int, *, rngs: nnx.Rngs):
+    def __init__(self, num_classes: int, dim: int, *, dtype: DType = jnp.float32, rngs: nnx.Rngs):
         self.embedding_table = nnx.Embed(
-            num_classes + 1, dim, embedding_init=nnx.initializers.normal(0.02), rngs=rngs
+            num_classes + 1,
+            dim,
+            dtype=dtype,
+            param_dtype=dtype,
+            embedding_init=nnx.initializers.normal(0.02),
+            rngs=rngs,
         )
 
     def __call__(self, labels: Array) -> Array:
@@ -202,9 +222,9 @@ class LabelEmbedder(nnx.Module):
 class ConditionEmbedder(nnx.Module):
     """``c = MLP(timestep) + E[label]`` (diffusers ``CombinedTimestepLabelEmbeddings``)."""
 
-    def __init__(self, num_classes: int, dim: int, *, rngs: nnx.Rngs):
-        self.timestep_embedder = TimestepEmbedder(dim, rngs=rngs)
-        self.class_embedder = LabelEmbedder(num_classes, dim, rngs=rngs)
+    def __init__(self, num_classes: int, dim: int, *, dtype: DType = jnp.float32, rngs: nnx.Rngs):
+        self.timestep_embedder = TimestepEmbedder(dim, dtype=dtype, rngs=rngs)
+        self.class_embedder = LabelEmbedder(num_classes, dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, timestep: Array, labels: Array) -> Array:
         return self.timestep_embedder(timestep) + self.class_embedder(labels)
@@ -213,9 +233,9 @@ class ConditionEmbedder(nnx.Module):
 class AdaLayerNormZero(nnx.Module):
     """Per-block conditioning -> six modulation vectors (shift/scale/gate for attention, MLP)."""
 
-    def __init__(self, num_classes: int, dim: int, *, rngs: nnx.Rngs):
-        self.emb = ConditionEmbedder(num_classes, dim, rngs=rngs)
-        self.linear = nnx.Linear(dim, 6 * dim, kernel_init=_ZERO, rngs=rngs)
+    def __init__(self, num_classes: int, dim: int, *, dtype: DType = jnp.float32, rngs: nnx.Rngs):
+        self.emb = ConditionEmbedder(num_classes, dim, dtype=dtype, rngs=rngs)
+        self.linear = _linear(dim, 6 * dim, dtype, rngs, kernel_init=_ZERO)
 
     def __call__(self, timestep: Array, labels: Array) -> list[Array]:
         """Returns six ``[N, D]`` arrays: shift/scale/gate (attention), shift/scale/gate (MLP)."""
@@ -225,13 +245,22 @@ class AdaLayerNormZero(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head self-attention with separate q/k/v projections and an output projection."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, bias: bool, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        bias: bool,
+        *,
+        dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         inner = heads * head_dim
         self.heads, self.head_dim = heads, head_dim
-        self.to_q = nnx.Linear(dim, inner, use_bias=bias, rngs=rngs)
-        self.to_k = nnx.Linear(dim, inner, use_bias=bias, rngs=rngs)
-        self.to_v = nnx.Linear(dim, inner, use_bias=bias, rngs=rngs)
-        self.to_out = nnx.Linear(inner, dim, rngs=rngs)
+        self.to_q = _linear(dim, inner, dtype, rngs, use_bias=bias)
+        self.to_k = _linear(dim, inner, dtype, rngs, use_bias=bias)
+        self.to_v = _linear(dim, inner, dtype, rngs, use_bias=bias)
+        self.to_out = _linear(inner, dim, dtype, rngs)
 
     def __call__(self, x: Array) -> Array:
         """``x [N, T, D] -> [N, T, D]``."""
@@ -245,10 +274,10 @@ class Attention(nnx.Module):
 class FeedForward(nnx.Module):
     """``Linear(D, 4D) -> GELU -> Linear(4D, D)``."""
 
-    def __init__(self, dim: int, approximate: bool, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, approximate: bool, *, dtype: DType = jnp.float32, rngs: nnx.Rngs):
         self.approximate = approximate
-        self.proj_in = nnx.Linear(dim, 4 * dim, rngs=rngs)
-        self.proj_out = nnx.Linear(4 * dim, dim, rngs=rngs)
+        self.proj_in = _linear(dim, 4 * dim, dtype, rngs)
+        self.proj_out = _linear(4 * dim, dim, dtype, rngs)
 
     def __call__(self, x: Array) -> Array:
         return self.proj_out(jax.nn.gelu(self.proj_in(x), approximate=self.approximate))
@@ -257,14 +286,15 @@ class FeedForward(nnx.Module):
 class DiTBlock(nnx.Module):
     """Transformer block with adaLN-Zero conditioning (diffusers ``BasicTransformerBlock``)."""
 
-    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: DiTConfig, *, dtype: DType = jnp.float32, rngs: nnx.Rngs):
         dim = config.inner_dim
-        self.norm1 = AdaLayerNormZero(config.num_embeds_ada_norm, dim, rngs=rngs)
+        self.norm1 = AdaLayerNormZero(config.num_embeds_ada_norm, dim, dtype=dtype, rngs=rngs)
         self.attn1 = Attention(
             dim,
             config.num_attention_heads,
             config.attention_head_dim,
             config.attention_bias,
+            dtype=dtype,
             rngs=rngs,
         )
         affine = config.norm_elementwise_affine
@@ -274,9 +304,11 @@ class DiTBlock(nnx.Module):
             use_bias=affine,
             use_scale=affine,
             use_fast_variance=False,
+            dtype=dtype,
+            param_dtype=dtype,
             rngs=rngs,
         )
-        self.ff = FeedForward(dim, _ACTIVATIONS[config.activation_fn], rngs=rngs)
+        self.ff = FeedForward(dim, _ACTIVATIONS[config.activation_fn], dtype=dtype, rngs=rngs)
 
     def __call__(self, x: Array, timestep: Array, labels: Array) -> Array:
         """``x [N, T, D]``, ``timestep [N]``, ``labels [N]`` -> ``[N, T, D]``."""
@@ -290,39 +322,64 @@ class PatchEmbed(nnx.Module):
     """Non-overlapping ``p x p`` patch projection (a strided convolution) plus sincos positions
     rescaled to the training grid of ``base_size`` patches per side (diffusers ``PatchEmbed``)."""
 
-    def __init__(self, in_channels: int, dim: int, patch: int, base_size: int, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        dim: int,
+        patch: int,
+        base_size: int,
+        *,
+        dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.base_size = base_size
         self.proj = nnx.Conv(
-            in_channels, dim, (patch, patch), strides=(patch, patch), padding="VALID", rngs=rngs
+            in_channels,
+            dim,
+            (patch, patch),
+            strides=(patch, patch),
+            padding="VALID",
+            dtype=dtype,
+            param_dtype=dtype,
+            rngs=rngs,
         )
 
     def __call__(self, x: Array) -> Array:
-        """``x [N, C, H, W] -> tokens [N, (H//p)(W//p), D]`` in row-major patch order."""
-        h = self.proj(jnp.transpose(x, (0, 2, 3, 1)))
+        """``x [N, C, H, W] -> tokens [N, (H//p)(W//p), D]`` in row-major patch order (in the
+        layer dtype; the float32 positional table is added in float32)."""
+        h = self.proj(jnp.transpose(x, (0, 2, 3, 1)).astype(self.proj.param_dtype))
         n, gh, gw, d = h.shape
-        pos = sincos_2d(d, gh, gw, self.base_size)
-        return h.reshape(n, gh * gw, d) + jnp.asarray(pos)[None]
+        pos = jnp.asarray(sincos_2d(d, gh, gw, self.base_size))[None]
+        return (h.reshape(n, gh * gw, d).astype(jnp.float32) + pos).astype(h.dtype)
 
 
 class DiT(nnx.Module):
-    """Class-conditional DiT (Peebles & Xie 2023) with diffusers ``DiTTransformer2DModel`` names."""
+    """Class-conditional DiT (Peebles & Xie 2023) with diffusers ``DiTTransformer2DModel`` names.
 
-    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
+    Args:
+        config: the architecture.
+        dtype: parameter and activation dtype (e.g. ``jnp.bfloat16``; timestep features,
+            positional table, layer-norm statistics and softmax stay float32).
+    """
+
+    def __init__(self, config: DiTConfig, *, dtype: DType = jnp.float32, rngs: nnx.Rngs):
         self.config = config
+        self.dtype = dtype
         dim = config.inner_dim
         self.pos_embed = PatchEmbed(
             config.in_channels,
             dim,
             config.patch_size,
             config.sample_size // config.patch_size,
+            dtype=dtype,
             rngs=rngs,
         )
         self.transformer_blocks = nnx.List(
-            [DiTBlock(config, rngs=rngs) for _ in range(config.num_layers)]
+            [DiTBlock(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
         )
-        self.proj_out_1 = nnx.Linear(dim, 2 * dim, kernel_init=_ZERO, rngs=rngs)
+        self.proj_out_1 = _linear(dim, 2 * dim, dtype, rngs, kernel_init=_ZERO)
         patch_out = config.patch_size**2 * config.output_channels
-        self.proj_out_2 = nnx.Linear(dim, patch_out, kernel_init=_ZERO, rngs=rngs)
+        self.proj_out_2 = _linear(dim, patch_out, dtype, rngs, kernel_init=_ZERO)
 
     def __call__(self, x: Array, timestep: Array, class_labels: Array) -> Array:
         """Predict from noisy images.
@@ -332,12 +389,13 @@ class DiT(nnx.Module):
         beyond the last whole patch are dropped by the strided patch convolution.
 
         Args:
-            x: ``[N, C, H, W]`` float32 with ``H // p == W // p >= 1`` (``p`` the patch size).
+            x: ``[N, C, H, W]`` with ``H // p == W // p >= 1`` (``p`` the patch size).
             timestep: ``[N]`` (or scalar) diffusers timestep, float.
             class_labels: ``[N]`` (or scalar) int labels; ``config.null_class`` = unconditional.
 
         Returns:
-            ``[N, out_channels, (H // p) p, (W // p) p]``.
+            ``[N, out_channels, (H // p) p, (W // p) p]`` in ``x.dtype`` (computed in the model
+            dtype).
 
         Raises:
             ValueError: naming the size, for an input smaller than one patch or a non-square
@@ -359,7 +417,8 @@ class DiT(nnx.Module):
         cond = self.transformer_blocks[0].norm1.emb(timestep, labels)
         shift, scale = jnp.split(self.proj_out_1(jax.nn.silu(cond)), 2, axis=-1)
         h = self.proj_out_2(_modulate(_layer_norm(h, 1e-6), shift, scale))
-        return _unpatchify(h, height // p, width // p, p, self.config.output_channels)
+        out = _unpatchify(h, height // p, width // p, p, self.config.output_channels)
+        return out.astype(x.dtype)
 
 
 def _unpatchify(h: Array, grid_h: int, grid_w: int, p: int, channels: int) -> Array:
@@ -390,27 +449,33 @@ def _torch_key(dotted: str) -> str:
     )
 
 
-def init_dit(config: DiTConfig, key: Array | int = 0) -> DiT:
+def init_dit(config: DiTConfig, key: Array | int = 0, *, dtype: DType = jnp.float32) -> DiT:
     """A freshly initialised DiT for training: adaLN-Zero init as in Peebles & Xie 2023 (zero
     modulation and output layers, so every block starts as the identity and the output is 0),
     label table ~ N(0, 0.02^2), other kernels LeCun-normal. Initialisation runs jitted."""
-    return _jit_init(config, jax.random.key(key) if isinstance(key, int) else key)
+    key = jax.random.key(key) if isinstance(key, int) else key
+    return _jit_init(config, jnp.dtype(dtype), key)
 
 
-@functools.partial(nnx.jit, static_argnums=0)
-def _jit_init(config: DiTConfig, key: Array) -> DiT:
-    return DiT(config, rngs=nnx.Rngs(key))
+@functools.partial(nnx.jit, static_argnums=(0, 1))
+def _jit_init(config: DiTConfig, dtype: DType, key: Array) -> DiT:
+    return DiT(config, dtype=dtype, rngs=nnx.Rngs(key))
 
 
-def load_dit(path: str | Path) -> tuple[DiTConfig, DiT]:
+def load_dit(path: str | Path, *, dtype: DType = jnp.float32) -> tuple[DiTConfig, DiT]:
     """Load a diffusers DiT folder (``config.json`` + ``diffusion_pytorch_model.safetensors``).
+
+    Args:
+        path: the folder.
+        dtype: parameter and activation dtype (e.g. ``jnp.bfloat16``); the weights are cast to
+            it whatever the file stores.
 
     Raises:
         ValueError: naming the tensor when the weights do not match the config.
     """
     config = DiTConfig.from_dict(ckpt.read_config(path, DiTConfig, required=("patch_size",)))
-    abstract = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
-    return config, ckpt.load_state(abstract, ckpt.load_tensors(path), _torch_key)
+    abstract = nnx.eval_shape(lambda: DiT(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    return config, ckpt.load_state(abstract, ckpt.load_tensors(path), _torch_key, dtype=dtype)
 
 
 def save_dit(path: str | Path, config: DiTConfig, model: DiT) -> None:

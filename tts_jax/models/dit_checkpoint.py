@@ -93,24 +93,29 @@ def read_config(
     return checkpoint.read_config(folder, loader, check, schema=config_cls, required=required)
 
 
-def load_state(abstract_model: nnx.Module, tensors: dict[str, np.ndarray], key_fn: KeyFn):
+def load_state(
+    abstract_model: nnx.Module,
+    tensors: dict[str, np.ndarray],
+    key_fn: KeyFn,
+    *,
+    dtype: Any = jnp.float32,
+):
     """Fill an (abstract, e.g. ``nnx.eval_shape``) model with PyTorch-layout tensors.
 
     Args:
         abstract_model: the module whose parameter shapes define what must be present.
         tensors: PyTorch state dict (key -> array), e.g. :func:`load_tensors`.
         key_fn: per-model renames applied to the dotted NNX path.
+        dtype: parameter dtype every tensor is cast to (the model's dtype, e.g. bfloat16).
 
     Returns:
-        The populated module (float32 parameters).
+        The populated module (parameters in ``dtype``).
 
     Raises:
         TensorMismatchError: a ``ValueError`` naming every missing, mis-shaped or unused tensor
             (and the file, for a :class:`~tts_jax.models.checkpoint.TensorFile`).
     """
-    return checkpoint.load_params(
-        abstract_model, tensors, diffusers_layout(key_fn), dtype=jnp.float32
-    )
+    return checkpoint.load_params(abstract_model, tensors, diffusers_layout(key_fn), dtype=dtype)
 
 
 def export_state(model: nnx.Module, key_fn: KeyFn) -> dict[str, np.ndarray]:

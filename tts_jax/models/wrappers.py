@@ -313,16 +313,22 @@ def decode_images(vae_params: tuple[nnx.GraphDef, nnx.State], latents: Array) ->
     """Scaled latents ``[N, L, h, w]`` -> images ``[N, 3, H, W]`` in ``[0, 1]`` (pure, jittable).
 
     ``vae_params = nnx.split(vae)``; undoes the VAE scaling factor (see ``tts_jax.models.vae``).
+    The images are in ``latents.dtype`` whatever the VAE's dtype.
     """
     graphdef, state = vae_params
-    images = nnx.merge(graphdef, state).decode_latents(latents)
+    vae = nnx.merge(graphdef, state)
+    images = vae.decode_latents(latents.astype(vae.dtype)).astype(latents.dtype)
     return jnp.clip(images * 0.5 + 0.5, 0.0, 1.0)
 
 
 def load_ddpm_dit_pipeline(
-    path: str | Path, *, guided: bool = True, guidance: float = 4.0
+    path: str | Path, *, guided: bool = True, guidance: float = 4.0, dtype: Any = jnp.float32
 ) -> tuple[FlowModel, tuple[nnx.GraphDef, nnx.State] | None]:
     """Load a diffusers DiT pipeline folder (``transformer/``, ``scheduler/``, optional ``vae/``).
+
+    ``dtype`` is the networks' parameter and activation dtype (e.g. ``jnp.bfloat16``); the flow's
+    velocity and the decoded images keep the dtype of their inputs (float32 particles stay
+    float32).
 
     Returns:
         ``(flow model on the DDPM interpolant, vae_params for decode_images or None)``.
@@ -342,7 +348,8 @@ def load_ddpm_dit_pipeline(
                 "transformer/, scheduler/ and optionally vae/)"
             )
     scheduler = require_file(path / "scheduler", "scheduler_config.json", loader)
-    _, dit = load_dit(path / "transformer")
+    _, dit = load_dit(path / "transformer", dtype=dtype)
     interp = DDPMInterpolant.from_scheduler_config(scheduler)
-    vae_params = nnx.split(load_vae(path / "vae")[1]) if (path / "vae").exists() else None
+    has_vae = (path / "vae").exists()
+    vae_params = nnx.split(load_vae(path / "vae", dtype=dtype)[1]) if has_vae else None
     return ddpm_dit_flow(dit, interp, guided=guided, guidance=guidance), vae_params
