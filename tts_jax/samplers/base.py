@@ -169,6 +169,6 @@ def _run_until_done(state, step_keys, sampler, params):
 def float32(x: Any) -> Any:
     """``x`` as a float32 array for a params pytree: NumPy for host values (no device op when
     the params are built), ``jnp`` for JAX arrays (traced values included)."""
-    if isinstance(x, jax.Array):
-        return jnp.asarray(x, jnp.float32)
+    if isinstance(x, jax.Array):  # no dispatch (~15 us on CPU) when it is float32 already
+        return x if x.dtype == jnp.float32 else x.astype(jnp.float32)
     return np.asarray(x, np.float32)

@@ -10,6 +10,7 @@ Non-finite numeric hyper-parameters are an error at the call, before tracing.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -194,7 +195,11 @@ def check_finite_hyperparameters(method: str, values: Mapping[str, Any]) -> None
         if value is None or isinstance(value, jax.core.Tracer):
             continue
         arr = np.asarray(value)
-        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+        if arr.dtype.kind not in "fc":
+            continue
+        # math.isfinite for scalars: a third of np.isfinite(...).all()'s cost, paid per call
+        finite = math.isfinite(abs(arr.item())) if arr.ndim == 0 else np.isfinite(arr).all()
+        if not finite:
             shown = arr.item() if arr.ndim == 0 else arr.tolist()
             raise ValueError(f"{method}: {name} must be finite, got {shown}")
 
@@ -228,9 +233,16 @@ def check_finite_rewards(
     """
     if nan_policy == "drop":
         return result
-    nan, inf = jax.device_get((result.info.num_nan, result.info.num_inf))  # one transfer
+    nan, inf = to_host(result.info.num_nan, result.info.num_inf)
     raise_for_invalid_rewards(method, reward, int(nan), int(inf))
     return result
+
+
+def to_host(*arrays: Any) -> tuple[np.ndarray, ...]:
+    """Host copies of a finished run's arrays (e.g. the scalars a check reads), one
+    ``np.asarray`` each: on CPU ~5 us per scalar, where ``jax.device_get`` of the tuple spends
+    ~60 us in its tree and async-copy machinery, a visible part of a sub-millisecond run."""
+    return tuple(np.asarray(a) for a in arrays)
 
 
 def raise_for_invalid_rewards(method: str, reward: Any, nan: int, inf: int) -> None:

@@ -71,6 +71,7 @@ from tts_jax.samplers.result import (
     mask_invalid_rewards,
     raise_for_invalid_rewards,
     reward_name,
+    to_host,
 )
 
 Array = jax.Array
@@ -573,10 +574,7 @@ def check_fk_result(result: Result, method: str, reward: Reward, nan_policy: str
     Raises:
         ValueError: as above, naming ``method``, the reward and the first step concerned.
     """
-    # One device-to-host transfer for the three scalars the checks read.
-    nan, inf, log_z = jax.device_get(
-        (result.info.num_nan, result.info.num_inf, result.log_evidence)
-    )
+    nan, inf, log_z = to_host(result.info.num_nan, result.info.num_inf, result.log_evidence)
     nan, inf, log_z = int(nan), int(inf), float(log_z)
     if nan_policy != "drop":
         raise_for_invalid_rewards(method, reward, nan, inf)
