@@ -16,6 +16,11 @@ A checkpoint is a folder with ``config.json`` (the :class:`ClassifierConfig` fie
 ``convs.0.kernel``; kernels in Flax layout: conv ``[kh, kw, in, out]``, dense ``[in, out]``: the
 :data:`~tts_jax.models.checkpoint.IDENTITY` layout), read and written by
 :mod:`tts_jax.models.checkpoint` (docs/design.md, "Models we ship").
+
+Precision: a module built or loaded with ``dtype=jnp.bfloat16`` holds bfloat16 parameters and
+computes in bfloat16; its outputs (logits and features) are returned in float32, so rewards
+built on them (log-probabilities, distances) are computed in float32 (docs/precision.md).
+Checkpoints are stored in float32 whatever the dtype they are loaded in.
 """
 
 from __future__ import annotations
@@ -88,51 +93,60 @@ class ClassifierConfig:
         return cls(**d)
 
 
+def _outputs(logits: Array, features: Array) -> tuple[Array, Array]:
+    """The module outputs in float32 (computed in the module dtype)."""
+    return logits.astype(jnp.float32), features.astype(jnp.float32)
+
+
 class CNN(nnx.Module):
     """Conv stages -> flatten -> dense features -> logits (see module docstring)."""
 
-    def __init__(self, config: ClassifierConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ClassifierConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         c, h, w = config.image_shape
         widths = (c, *config.hidden)
         pairs = zip(widths[:-1], widths[1:], strict=True)
-        self.convs = nnx.List([nnx.Conv(a, b, (3, 3), padding="SAME", rngs=rngs) for a, b in pairs])
+        typed = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.convs = nnx.List([nnx.Conv(a, b, (3, 3), padding="SAME", **typed) for a, b in pairs])
         factor = 2 ** (len(config.hidden) - 1)
         pooled = (h // factor) * (w // factor)
-        self.feature = nnx.Linear(pooled * config.hidden[-1], config.features, rngs=rngs)
-        self.head = nnx.Linear(config.features, config.num_classes, rngs=rngs)
+        self.feature = nnx.Linear(pooled * config.hidden[-1], config.features, **typed)
+        self.head = nnx.Linear(config.features, config.num_classes, **typed)
 
     def __call__(self, x: Array) -> tuple[Array, Array]:
-        h = jnp.transpose(x, (0, 2, 3, 1))  # NCHW -> NHWC
+        """``x [N, C, H, W]`` (any float dtype) -> float32 ``(logits, features)``."""
+        h = jnp.transpose(x, (0, 2, 3, 1)).astype(self.head.param_dtype)  # NCHW -> NHWC
         for i, conv in enumerate(self.convs):
             if i > 0:
                 h = nnx.avg_pool(h, (2, 2), strides=(2, 2))
             h = nnx.gelu(conv(h))
         features = nnx.gelu(self.feature(h.reshape(h.shape[0], -1)))
-        return self.head(features), features
+        return _outputs(self.head(features), features)
 
 
 class MLP(nnx.Module):
     """Flatten -> dense GELU layers -> dense features -> logits (see module docstring)."""
 
-    def __init__(self, config: ClassifierConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ClassifierConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         widths = (math.prod(config.image_shape), *config.hidden)
         pairs = zip(widths[:-1], widths[1:], strict=True)
-        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in pairs])
-        self.feature = nnx.Linear(widths[-1], config.features, rngs=rngs)
-        self.head = nnx.Linear(config.features, config.num_classes, rngs=rngs)
+        typed = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([nnx.Linear(a, b, **typed) for a, b in pairs])
+        self.feature = nnx.Linear(widths[-1], config.features, **typed)
+        self.head = nnx.Linear(config.features, config.num_classes, **typed)
 
     def __call__(self, x: Array) -> tuple[Array, Array]:
-        h = x.reshape(x.shape[0], -1)
+        """``x [N, C, H, W]`` (any float dtype) -> float32 ``(logits, features)``."""
+        h = x.reshape(x.shape[0], -1).astype(self.head.param_dtype)
         for layer in self.layers:
             h = nnx.gelu(layer(h))
         features = nnx.gelu(self.feature(h))
-        return self.head(features), features
+        return _outputs(self.head(features), features)
 
 
-def build_module(config: ClassifierConfig, seed: int = 0) -> CNN | MLP:
-    """A freshly initialized NNX module for ``config``."""
+def build_module(config: ClassifierConfig, seed: int = 0, *, dtype: Any = jnp.float32) -> CNN | MLP:
+    """A freshly initialized NNX module for ``config`` (parameters and compute in ``dtype``)."""
     cls = CNN if config.architecture == "cnn" else MLP
-    return cls(config, rngs=nnx.Rngs(seed))
+    return cls(config, dtype=dtype, rngs=nnx.Rngs(seed))
 
 
 @struct.dataclass
@@ -143,7 +157,7 @@ class Classifier:
     serves any weights.
 
     Attributes:
-        params: nested dict of float32 weight arrays (``nnx.to_pure_dict`` layout).
+        params: nested dict of weight arrays in the module dtype (``nnx.to_pure_dict`` layout).
         graphdef: the NNX graph definition (static).
         config: the architecture (static).
     """
@@ -182,15 +196,19 @@ def save_classifier(path: str | Path, config: ClassifierConfig, model: CNN | MLP
     checkpoint.save_folder(path, config.to_dict(), tensors, WEIGHTS_NAME)
 
 
-def load_classifier(path: str | Path, *, loader: str = "load_classifier") -> Classifier:
+def load_classifier(
+    path: str | Path, *, loader: str = "load_classifier", dtype: Any = jnp.float32
+) -> Classifier:
     """Load a folder written by :func:`save_classifier`.
 
     Args:
         path: the checkpoint folder (``config.json`` + ``model.safetensors``).
         loader: the name the error messages start with.
+        dtype: parameter and compute dtype (the float32 tensors are cast to it; the outputs
+            stay float32).
 
     Returns:
-        :class:`Classifier` with float32 weights.
+        :class:`Classifier` with weights in ``dtype``.
 
     Raises:
         FileNotFoundError: the folder, its ``config.json`` or its ``model.safetensors`` is missing.
@@ -204,4 +222,8 @@ def load_classifier(path: str | Path, *, loader: str = "load_classifier") -> Cla
     tensors = checkpoint.read_tensors(path, loader, WEIGHTS_NAME)
     abstract = nnx.eval_shape(lambda: build_module(config))
     module = checkpoint.load_params(abstract, tensors, checkpoint.IDENTITY, strict_dtype=True)
+    if jnp.dtype(dtype) != jnp.float32:  # the file is checked as float32, then cast
+        typed = nnx.eval_shape(lambda: build_module(config, dtype=dtype))
+        state = jax.tree.map(lambda v: v.astype(dtype), nnx.state(module))
+        module = nnx.merge(nnx.graphdef(typed), state)
     return to_classifier(config, module)

@@ -81,9 +81,11 @@ def hidden_states(
 
 
 def lm_logits(model: LM, hidden: Array) -> Array:
-    """Output projection ``hidden [..., hidden_size] -> float32 logits [..., vocab]``."""
-    head = model.model.embed_tokens.attend if model.lm_head is None else model.lm_head
-    return head(hidden).astype(jnp.float32)
+    """Output projection ``hidden [..., hidden_size] -> float32 logits [..., vocab]``, accumulated
+    in float32 whatever the model dtype (a bfloat16 logit of size 20 would be rounded to a
+    multiple of 0.125, visible in the sampling probabilities)."""
+    head = model.model.embed_tokens if model.lm_head is None else model.lm_head
+    return jnp.einsum("...h,vh->...v", hidden, head.weight[...], preferred_element_type=jnp.float32)
 
 
 def forward(

@@ -10,6 +10,11 @@ under its transformers name and PyTorch shape (``Linear.weight`` is ``[out, in]`
 
 The modules hold parameters only; the forward pass over a KV cache is the pure function
 :func:`tts_jax.models.lm.generation.hidden_states` (see docs/design.md, "Models we ship").
+
+Precision: parameters, activations and the residual stream are in the model ``dtype`` (e.g.
+``bfloat16``, as transformers runs a bfloat16 checkpoint); RMSNorm statistics, attention scores
+and softmax, the rotary tables and the rotation itself are float32, and the logits are
+accumulated in float32 (docs/precision.md).
 """
 
 from __future__ import annotations
@@ -201,8 +206,11 @@ def _rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, 
 
 
 def _apply_rope(x: Array, rope: tuple[Array, Array]) -> Array:
-    """Rotates ``x: [N, T, heads, head_dim]`` by the half-split convention of transformers."""
-    cos, sin = (r[:, :, None, :].astype(x.dtype) for r in rope)
-    x1, x2 = jnp.split(x, 2, axis=-1)
+    """Rotates ``x: [N, T, heads, head_dim]`` by the half-split convention of transformers, in
+    float32 with the float32 tables (transformers rounds the tables to a bfloat16 model's dtype
+    first; rotating in float32 rounds once instead of three times), result in ``x.dtype``."""
+    xf = x.astype(jnp.float32)
+    cos, sin = (r[:, :, None, :].astype(jnp.float32) for r in rope)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x * _bcast(cos, x) + rotated * _bcast(sin, x)
+    return (xf * _bcast(cos, xf) + rotated * _bcast(sin, xf)).astype(x.dtype)
