@@ -1,7 +1,9 @@
-"""The T5 encoder (Raffel et al. 2020) in Flax NNX, read from transformers folders.
+"""The T5 encoder (Raffel et al. 2020) and UMT5 encoder (Chung et al. 2023, "UniMax") in Flax
+NNX, read from transformers folders.
 
 This is the long-prompt text encoder of the SD3 and FLUX pipelines (T5 v1.1 XXL:
-``feed_forward_proj = "gated-gelu"``, Shazeer 2020 "GLU Variants"); the original T5's ReLU
+``feed_forward_proj = "gated-gelu"``, Shazeer 2020 "GLU Variants") and of Wan 2.1 (UMT5-XXL,
+transformers' ``UMT5EncoderModel``, ``model_type = "umt5"``); the original T5's ReLU
 feed-forward is supported too. What the pipelines read is ``last_hidden_state``
 (:class:`T5EncoderOutput`).
 
@@ -14,7 +16,9 @@ norm. T5 specifics:
 - positions enter only through a learned relative position bias: relative distances are binned
   into ``relative_attention_num_buckets`` log-spaced buckets (exact up to half the buckets, then
   logarithmic up to ``relative_attention_max_distance``, one bucket set per direction), and the
-  bias table of the **first** block's attention is added to the scores of every block.
+  bias table of the **first** block's attention is added to the scores of every block. UMT5
+  differs only there: every block's attention has a bias table of its own
+  (:attr:`T5Config.position_bias_per_layer`, set from ``model_type = "umt5"``).
 
 Parameters keep transformers' names and PyTorch shapes (``Linear.weight`` is ``[out, in]``), so
 loading is a name-for-name copy (:mod:`tts_jax.models.checkpoint`; docs/design.md, "Models we
@@ -55,7 +59,7 @@ from tts_jax.models.lm.modules import Embedding, Linear
 
 Array = jax.Array
 
-SUPPORTED_MODEL_TYPES = ("t5", "mt5")
+SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5")
 T5_ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
 
 
@@ -72,6 +76,9 @@ class T5Config:
         feed_forward_proj: ``"<act>"`` or ``"gated-<act>"`` with ``<act>`` in
             :data:`T5_ACTIVATIONS`; ``"gated-gelu"`` means the tanh GELU (``gelu_new``), as in
             transformers.
+        position_bias_per_layer: every block has its own relative position bias table (UMT5;
+            not a transformers key: :meth:`from_hf_dict` sets it from ``model_type``); ``False``
+            is T5's single table in the first block, shared by all.
     """
 
     vocab_size: int = 32128
@@ -84,6 +91,7 @@ class T5Config:
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "relu"
+    position_bias_per_layer: bool = False
 
     def __post_init__(self):
         self.activation  # noqa: B018 - validates feed_forward_proj
@@ -130,8 +138,9 @@ class T5Config:
                 f"unsupported model_type {d.get('model_type')!r}; expected one of "
                 f"{SUPPORTED_MODEL_TYPES}"
             )
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        names = {f.name for f in dataclasses.fields(cls)} - {"position_bias_per_layer"}
+        fields = {k: v for k, v in d.items() if k in names and v is not None}
+        return cls(**fields, position_bias_per_layer=d["model_type"] == "umt5")
 
 
 T5_CONFIG_TYPES: dict[str, Any] = {
@@ -188,7 +197,8 @@ def relative_position_buckets(
 
 class T5Attention(nnx.Module):
     """Bias-free, unscaled multi-head self-attention (``q``, ``k``, ``v``, ``o``); the first
-    block's also holds ``relative_attention_bias: [num_buckets, num_heads]``."""
+    block's (UMT5: every block's) also holds ``relative_attention_bias: [num_buckets,
+    num_heads]``."""
 
     def __init__(self, config: T5Config, *, has_bias: bool, rngs: nnx.Rngs, dtype: Any):
         c = config
@@ -291,7 +301,12 @@ class T5Stack(nnx.Module):
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs, dtype: Any):
         self.block = nnx.List(
             [
-                T5Block(config, has_bias=i == 0, rngs=rngs, dtype=dtype)
+                T5Block(
+                    config,
+                    has_bias=config.position_bias_per_layer or i == 0,
+                    rngs=rngs,
+                    dtype=dtype,
+                )
                 for i in range(config.num_layers)
             ]
         )
@@ -339,14 +354,22 @@ def t5_encoder_apply(
     config, dtype = model.config, jnp.dtype(model.dtype)
     input_ids = jnp.asarray(input_ids)
     b, t = input_ids.shape
-    first = model.encoder.block[0].layer[0].SelfAttention
-    bias = jnp.broadcast_to(first.position_bias(config, t)[None], (b, config.num_heads, t, t))
-    if attention_mask is not None:
+    shape = (b, config.num_heads, t, t)
+
+    def scores_bias(block: T5Block) -> Array:
+        """``float32[B, heads, T, T]``: the block's position bias plus the padding mask."""
+        table = block.layer[0].SelfAttention.position_bias(config, t)
+        bias = jnp.broadcast_to(table[None], shape)
+        if attention_mask is None:
+            return bias
         keys = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
-        bias = jnp.where(jnp.broadcast_to(keys, bias.shape), bias, jnp.finfo(jnp.float32).min)
+        return jnp.where(jnp.broadcast_to(keys, shape), bias, jnp.finfo(jnp.float32).min)
+
+    shared_bias = None if config.position_bias_per_layer else scores_bias(model.encoder.block[0])
     h = model.shared(input_ids).astype(jnp.float32)
     states = [h]
     for block in model.encoder.block:
+        bias = scores_bias(block) if shared_bias is None else shared_bias
         states.append(block(states[-1], bias, dtype))
     last = model.encoder.final_layer_norm(states[-1], dtype)
     return T5EncoderOutput(last, (*states[:-1], last))
@@ -360,8 +383,9 @@ _SKIPPED_PREFIXES = ("decoder.", "lm_head.")
 def load_t5_encoder(
     path: str | Path, dtype: Any = jnp.float32, *, loader: str = "load_t5_encoder"
 ) -> T5EncoderModel:
-    """Loads a T5 encoder from a transformers folder (``T5EncoderModel``, or the encoder of a
-    ``T5ForConditionalGeneration`` / ``T5Model``; ``model_type`` ``"t5"`` or ``"mt5"``).
+    """Loads a T5 encoder from a transformers folder (``T5EncoderModel`` / ``UMT5EncoderModel``,
+    or the encoder of a ``T5ForConditionalGeneration`` / ``T5Model`` and their UMT5 twins;
+    ``model_type`` ``"t5"``, ``"mt5"`` or ``"umt5"``).
 
     Args:
         path: folder with ``config.json`` and ``model.safetensors`` (or its shards).
