@@ -1,0 +1,350 @@
+"""Tensor-parallel partition tables of the shipped transformers (docs/design.md "Scale-out").
+
+One table per architecture says, for every weight of the model, which of its axes is split over
+the ``model`` axis of a device mesh (:func:`tts_jax.sharding.mesh`); :func:`shard_model` places
+an NNX module (or its state) with those ``NamedSharding`` s, so no device holds a full copy of a
+sharded weight, and :func:`load_sharded` loads a checkpoint into that layout. The particle axis
+of the same mesh is for the particles (:func:`tts_jax.sharding.constrain_particles`); the
+weights are replicated over it.
+
+The split is Megatron-style tensor parallelism (Shoeybi et al. 2019, "Megatron-LM"): in every
+attention block the query / key / value projections are *column-parallel* (their output
+features, i.e. whole heads, are split), the output projection is *row-parallel* (its input
+features are split and the partial products are summed across the axis); in every MLP the up /
+gate projections are column-parallel and the down projection row-parallel. A device therefore
+computes its own heads and its own slice of the hidden MLP features from replicated activations,
+and one all-reduce per block joins them. The adaLN modulation heads of the diffusion
+transformers (``6 D x D`` per block, as large as the attention) are row-parallel: their output
+is a small ``[N, k D]`` vector, so the all-reduce is cheap. Token embeddings and the LM head are
+split over the vocabulary (for Qwen2 the vocabulary matrix is a quarter of a 0.5B model). Small
+parameters (norm scales, biases of row-parallel layers, patch embeddings, final projections to
+pixels) are replicated.
+
+A table is a value (:class:`PartitionTable`): ordered rules ``(regex on the dotted NNX path,
+spec)``, the first match wins and an unmatched parameter is replicated; plus the counts that
+must divide the model-axis size (the head counts), checked with a named error before anything
+is placed. The placement itself never changes a result: the compiled program is the same
+computation on a different layout, and XLA inserts the collectives (outputs equal the
+unsharded ones up to float reassociation of the row-parallel sums,
+``tests/test_model_sharding.py``).
+
+Tables are looked up from the module's class (:func:`partition_table`); build your own
+:class:`PartitionTable` for a new architecture.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tts_jax.sharding import MODEL_AXIS
+
+M = MODEL_AXIS  # shorthand in the tables below
+
+
+class Rule(NamedTuple):
+    """One line of a table.
+
+    Attributes:
+        pattern: regular expression matched in full against the parameter's dotted NNX path
+            (``"model.layers.0.self_attn.q_proj.weight"``).
+        spec: per array axis, :data:`MODEL_AXIS` (split over the model axis) or ``None``.
+    """
+
+    pattern: str
+    spec: tuple[str | None, ...]
+
+
+class PartitionTable(NamedTuple):
+    """How one architecture's weights split over the model axis.
+
+    Attributes:
+        name: the architecture (for messages).
+        rules: ordered :class:`Rule` s; the first whose pattern matches a path gives its spec,
+            a parameter no rule matches is replicated.
+        divisible: ``(what, count)`` pairs that must be multiples of the model-axis size (head
+            counts: a head is never split across devices).
+    """
+
+    name: str
+    rules: tuple[Rule, ...]
+    divisible: tuple[tuple[str, int], ...] = ()
+
+    def spec(self, path: str, ndim: int) -> PartitionSpec:
+        """The spec of the parameter at dotted ``path`` with ``ndim`` axes."""
+        for rule in self.rules:
+            if re.fullmatch(rule.pattern, path):
+                if len(rule.spec) != ndim:
+                    raise ValueError(
+                        f"{self.name} partition table: rule {rule.pattern!r} gives "
+                        f"{len(rule.spec)} axes for parameter {path!r} with {ndim}"
+                    )
+                return PartitionSpec(*rule.spec)
+        return PartitionSpec()
+
+
+def _column(prefix: str) -> tuple[Rule, ...]:
+    """A Flax ``nnx.Linear`` (kernel ``[in, out]``) split over its output features."""
+    return (Rule(prefix + r"\.kernel", (None, M)), Rule(prefix + r"\.bias", (M,)))
+
+
+def _row(prefix: str) -> tuple[Rule, ...]:
+    """A Flax ``nnx.Linear`` split over its input features (its bias is replicated)."""
+    return (Rule(prefix + r"\.kernel", (M, None)),)
+
+
+# --------------------------------------------------------------------------- the tables
+
+
+def lm_table(config: Any, *, shard_vocab: bool = True) -> PartitionTable:
+    """Qwen2 / Llama (:mod:`tts_jax.models.lm.modules`; PyTorch layout, ``weight [out, in]``).
+
+    Column-parallel ``q/k/v_proj`` and ``gate/up_proj``, row-parallel ``o_proj`` and
+    ``down_proj``, and (``shard_vocab``) the embedding and LM head split over the vocabulary
+    (``False`` replicates them, for a vocabulary the axis does not divide). Applies to anything
+    with a :class:`~tts_jax.models.lm.modules.Backbone` (reward heads included).
+    """
+    rules = (
+        Rule(r"(.*\.)?self_attn\.[qkv]_proj\.weight", (M, None)),
+        Rule(r"(.*\.)?self_attn\.[qkv]_proj\.bias", (M,)),
+        Rule(r"(.*\.)?self_attn\.o_proj\.weight", (None, M)),
+        Rule(r"(.*\.)?mlp\.(gate|up)_proj\.weight", (M, None)),
+        Rule(r"(.*\.)?mlp\.(gate|up)_proj\.bias", (M,)),
+        Rule(r"(.*\.)?mlp\.down_proj\.weight", (None, M)),
+    )
+    if shard_vocab:
+        rules += (
+            Rule(r"(.*\.)?embed_tokens\.weight", (M, None)),
+            Rule(r"(.*\.)?lm_head\.weight", (M, None)),
+        )
+    return PartitionTable(
+        "Qwen2/Llama",
+        rules,
+        (
+            ("num_attention_heads", config.num_attention_heads),
+            ("num_key_value_heads", config.num_key_value_heads),
+        ),
+    )
+
+
+def dit_table(config: Any) -> PartitionTable:
+    """DiT (:mod:`tts_jax.models.dit`; Flax kernels ``[in, out]``).
+
+    Per block: column-parallel ``to_q/k/v`` and ``ff.proj_in``, row-parallel ``to_out`` and
+    ``ff.proj_out``; the adaLN head ``norm1.linear`` and ``proj_out_1`` row-parallel; the
+    per-block timestep MLP split as a column/row pair and the class table over its features.
+    """
+    rules = (
+        *_column(r"(.*\.)?attn1\.to_[qkv]"),
+        *_row(r"(.*\.)?attn1\.to_out"),
+        *_column(r"(.*\.)?ff\.proj_in"),
+        *_row(r"(.*\.)?ff\.proj_out"),
+        *_row(r"(.*\.)?norm1\.linear"),
+        *_column(r"(.*\.)?timestep_embedder\.linear_1"),
+        *_row(r"(.*\.)?timestep_embedder\.linear_2"),
+        Rule(r"(.*\.)?class_embedder\.embedding_table\.embedding", (None, M)),
+        *_row(r"proj_out_1"),
+    )
+    return PartitionTable("DiT", rules, (("num_attention_heads", config.num_attention_heads),))
+
+
+def _mmdit_rules() -> tuple[Rule, ...]:
+    """The blocks shared by SD3 and FLUX (:mod:`tts_jax.models.mmdit_layers`)."""
+    return (
+        *_column(r"(.*\.)?attn2?\.(to_[qkv]|add_[qkv]_proj)"),
+        *_row(r"(.*\.)?attn2?\.(to_out|to_add_out)"),
+        *_column(r"(.*\.)?ff(_context)?\.proj_in"),
+        *_row(r"(.*\.)?ff(_context)?\.proj_out"),
+        *_row(r"(.*\.)?norm(1|1_context|_out)?\.linear"),
+        *_column(r"time_text_embed\.\w+\.linear_1"),
+        *_row(r"time_text_embed\.\w+\.linear_2"),
+        *_row(r"context_embedder"),
+    )
+
+
+def mmdit_table(config: Any, name: str = "MMDiT") -> PartitionTable:
+    """SD3 / SD3.5 (:mod:`tts_jax.models.sd3`) and the shared MMDiT blocks: column-parallel
+    ``to_q/k/v``, ``add_q/k/v_proj`` and ``ff(_context).proj_in``, row-parallel ``to_out``,
+    ``to_add_out``, ``ff(_context).proj_out``, the adaLN heads and the text ``context_embedder``;
+    the conditioning MLPs as column/row pairs."""
+    return PartitionTable(
+        name, _mmdit_rules(), (("num_attention_heads", config.num_attention_heads),)
+    )
+
+
+def flux_table(config: Any) -> PartitionTable:
+    """FLUX (:mod:`tts_jax.models.flux`): :func:`mmdit_table` plus the single-stream blocks
+    (column-parallel ``proj_mlp``, row-parallel ``proj_out`` over the concatenated attention and
+    MLP features)."""
+    rules = (
+        *_column(r"single_transformer_blocks\.\d+\.proj_mlp"),
+        *_row(r"single_transformer_blocks\.\d+\.proj_out"),
+        *_mmdit_rules(),
+    )
+    return PartitionTable("FLUX", rules, (("num_attention_heads", config.num_attention_heads),))
+
+
+def _registry() -> dict[type, Callable[[Any], PartitionTable]]:
+    from tts_jax.models.dit import DiT
+    from tts_jax.models.flux import FluxTransformer
+    from tts_jax.models.lm.modules import LM
+    from tts_jax.models.sd3 import SD3Transformer
+
+    return {
+        LM: lm_table,
+        DiT: dit_table,
+        FluxTransformer: flux_table,
+        SD3Transformer: lambda c: mmdit_table(c, "SD3"),
+    }
+
+
+def partition_table(module: nnx.Module) -> PartitionTable:
+    """The table of a shipped architecture, from the module's class and ``config``.
+
+    Raises:
+        ValueError: naming the class, for a module without a shipped table.
+    """
+    for cls, make in _registry().items():
+        if isinstance(module, cls):
+            return make(module.config)
+    names = ", ".join(sorted(c.__name__ for c in _registry()))
+    raise ValueError(
+        f"no partition table for {type(module).__name__} (tables ship for {names}); pass a "
+        "PartitionTable"
+    )
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def _model_size(mesh: Mesh) -> int:
+    if MODEL_AXIS not in mesh.shape:
+        raise ValueError(f"the mesh has axes {tuple(mesh.shape)}, no {MODEL_AXIS!r} axis")
+    return mesh.shape[MODEL_AXIS]
+
+
+def check_table(table: PartitionTable, mesh: Mesh) -> None:
+    """Raises a ``ValueError`` naming the count when one of ``table.divisible`` is not a
+    multiple of the mesh's model-axis size."""
+    size = _model_size(mesh)
+    for what, count in table.divisible:
+        if count % size:
+            raise ValueError(
+                f"{table.name}: {what}={count} is not divisible by the {size} devices of mesh "
+                f"axis {MODEL_AXIS!r} (heads are split whole over the model axis)"
+            )
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def state_shardings(
+    state: nnx.State, mesh: Mesh, table: PartitionTable
+) -> dict[str, NamedSharding]:
+    """The ``NamedSharding`` of every variable of ``state``, by dotted path, checked.
+
+    Raises:
+        ValueError: a head count the model axis does not divide (:func:`check_table`), or a
+            split axis of a parameter whose size the model axis does not divide (naming the
+            parameter, its shape and the axis).
+    """
+    check_table(table, mesh)
+    size = _model_size(mesh)
+    out = {}
+    for path, var in nnx.to_flat_state(state):
+        name, shape = _dotted(path), tuple(np.shape(var.get_value()))
+        spec = table.spec(name, len(shape))
+        for axis, part in enumerate(spec):
+            if part is not None and shape[axis] % size:
+                raise ValueError(
+                    f"{table.name}: parameter {name!r} of shape {shape} has axis {axis} of size "
+                    f"{shape[axis]}, not divisible by the {size} devices of mesh axis "
+                    f"{MODEL_AXIS!r}"
+                )
+        out[name] = NamedSharding(mesh, spec)
+    return out
+
+
+def shard_model(
+    module_or_state: nnx.Module | nnx.State, mesh: Mesh, table: PartitionTable | None = None
+) -> Any:
+    """Place a model's weights on ``mesh``: split over its model axis as ``table`` says,
+    replicated over the other axes.
+
+    Args:
+        module_or_state: an NNX module (returns a module with placed arrays) or its state
+            (``nnx.split(module)[1]``; returns the placed state).
+        mesh: a mesh with a :data:`MODEL_AXIS` axis (:func:`tts_jax.sharding.mesh`).
+        table: the architecture's table (default :func:`partition_table` of the module; required
+            for a bare state).
+
+    Returns:
+        The same kind of value, every array a ``jax.Array`` with a ``NamedSharding`` on
+        ``mesh``. Results computed from it equal the unsharded ones (see the module docstring).
+
+    Raises:
+        ValueError: see :func:`state_shardings`; a state without a table.
+    """
+    if isinstance(module_or_state, nnx.Module):
+        graphdef, state = nnx.split(module_or_state)
+        table = partition_table(module_or_state) if table is None else table
+        return nnx.merge(graphdef, _place(state, mesh, table))
+    if table is None:
+        raise ValueError("shard_model: pass the PartitionTable of a bare state")
+    return _place(module_or_state, mesh, table)
+
+
+def _place(state: nnx.State, mesh: Mesh, table: PartitionTable) -> nnx.State:
+    shardings = state_shardings(state, mesh, table)
+    flat = [
+        (path, var.replace(jax.device_put(var.get_value(), shardings[_dotted(path)])))
+        for path, var in nnx.to_flat_state(state)
+    ]
+    return nnx.from_flat_state(flat)
+
+
+def load_sharded(load: Callable[[], Any], mesh: Mesh, table: PartitionTable | None = None) -> Any:
+    """Run a loader on the host, then place the weights on ``mesh`` (:func:`shard_model`).
+
+    ``load`` (e.g. ``lambda: load_dit(path)`` or ``lambda: load_lm(path, dtype=jnp.bfloat16)``)
+    runs with the host CPU as default device, so the full weights exist only in host memory;
+    each accelerator then receives only its slices. (On a CPU-only machine the host is device
+    0, as it is for any run there.) The host copy is dropped when this returns.
+
+    Args:
+        load: returns a module, or a ``(config, module)`` pair as the shipped loaders do.
+        mesh, table: as :func:`shard_model`.
+
+    Returns:
+        What ``load`` returns, with the module placed.
+    """
+    try:
+        host = jax.devices("cpu")[0]
+    except RuntimeError:  # no CPU backend in this process: load on the default device
+        host = None
+    if host is None:
+        loaded = load()
+    else:
+        with jax.default_device(host):
+            loaded = load()
+    if isinstance(loaded, tuple):
+        config, module = loaded
+        return config, shard_model(module, mesh, table)
+    return shard_model(loaded, mesh, table)
+
+
+def device_bytes(tree: Any) -> dict[Any, int]:
+    """Bytes of ``tree``'s arrays held on each device (from their addressable shards)."""
+    out: dict[Any, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array):
+            for shard in leaf.addressable_shards:
+                out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
