@@ -36,12 +36,11 @@ SCRIPT = textwrap.dedent(
     from flax import nnx
     from tts_jax import interpolants as I, smc, sharding
     from tts_jax.models import lm, partitioning as part
-    from tts_jax.models.dit import DiT, DiTConfig
+    from tts_jax.models.dit import DiT, DiTConfig, load_dit, save_dit
     from tts_jax.models.lm import generation
     from tts_jax.models.lm.cache import init_cache
     from tts_jax.models.wrappers import velocity_dit_flow
     from tts_jax.rewards.base import Reward
-    from tts_jax.samplers.base import run
     from tts_jax.samplers.image import fk_steering as fk
 
     assert len(jax.devices()) == 4, jax.devices()
@@ -108,6 +107,15 @@ SCRIPT = textwrap.dedent(
     assert float(jnp.abs(want).max()) > 0.1
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
+    # ---- a checkpoint loaded straight into the split layout
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        save_dit(folder, dcfg, dit)
+        _, loaded = part.load_sharded(lambda: load_dit(folder), mesh)
+    kernel = loaded.transformer_blocks[0].ff.proj_in.kernel[...]
+    split_rows(kernel, 1)
+    np.testing.assert_array_equal(kernel, dit.transformer_blocks[0].ff.proj_in.kernel[...])
+
     # ---- FK steering on the DiT: particles over "particles", weights over "model"
     N, K = 8, 4
     grid = jnp.linspace(1.0, 0.0, K + 1)
@@ -117,15 +125,12 @@ SCRIPT = textwrap.dedent(
     diffusion = I.diffusion("square", 1.0)
     plain = fk.fk_steering(jax.random.key(2), flow, reward, N, grid, diffusion, 4.0,
                            schedule=schedule)
-    sampler = fk.sampler(N, K)
-
-    @jax.jit
-    def program(key, params):
-        return sharding.constrain_particles(run(key, sampler, params), mesh, N)
-
-    params = fk.make_params(sflow, reward, grid, diffusion, 4.0, schedule)
-    out = program(jax.random.key(2), params)
-    assert out.samples.sharding.spec[0] == "particles"
+    sharded_flow = part.shard_flow(flow, mesh)  # the sampler itself is unchanged
+    out = fk.fk_steering(jax.random.key(2), sharded_flow, reward, N, grid, diffusion, 4.0,
+                         schedule=schedule)
+    net = sharded_flow.params.net[1]
+    split_rows(net["transformer_blocks"][0]["attn1"]["to_k"]["kernel"][...], 1)
+    assert out.samples.sharding.spec[0] == "particles", out.samples.sharding
     assert out.samples.addressable_shards[0].data.shape[0] == N // 2
     assert int(plain.info.resampled.sum()) > 0
     np.testing.assert_array_equal(out.info.ancestors, plain.info.ancestors)

@@ -34,6 +34,7 @@ Tables are looked up from the module's class (:func:`partition_table`); build yo
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -43,7 +44,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tts_jax.sharding import MODEL_AXIS
+from tts_jax.models.base import FlowModel
+from tts_jax.sharding import MODEL_AXIS, PARTICLE_AXIS
 
 M = MODEL_AXIS  # shorthand in the tables below
 
@@ -308,6 +310,66 @@ def _place(state: nnx.State, mesh: Mesh, table: PartitionTable) -> nnx.State:
         for path, var in nnx.to_flat_state(state)
     ]
     return nnx.from_flat_state(flat)
+
+
+def _is_split(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], nnx.GraphDef)
+
+
+def _known(module: nnx.Module) -> bool:
+    return any(isinstance(module, cls) for cls in _registry())
+
+
+def shard_params(tree: Any, mesh: Mesh) -> Any:
+    """Place every shipped network found in ``tree`` (an NNX module, or an ``nnx.split`` pair
+    ``(graphdef, state)``) with its :func:`partition_table`; other leaves are left as they are
+    (a jitted program replicates them)."""
+
+    def place(x):
+        if isinstance(x, nnx.Module):
+            return shard_model(x, mesh) if _known(x) else x
+        if _is_split(x):
+            graphdef, state = x
+            module = nnx.merge(graphdef, state)
+            if _known(module):
+                return graphdef, shard_model(state, mesh, partition_table(module))
+        return x
+
+    return jax.tree.map(place, tree, is_leaf=lambda x: isinstance(x, nnx.Module) or _is_split(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParticleSplitApply:
+    """A flow model's apply whose input particles are split over the mesh's particle axis.
+
+    Every sampler calls the model on its particles, so constraining the model's input ``x [N,
+    ...]`` to ``P("particles")`` is enough for XLA to keep the whole particle state split that
+    way through the compiled loop; the network's weights stay split over the model axis. ``N``
+    not divisible by the particle axis is left to the compiler. Static and hashable (the mesh
+    and the inner apply), so rebuilding it never retraces.
+    """
+
+    inner: Callable[..., Any]
+    mesh: Mesh
+
+    def __call__(self, params, x, t, cond=None):
+        size = self.mesh.shape.get(PARTICLE_AXIS, 1)
+        if x.ndim and x.shape[0] % size == 0:
+            spec = PartitionSpec(PARTICLE_AXIS, *([None] * (x.ndim - 1)))
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+        return self.inner(params, x, t, cond)
+
+
+def shard_flow(flow: FlowModel, mesh: Mesh) -> FlowModel:
+    """A :class:`~tts_jax.models.base.FlowModel` for a 2-D mesh: its networks' weights split
+    over the model axis (:func:`shard_params`) and its particles over the particle axis
+    (:class:`ParticleSplitApply`). Every image sampler runs it unchanged."""
+    return FlowModel(
+        shard_params(flow.params, mesh),
+        ParticleSplitApply(flow.apply, mesh),
+        flow.interpolant,
+        flow.sample_shape,
+    )
 
 
 def load_sharded(load: Callable[[], Any], mesh: Mesh, table: PartitionTable | None = None) -> Any:
