@@ -109,6 +109,9 @@ def test_command_line_parses():
     cmd = tyro.cli(
         P.Plan, args=["--config", "flux-dev", "--particles", "1", "2", "--height", "512"]
     )
-    assert (cmd.config, cmd.particles, cmd.height, cmd.mode) == ("flux-dev", (1, 2), 512, "step")
-    with pytest.raises(SystemExit):
-        tyro.cli(P.Plan, args=["--config", "flux-pro"])
+    assert (cmd.config, cmd.particles, cmd.height, cmd.mode) == ("flux-dev", (1, 2), 512, None)
+    resolved = P._resolved(cmd, P.plan_kind(cmd.config))
+    assert (resolved["height"], resolved["width"], resolved["mode"]) == (512, 1024, "step")
+    assert resolved["particles"] == (1, 2) and "max_new_tokens" not in resolved
+    with pytest.raises(ValueError, match="unknown plan config 'flux-pro'"):
+        P.run_plan(tyro.cli(P.Plan, args=["--config", "flux-pro"]))

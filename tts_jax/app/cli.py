@@ -8,8 +8,10 @@
   ``tts-jax run t2i-fk --pipeline DIR_OR_HUB_ID --prompt "..." --reward pickscore=DIR``.
 * ``tts-jax sweep PRESET --methods ... --budgets ... --seeds ...``: a resumable scaling study with
   a plot, in a folder that holds one configuration.
-* ``tts-jax plan --config NAME``: compile FK steering of a real text-to-image model on abstract
-  shapes (no weights) and print its memory per particle count (:mod:`tts_jax.app.plan`).
+* ``tts-jax plan --config NAME``: compile FK steering of a real text-to-image model, or a
+  particle-filter step of an LM policy + PRM pair (``qwen2.5-math-1.5b+prm-7b``), on abstract
+  shapes (no weights) and print its memory per particle count (:mod:`tts_jax.app.plan`,
+  :mod:`tts_jax.app.plan_lm`).
 * ``tts-jax train MODEL``: retrain an embedded model (:mod:`tts_jax.app.training`), into an
   output folder (``--install`` copies it over the shipped asset).
 

@@ -1,13 +1,15 @@
-"""Memory plan of FK steering on a real text-to-image pipeline, without its weights.
+"""Memory plan of FK steering on a real text-to-image pipeline, without its weights, and the
+``tts-jax plan`` command (which also plans LM policy + PRM pairs: :mod:`tts_jax.app.plan_lm`;
+:func:`plan_kind` picks the planner from the config's layout).
 
-``tts-jax plan flux-schnell --height 1024 --width 1024`` answers "how many particles fit on my
-accelerator?" before anything is downloaded: the pipeline's networks are built from the configs
+``tts-jax plan --config flux-schnell --height 1024 --width 1024`` answers "how many particles fit on
+my accelerator?" before anything is downloaded: the pipeline's networks are built from the configs
 shipped in ``tts_jax/assets/configs/<name>/`` (the public diffusers ``config.json`` files of
 FLUX.1-dev, FLUX.1-schnell, SD3.5-large and SD3.5-medium; no weights) as **abstract** modules
 (``nnx.eval_shape``: every parameter a ``jax.ShapeDtypeStruct``, nothing materialised), and FK
 steering (:mod:`tts_jax.samplers.image.fk_steering`) is lowered and compiled on those shapes for
-each particle count. The compiled program's ``memory_analysis()`` gives the argument (weights,
-key), output and temporary (activations, particle state) sizes.
+each particle count. The compiled program's ``memory_analysis()`` gives the argument (weights, key),
+output and temporary (activations, particle state) sizes.
 
 Two programs can be compiled (``mode``):
 
@@ -59,6 +61,7 @@ import tyro
 from flax import nnx
 
 from tts_jax import interpolants as I
+from tts_jax.app import plan_lm
 from tts_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from tts_jax.models.flux import FluxConfig, FluxTransformer
 from tts_jax.models.pipelines.prompts import TextCondition
@@ -501,59 +504,146 @@ def memory_plan(
 
 # --------------------------------------------------------------------------- command line
 
+T2I_DEFAULTS = {
+    "height": 1024,
+    "width": 1024,
+    "particles": (1, 4, 8, 16),
+    "num_steps": 4,
+    "mode": "step",
+    "reward": "decoded",
+}
+"""Defaults of the text-to-image plan's options (:class:`Plan` leaves them ``None``)."""
+LM_DEFAULTS = {
+    "particles": (4, 16, 64),
+    "max_new_tokens": 2048,
+    "prompt_length": 512,
+    "max_step_tokens": 256,
+    "cache_dtype": "float32",
+}
+"""Defaults of the LM plan's options (:mod:`tts_jax.app.plan_lm`)."""
+T2I_ONLY = ("height", "width", "num_steps", "mode", "reward", "guidance_scale")
+LM_ONLY = ("max_new_tokens", "prompt_length", "max_step_tokens", "cache_dtype")
+
+
+def plan_kind(config: str | Path) -> Literal["t2i", "lm"]:
+    """Which planner a config is for: ``"t2i"`` (a diffusers pipeline layout with a
+    ``model_index.json``) or ``"lm"`` (a policy + PRM pair with an ``lm_pair.json``).
+
+    Raises:
+        ValueError: a name that is neither shipped nor a folder of either layout.
+    """
+    folder = Path(config) if Path(config).is_dir() else CONFIGS / str(config)
+    if (folder / "model_index.json").is_file():
+        return "t2i"
+    if (folder / plan_lm.PAIR_FILE).is_file():
+        return "lm"
+    raise ValueError(
+        f"unknown plan config {config!r}; shipped: {PIPELINES + plan_lm.LM_PLANS}, or a folder "
+        f"with model_index.json (text-to-image) or {plan_lm.PAIR_FILE} (LM policy + PRM)"
+    )
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Plan:
-    """Plan the memory of FK steering on a real pipeline from its shipped configs (no weights).
+    """Plan the memory of steering a real model from its shipped configs (no weights).
 
-    Builds the transformer and VAE abstractly, compiles FK steering on CPU for each particle
-    count and prints the weights, the compiled CPU argument / temporary sizes and an
-    accelerator estimate (without XLA CPU's float32 copies of bfloat16 weights; text encoders
-    run once per prompt and are freed), and whether it fits one 80 GiB GPU and one 16 GiB TPU
-    chip. A 12B FLUX step takes a minute or more to compile.
+    Text-to-image configs (FLUX / SD3.5): builds the transformer and VAE abstractly, compiles
+    FK steering on CPU for each particle count and prints the weights, the compiled CPU
+    argument / temporary sizes and an accelerator estimate (without XLA CPU's float32 copies of
+    bfloat16 weights; text encoders run once per prompt and are freed), and whether it fits one
+    80 GiB GPU and one 16 GiB TPU chip. A 12B FLUX step takes a minute or more to compile.
+
+    LM configs (a policy + PRM pair, e.g. qwen2.5-math-1.5b+prm-7b): compiles one step of
+    step-level particle filtering with the cached PRM scorer and prints the weights, both KV
+    caches (analytic, checked against the compiled step), temporaries, the fits columns and
+    the largest particle count that fits each device (:mod:`tts_jax.app.plan_lm`).
+
+    Options of the other kind are an error, never silently ignored.
     """
 
     config: Annotated[
-        Literal["flux-dev", "flux-schnell", "sd35-large", "sd35-medium"],
-        tyro.conf.arg(metavar="NAME", help="flux-dev | flux-schnell | sd35-large | sd35-medium"),
+        str,
+        tyro.conf.arg(
+            metavar="NAME|DIR",
+            help="flux-dev | flux-schnell | sd35-large | sd35-medium | qwen2.5-math-1.5b+prm-7b, "
+            "or a folder laid out as one of them (model_index.json or lm_pair.json, configs only)",
+        ),
     ]
-    height: int = 1024
-    """image height in pixels"""
-    width: int = 1024
-    """image width in pixels"""
-    particles: tuple[int, ...] = (1, 4, 8, 16)
-    """particle counts N to plan"""
+    particles: tuple[int, ...] | None = None
+    """particle counts N to plan (default: 1 4 8 16 text-to-image, 4 16 64 LM)"""
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """parameter and compute dtype"""
-    num_steps: int = 4
-    """FK steps (the scan body compiles once)"""
-    mode: Literal["step", "run"] = "step"
-    """compile one FK step (faster) or the whole run"""
-    reward: Literal["decoded", "latent"] = "decoded"
-    """decoded: VAE decode + a free image reward; latent: a free reward on the latents"""
+    height: int | None = None
+    """text-to-image: image height in pixels (default 1024)"""
+    width: int | None = None
+    """text-to-image: image width in pixels (default 1024)"""
+    num_steps: int | None = None
+    """text-to-image: FK steps (the scan body compiles once; default 4)"""
+    mode: Literal["step", "run"] | None = None
+    """text-to-image: compile one FK step (default, faster) or the whole run"""
+    reward: Literal["decoded", "latent"] | None = None
+    """text-to-image: decoded (default): VAE decode + a free image reward; latent: a free
+    reward on the latents"""
     guidance_scale: float | None = None
-    """guidance scale (default: the pipeline's; SD3 > 1 runs CFG on 2N rows)"""
+    """text-to-image: guidance scale (default: the pipeline's; SD3 > 1 runs CFG on 2N rows)"""
+    max_new_tokens: int | None = None
+    """LM: completion tokens per particle (default 2048; caches hold prompt + this)"""
+    prompt_length: int | None = None
+    """LM: prompt tokens (default 512)"""
+    max_step_tokens: int | None = None
+    """LM: token limit of one step, the PRM's window (default 256, the math runner's)"""
+    cache_dtype: Literal["bfloat16", "float32"] | None = None
+    """LM: dtype of both KV caches (default float32, what the samplers allocate today)"""
 
 
-def run_plan(cmd: Plan) -> MemoryPlan:
-    """The handler of ``tts-jax plan``: compute and print the plan (markdown)."""
-    plan = memory_plan(
-        cmd.config,
-        cmd.height,
-        cmd.width,
-        cmd.particles,
-        cmd.dtype,
-        cmd.num_steps,
-        mode=cmd.mode,
-        reward=cmd.reward,
-        guidance_scale=cmd.guidance_scale,
-    )
-    print(plan.markdown())
-    return plan
+def _resolved(cmd: Plan, kind: str) -> dict[str, Any]:
+    """The options ``kind``'s planner reads, defaults filled in; an option of the other kind
+    that was set is a ValueError naming it."""
+    other, defaults = (LM_ONLY, T2I_DEFAULTS) if kind == "t2i" else (T2I_ONLY, LM_DEFAULTS)
+    given = [f"--{name.replace('_', '-')}" for name in other if getattr(cmd, name) is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} do not apply to {cmd.config!r} (a "
+            f"{'text-to-image' if kind == 't2i' else 'language-model'} plan)"
+        )
+    names = ("particles", "dtype") + (T2I_ONLY if kind == "t2i" else LM_ONLY)
+    values = {name: getattr(cmd, name) for name in names}
+    return {k: defaults.get(k) if v is None else v for k, v in values.items()}
+
+
+def run_plan(cmd: Plan) -> MemoryPlan | plan_lm.LMMemoryPlan:
+    """The handler of ``tts-jax plan``: choose the planner from the config's kind
+    (:func:`plan_kind`), compute and print the plan (markdown)."""
+    kind = plan_kind(cmd.config)
+    o = _resolved(cmd, kind)
+    if kind == "lm":
+        result = plan_lm.memory_plan_lm(
+            cmd.config,
+            o["particles"],
+            o["max_new_tokens"],
+            o["dtype"],
+            prompt_length=o["prompt_length"],
+            max_step_tokens=o["max_step_tokens"],
+            cache_dtype=o["cache_dtype"],
+        )
+    else:
+        result = memory_plan(
+            cmd.config,
+            o["height"],
+            o["width"],
+            o["particles"],
+            o["dtype"],
+            o["num_steps"],
+            mode=o["mode"],
+            reward=o["reward"],
+            guidance_scale=o["guidance_scale"],
+        )
+    print(result.markdown())
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m tts_jax.app.plan CONFIG [options]`` (the same as ``tts-jax plan``)."""
+    """``python -m tts_jax.app.plan --config NAME [options]`` (the same as ``tts-jax plan``)."""
     run_plan(tyro.cli(Plan, args=argv))
 
 
