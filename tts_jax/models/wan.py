@@ -170,7 +170,8 @@ def layer_norm(x: Array, eps: float, weight: Array | None = None, bias: Array | 
     var = jnp.square(xf - mean).mean(-1, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + eps)
     if weight is not None:
-        y = y * weight.astype(jnp.float32) + bias.astype(jnp.float32)
+        shape = (1,) * (x.ndim - 1) + (-1,)
+        y = y * weight.astype(jnp.float32).reshape(shape) + bias.astype(jnp.float32).reshape(shape)
     return y
 
 
@@ -198,7 +199,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: Array) -> Array:
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.eps)
-        return (y * self.weight[...]).astype(x.dtype)
+        return (y * self.weight[...].reshape((1,) * (x.ndim - 1) + (-1,))).astype(x.dtype)
 
 
 class PatchEmbedding(nnx.Module):
