@@ -3,6 +3,12 @@
 Every result records its seed, resolved config and package versions. Sweeps append one JSON line
 per finished run with a single ``write`` followed by ``fsync``; a run killed mid-way leaves at most
 a truncated last line, which :func:`read_jsonl` skips, so a resumed sweep simply re-runs it.
+
+A sweep folder's runs live in ``runs.jsonl`` and, for a sweep split over several processes, in one
+shard per process, ``runs.p<id>.jsonl`` (only its process appends to it). :func:`read_runs` reads
+them all, one record per ``config_id``; :func:`merge_runs` writes that union to ``runs.jsonl``
+(atomically: a temporary file renamed over it). Shards are never deleted, so a merge can only ever
+be stale, never lose a line.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import json
 import os
 import pathlib
 import platform
+import re
+import tempfile
 from typing import Any
 
 import jax
@@ -55,13 +63,26 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def write_json(path: str | os.PathLike, payload: Any) -> None:
-    """Write ``payload`` as indented JSON atomically (temp file + rename)."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace ``path`` by ``text`` atomically: a temporary file of its own (so processes writing
+    the same file at once never share one), flushed to disk, then renamed over ``path``."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(to_jsonable(payload), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+    """Write ``payload`` as indented JSON atomically (:func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(to_jsonable(payload), indent=2, sort_keys=True) + "\n")
 
 
 def append_jsonl(path: str | os.PathLike, record: Any) -> None:
@@ -91,6 +112,62 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
+    return records
+
+
+# --------------------------------------------------------------------------- a sweep's run files
+
+RUNS = "runs.jsonl"
+_SHARD = re.compile(r"runs\.p(\d+)\.jsonl")
+
+
+def shard_path(out_dir: str | os.PathLike, process_id: int) -> pathlib.Path:
+    """The run file process ``process_id`` of a multi-process sweep appends to."""
+    return pathlib.Path(out_dir) / f"runs.p{process_id}.jsonl"
+
+
+def run_files(out_dir: str | os.PathLike) -> list[pathlib.Path]:
+    """``runs.jsonl`` then every process shard of ``out_dir``, by process id (existing only)."""
+    out_dir = pathlib.Path(out_dir)
+    shards = {}
+    if out_dir.is_dir():
+        for path in out_dir.iterdir():
+            match = _SHARD.fullmatch(path.name)
+            if match:
+                shards[int(match.group(1))] = path
+    main = [out_dir / RUNS] if (out_dir / RUNS).exists() else []
+    return main + [shards[i] for i in sorted(shards)]
+
+
+def read_runs(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every complete record of a sweep folder, from :func:`run_files` in order, keeping the
+    first record of each ``config_id`` (records without one are all kept)."""
+    seen, out = set(), []
+    for path in run_files(out_dir):
+        for record in read_jsonl(path):
+            cid = record.get("config_id")
+            if cid is not None:
+                if cid in seen:
+                    continue
+                seen.add(cid)
+            out.append(record)
+    return out
+
+
+def merge_runs(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Write :func:`read_runs` to ``runs.jsonl`` (atomically; unchanged if it holds them already).
+
+    Safe while other processes append to their shards (the shards stay), but the result is
+    complete only once they have finished: merge at the end of a sweep.
+
+    Returns:
+        The merged records.
+    """
+    records = read_runs(out_dir)
+    path = pathlib.Path(out_dir) / RUNS
+    if read_jsonl(path) != records:
+        lines = "".join(json.dumps(to_jsonable(r), sort_keys=True) + "\n" for r in records)
+        write_text_atomic(path, lines)
     return records
 
 
@@ -147,22 +224,27 @@ def claim_sweep_folder(out_dir: str | os.PathLike, shared: dict[str, Any]) -> No
     """
     path = pathlib.Path(out_dir) / "config.json"
     mine = {"sweep": to_jsonable(shared), "versions": identity_versions()}
-    if path.exists():
-        try:
-            theirs = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); use another --out-dir") from None
-        stored = {"sweep": theirs.get("sweep", {}), "versions": theirs.get("versions", {})}
-        diff = config_differences(stored, mine)
-        if diff:
-            raise ValueError(
-                f"{out_dir} holds a sweep of another configuration ({'; '.join(diff)}); "
-                "use another --out-dir, or the same settings to resume it"
-            )
-        return
-    if read_jsonl(pathlib.Path(out_dir) / "runs.jsonl"):
+    if not path.exists():
+        # Runs are read BEFORE config.json is looked for again: every process writes config.json
+        # before its first run, so runs seen here mean config.json exists by the second look
+        # (processes of one sweep claiming a new folder at once never refuse each other).
+        recorded = read_runs(out_dir)
+        if not path.exists():
+            if recorded:
+                raise ValueError(
+                    f"{out_dir} holds runs ({', '.join(p.name for p in run_files(out_dir))}) "
+                    "without a recorded sweep configuration (config.json); use another --out-dir"
+                )
+            write_json(path, {**mine, "environment": environment()})
+            return
+    try:
+        theirs = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); use another --out-dir") from None
+    stored = {"sweep": theirs.get("sweep", {}), "versions": theirs.get("versions", {})}
+    diff = config_differences(stored, mine)
+    if diff:
         raise ValueError(
-            f"{out_dir}/runs.jsonl holds runs without a recorded sweep configuration "
-            "(config.json); use another --out-dir"
+            f"{out_dir} holds a sweep of another configuration ({'; '.join(diff)}); "
+            "use another --out-dir, or the same settings to resume it"
         )
-    write_json(path, {**mine, "environment": environment()})
