@@ -44,7 +44,10 @@ Assumptions behind the "fits" columns (printed with the numbers):
 * The caches have the dtype the samplers allocate today: ``float32`` for both (the policy's
   ``init_state`` and the PRM scorer's ``init`` default), whatever the weights' dtype.
   ``cache_dtype="bfloat16"`` plans the step with bfloat16 cache buffers (what a cache allocated
-  in the weights' dtype would cost; the samplers do not offer it yet).
+  in the weights' dtype would cost; the samplers do not offer it yet). Its temporaries are
+  then an overestimate: with float32 weights the attention reads ``cache.astype(float32)``,
+  float32 copies of the caches (the PRM's, all layers: ~280 MiB per particle at 2560
+  positions) that bfloat16 weights would not make.
 * Resident: both networks' weights, the particle state and one step's temporaries; the
   tokenizer and the prompt's prefill (one row, before the broadcast to ``N``) are not counted.
 * Capacities: one 80 GiB GPU (A100 / H100 80GB) and one 16 GiB TPU chip (v5e), the whole of it
@@ -445,6 +448,7 @@ class LMMemoryPlan:
         ``N`` per device and the assumptions."""
         p, q = self.pair.policy.config, self.pair.prm.config
         kv1 = self.kv_bytes(1)
+        size = jnp.dtype(DTYPES[self.cache_dtype]).itemsize
         checks = self.checks()
         ok = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items())
         lines = [
@@ -459,8 +463,9 @@ class LMMemoryPlan:
             f"{self.prm_weight_bytes / GiB:.2f} ({parameter_count(q, 2) / 1e9:.2f} B).",
             f"KV cache per particle (MiB), 2 x layers x kv_heads x head_dim x positions x bytes: "
             f"policy 2 x {p.num_hidden_layers} x {p.num_key_value_heads} x {p.head_dim} x "
-            f"{self.positions} = {kv1[0] / 2**20:.1f}, PRM 2 x {q.num_hidden_layers} x "
-            f"{q.num_key_value_heads} x {q.head_dim} x {self.positions} = {kv1[1] / 2**20:.1f}.",
+            f"{self.positions} x {size} = {kv1[0] / 2**20:.1f}, PRM 2 x {q.num_hidden_layers} x "
+            f"{q.num_key_value_heads} x {q.head_dim} x {self.positions} x {size} = "
+            f"{kv1[1] / 2**20:.1f}.",
             f"Analytic sizes equal the abstract modules / compiled step: {ok}.",
             "",
             "| N | weights (GiB) | policy KV (GiB) | PRM KV (GiB) | other state (GiB) "
@@ -490,8 +495,14 @@ class LMMemoryPlan:
             "in place) + the compiled temporaries (one copy of the state for the resampling "
             "gather, the PRM's float32 attention logits of one layer, activations in float32: "
             "an upper bound for bfloat16). KV caches are "
-            f"{self.cache_dtype} (the samplers allocate float32 caches today). Capacities are "
-            "whole devices (no runtime reserve).",
+            f"{self.cache_dtype} (the samplers allocate float32 caches today)"
+            + (
+                "; the temporaries include float32 copies of the bfloat16 caches the float32 "
+                "compile reads (an overestimate)"
+                if self.cache_dtype != "float32"
+                else ""
+            )
+            + ". Capacities are whole devices (no runtime reserve).",
         ]
         return "\n".join(lines)
 
