@@ -219,6 +219,9 @@ def test_head_counts_are_checked_against_the_model_axis():
     )
     with pytest.raises(ValueError, match="num_key_value_heads=4 is not divisible by the 8"):
         part.check_table(part.lm_table(config), mesh)
+    part.check_table(part.lm_table(config, shard_kv=False), mesh)  # KV heads replicated
+    with pytest.raises(ValueError, match="num_attention_heads=16 is not divisible by the 32"):
+        part.check_table(part.lm_table(config), AbstractMesh((1, 32), ("particles", "model")))
     with pytest.raises(ValueError, match="no 'model' axis"):
         part.check_table(part.lm_table(config), AbstractMesh((8,), ("particles",)))
 

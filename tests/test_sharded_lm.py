@@ -1,10 +1,14 @@
-"""Token-level SMC, and particle filtering with the cached PRM, sharded over 4 host devices give
-the unsharded tokens (in subprocesses).
+"""Token-level SMC, and particle filtering with the cached PRM, on a 2-D mesh of 4 host devices
+(2 particles x 2 model) give the unsharded tokens (in subprocesses).
 
-Both samplers create their particles inside their jitted programs (prompt prefill), so the
-sharded run constrains the program's particle outputs
-(:func:`tts_jax.sharding.constrain_particles`) and XLA carries the sharding back through the SMC
-loop.
+The policy LM (and the PRM) are split over the ``model`` axis by their partition table
+(:func:`tts_jax.models.partitioning.shard_model`; the tiny LM's vocabulary of 5 and its single KV
+head are replicated, its 2 query heads and MLP split). Both samplers create their particles
+inside their jitted programs (prompt prefill), so the sharded run constrains the program's
+particle outputs to the ``particles`` axis (:func:`tts_jax.sharding.constrain_particles`) and
+XLA carries the sharding back through the SMC loop. Tokens and ancestors are compared exactly:
+the row-parallel sums change logits by float32 reassociation only (~1e-7), far below the gaps
+that decide a draw here.
 """
 
 import textwrap
@@ -18,7 +22,8 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from tts_jax.samplers.lm import engine, particle_filter, token_smc
     from tts_jax.samplers.base import run_with_keys
-    from tts_jax.sharding import constrain_particles, particle_mesh
+    from tts_jax.models.partitioning import lm_table, shard_model
+    from tts_jax.sharding import constrain_particles, mesh as make_mesh
     from tests.samplers.test_lm_smc import EOS, PROMPT, _params, potential, tiny_lm
 
     assert len(jax.devices()) == 4, jax.devices()
@@ -28,7 +33,11 @@ SCRIPT = textwrap.dedent(
                              max_new_tokens=TOKENS, potential=potential, potential_params=pot,
                              stop_ids=[EOS], pad_id=EOS, ess_threshold=THRESHOLD)
     sampler = token_smc.token_smc_sampler(N, TOKENS, potential)
-    mesh = particle_mesh(4)
+    mesh = make_mesh(particles=2, model=2)
+    table = lm_table(tiny_lm().config, shard_vocab=False, shard_kv=False)
+    sharded_lm = shard_model(tiny_lm(), mesh, table)
+    q = sharded_lm.model.layers[0].self_attn.q_proj.weight[...]
+    assert {s.data.shape for s in q.addressable_shards} == {(q.shape[0] // 2, q.shape[1])}
 
     @jax.jit
     def sharded_program(key, model):
@@ -37,16 +46,16 @@ SCRIPT = textwrap.dedent(
         out = run_with_keys(*token_smc.token_smc_keys(key, sampler), sampler, params)
         return constrain_particles(out, mesh, N)
 
-    sharded = sharded_program(jax.random.key(0), tiny_lm())
+    sharded = sharded_program(jax.random.key(0), sharded_lm)
     assert len(sharded.samples.tokens.sharding.device_set) == 4
-    assert sharded.samples.tokens.addressable_shards[0].data.shape == (N // 4, TOKENS)
+    assert sharded.samples.tokens.addressable_shards[0].data.shape == (N // 2, TOKENS)
     assert int(plain.info.resampled.sum()) > 0
     np.testing.assert_array_equal(sharded.samples.tokens, plain.samples.tokens)
     np.testing.assert_array_equal(sharded.info.ancestors, plain.info.ancestors)
     np.testing.assert_allclose(sharded.log_weights, plain.log_weights, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sharded.log_evidence, plain.log_evidence, rtol=1e-5)
     try:
-        constrain_particles(jnp.zeros((6, 2)), mesh, 6)
+        constrain_particles(jnp.zeros((5, 2)), mesh, 5)
     except ValueError as err:
         assert "not divisible" in str(err)
     else:
@@ -67,7 +76,8 @@ PF_SCRIPT = textwrap.dedent(
     from tts_jax.samplers.lm import engine, particle_filter, token_smc
     from tts_jax.models.lm_reward import cached_prm_scorer
     from tts_jax.samplers.base import run_with_keys
-    from tts_jax.sharding import constrain_particles, particle_mesh
+    from tts_jax.models.partitioning import lm_table, shard_model
+    from tts_jax.sharding import constrain_particles, mesh as make_mesh
     from tests.samplers.test_lm_pf import PROMPT, SEP, tiny_prm
     from tests.samplers.test_lm_smc import EOS, tiny_lm
 
@@ -78,7 +88,8 @@ PF_SCRIPT = textwrap.dedent(
                                    max_step_tokens=STEP_TOKENS, max_new_tokens=TOKENS,
                                    temperature=1.0, sep_id=SEP, stop_ids=[EOS], pad_id=EOS)
     sampler = particle_filter.pf_sampler(N, STEPS, STEP_TOKENS, TOKENS, cached_prm_scorer)
-    mesh = particle_mesh(4)
+    mesh = make_mesh(particles=2, model=2)
+    table = lm_table(tiny_lm().config, shard_vocab=False, shard_kv=False)
 
     @jax.jit
     def sharded_program(key, model, prm):
@@ -87,7 +98,8 @@ PF_SCRIPT = textwrap.dedent(
         out = run_with_keys(*particle_filter.pf_keys(key, sampler), sampler, params)
         return constrain_particles(out, mesh, N)
 
-    sharded = sharded_program(jax.random.key(1), tiny_lm(), tiny_prm())
+    sharded = sharded_program(jax.random.key(1), shard_model(tiny_lm(), mesh, table),
+                              shard_model(tiny_prm(), mesh, table))
     assert len(sharded.samples.tokens.sharding.device_set) == 4
     assert int(plain.info.resampled.sum()) > 0
     np.testing.assert_array_equal(sharded.samples.tokens, plain.samples.tokens)
@@ -101,5 +113,5 @@ PF_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_sharded_particle_filter_with_the_cached_prm_matches_unsharded():
     """The PRM's KV cache is particle state too: sharded with the rest, resampled across
-    shards."""
+    shards; the PRM's weights are split over the model axis like the policy's."""
     run_on_host_devices(PF_SCRIPT, 4, "SHARDED-PF-OK")

@@ -104,17 +104,26 @@ def _row(prefix: str) -> tuple[Rule, ...]:
 # --------------------------------------------------------------------------- the tables
 
 
-def lm_table(config: Any, *, shard_vocab: bool = True) -> PartitionTable:
+def lm_table(config: Any, *, shard_vocab: bool = True, shard_kv: bool = True) -> PartitionTable:
     """Qwen2 / Llama (:mod:`tts_jax.models.lm.modules`; PyTorch layout, ``weight [out, in]``).
 
     Column-parallel ``q/k/v_proj`` and ``gate/up_proj``, row-parallel ``o_proj`` and
-    ``down_proj``, and (``shard_vocab``) the embedding and LM head split over the vocabulary
-    (``False`` replicates them, for a vocabulary the axis does not divide). Applies to anything
-    with a :class:`~tts_jax.models.lm.modules.Backbone` (reward heads included).
+    ``down_proj``; with ``shard_vocab`` the embedding and LM head split over the vocabulary.
+    Applies to anything with a :class:`~tts_jax.models.lm.modules.Backbone` (reward heads
+    included).
+
+    Args:
+        config: the :class:`~tts_jax.models.lm.config.LMConfig`.
+        shard_vocab: ``False`` replicates the embedding and the LM head (a vocabulary the model
+            axis does not divide).
+        shard_kv: ``False`` replicates ``k_proj`` / ``v_proj`` (grouped-query models with fewer
+            KV heads than the model axis: every device then computes all KV heads, a small
+            share of the attention, and only the query heads are split).
     """
+    kv = "[qkv]" if shard_kv else "q"
     rules = (
-        Rule(r"(.*\.)?self_attn\.[qkv]_proj\.weight", (M, None)),
-        Rule(r"(.*\.)?self_attn\.[qkv]_proj\.bias", (M,)),
+        Rule(rf"(.*\.)?self_attn\.{kv}_proj\.weight", (M, None)),
+        Rule(rf"(.*\.)?self_attn\.{kv}_proj\.bias", (M,)),
         Rule(r"(.*\.)?self_attn\.o_proj\.weight", (None, M)),
         Rule(r"(.*\.)?mlp\.(gate|up)_proj\.weight", (M, None)),
         Rule(r"(.*\.)?mlp\.(gate|up)_proj\.bias", (M,)),
@@ -125,14 +134,10 @@ def lm_table(config: Any, *, shard_vocab: bool = True) -> PartitionTable:
             Rule(r"(.*\.)?embed_tokens\.weight", (M, None)),
             Rule(r"(.*\.)?lm_head\.weight", (M, None)),
         )
-    return PartitionTable(
-        "Qwen2/Llama",
-        rules,
-        (
-            ("num_attention_heads", config.num_attention_heads),
-            ("num_key_value_heads", config.num_key_value_heads),
-        ),
-    )
+    counts = (("num_attention_heads", config.num_attention_heads),)
+    if shard_kv:
+        counts += (("num_key_value_heads", config.num_key_value_heads),)
+    return PartitionTable("Qwen2/Llama", rules, counts)
 
 
 def dit_table(config: Any) -> PartitionTable:
@@ -239,7 +244,12 @@ def check_table(table: PartitionTable, mesh: Mesh) -> None:
         if count % size:
             raise ValueError(
                 f"{table.name}: {what}={count} is not divisible by the {size} devices of mesh "
-                f"axis {MODEL_AXIS!r} (heads are split whole over the model axis)"
+                f"axis {MODEL_AXIS!r} (heads are split whole over the model axis"
+                + (
+                    "; lm_table(config, shard_kv=False) replicates the KV heads)"
+                    if what == "num_key_value_heads"
+                    else ")"
+                )
             )
 
 
