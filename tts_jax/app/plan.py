@@ -543,6 +543,10 @@ def plan_kind(config: str | Path) -> Literal["t2i", "lm"]:
     )
 
 
+_PER_KIND = tyro.conf.arg(help_behavior_hint="")
+"""Options whose default depends on the config's kind (their help says it)."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Plan:
     """Plan the memory of steering a real model from its shipped configs (no weights).
@@ -569,30 +573,30 @@ class Plan:
             "or a folder laid out as one of them (model_index.json or lm_pair.json, configs only)",
         ),
     ]
-    particles: tuple[int, ...] | None = None
+    particles: Annotated[tuple[int, ...] | None, _PER_KIND] = None
     """particle counts N to plan (default: 1 4 8 16 text-to-image, 4 16 64 LM)"""
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """parameter and compute dtype"""
-    height: int | None = None
+    height: Annotated[int | None, _PER_KIND] = None
     """text-to-image: image height in pixels (default 1024)"""
-    width: int | None = None
+    width: Annotated[int | None, _PER_KIND] = None
     """text-to-image: image width in pixels (default 1024)"""
-    num_steps: int | None = None
+    num_steps: Annotated[int | None, _PER_KIND] = None
     """text-to-image: FK steps (the scan body compiles once; default 4)"""
-    mode: Literal["step", "run"] | None = None
+    mode: Annotated[Literal["step", "run"] | None, _PER_KIND] = None
     """text-to-image: compile one FK step (default, faster) or the whole run"""
-    reward: Literal["decoded", "latent"] | None = None
+    reward: Annotated[Literal["decoded", "latent"] | None, _PER_KIND] = None
     """text-to-image: decoded (default): VAE decode + a free image reward; latent: a free
     reward on the latents"""
-    guidance_scale: float | None = None
+    guidance_scale: Annotated[float | None, _PER_KIND] = None
     """text-to-image: guidance scale (default: the pipeline's; SD3 > 1 runs CFG on 2N rows)"""
-    max_new_tokens: int | None = None
+    max_new_tokens: Annotated[int | None, _PER_KIND] = None
     """LM: completion tokens per particle (default 2048; caches hold prompt + this)"""
-    prompt_length: int | None = None
+    prompt_length: Annotated[int | None, _PER_KIND] = None
     """LM: prompt tokens (default 512)"""
-    max_step_tokens: int | None = None
+    max_step_tokens: Annotated[int | None, _PER_KIND] = None
     """LM: token limit of one step, the PRM's window (default 256, the math runner's)"""
-    cache_dtype: Literal["bfloat16", "float32"] | None = None
+    cache_dtype: Annotated[Literal["bfloat16", "float32"] | None, _PER_KIND] = None
     """LM: dtype of both KV caches (default float32, what the samplers allocate today)"""
 
 
