@@ -246,3 +246,31 @@ def test_two_real_processes(tmp_path):
     merged = runs.read_jsonl(out / "runs.jsonl")
     assert sorted(r["config_id"] for r in merged) == sorted(planned_ids())
     assert len((out / "runs.jsonl").read_text().splitlines()) == 12
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_sweep_command_starts_the_group_and_only_process_0_reports(tmp_path, monkeypatch, capsys):
+    from tts_jax.app import cli
+
+    started, swept = [], []
+
+    def initialize(*settings):
+        started.append(settings)
+        return ProcessGroup(1, 2)
+
+    def sweep(base, methods, budgets, seeds, out_dir):
+        swept.append((base.model, methods, budgets, seeds, out_dir))
+        return []
+
+    monkeypatch.setattr(cli.distributed, "initialize", initialize)
+    monkeypatch.setattr(cli.experiment, "sweep", sweep)
+    argv = ["sweep", "gmm-fk", "--budgets", "100", "--seeds", "0", "1", "--out-dir", str(tmp_path)]
+    cli.main([*argv, "--num-processes", "2", "--process-id", "1", "--coordinator", "h:1"])
+    assert started == [("h:1", 2, 1)]  # the group options are not refused as preset options
+    assert swept == [("gmm", ["fk"], [100], [0, 1], str(tmp_path))]
+    assert "process 1 of 2: done" in capsys.readouterr().out  # no table, no plot
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="process id 2 is outside 0 .. 1"):
+        cli.main([*argv, "--num-processes", "2", "--process-id", "2"])

@@ -7,7 +7,9 @@
   ``make_bundle``. ``t2i-<method>`` steers a text-to-image pipeline (:mod:`tts_jax.app.t2i`):
   ``tts-jax run t2i-fk --pipeline DIR_OR_HUB_ID --prompt "..." --reward pickscore=DIR``.
 * ``tts-jax sweep PRESET --methods ... --budgets ... --seeds ...``: a resumable scaling study with
-  a plot, in a folder that holds one configuration.
+  a plot, in a folder that holds one configuration; started on several processes
+  (``--num-processes N --process-id I --coordinator HOST:PORT``, or ``$JAX_COORDINATOR_ADDRESS``,
+  ``$JAX_NUM_PROCESSES``, ``$JAX_PROCESS_ID``) it splits the grid and writes one ``runs.jsonl``.
 * ``tts-jax plan --config NAME``: compile FK steering of a real text-to-image model, or a
   particle-filter step of an LM policy + PRM pair (``qwen2.5-math-1.5b+prm-7b``), on abstract
   shapes (no weights) and print its memory per particle count (:mod:`tts_jax.app.plan`,
@@ -30,6 +32,7 @@ from typing import Annotated, Any
 
 import tyro
 
+from tts_jax import distributed
 from tts_jax.app import (
     experiment,
     experiment_lm,
@@ -46,6 +49,8 @@ from tts_jax.app.demos.arith import ArithDemoConfig
 from tts_jax.app.demos.digits import DigitsDemoConfig
 from tts_jax.app.demos.gmm import GMMDemoConfig, format_table, run_gmm_demo
 from tts_jax.app.training import MODULES
+from tts_jax.models import partitioning
+from tts_jax.sharding import mesh_from_string
 
 log = logging.getLogger("tts_jax")
 
@@ -220,6 +225,15 @@ class Run(_Settings):
         str | None,
         _option(OPTION_HELP["out_dir"], "(default: outputs/<preset>-seed<seed>)", "DIR"),
     ] = None
+    mesh: Annotated[
+        str | None,
+        _option(
+            "image presets: device mesh particles=P,model=M (-1: the rest); the networks' "
+            "weights split over model (docs/design.md, Scale-out)",
+            "(default: one device)",
+            "AXES",
+        ),
+    ] = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -246,6 +260,19 @@ class Sweep(_Settings):
         str | None,
         _option(OPTION_HELP["out_dir"], "(default: outputs/sweep-<model>-<settings hash>)", "DIR"),
     ] = None
+    coordinator: Annotated[
+        str | None,
+        _option("multi-process: process 0's HOST:PORT", "(default: $JAX_COORDINATOR_ADDRESS)"),
+    ] = None
+    num_processes: Annotated[
+        int | None, _option("multi-process: the number of processes", "(default: 1)", "INT")
+    ] = None
+    process_id: Annotated[
+        int | None, _option("multi-process: this process's id, 0 .. N-1", "", "INT")
+    ] = None
+
+
+GROUP_OPTIONS = ("coordinator", "num_processes", "process_id")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -429,6 +456,10 @@ def presets_text() -> str:
 def _run(cmd: Run) -> None:
     model, method = parse_preset(cmd.preset)
     given = given_options(cmd)
+    mesh = given.pop("mesh", None)
+    mesh = None if mesh is None else mesh_from_string(mesh)
+    if mesh is not None and model in (LM, ARITH):
+        raise ValueError(f"--mesh: image presets only for now, not {cmd.preset}")
     check_applicable(given, preset_options(model, method), cmd.preset)
     if model == LM:
         _run_math(cmd.preset, method, given)
@@ -444,7 +475,10 @@ def _run(cmd: Run) -> None:
         summary.pop("records")
     else:
         config = dataclasses.replace(image_config(model, method, given), out_dir=out_dir)
-        summary = experiment.run_one(config)
+        bundle = None if mesh is None else experiment.load_bundle(config)
+        if mesh is not None:  # results do not depend on the layout: not part of the run identity
+            bundle = dataclasses.replace(bundle, model=partitioning.shard_flow(bundle.model, mesh))
+        summary = experiment.run_one(config, bundle)
         files = summary["files"]
     for key, value in summary.items():
         if key not in ("files", "config"):
@@ -478,9 +512,11 @@ def _warn_lm_collapse(what: str, summary: dict[str, Any]) -> None:
 
 
 def _sweep(cmd: Sweep) -> None:
+    # First thing: the group must start before any JAX computation (tts_jax.distributed).
+    group = distributed.initialize(cmd.coordinator, cmd.num_processes, cmd.process_id)
     model, first_method = parse_preset(cmd.preset)
     methods = list(cmd.methods) or [first_method]
-    given = given_options(cmd, swept=("methods", "budgets", "seeds"))
+    given = given_options(cmd, swept=("methods", "budgets", "seeds", *GROUP_OPTIONS))
     out_dir = given.pop("out_dir", None)
     reads = frozenset().union(*(preset_options(model, m) for m in _checked(model, methods)))
     check_applicable(given, reads, f"a sweep of {', '.join(methods)} on {model}")
@@ -494,11 +530,20 @@ def _sweep(cmd: Sweep) -> None:
     shared = experiment.sweep_identity(base)
     out_dir = out_dir or f"outputs/sweep-{pathlib.Path(model).stem}-{runs.config_id(shared)[:8]}"
     records = experiment.sweep(base, methods, budgets, list(cmd.seeds), out_dir)
+    if _not_reporting(group, out_dir):
+        return
     held = sorted({k for r in records for k in r if k.endswith("_best") and k != "best_reward"})
     paths = plots.scaling_plot(records, ["best_reward", *held], f"{out_dir}/scaling")
     print(plots.markdown_table(records, "best_reward"))
     print(f"{len(records)} runs of this configuration in {out_dir}/runs.jsonl")
     print(f"wrote {', '.join(paths)}")
+
+
+def _not_reporting(group: distributed.ProcessGroup, out_dir: str) -> bool:
+    """Only process 0 of a multi-process sweep prints the table and draws the plot."""
+    if group.process_id:
+        print(f"process {group.process_id} of {group.num_processes}: done ({out_dir})")
+    return group.process_id != 0
 
 
 def _checked(model: str, methods: list[str]) -> list[str]:
@@ -518,6 +563,8 @@ def _sweep_arith(cmd: Sweep, methods: list[str], given: dict, out_dir: str | Non
     records = experiment_lm.sweep_lm(
         methods, budgets, cmd.seeds, range(*problems), out_dir, base=base
     )
+    if _not_reporting(distributed.process_group(), out_dir):
+        return
     paths = plots.scaling_plot(records, ["correct"], f"{out_dir}/scaling", xlabel="N")
     print(plots.markdown_table(records, "correct"))
     print(f"{len(records)} runs of this configuration in {out_dir}/runs.jsonl")
