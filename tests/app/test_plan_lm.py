@@ -9,6 +9,7 @@ The shipped 1.5B / 7B configs parse and give the published parameter counts (no 
 """
 
 import contextlib
+import dataclasses
 import io
 import json
 
@@ -187,3 +188,15 @@ def test_shipped_lm_configs_parse():
     assert P.plan_kind("qwen2.5-math-1.5b+prm-7b") == "lm" and P.plan_kind("flux-dev") == "t2i"
     # 2 x 28 layers x 2 kv heads x 128 x 2560 positions x 4 bytes (+ the int32 length).
     assert L.kv_cache_bytes(policy, 1, 2560, np.float32) == 2 * 28 * 2 * 128 * 2560 * 4 + 4
+
+
+def test_bfloat16_plan_swaps_the_compiled_float32_weights(tiny_plan, pair_dir):
+    """A bfloat16 plan compiles with float32 weights (no XLA CPU weight copies) and counts its
+    own weights instead: the same rows, half the weight bytes."""
+    plan, _ = tiny_plan
+    half = L.abstract_pair(pair_dir, jnp.bfloat16)
+    bf16 = dataclasses.replace(plan, pair=half, dtype="bfloat16")
+    assert 2 * bf16.weight_bytes == plan.weight_bytes == plan.rows[0].compiled_weight_bytes
+    assert bf16.checks()["weights"]
+    for r in plan.rows:
+        assert bf16.accelerator_bytes(r) == r.peak_bytes - bf16.weight_bytes
