@@ -3,6 +3,7 @@ the tiny folder of tests/t2v_folders.py: prompt embeddings, the guided velocity 
 step, the time grid (FlowMatch Euler and UniPC flow sigmas), latent sizes and their named
 errors, named folder errors, FK steering on [N, C, F, h, w] latents, decoding."""
 
+import dataclasses
 import json
 import shutil
 
@@ -25,6 +26,7 @@ from tts_jax.models.pipelines.text_to_video import (
 from tts_jax.rewards.base import Reward
 from tts_jax.samplers import run
 from tts_jax.samplers.image import fk_steering as fk
+from tts_jax.samplers.image.integrate import solve
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -39,11 +41,23 @@ _FAST = {
     "xla_cpu_use_fusion_emitters": False,
 }
 _run = jax.jit(run, static_argnames="sampler", compiler_options=_FAST)
+_solve = jax.jit(solve, compiler_options=_FAST)
 
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _unoptimised_compiles():
+    """The pipeline's prompt encoder and VAE jits compiled by unoptimised XLA (the programs are
+    tiny; the compile is what costs)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TV, "_encode", jax.jit(TV._encode.__wrapped__, compiler_options=_FAST))
+        quick = jax.jit(TV._decode.__wrapped__, static_argnames="stats", compiler_options=_FAST)
+        mp.setattr(TV, "_decode", quick)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -106,25 +120,30 @@ def test_guided_velocity_is_one_wanpipeline_step(pipe, reference, wan):
     assert velocity._cache_size() == 1
 
 
-def test_unipc_flow_grid_matches_the_scheduler(wan, tmp_path):
+def test_unipc_flow_grid_matches_the_scheduler(pipe, tmp_path):
+    """The hub's Wan folders ship UniPC with flow sigmas: the grid is its sigmas."""
     import diffusers
 
-    folder = tmp_path / "wan"
-    shutil.copytree(wan.folder, folder)
     unipc = diffusers.UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
     )
-    shutil.rmtree(folder / "scheduler")
-    unipc.save_config(folder / "scheduler")
-    pipe = load_text_to_video(folder, max_sequence_length=S)
+    unipc.save_config(tmp_path)
+    config = TV.read_video_scheduler(tmp_path)
+    assert isinstance(config, TV.UniPCFlowConfig) and config.flow_shift == 3.0
+    with_unipc = dataclasses.replace(pipe, scheduler=config)
     for steps in (1, 4, 50):
         unipc.set_timesteps(steps)
-        np.testing.assert_array_equal(np.asarray(pipe.grid(steps)), unipc.sigmas.numpy())
-    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    config["use_karras_sigmas"] = True
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedSchedulerError, match="refused: use_karras_sigmas"):
-        load_text_to_video(folder)
+        np.testing.assert_array_equal(np.asarray(with_unipc.grid(steps)), unipc.sigmas.numpy())
+    file = tmp_path / "scheduler_config.json"
+    raw = json.loads(file.read_text())
+    for change, refused in (
+        ({"use_karras_sigmas": True}, "use_karras_sigmas"),
+        ({"use_flow_sigmas": False}, "use_flow_sigmas false"),
+        ({"variance_type": "x"}, "unknown key 'variance_type'"),
+    ):
+        file.write_text(json.dumps({**raw, **change}))
+        with pytest.raises(UnsupportedSchedulerError, match=f"refused: {refused}"):
+            TV.read_video_scheduler(tmp_path)
 
 
 def test_latent_sizes_and_their_errors(pipe):
@@ -188,7 +207,7 @@ def test_fk_steering_runs_unchanged_on_video_latents(pipe):
     assert int(result.cost.nfe) == n * steps
 
 
-def test_decode_is_the_pipelines_last_step(pipe, wan, monkeypatch):
+def test_decode_is_the_pipelines_last_step(pipe, wan):
     if pipe.vae_params is None:
         with pytest.raises(NotImplementedError, match="AutoencoderKLWan"):
             pipe.decode(jnp.zeros((1, *pipe.latent_shape(T.FRAMES, T.HEIGHT, T.WIDTH))))
@@ -197,8 +216,6 @@ def test_decode_is_the_pipelines_last_step(pipe, wan, monkeypatch):
     x = np.random.default_rng(2).standard_normal((1, *shape)).astype(np.float32)
     # The VAE module (another file) adds conv biases by rank broadcasting, which the test suite's
     # "raise" setting refuses; the pipeline only calls it.
-    quick = jax.jit(TV._decode.__wrapped__, static_argnames="stats", compiler_options=_FAST)
-    monkeypatch.setattr(TV, "_decode", quick)
     with jax.numpy_rank_promotion("allow"):
         video = np.asarray(pipe.decode(jnp.asarray(x)))
     mean = np.asarray(T.LATENTS_MEAN, np.float32).reshape(1, -1, 1, 1, 1)
@@ -207,3 +224,32 @@ def test_decode_is_the_pipelines_last_step(pipe, wan, monkeypatch):
         ref = wan.vae.decode(torch.from_numpy(x * std + mean), return_dict=False)[0].numpy()
     assert video.shape == (1, 3, T.FRAMES, T.HEIGHT, T.WIDTH)
     np.testing.assert_allclose(video, np.clip(ref, -1, 1), atol=1e-4, rtol=0)
+
+
+def test_video_equals_wanpipeline_end_to_end(pipe, reference):
+    """Same initial latents and prompt: 2 guided Euler steps and the VAE give WanPipeline's
+    ``output_type="np"`` video."""
+    shape = pipe.latent_shape(T.FRAMES, T.HEIGHT, T.WIDTH)
+    x = np.random.default_rng(3).standard_normal((1, *shape)).astype(np.float32)
+    scale, steps = 4.5, 2
+    with torch.no_grad():
+        ref = reference(
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
+            height=T.HEIGHT,
+            width=T.WIDTH,
+            num_frames=T.FRAMES,
+            num_inference_steps=steps,
+            guidance_scale=scale,
+            latents=torch.from_numpy(x),
+            output_type="np",
+            max_sequence_length=S,
+        ).frames
+    flow = pipe.flow(T.FRAMES, T.HEIGHT, T.WIDTH, guidance_scale=scale)
+    cond = pipe.encode_prompt(PROMPT, NEGATIVE)
+    samples = _solve(jax.random.key(0), flow, jnp.asarray(x), pipe.grid(steps), I.ode(), cond)
+    with jax.numpy_rank_promotion("allow"):  # the VAE module's bias broadcast, see above
+        video = np.asarray(pipe.decode(samples))
+    ours = (np.transpose(video, (0, 2, 3, 4, 1)) + 1) / 2  # [N, F, H, W, 3] in [0, 1]
+    assert ref.shape == ours.shape == (1, T.FRAMES, T.HEIGHT, T.WIDTH, 3)
+    np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)  # measured 1.8e-6
