@@ -1,7 +1,8 @@
 """Multi-host runs: the process group starts from flags or the environment; a sweep split over
 processes runs every unit exactly once and merges into one ``runs.jsonl``, also when a process
 is killed and restarted; two real ``jax.distributed`` processes on localhost see each other, run
-a sampler unchanged on the global mesh (equal to the single-process run) and split a sweep.
+a sampler unchanged on the global mesh (equal to the single-process run), split a sweep, and
+refuse to split grids that differ between them.
 
 The split / kill / merge logic runs in-process on a fake task (explicit process groups); one pair
 of subprocesses proves the real start."""
@@ -199,6 +200,17 @@ SCRIPT = textwrap.dedent(
     calls = []
     got = sweeps.sweep(fake_task(calls), {}, *GRID, sys.argv[3], progress=False)
     assert len(calls) == 6 and len(got) == 12, (len(calls), len(got))
+    # Processes started with different grids are stopped before anything runs.
+    import os
+    other = sys.argv[3] + "-other"
+    seeds = GRID[2] + ((3,) if pid else ())
+    try:
+        sweeps.sweep(fake_task([]), {}, GRID[0], GRID[1], seeds, other, progress=False)
+    except ValueError as err:
+        assert "processes [1] hold another value than process 0" in str(err), err
+    else:
+        raise AssertionError("processes with different grids were accepted")
+    assert not os.path.exists(other)
     print("MULTIHOST-OK", pid)
     """
 )

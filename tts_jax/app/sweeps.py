@@ -26,7 +26,7 @@ experiment; :func:`sweep` does the rest the same way for all of them:
   line is never interleaved with another process's; a line killed mid-write is skipped by the
   readers and re-run). One file appended to by every process would rely on ``O_APPEND`` being
   atomic across hosts, which NFS does not promise and object-store mounts (GCS-fuse) do not
-  support at all; private shards need nothing from the filesystem but a rename;
+  support at all; private shards need only one writer's appends and a rename;
 * every reader (resume, the returned records) reads ``runs.jsonl`` and all shards, one record per
   unit id (:func:`tts_jax.app.runs.read_runs`), so resuming with any number of processes skips
   every finished unit, whoever ran it;
