@@ -427,3 +427,33 @@ def test_gibbs_kernel_is_the_convenience_function_and_vmaps_over_keys():
             np.asarray(batched.info.extra["references"][i]),
             np.asarray(single.info.extra["references"]),
         )
+
+
+def test_a_one_element_separator_set_decodes_bit_for_bit_as_sep_id():
+    """``sep_ids=[s]`` is ``sep_id=s`` (the compiled program of the pinned PRM cases)."""
+
+    def prm(**separators):
+        return particle_filter.particle_filter(
+            jax.random.key(1),
+            tiny_lm(),
+            PROMPT,
+            prm_scorer,
+            tiny_prm(),
+            num_particles=8,
+            max_steps=4,
+            max_step_tokens=2,
+            max_new_tokens=7,
+            temperature=1.0,
+            stop_ids=[EOS],
+            pad_id=EOS,
+            aggregation="min",
+            weighting="twisted",
+            **separators,
+        )
+
+    one = prm(sep_id=SEP)
+    assert (np.asarray(one.samples.tokens) == SEP).sum() > 3  # separators end steps here
+    assert digest(prm(sep_ids=[SEP])) == digest(one)
+    assert digest(prm(sep_ids=np.asarray([SEP], np.int32))) == digest(one)
+    with pytest.raises(ValueError, match="not both"):
+        prm(sep_id=SEP, sep_ids=[SEP])

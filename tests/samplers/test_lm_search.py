@@ -328,3 +328,26 @@ def _pinned_case(name):
 def test_outputs_are_bit_identical_to_the_pinned_runs(name):
     out = _pinned_case(name)
     assert digest(out) == PINNED[name], f"{name}: got {digest(out)}, pinned {PINNED[name]}"
+
+
+def test_a_one_element_separator_set_searches_bit_for_bit_as_sep_id():
+    def prm(**separators):
+        return lm_search.dvts(
+            jax.random.key(4),
+            tiny_lm(),
+            PROMPT,
+            prm_scorer,
+            tiny_prm(),
+            num_particles=8,
+            beam_width=4,
+            max_steps=4,
+            max_step_tokens=2,
+            max_new_tokens=7,
+            temperature=1.0,
+            stop_ids=[EOS],
+            pad_id=EOS,
+            aggregation="min",
+            **separators,
+        )
+
+    assert digest(prm(sep_ids=[SEP])) == digest(prm(sep_id=SEP))

@@ -71,7 +71,7 @@ had before they were kernels: the same bits for the same key), then the NaN poli
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -99,6 +99,7 @@ from tts_jax.samplers.lm.state import (
     init_state,
     make_result,
     sample_token,
+    step_separators,
 )
 from tts_jax.samplers.result import Cost, Result
 
@@ -239,8 +240,8 @@ class PFParams(NamedTuple):
         prompt_length: int32 scalar, the real tokens of ``prompt`` (``1 <= . <= P``).
         scorer_params: parameters of the sampler's scorer (e.g. the PRM module).
         decode: :class:`~tts_jax.samplers.lm.state.DecodeConfig`: sampling ``temperature`` of
-            the proposal ``q_T``, step separator ``sep_id`` (-1: none), ``stop_ids int32[S]``,
-            ``pad_id``.
+            the proposal ``q_T``, step separators ``sep_ids int32[S']`` (``[-1]``: none),
+            ``stop_ids int32[S]``, ``pad_id``.
         softmax_temperature: float32 scalar ``T_softmax`` of the weights.
         ess_threshold: float32 scalar: resample when ``ESS < threshold * N``.
         puri: bool scalar: Puri et al.'s absolute weights (else twisted SMC).
@@ -271,6 +272,7 @@ def make_pf_params(
     temperature=0.8,
     softmax_temperature=1.0,
     sep_id=None,
+    sep_ids=None,
     stop_ids=None,
     pad_id=0,
     weighting: str = "puri",
@@ -296,7 +298,7 @@ def make_pf_params(
         prompt,
         jnp.asarray(length, jnp.int32),
         scorer_params,
-        decode_config(temperature, sep_id, stop_ids, pad_id),
+        decode_config(temperature, step_separators(sep_id, sep_ids), stop_ids, pad_id),
         jnp.asarray(softmax_temperature, jnp.float32),
         jnp.asarray(ess_threshold, jnp.float32),
         jnp.asarray(weighting == "puri"),
@@ -468,6 +470,7 @@ def _run_pf(
     temperature,
     softmax_temperature,
     sep_id,
+    sep_ids,
     stop_ids,
     pad_id,
     aggregation,
@@ -493,6 +496,7 @@ def _run_pf(
         temperature=temperature,
         softmax_temperature=softmax_temperature,
         sep_id=sep_id,
+        sep_ids=sep_ids,
         stop_ids=stop_ids,
         pad_id=pad_id,
         weighting=weighting,
@@ -521,6 +525,7 @@ def particle_filter(
     temperature: float | Array = 0.8,
     softmax_temperature: float | Array = 1.0,
     sep_id: int | None = None,
+    sep_ids: Sequence[int] | Array | None = None,
     stop_ids=None,
     pad_id: int = 0,
     aggregation: str | Aggregation = "last",
@@ -555,6 +560,10 @@ def particle_filter(
         softmax_temperature: ``T_softmax`` of the weights (array). ``T -> inf``: uniform weights,
             independent sampling; ``T -> 0``: greedy selection of the best-scored prefix.
         sep_id: step separator token (``None``: steps end only at ``max_step_tokens``).
+        sep_ids: instead of ``sep_id``, a set of tokens that end a step (e.g. every token whose
+            text ends with a blank line,
+            :func:`~tts_jax.app.tasks.math.prm_format.separator_token_ids`); ``sep_id=s`` is
+            ``sep_ids=[s]``, bit for bit.
         stop_ids: token id(s) that finish a particle (EOS, answer marker).
         pad_id: buffer filler.
         aggregation: an :class:`~tts_jax.rewards.base.Aggregation` or its name: ``last`` |
@@ -591,6 +600,7 @@ def particle_filter(
         temperature=temperature,
         softmax_temperature=softmax_temperature,
         sep_id=sep_id,
+        sep_ids=sep_ids,
         stop_ids=stop_ids,
         pad_id=pad_id,
         aggregation=aggregation,
@@ -617,6 +627,7 @@ def entropic_particle_filter(
     temperature: float | Array = 0.8,
     softmax_temperature: float | Array = 1.0,
     sep_id: int | None = None,
+    sep_ids: Sequence[int] | Array | None = None,
     stop_ids=None,
     pad_id: int = 0,
     aggregation: str | Aggregation = "last",
@@ -640,6 +651,7 @@ def entropic_particle_filter(
         temperature=temperature,
         softmax_temperature=softmax_temperature,
         sep_id=sep_id,
+        sep_ids=sep_ids,
         stop_ids=stop_ids,
         pad_id=pad_id,
         aggregation=aggregation,
@@ -668,6 +680,7 @@ def particle_gibbs(
     temperature: float | Array = 0.8,
     softmax_temperature: float | Array = 1.0,
     sep_id: int | None = None,
+    sep_ids: Sequence[int] | Array | None = None,
     stop_ids=None,
     pad_id: int = 0,
     aggregation: str | Aggregation = "last",
@@ -705,6 +718,7 @@ def particle_gibbs(
         temperature=temperature,
         softmax_temperature=softmax_temperature,
         sep_id=sep_id,
+        sep_ids=sep_ids,
         stop_ids=stop_ids,
         pad_id=pad_id,
         weighting=weighting,

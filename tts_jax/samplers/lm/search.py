@@ -60,6 +60,7 @@ from tts_jax.samplers.lm.state import (
     generate_step,
     init_state,
     make_result,
+    step_separators,
 )
 from tts_jax.samplers.result import Result
 from tts_jax.smc import step_keys_for
@@ -118,7 +119,7 @@ class SearchParams(NamedTuple):
         prompt: ``int32[P]`` prompt tokens, right-padded.
         prompt_length: int32 scalar, the real tokens of ``prompt``.
         scorer_params: parameters of the sampler's scorer (e.g. the PRM module).
-        decode: :class:`~tts_jax.samplers.lm.state.DecodeConfig` (``temperature``, ``sep_id``,
+        decode: :class:`~tts_jax.samplers.lm.state.DecodeConfig` (``temperature``, ``sep_ids``,
             ``stop_ids int32[S]``, ``pad_id``).
         num_groups: int32 scalar G, dividing N (best-of-N: N; beam search: 1; DVTS:
             ``N / beam_width``).
@@ -150,6 +151,7 @@ def make_search_params(
     dedup=False,
     temperature=0.8,
     sep_id=None,
+    sep_ids=None,
     stop_ids=None,
     pad_id=0,
     prompt_length=None,
@@ -163,7 +165,7 @@ def make_search_params(
         prompt,
         jnp.asarray(length, jnp.int32),
         scorer_params,
-        decode_config(temperature, sep_id, stop_ids, pad_id),
+        decode_config(temperature, step_separators(sep_id, sep_ids), stop_ids, pad_id),
         jnp.asarray(num_groups, jnp.int32),
         jnp.asarray(keep, jnp.int32),
         jnp.asarray(score_steps),
@@ -325,6 +327,7 @@ def _search(
     max_new_tokens,
     temperature,
     sep_id,
+    sep_ids,
     stop_ids,
     pad_id,
     aggregation,
@@ -347,6 +350,7 @@ def _search(
         dedup=dedup,
         temperature=temperature,
         sep_id=sep_id,
+        sep_ids=sep_ids,
         stop_ids=stop_ids,
         pad_id=pad_id,
         prompt_length=length,
@@ -378,6 +382,7 @@ def best_of_n(
     max_new_tokens: int,
     temperature: float | Array = 0.8,
     sep_id: int | None = None,
+    sep_ids: Sequence[int] | Array | None = None,
     stop_ids=None,
     pad_id: int = 0,
     aggregation: str | Aggregation = "last",
@@ -411,6 +416,7 @@ def best_of_n(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         sep_id=sep_id,
+        sep_ids=sep_ids,
         stop_ids=stop_ids,
         pad_id=pad_id,
         aggregation=aggregation,
@@ -434,6 +440,7 @@ def beam_search(
     max_new_tokens: int,
     temperature: float | Array = 0.8,
     sep_id: int | None = None,
+    sep_ids: Sequence[int] | Array | None = None,
     stop_ids=None,
     pad_id: int = 0,
     aggregation: str | Aggregation = "last",
@@ -465,6 +472,7 @@ def beam_search(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         sep_id=sep_id,
+        sep_ids=sep_ids,
         stop_ids=stop_ids,
         pad_id=pad_id,
         aggregation=aggregation,
@@ -488,6 +496,7 @@ def dvts(
     max_new_tokens: int,
     temperature: float | Array = 0.8,
     sep_id: int | None = None,
+    sep_ids: Sequence[int] | Array | None = None,
     stop_ids=None,
     pad_id: int = 0,
     aggregation: str | Aggregation = "last",
@@ -519,6 +528,7 @@ def dvts(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         sep_id=sep_id,
+        sep_ids=sep_ids,
         stop_ids=stop_ids,
         pad_id=pad_id,
         aggregation=aggregation,

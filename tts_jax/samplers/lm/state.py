@@ -95,28 +95,72 @@ class DecodeConfig(NamedTuple):
 
     Attributes:
         temperature: scalar sampling temperature (0 = greedy).
-        sep_id: int32 scalar step separator (e.g. the ``"\\n"`` token); ``-1`` for none.
+        sep_ids: ``int32[S']`` the tokens that end a step (``-1`` entries are padding and match
+            nothing; ``[-1]``: no separator). A set, because byte-level BPE vocabularies merge
+            the separator with what precedes it: with steps cut at a blank line, ``"\\n\\n"``,
+            ``".\\n\\n"`` and ``":\\n\\n"`` are different tokens that all end a step (see
+            :func:`tts_jax.app.tasks.math.prm_format.separator_token_ids`).
         stop_ids: ``int32[S]`` tokens that finish a particle (EOS, answer marker).
         pad_id: int32 scalar written after a particle's end.
     """
 
     temperature: Array
-    sep_id: Array
+    sep_ids: Array
     stop_ids: Array
     pad_id: Array
 
 
-def decode_config(
-    temperature: float | Array, sep_id: int | None, stop_ids, pad_id: int = 0
-) -> DecodeConfig:
-    """Build a :class:`DecodeConfig` from Python or array values (``None`` separator: -1)."""
+def step_separators(sep_id: int | None = None, sep_ids=None):
+    """The samplers' separator set from their ``sep_id=`` / ``sep_ids=`` arguments.
+
+    Args:
+        sep_id: one separator token (the one-element set), or ``None``.
+        sep_ids: a sequence / ``int32[S']`` array of separator tokens (``-1`` padding allowed),
+            or ``None``.
+
+    Returns:
+        ``sep_ids``, else ``sep_id``, else ``None`` (no separator), for :func:`decode_config`.
+
+    Raises:
+        ValueError: both are given.
+    """
+    if sep_id is not None and sep_ids is not None:
+        raise ValueError(
+            f"pass the step separator as sep_id (one token) or sep_ids (a set), not both: got "
+            f"sep_id={sep_id}, sep_ids={sep_ids}"
+        )
+    return sep_id if sep_ids is None else sep_ids
+
+
+def decode_config(temperature: float | Array, sep_ids, stop_ids, pad_id: int = 0) -> DecodeConfig:
+    """Build a :class:`DecodeConfig` from Python or array values.
+
+    ``sep_ids``: ``None`` (no separator, ``[-1]``), one token id (a one-element set, so a
+    caller passing one ``sep_id`` decodes bit for bit as before the set existed), or a sequence
+    / 1-D array of ids.
+
+    Raises:
+        ValueError: ``sep_ids`` or ``stop_ids`` is not a scalar or a 1-D sequence of ids.
+    """
+    seps = jnp.atleast_1d(jnp.asarray(-1 if sep_ids is None else sep_ids, jnp.int32))
     stops = jnp.atleast_1d(jnp.asarray([-1] if stop_ids is None else stop_ids, jnp.int32))
+    for name, ids in (("sep_ids", seps), ("stop_ids", stops)):
+        if ids.ndim != 1 or ids.shape[0] == 0:
+            raise ValueError(
+                f"{name} must be one token id or a non-empty 1-D list, got shape {ids.shape}"
+            )
     return DecodeConfig(
         jnp.asarray(temperature, jnp.float32),
-        jnp.asarray(-1 if sep_id is None else sep_id, jnp.int32),
+        seps,
         stops,
         jnp.asarray(pad_id, jnp.int32),
     )
+
+
+def is_separator(token: Array, sep_ids: Array) -> Array:
+    """``bool[N]``: ``token int32[N]`` is one of ``sep_ids int32[S']`` (``-1`` matches no
+    token)."""
+    return jnp.any(token[:, None] == sep_ids[None, :], axis=1)
 
 
 def _replicated(n: int, value: int) -> Array:
@@ -220,7 +264,7 @@ def append_token(
     stop = go & jnp.any(token[:, None] == cfg.stop_ids[None, :], axis=1)
     full = go & (length >= max_len)
     done = state.done | stop | full
-    ended = go & (stop | full | (token == cfg.sep_id) | ends_step)
+    ended = go & (stop | full | is_separator(token, cfg.sep_ids) | ends_step)
     step_ends = state.step_ends.at[rows, jnp.where(ended, pos, max_len)].set(True, mode="drop")
     feed = go & ~done
     logits, cache = as_language_model(model).decode(token, state.cache, feed)

@@ -95,7 +95,7 @@ class TokenSMCParams(NamedTuple):
             adapter (its weights are leaves).
         prompt: ``int32[P]`` prompt tokens.
         decode: :class:`~tts_jax.samplers.lm.state.DecodeConfig`: proposal ``temperature``
-            (> 0), ``stop_ids int32[S]``, ``pad_id`` (``sep_id`` unused, -1).
+            (> 0), ``stop_ids int32[S]``, ``pad_id`` (``sep_ids`` unused, ``[-1]``).
         ess_threshold: resample when ``ESS < threshold * N`` (float32 scalar).
         potential: parameters of the sampler's ``potential`` (any pytree, or ``None``).
         constraint: parameters of the sampler's ``constraint`` (any pytree, or ``None``).
