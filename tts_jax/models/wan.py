@@ -225,27 +225,29 @@ class PatchEmbedding(nnx.Module):
         return jnp.einsum("nlk,dk->nld", out, kernel) + self.bias[...][None, None, :]
 
 
-def rope_tables(
-    config: WanConfig, frames: int, height: int, width: int
-) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(config: WanConfig, frames: int, height: int, width: int) -> tuple[Array, Array]:
     """The 3-D rotary tables of a token grid ``frames x height x width`` (patches).
 
+    Channel pair ``j`` of band ``a`` (frame, row, column) is rotated by ``pos_a theta^(-2j /
+    d_a)``. The per-axis angles are computed on the host in float64, as diffusers'
+    ``WanRotaryPosEmbed`` does, and rounded once to float32 (small constants ``[n_a, d_a]``);
+    the full tables are broadcast from them in the graph.
+
     Returns:
-        ``(cos, sin)``, each ``float32[frames * height * width, Dh]`` (host constants): channel
-        pair ``j`` of band ``a`` (frame, row, column) rotated by ``pos_a * theta^(-2j / d_a)``,
-        angles in float64 as diffusers' ``WanRotaryPosEmbed`` computes them.
+        ``(cos, sin)``, each ``float32[frames * height * width, Dh]``.
     """
-    grid = np.meshgrid(np.arange(frames), np.arange(height), np.arange(width), indexing="ij")
-    cos, sin = [], []
-    for pos, d in zip(grid, config.rope_axes, strict=True):
+    sizes = (frames, height, width)
+    tables: tuple[list[Array], list[Array]] = ([], [])
+    for axis, (n, d) in enumerate(zip(sizes, config.rope_axes, strict=True)):
         freqs = 1.0 / ROPE_THETA ** (np.arange(0, d, 2, dtype=np.float64) / d)
-        angles = pos.reshape(-1, 1).astype(np.float64) * freqs[None, :]
-        cos.append(np.repeat(np.cos(angles), 2, axis=-1))
-        sin.append(np.repeat(np.sin(angles), 2, axis=-1))
-    return (
-        np.concatenate(cos, axis=-1).astype(np.float32),
-        np.concatenate(sin, axis=-1).astype(np.float32),
-    )
+        angles = np.arange(n, dtype=np.float64)[:, None] * freqs[None, :]
+        view = [1, 1, 1, d]
+        view[axis] = n
+        for out, fn in zip(tables, (np.cos, np.sin), strict=True):
+            band = jnp.asarray(np.repeat(fn(angles), 2, axis=-1).astype(np.float32))
+            out.append(jnp.broadcast_to(band.reshape(view), (*sizes, d)))
+    cos, sin = (jnp.concatenate(t, axis=-1).reshape(frames * height * width, -1) for t in tables)
+    return cos, sin
 
 
 class WanAttention(nnx.Module):
@@ -443,8 +445,7 @@ class WanTransformer(nnx.Module):
             )
         timestep = jnp.broadcast_to(timestep, (n,))
         dtype = jnp.dtype(self.dtype)
-        cos, sin = rope_tables(c, gf, gh, gw)
-        rope = (jnp.asarray(cos), jnp.asarray(sin))
+        rope = rope_tables(c, gf, gh, gw)
         h = self.patch_embedding(latents)
         emb = self.condition_embedder
         temb = emb.time_embedder(timestep_embedding(timestep, c.freq_dim)).astype(dtype)
