@@ -16,12 +16,17 @@ do in the real vocabulary. Special tokens: ``<|endoftext|>`` (pad), ``<|im_start
 ``<|im_end|>`` (EOS of the chat), appended after the learned vocabulary as in Qwen2.
 
 On a shared 2-core machine call ``torch.set_num_threads(1)`` before building.
+:func:`shared_folders` builds the default pair once per test process (read-only: a test that
+edits a folder builds its own).
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +68,9 @@ CORPUS = (
     "Step 1: add the numbers.\n\nStep 2: divide by 3.\n\nThe final answer is 7.",
     "The area of the square is $16$ square units; its side is $4$ units.\n\n",
     "user assistant system question answer problem solution",
+    # U+FFFD, what a decoder writes for invalid UTF-8 bytes, is one token of real byte-level
+    # vocabularies too: a random policy's byte soup then re-encodes to as many tokens, not 3x.
+    "\n".join(["\ufffd"] * 12),
 )
 
 
@@ -212,6 +220,15 @@ def make_prm_folder(folder: str | Path, seed: int = 1) -> Path:
     gen = {"eos_token_id": _eos_ids(tok), "pad_token_id": tok.token_to_id("<|endoftext|>")}
     (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return folder
+
+
+@functools.cache
+def shared_folders() -> tuple[Path, Path]:
+    """``(policy, prm)``: the default :func:`make_policy_folder` and :func:`make_prm_folder`,
+    built once per process in a temporary folder removed at exit. Treat them as read-only."""
+    root = Path(tempfile.mkdtemp(prefix="tts-jax-lm-folders-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return make_policy_folder(root / "policy"), make_prm_folder(root / "prm")
 
 
 def prm_modules(config) -> tuple[torch.nn.Module, torch.nn.Module]:

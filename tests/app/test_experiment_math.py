@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 torch.set_num_threads(1)
 
-from tests.lm_folders import make_policy_folder, make_prm_folder  # noqa: E402
+from tests.lm_folders import shared_folders  # noqa: E402
 from tts_jax.app import experiment_math as M  # noqa: E402
 from tts_jax.app import runs  # noqa: E402
 from tts_jax.app.tasks.math.data import ProblemFormatError  # noqa: E402
@@ -26,7 +26,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("math-models")
     data = root / "math5.jsonl"
     data.write_text("".join(DATA.read_text().splitlines(keepends=True)[:5]))
-    return make_policy_folder(root / "policy"), make_prm_folder(root / "prm"), data
+    return (*shared_folders(), data)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,7 @@ def test_every_method_runs_end_to_end(method, base, bundle, tmp_path):
     assert (record["prm_calls"] > 0) == M.MATH_METHODS[method].uses_scorer
     assert record["selection"] == M.MATH_METHODS[method].selection
     assert record["tokens"] > 0 and record["lm_calls"] > 0
+    assert record["config"]["prm_scoring"] == "incremental"  # which PRM scorer ran
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["num_problems"] == 1 and result["ci_method"] == "wilson"
     low, high = result["correct_ci95"]
@@ -127,6 +128,12 @@ def test_config_is_validated_and_resolved(base, bundle, tmp_path):
         dataclasses.replace(base, method="gibbs", num_particles=2)
     with pytest.raises(ValueError, match="set prm"):
         dataclasses.replace(base, prm=None)
+    with pytest.raises(ValueError, match="unknown prm_scoring"):
+        dataclasses.replace(base, prm_scoring="cached")
+    host = bundle.scorer_and_params(dataclasses.replace(base, prm_scoring="host"), "1 + 1")
+    assert host == (bundle.scorers["host"], None)
+    scorer, params = bundle.scorer_and_params(base, "1 + 1")
+    assert scorer == bundle.scorers["incremental"] and int(params.head_length) > 0
     with pytest.raises(ValueError, match="unknown selection"):
         dataclasses.replace(base, selection="first")
     with pytest.raises(ValueError, match="problems"):

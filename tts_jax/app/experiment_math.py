@@ -6,9 +6,19 @@ MATH500-style problems), for any LM method of the library.
 A run is (:class:`MathRunConfig`: method, particle budget ``N``, seed, problem range, ...).
 :data:`MATH_METHODS` maps a method name to an adapter calling a library sampler with the task's
 prompt (:func:`~tts_jax.app.tasks.math.prompting.build_prompt`), the policy's stop ids and pad id
-(``generation_config.json``), the step separator token (``"\\n\\n"``) and the PRM behind the host
-boundary (:func:`~tts_jax.app.tasks.math.prm_format.prm_host_fn` in
-:func:`~tts_jax.samplers.lm.scoring.host_scorer`, built once per bundle):
+(``generation_config.json``), the step separators (every token whose text ends with the
+separator, ``"\\n\\n"`` by default:
+:func:`~tts_jax.app.tasks.math.prm_format.separator_token_ids`) and the PRM fed the model card's
+conversation. ``prm_scoring`` chooses how (both built once per bundle, with the same rewards):
+
+- ``incremental`` (default): :func:`~tts_jax.app.tasks.math.prm_format.conversation_prm_scorer`,
+  the PRM's KV cache kept per particle; after each step only the step's re-tokenized text and
+  its ``<extra_0>`` are appended (a host round trip for the tokenizers, linear in the steps);
+- ``host``: :func:`~tts_jax.app.tasks.math.prm_format.prm_host_fn` in
+  :func:`~tts_jax.samplers.lm.scoring.host_scorer`, the whole conversation re-tokenized and
+  re-read by the PRM at every step (quadratic; kept as a reference and a fallback).
+
+The methods:
 
 - ``greedy``: one temperature-0 completion (budget recorded as 1);
 - ``majority``: self-consistency over ``N`` samples (no PRM);
@@ -36,11 +46,10 @@ of the model folders, package versions), and a folder that holds another configu
 refused (:class:`ConfigMismatchError`). It then writes ``result.json``: accuracy with a 95%
 Wilson score interval, mean costs, the resolved config, seed and package versions.
 
-Limits: the samplers end a step at ONE separator token, the bare ``"\\n\\n"``; byte-level BPE
-vocabularies also have merged tokens ending with it (``".\\n\\n"``,
-:func:`~tts_jax.app.tasks.math.prm_format.separator_token_ids`), which do not end a step (such
-steps run on to the next bare separator or to ``max_step_tokens``). The PRM scorer reads the
-problem back from a ChatML prompt, so the policy must use ChatML (Qwen2 / Qwen2.5).
+Limits: a separator that the policy writes as several tokens (no token's text ends with all of
+it) does not end a step (it runs on to ``max_step_tokens``). The host PRM scorer reads the
+problem back from a ChatML prompt, so with ``prm_scoring="host"`` the policy must use ChatML
+(Qwen2 / Qwen2.5); the incremental one is given the problem.
 """
 
 from __future__ import annotations
@@ -93,6 +102,8 @@ SELECTIONS: dict[str, Callable[..., int]] = {
     "weight_vote": math_answers.weight_vote,
 }
 """Final-answer rules by name (``rule(result, answers, key) -> index``)."""
+PRM_SCORINGS = ("incremental", "host")
+"""How the PRM reads a partial solution (:class:`MathRunConfig` ``prm_scoring``)."""
 
 
 class NotAPRMError(ValueError):
@@ -129,10 +140,18 @@ class MathRunConfig:
         max_step_tokens: token limit of one step.
         max_new_tokens: completion budget; ``None``: ``generation_config.json``, else
             :data:`DEFAULT_MAX_NEW_TOKENS`.
-        separator: step separator text (one token of the policy tokenizer).
+        separator: step separator text: a step ends at every policy token whose text ends with
+            it (:func:`~tts_jax.app.tasks.math.prm_format.separator_token_ids`).
         system_prompt: system message of the policy prompt and of the PRM conversation.
         aggregation: per-step PRM scores -> one score: ``last`` | ``min`` | ``prod`` | ``model``.
         selection: final-answer rule in :data:`SELECTIONS`; ``None``: the method's default.
+        prm_scoring: how the PRM reads the steps, in :data:`PRM_SCORINGS` (same rewards):
+            ``incremental`` (its KV cache fed one step at a time) or ``host`` (the whole
+            conversation re-read at every step).
+        prm_token_ratio: the incremental scorer's bound on PRM tokens per policy token
+            (:class:`~tts_jax.models.lm_reward.ConversationPRMScorer` ``token_ratio``): its PRM
+            cache holds the head plus ``prm_token_ratio * max_new_tokens`` tokens, and a step
+            that re-encodes to more than ``prm_token_ratio * max_step_tokens`` is an error.
         out_dir: the run folder (``runs.jsonl``, ``config.json``, ``result.json``).
     """
 
@@ -154,6 +173,8 @@ class MathRunConfig:
     system_prompt: str = QWEN_MATH_SYSTEM
     aggregation: str = "last"
     selection: str | None = None
+    prm_scoring: str = "incremental"
+    prm_token_ratio: int = 2
     out_dir: str = "outputs/lm-math"
 
     def __post_init__(self):
@@ -170,6 +191,12 @@ class MathRunConfig:
                 f"gibbs runs {GIBBS_SWEEPS} sweeps of at least 2 particles: num_particles "
                 f"must be >= {2 * GIBBS_SWEEPS}, got {self.num_particles}"
             )
+        if self.prm_scoring not in PRM_SCORINGS:
+            raise ValueError(
+                f"unknown prm_scoring {self.prm_scoring!r}; known: {sorted(PRM_SCORINGS)}"
+            )
+        if self.prm_token_ratio < 1:
+            raise ValueError(f"prm_token_ratio must be >= 1, got {self.prm_token_ratio}")
         if self.selection is not None and self.selection not in SELECTIONS:
             raise ValueError(f"unknown selection {self.selection!r}; known: {sorted(SELECTIONS)}")
         if self.aggregation not in AGGREGATIONS:
@@ -228,21 +255,42 @@ class MathBundle:
         policy: the policy :class:`~tts_jax.models.lm.LM`.
         tokenizer: its ``transformers`` tokenizer.
         settings: its generation settings (stop ids, pad id, temperature, budget).
-        sep_id: the step separator's token id.
+        sep_ids: the policy tokens that end a step.
         problems: the problems of ``data``.
         prm_tokenizer: the PRM's tokenizer (``None`` without a PRM).
         prm: the PRM (:class:`~tts_jax.models.lm_reward.RewardModel`, or ``None``).
-        scorer: the host PRM scorer (``None`` without a PRM).
+        scorers: the PRM step scorers by ``prm_scoring`` name (empty without a PRM).
     """
 
     policy: Any
     tokenizer: Any
     settings: GenerationSettings
-    sep_id: int
+    sep_ids: tuple[int, ...]
     problems: tuple[MathProblem, ...]
     prm_tokenizer: Any = None
     prm: Any = None
-    scorer: StepScorer | None = None
+    scorers: dict[str, StepScorer] = dataclasses.field(default_factory=dict)
+
+    def scorer_and_params(self, config: MathRunConfig, problem: str) -> tuple[StepScorer, Any]:
+        """The PRM scorer of ``config.prm_scoring`` and its ``scorer_params`` for ``problem``
+        (the incremental one's conversation head; the host one reads the prompt).
+
+        Raises:
+            ValueError: the bundle was loaded without the PRM.
+        """
+        if not self.scorers:
+            raise ValueError(
+                f"method {config.method!r} needs the PRM: the bundle was loaded without"
+            )
+        if config.prm_scoring == "host":
+            return self.scorers["host"], None
+        params = prm_format.conversation_params(
+            self.prm, self.prm_tokenizer, problem, config.system_prompt
+        )
+        scorer = dataclasses.replace(
+            self.scorers["incremental"], token_ratio=config.prm_token_ratio
+        )  # equal scorers for equal ratios: no recompilation
+        return scorer, params
 
 
 def check_prm_folder(path: str | pathlib.Path) -> Any:
@@ -284,8 +332,8 @@ def load_prm(path: str | pathlib.Path) -> tuple[Any, Any]:
 
 
 def load_math_bundle(config: MathRunConfig, *, with_prm: bool | None = None) -> MathBundle:
-    """Load the policy, the tokenizers, the generation settings, the PRM and its host scorer
-    (built once), and the problems of ``config``.
+    """Load the policy, the tokenizers, the generation settings, the PRM and its scorers (both
+    :data:`PRM_SCORINGS`, built once), and the problems of ``config``.
 
     Args:
         config: the run (its folders, data, separator and system prompt are used).
@@ -295,23 +343,31 @@ def load_math_bundle(config: MathRunConfig, *, with_prm: bool | None = None) -> 
     Raises:
         FileNotFoundError: a folder or file is missing.
         NotAPRMError: the PRM folder is not a PRM.
-        ValueError: the separator is not one token, invalid files, problems without the fields
-            (naming the line), ...
+        ValueError: no policy token ends with the separator, invalid files, problems without
+            the fields (naming the line), ...
     """
     from tts_jax.models.lm import load_lm
 
     tokenizer = prompting.load_tokenizer(config.policy)
     settings = prompting.read_generation_settings(config.policy, tokenizer)
-    sep_id = prm_format.step_separator_id(tokenizer, config.separator)
+    sep_ids = prm_format.separator_token_ids(tokenizer, config.separator)
+    if not sep_ids:
+        raise ValueError(
+            f"no token of the policy tokenizer ends with the step separator {config.separator!r}"
+        )
     problems = tuple(load_problems(config.data, config.problem_field, config.answer_field))
     if with_prm is None:
         with_prm = MATH_METHODS[config.method].uses_scorer
-    prm_tokenizer = prm = scorer = None
+    prm_tokenizer = prm = None
+    scorers = {}
     if with_prm:
         if not config.prm:
             raise ValueError("load_math_bundle(with_prm=True) needs config.prm")
         prm_tokenizer, prm = load_prm(config.prm)
-        scorer = host_scorer(
+        scorers["incremental"] = prm_format.conversation_prm_scorer(
+            tokenizer, prm_tokenizer, config.separator
+        )
+        scorers["host"] = host_scorer(
             prm_format.prm_host_fn(
                 tokenizer,
                 prm_tokenizer,
@@ -321,17 +377,19 @@ def load_math_bundle(config: MathRunConfig, *, with_prm: bool | None = None) -> 
             )
         )
     _, policy = load_lm(config.policy)
-    return MathBundle(policy, tokenizer, settings, sep_id, problems, prm_tokenizer, prm, scorer)
+    return MathBundle(policy, tokenizer, settings, sep_ids, problems, prm_tokenizer, prm, scorers)
 
 
 # --------------------------------------------------------------------------- methods
 
 
 class Prompt(NamedTuple):
-    """A prompt right-padded to a multiple of :data:`PROMPT_BUCKET` and its real length."""
+    """A prompt right-padded to a multiple of :data:`PROMPT_BUCKET`, its real length and the
+    problem statement it asks (for the PRM's own conversation)."""
 
     ids: np.ndarray
     length: int
+    problem: str = ""
 
 
 class MathMethod(NamedTuple):
@@ -353,22 +411,22 @@ class MathMethod(NamedTuple):
 def _sample(sampler, key, bundle, config, prompt, *, scored=True, **overrides) -> Result:
     """``sampler`` on ``prompt`` with the run's settings and ``N`` particles, scored by the PRM
     if ``scored`` (else by a constant); ``overrides`` replace or add keyword arguments."""
-    scorer = bundle.scorer if scored else constant_scorer
-    if scorer is None:
-        raise ValueError(f"method {config.method!r} needs the PRM: the bundle was loaded without")
+    scorer, params = constant_scorer, None
+    if scored:
+        scorer, params = bundle.scorer_and_params(config, prompt.problem)
     kwargs = {
         "num_particles": config.num_particles,
         "max_steps": config.max_steps,
         "max_step_tokens": config.max_step_tokens,
         "max_new_tokens": config.max_new_tokens,
         "temperature": config.temperature,
-        "sep_id": bundle.sep_id,
+        "sep_ids": list(bundle.sep_ids),
         "stop_ids": list(bundle.settings.stop_ids),
         "pad_id": bundle.settings.pad_id,
         "aggregation": config.aggregation,
         "prompt_length": prompt.length,
     }
-    return sampler(key, bundle.policy, prompt.ids, scorer, None, **(kwargs | overrides))
+    return sampler(key, bundle.policy, prompt.ids, scorer, params, **(kwargs | overrides))
 
 
 def _greedy(key, bundle, config, prompt):
@@ -459,7 +517,7 @@ def encode_prompt(bundle: MathBundle, config: MathRunConfig, problem: MathProble
     width = -(-len(ids) // PROMPT_BUCKET) * PROMPT_BUCKET
     padded = np.full((width,), bundle.settings.pad_id, np.int32)
     padded[: len(ids)] = ids
-    return Prompt(padded, len(ids))
+    return Prompt(padded, len(ids), problem.problem)
 
 
 def completion_texts(bundle: MathBundle, result: Result) -> list[str]:
@@ -648,7 +706,7 @@ def math_task(
         return [sweeps.Unit(base, i) for i in range(*base.problems)]
 
     def check(units, bundle):
-        if MATH_METHODS[units[0].config.method].uses_scorer and bundle.scorer is None:
+        if MATH_METHODS[units[0].config.method].uses_scorer and not bundle.scorers:
             raise ValueError(f"method {units[0].config.method!r} needs a bundle with the PRM")
 
     return sweeps.Task(

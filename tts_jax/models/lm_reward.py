@@ -11,13 +11,19 @@ As step scorers of the LM samplers (:class:`~tts_jax.rewards.base.StepScorer`, w
 ``scorer_params``): :data:`prm_scorer` rereads the whole prompt + completion at every step
 (``[N, P + L]`` tokens per call, quadratic in the number of steps); :data:`cached_prm_scorer`
 keeps the PRM's own KV cache in each particle's state and feeds it only the tokens written since
-the last step, with the same scores (attention is causal).
+the last step, with the same scores (attention is causal). Both read the policy's own tokens, so
+they suit a PRM trained on the policy's format (same vocabulary). :class:`ConversationPRMScorer`
+feeds a PRM *its own* input format (e.g. the Qwen2.5-Math-PRM model card's conversation, each
+step followed by a marker token) incrementally too: the conversation's head is prefilled once,
+and after every step only the step's re-encoded tokens and its marker are appended to the PRM's
+KV cache and the reward is read at the marker.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -139,6 +145,20 @@ class PRMCache(NamedTuple):
     log_prod: Array
 
 
+def _fold_step_scores(
+    state: PRMCache, cache: KVCache, fed: Array, logits: Array, ends: Array
+) -> PRMCache:
+    """``state`` after new PRM positions with head outputs ``logits float32[N, T, 2]``, of
+    which ``ends bool[N, T]`` are step ends: the running newest / minimum / log-product of the
+    step scores ``softmax(logits)[1]`` (a row without a new step end keeps its values)."""
+    p = jax.nn.softmax(logits, axis=-1)[..., 1]
+    newest = jnp.sum(jnp.where(last_step_only(ends), p, 0.0), axis=1)
+    last = jnp.where(jnp.any(ends, axis=1), newest, state.last)
+    low = jnp.minimum(state.low, jnp.min(jnp.where(ends, p, jnp.inf), axis=1))
+    log_prod = state.log_prod + jnp.sum(jnp.where(ends, jnp.log(p), 0.0), axis=1)
+    return PRMCache(cache, fed, last, low, log_prod)
+
+
 @dataclasses.dataclass(frozen=True)
 class CachedPRMScorer:
     """:class:`~tts_jax.rewards.base.StepScorer` of a 2-label PRM that keeps the PRM's KV cache
@@ -215,12 +235,7 @@ class CachedPRMScorer:
         tokens = jnp.take_along_axis(completion, safe, axis=1)
         ends = jnp.take_along_axis(step_ends, safe, axis=1) & (positions < length[:, None])
         logits, cache = reward_logits(prm, tokens, state.cache, length - state.fed)
-        p = jax.nn.softmax(logits, axis=-1)[..., 1]
-        newest = jnp.sum(jnp.where(last_step_only(ends), p, 0.0), axis=1)
-        last = jnp.where(jnp.any(ends, axis=1), newest, state.last)
-        low = jnp.minimum(state.low, jnp.min(jnp.where(ends, p, jnp.inf), axis=1))
-        log_prod = state.log_prod + jnp.sum(jnp.where(ends, jnp.log(p), 0.0), axis=1)
-        state = PRMCache(cache, length, last, low, log_prod)
+        state = _fold_step_scores(state, cache, length, logits, ends)
         return self.read(prm, state, completion, length, step_ends, how), state
 
     def read(
@@ -257,6 +272,112 @@ class CachedPRMScorer:
 
 cached_prm_scorer = CachedPRMScorer()
 """The cached PRM step scorer (samplers compile per scorer value; this one is shared)."""
+
+
+class PRMConversation(NamedTuple):
+    """The ``scorer_params`` of a :class:`ConversationPRMScorer`, for one problem.
+
+    Attributes:
+        prm: the 2-label :class:`RewardModel`.
+        head: ``int32[H]`` the PRM conversation's tokens before the first step (for
+            Qwen2.5-Math-PRM: system, user, the assistant header), right-padded; traced, so
+            problems whose heads are padded to one width share a compiled sampler.
+        head_length: int32 scalar, its real tokens (``1 <= . <= H``).
+        step_token: int32 scalar, the marker token that follows every step (``<extra_0>``),
+            where the step's reward is read.
+    """
+
+    prm: RewardModel
+    head: Array
+    head_length: Array
+    step_token: Array
+
+
+# encode(completion int32[N, L], step_ends bool[N, L], fed int32[N], length int32[N],
+#        room int32[N], width) -> (ids int32[N, width], count int32[N], fed int32[N])
+StepEncoder = Callable[[Array, Array, Array, Array, Array, int], tuple[Array, Array, Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversationPRMScorer(CachedPRMScorer):
+    """:class:`~tts_jax.rewards.base.StepScorer` of a 2-label PRM that reads its own input
+    format (a conversation in which every step is followed by a marker token), fed
+    incrementally from a KV cache kept per particle (``scorer_params``: a
+    :class:`PRMConversation`; state: :class:`PRMCache`, resampled with the particles).
+
+    :meth:`init` prefills the conversation's head once on one row and broadcasts it. After every
+    step, :meth:`update` asks ``encode`` for the PRM tokens of each row's newly completed
+    steps, each step's tokens followed by ``step_token``, appends them to the row's PRM cache
+    (one PRM pass over ``token_ratio * window`` positions per particle) and reads each new step's
+    reward ``softmax(logits)[1]`` at its marker. The PRM thus sees, after ``k`` steps, exactly
+    the head plus ``k`` encoded steps each with its marker: for Qwen2.5-Math-PRM, the token
+    prefix of the model card's conversation up to the ``k``-th ``<extra_0>``
+    (:func:`tts_jax.app.tasks.math.prm_format.conversation_step_encoder`), whose rewards equal
+    those of the whole conversation because attention is causal. Cost per step: the new step's
+    tokens, not the conversation (:data:`prm_scorer`-like rescoring re-reads everything).
+
+    Attributes:
+        encode: a :data:`StepEncoder`: ``encode(completion, step_ends, fed, length, room,
+            width)`` returns, per row, the PRM tokens (``int32[N, width]``, right-padded) of
+            the steps that end in ``completion[fed:length]`` (marked in ``step_ends``), their
+            number ``count int32[N]`` (``<= room``, the row's free cache positions) and the new
+            ``fed`` (just after the last step end; tokens of an unfinished step wait for its
+            end). Static (hashed by identity): build it once, e.g. a host function behind
+            ``jax.pure_callback``.
+        token_ratio: static bound on PRM tokens per policy token: one update appends at most
+            ``token_ratio * window`` tokens per row, and the cache holds the head plus
+            ``token_ratio * max_new_tokens``. The encoder must refuse (not truncate) a step
+            that does not fit.
+    """
+
+    encode: StepEncoder
+    token_ratio: int = 2
+
+    def init(
+        self,
+        params: PRMConversation,
+        prompt: Array,
+        prompt_length: Array | None,
+        num_particles: int,
+        max_new_tokens: int,
+    ) -> PRMCache:
+        """Prefill ``params.head`` once and broadcast it to ``num_particles`` rows of a cache for
+        ``H + token_ratio * max_new_tokens`` tokens (the policy ``prompt`` is not read: the
+        head carries the problem in the PRM's format)."""
+        if not isinstance(params, PRMConversation):
+            raise ValueError(
+                "ConversationPRMScorer takes a PRMConversation (prm, head, head_length, "
+                f"step_token) as scorer_params, got {type(params).__name__}"
+            )
+        room = self.token_ratio * max_new_tokens
+        return super().init(params.prm, params.head, params.head_length, num_particles, room)
+
+    def update(
+        self,
+        params: PRMConversation,
+        state: PRMCache,
+        completion: Array,
+        length: Array,
+        step_ends: Array,
+        window: int,
+        how: Aggregation,
+        needed: Array | bool = True,
+    ) -> tuple[Array, PRMCache]:
+        """Append every row's newly completed steps (encoded, each with its marker) to its PRM
+        cache and aggregate the step rewards (always, whatever ``needed``).
+
+        Returns:
+            ``(score float32[N], state)``: ``how`` (a built-in aggregation) of every step reward
+            read so far.
+        """
+        width = self.token_ratio * window
+        cache = state.cache
+        room = cache.max_len - cache.length
+        ids, count, fed = self.encode(completion, step_ends, state.fed, length, room, width)
+        logits, cache = reward_logits(params.prm, ids, cache, count)
+        ends = (ids == params.step_token) & (jnp.arange(width)[None, :] < count[:, None])
+        state = _fold_step_scores(state, cache, fed, logits, ends)
+        return self.read(params, state, completion, length, step_ends, how), state
 
 
 def outcome_scores(rm: RewardModel, tokens: Array, lengths: Array) -> Array:

@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)
 
-from tests.lm_folders import make_policy_folder, make_prm_folder, reference_step_rewards  # noqa
+from tests.lm_folders import reference_step_rewards, shared_folders  # noqa: E402
 from tts_jax.app.tasks.math import prm_format as F  # noqa: E402
 from tts_jax.app.tasks.math import prompting as P  # noqa: E402
 from tts_jax.models.lm_reward import load_reward_model  # noqa: E402
@@ -17,9 +17,8 @@ STEPS = ["The sum is $3$.", "Step 2: divide by 3.", "So the answer is $\\boxed{3
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("math_prm")
-    return make_policy_folder(root / "policy"), make_prm_folder(root / "prm")
+def folders():
+    return shared_folders()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)
 
-from tests.lm_folders import make_policy_folder  # noqa: E402
+from tests.lm_folders import shared_folders  # noqa: E402
 from tts_jax.app.tasks.math import prm_format as F  # noqa: E402
 from tts_jax.app.tasks.math import prompting as P  # noqa: E402
 
@@ -19,8 +19,8 @@ PROBLEM = "What is $\\frac{1}{2} + \\frac{1}{3}$?"
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    return make_policy_folder(tmp_path_factory.mktemp("policy"))
+def policy():
+    return shared_folders()[0]
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ Steps. A solution is split into steps at a separator string, by default a blank 
 (:data:`STEP_SEPARATOR` ``"\\n\\n"``, as its_hub and Puri et al. 2025 do). Byte-level BPE
 vocabularies (Qwen2) merge the separator with what precedes it (``".\\n\\n"``, ``":\\n\\n"`` are
 single tokens), so a step end is a *token whose text ends with the separator*:
-:func:`separator_token_ids` lists them; the LM samplers take one ``sep_id`` and
-:func:`step_separator_id` returns the bare separator's token.
+:func:`separator_token_ids` lists them, the LM samplers' ``sep_ids`` (:func:`step_separator_id`
+returns the bare separator's token alone).
 
 The PRM input (the Qwen2.5-Math-PRM model card): the chat ``system`` (:data:`QWEN_MATH_SYSTEM`),
 ``user`` (the problem), ``assistant`` (the steps, each followed by :data:`PRM_STEP_TOKEN`
@@ -13,17 +13,25 @@ The PRM input (the Qwen2.5-Math-PRM model card): the chat ``system`` (:data:`QWE
 tokenized; the reward of step ``k`` is ``softmax(logits)[1]`` at the ``k``-th ``<extra_0>``
 (:func:`tts_jax.models.lm_reward.prm_scores` with the mask of :func:`prm_conversation`).
 
-Policy completion -> PRM input (:func:`policy_to_prm`): the completion's token ids are decoded
-with the policy tokenizer, cut into steps at the sampler's step-end marks, and re-rendered and
-re-tokenized with the PRM tokenizer, on the host. Cost per scoring of one particle: a decode of
-its ``L`` completion tokens, a chat-template render and a tokenization of the ``P' + L'``
-conversation (pure Python / Rust, roughly tens of microseconds per hundred tokens), and a PRM
-forward over all ``P' + L'`` positions: the PRM's KV cache cannot be kept across steps because
-the input is rebuilt, so a step-level method re-reads the prefix at every step (quadratic in the
-number of steps, like :data:`~tts_jax.models.lm_reward.prm_scorer`), plus one device -> host ->
-device round trip per scoring when it runs behind :func:`~tts_jax.samplers.lm.scoring.host_scorer`.
-When policy and PRM share a vocabulary and a format, the in-graph
-:data:`~tts_jax.models.lm_reward.cached_prm_scorer` avoids all of this.
+Policy completion -> PRM input, two ways with the same rewards:
+
+* Incremental (:func:`conversation_prm_scorer`, the default of the math runner): the PRM's KV
+  cache is kept per particle. The conversation's head (system, user, assistant header:
+  :func:`conversation_parts`) is prefilled once per problem; after each step, the step's policy
+  tokens are decoded, cut (:func:`step_text`) and encoded with the PRM tokenizer on the host
+  (:func:`new_steps_to_prm`, one ``jax.pure_callback`` per step for all particles, no JAX inside
+  it), and only those tokens and the step's ``<extra_0>`` are appended to the PRM cache; the
+  reward is read at that marker. The PRM has then read exactly :func:`prm_conversation`'s tokens
+  up to the last ``<extra_0>`` (the template's ``<|im_end|>`` after it never matters: attention
+  is causal). Cost per step: one step's tokens per particle. The step is re-encoded even when
+  policy and PRM share a vocabulary: the model card's steps are stripped of the separator,
+  which byte-level BPE merged into the step's last policy token (``"$.\\n\\n"``), so the
+  policy's tokens are not the PRM's.
+* Host (:func:`prm_host_fn` in :func:`~tts_jax.samplers.lm.scoring.host_scorer`): each scoring
+  decodes the whole completion, re-renders and re-tokenizes the ``P' + L'`` conversation and
+  runs the PRM over all of it (quadratic in the number of steps, like
+  :data:`~tts_jax.models.lm_reward.prm_scorer`), with the PRM's forward inside the callback.
+  Kept as the reference and for chat formats the incremental head cannot be cut from.
 """
 
 from __future__ import annotations
@@ -98,13 +106,18 @@ def step_token_id(tokenizer: Any) -> int:
     return ids[0]
 
 
+def clean_step(step: str) -> str:
+    """A step as the PRM conversation holds it: without marker text (a marker inside a step
+    would be read as a step end)."""
+    return step.replace(PRM_STEP_TOKEN, "")
+
+
 def prm_text(
     tokenizer: Any, problem: str, steps: Sequence[str], system_prompt: str = QWEN_MATH_SYSTEM
 ) -> str:
     """The rendered PRM conversation: ``system``, ``user`` (problem), ``assistant`` (each step
     followed by ``<extra_0>``; marker text inside a step is removed), no generation prompt."""
-    clean = [s.replace(PRM_STEP_TOKEN, "") for s in steps]
-    answer = "".join(s + PRM_STEP_TOKEN for s in clean)
+    answer = "".join(clean_step(s) + PRM_STEP_TOKEN for s in steps)
     chat = messages(problem, system_prompt) + [{"role": "assistant", "content": answer}]
     return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
 
@@ -133,6 +146,12 @@ def prm_conversation(
             f"{len(steps)} steps: check the PRM tokenizer's chat template"
         )
     return PRMInput(ids.astype(np.int32), mask)
+
+
+def step_text(text: str, separator: str = STEP_SEPARATOR) -> str:
+    """A step's decoded text (separator included) as the PRM reads it: stripped, ``separator``
+    removed from its end."""
+    return text.strip().removesuffix(separator.strip()).strip()
 
 
 def completion_steps(
@@ -165,7 +184,7 @@ def completion_steps(
     steps, start = [], 0
     for end in ends:
         text = tokenizer.decode(ids[start : end + 1], skip_special_tokens=True)
-        steps.append(text.strip().removesuffix(separator.strip()).strip())
+        steps.append(step_text(text, separator))
         start = int(end) + 1
     if include_tail:
         tail = tokenizer.decode(ids[start:], skip_special_tokens=True).strip()
@@ -317,3 +336,223 @@ def prm_host_fn(
         return out
 
     return fn
+
+
+# --------------------------------------------------------------------------- incremental input
+
+
+class ConversationParts(NamedTuple):
+    """The PRM conversation of one problem around its steps: for any ``steps``,
+    ``prm_conversation(tokenizer, problem, steps).ids == head + encode_step(s_1) + ... +
+    encode_step(s_k) + tail`` (:func:`conversation_parts` checks the template's part of it).
+
+    Attributes:
+        head: ``int32[H]`` system, user and the assistant header (everything before the first
+            step).
+        tail: ``int32[T]`` what the template writes after the last step's marker (e.g.
+            ``<|im_end|>\\n``); never fed to the PRM (attention is causal, so it does not change
+            the step rewards).
+        step_token: the id of :data:`PRM_STEP_TOKEN`.
+    """
+
+    head: np.ndarray
+    tail: np.ndarray
+    step_token: int
+
+
+_PROBE_STEP = "Probe: $1 + 1 = 2$."
+
+
+def encode_step(tokenizer: Any, step: str) -> list[int]:
+    """The PRM tokens of one step text (already through :func:`step_text`) and its marker."""
+    return encode(tokenizer, clean_step(step)) + [step_token_id(tokenizer)]
+
+
+def conversation_parts(
+    tokenizer: Any, problem: str, system_prompt: str = QWEN_MATH_SYSTEM
+) -> ConversationParts:
+    """Split the PRM conversation of ``problem`` into head, steps and tail.
+
+    Why the steps can be encoded one at a time: each step is followed by the special token
+    ``<extra_0>``, and a tokenizer splits its input at special tokens before the byte-level BPE
+    runs, so the tokens of a step never depend on the text after its marker; the first step
+    follows the assistant header's newline, which the Qwen2 pre-tokenizer never merges with a
+    (stripped, so non-space) step. This function checks the template's side on a probe step
+    (the steps are rendered verbatim between the head and the tail); the tests check the
+    equality token for token at every step on a Qwen2 tokenizer.
+
+    Raises:
+        ValueError: the tokenizer has no ``<extra_0>``, or its chat template does not render the
+            assistant content verbatim between a fixed head and tail.
+    """
+    marker = step_token_id(tokenizer)
+    one = prm_conversation(tokenizer, problem, [""], system_prompt).ids
+    cut = int(np.flatnonzero(one == marker)[0])
+    head, tail = one[:cut], one[cut + 1 :]
+    probe = prm_conversation(tokenizer, problem, [_PROBE_STEP, ""], system_prompt).ids
+    expected = np.concatenate(
+        [head, encode_step(tokenizer, _PROBE_STEP), encode_step(tokenizer, ""), tail]
+    )
+    if probe.tolist() != expected.tolist():
+        raise ValueError(
+            "the PRM tokenizer's chat template does not render the assistant's steps verbatim "
+            "between a fixed head and tail: the PRM input cannot be built step by step (use "
+            "the host scorer, prm_host_fn)"
+        )
+    return ConversationParts(head, tail.astype(np.int32), marker)
+
+
+def incremental_ids(
+    tokenizer: Any, problem: str, steps: Sequence[str], system_prompt: str = QWEN_MATH_SYSTEM
+) -> np.ndarray:
+    """``int32``: what the incremental scorer has fed the PRM after ``steps``: the head and
+    each step with its marker (:func:`prm_conversation`'s tokens up to the last marker)."""
+    parts = conversation_parts(tokenizer, problem, system_prompt)
+    ids = list(parts.head) + [i for s in steps for i in encode_step(tokenizer, s)]
+    return np.asarray(ids, np.int32)
+
+
+def conversation_params(
+    prm: Any,
+    tokenizer: Any,
+    problem: str,
+    system_prompt: str = QWEN_MATH_SYSTEM,
+    bucket: int = 64,
+) -> Any:
+    """The :class:`~tts_jax.models.lm_reward.PRMConversation` (``scorer_params`` of the
+    incremental scorer) of one problem: the head of :func:`conversation_parts`, right-padded
+    with the PRM's pad id to a multiple of ``bucket`` (one compiled sampler per width)."""
+    import jax.numpy as jnp
+
+    from tts_jax.models.lm_reward import PRMConversation
+
+    parts = conversation_parts(tokenizer, problem, system_prompt)
+    h = parts.head.shape[0]
+    head = np.full((-(-h // bucket) * bucket,), tokenizer.pad_token_id or 0, np.int32)
+    head[:h] = parts.head
+    return PRMConversation(
+        prm, jnp.asarray(head), jnp.asarray(h, jnp.int32), jnp.asarray(parts.step_token, jnp.int32)
+    )
+
+
+def new_steps_to_prm(
+    policy_tokenizer: Any,
+    prm_tokenizer: Any,
+    completion: np.ndarray,
+    step_ends: np.ndarray,
+    fed: np.ndarray,
+    length: np.ndarray,
+    room: np.ndarray,
+    width: int,
+    separator: str = STEP_SEPARATOR,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The host side of :func:`conversation_step_encoder`: the PRM tokens of every row's steps
+    completed since ``fed`` (a :data:`~tts_jax.models.lm_reward.StepEncoder`).
+
+    Each step ``completion[i, start:end + 1]`` (``end`` a mark of ``step_ends`` before
+    ``length[i]``) is decoded with the policy tokenizer (special tokens such as the stop token
+    dropped), cut as :func:`completion_steps` does (:func:`step_text`) and encoded with its
+    marker (:func:`encode_step`); all rows' steps in one batched decode and one batched encode.
+
+    Returns:
+        ``(ids int32[N, width], count int32[N], fed int32[N])``: right-padded PRM tokens, their
+        number, and the position after each row's last completed step.
+
+    Raises:
+        ValueError: a row's new PRM tokens exceed ``width`` or its free cache positions
+            ``room`` (naming the bound to raise), never truncated.
+    """
+    completion, step_ends = np.asarray(completion), np.asarray(step_ends, bool)
+    fed, length, room = (np.asarray(a, np.int64) for a in (fed, length, room))
+    n = completion.shape[0]
+    ids = np.full((n, width), prm_tokenizer.pad_token_id or 0, np.int32)
+    count = np.zeros((n,), np.int32)
+    new_fed = fed.astype(np.int32)
+    pieces, owners = [], []
+    for i in range(n):
+        start = int(fed[i])
+        for end in np.flatnonzero(step_ends[i, start : length[i]]) + start:
+            pieces.append(completion[i, start : end + 1].tolist())
+            owners.append(i)
+            start = int(end) + 1
+        new_fed[i] = start
+    if not pieces:
+        return ids, count, new_fed
+    marker = step_token_id(prm_tokenizer)
+    texts = policy_tokenizer.batch_decode(pieces, skip_special_tokens=True)
+    steps = [clean_step(step_text(t, separator)) for t in texts]
+    encoded = prm_tokenizer(steps, add_special_tokens=False)["input_ids"]
+    rows: dict[int, list[int]] = {}
+    for i, step in zip(owners, encoded, strict=True):
+        rows.setdefault(i, []).extend(list(step) + [marker])
+    for i, row in rows.items():
+        if len(row) > min(width, room[i]):
+            raise ValueError(
+                f"particle {i}: its new steps are {len(row)} PRM tokens, more than the "
+                f"incremental PRM scorer's bound ({width} per step = token_ratio * "
+                f"max_step_tokens, {int(room[i])} left in its PRM cache = token_ratio * "
+                "max_new_tokens in all): raise ConversationPRMScorer.token_ratio"
+            )
+        ids[i, : len(row)] = row
+        count[i] = len(row)
+    return ids, count, new_fed
+
+
+def conversation_step_encoder(
+    policy_tokenizer: Any, prm_tokenizer: Any, separator: str = STEP_SEPARATOR
+) -> Callable[..., tuple[Any, Any, Any]]:
+    """The :data:`~tts_jax.models.lm_reward.StepEncoder` of Qwen2.5-Math-PRM's model-card
+    input: :func:`new_steps_to_prm` behind one ``jax.pure_callback`` (host tokenizers, no JAX
+    inside the callback). Build it once per tokenizer pair: the scorer is hashed by it."""
+    import jax
+    import jax.numpy as jnp
+
+    def host(completion, step_ends, fed, length, room, *, width):
+        return new_steps_to_prm(
+            policy_tokenizer,
+            prm_tokenizer,
+            completion,
+            step_ends,
+            fed,
+            length,
+            room,
+            width,
+            separator,
+        )
+
+    def encode_steps(completion, step_ends, fed, length, room, width):
+        n = completion.shape[0]
+        out = (
+            jax.ShapeDtypeStruct((n, width), jnp.int32),
+            jax.ShapeDtypeStruct((n,), jnp.int32),
+            jax.ShapeDtypeStruct((n,), jnp.int32),
+        )
+        return jax.pure_callback(
+            functools.partial(host, width=width),
+            out,
+            completion,
+            step_ends,
+            fed,
+            length,
+            room,
+            vmap_method="sequential",
+        )
+
+    return encode_steps
+
+
+def conversation_prm_scorer(
+    policy_tokenizer: Any,
+    prm_tokenizer: Any,
+    separator: str = STEP_SEPARATOR,
+    token_ratio: int = 2,
+) -> Any:
+    """The incremental model-card PRM scorer
+    (:class:`~tts_jax.models.lm_reward.ConversationPRMScorer` with
+    :func:`conversation_step_encoder`); its ``scorer_params`` per problem are
+    :func:`conversation_params`. Build it once per tokenizer pair (samplers compile per
+    scorer)."""
+    from tts_jax.models.lm_reward import ConversationPRMScorer
+
+    encoder = conversation_step_encoder(policy_tokenizer, prm_tokenizer, separator)
+    return ConversationPRMScorer(encoder, token_ratio)
