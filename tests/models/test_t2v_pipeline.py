@@ -207,6 +207,11 @@ def test_fk_steering_runs_unchanged_on_video_latents(pipe):
     assert int(result.cost.nfe) == n * steps
 
 
+def _brightness(scale, video, cond=None):
+    """A reward on decoded videos ``[N, 3, T, H, W]``: the scaled mean pixel."""
+    return scale * video.mean(axis=(1, 2, 3, 4))
+
+
 def test_decode_is_the_pipelines_last_step(pipe, wan):
     if pipe.vae_params is None:
         with pytest.raises(NotImplementedError, match="AutoencoderKLWan"):
@@ -224,6 +229,11 @@ def test_decode_is_the_pipelines_last_step(pipe, wan):
         ref = wan.vae.decode(torch.from_numpy(x * std + mean), return_dict=False)[0].numpy()
     assert video.shape == (1, 3, T.FRAMES, T.HEIGHT, T.WIDTH)
     np.testing.assert_allclose(video, np.clip(ref, -1, 1), atol=1e-4, rtol=0)
+    # a reward on decoded videos, on latents
+    reward = TV.decoded_video_reward(pipe, _brightness, np.float32(2.0), "brightness")
+    with jax.numpy_rank_promotion("allow"):
+        score = np.asarray(reward.apply(reward.params, jnp.asarray(x)))
+    np.testing.assert_allclose(score, 2.0 * video.mean(axis=(1, 2, 3, 4)), rtol=1e-5)
 
 
 def test_video_equals_wanpipeline_end_to_end(pipe, reference):

@@ -17,7 +17,11 @@ from tts_jax.models.pipelines.text_to_image import (
     load_text_to_image,
     with_guidance,
 )
-from tts_jax.models.pipelines.text_to_video import TextToVideoPipeline, load_text_to_video
+from tts_jax.models.pipelines.text_to_video import (
+    TextToVideoPipeline,
+    decoded_video_reward,
+    load_text_to_video,
+)
 
 __all__ = [
     "TextCondition",
@@ -25,6 +29,7 @@ __all__ = [
     "TextToVideoPipeline",
     "decode_latents",
     "decoded_reward",
+    "decoded_video_reward",
     "load_text_to_image",
     "load_text_to_video",
     "with_guidance",

@@ -47,7 +47,8 @@ Conventions (those of the text-to-image pipelines, see that module):
   conditioning are refused.
 * **Decoding**: :meth:`TextToVideoPipeline.decode` is ``vae.decode(latents * std + mean)``,
   clipped to ``[-1, 1]`` (diffusers' ``output_type="np"`` video is ``(decode + 1) / 2`` in
-  ``[N, F, H, W, 3]``).
+  ``[N, F, H, W, 3]``); :func:`decoded_video_reward` turns a reward on decoded videos into one
+  on latents, the decoder inside the sampler's graph.
 
 Precision: ``dtype`` (float32 or bfloat16) is the parameter and compute dtype of every network
 (norms, softmax, rotary angles and the time embedding stay float32, see the model modules); the
@@ -61,7 +62,7 @@ import functools
 import html
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,7 @@ from tts_jax.models.pipelines.schedule import (
 from tts_jax.models.pipelines.text_to_image import T2IFlowParams
 from tts_jax.models.t5 import load_t5_encoder, t5_encoder_apply
 from tts_jax.models.wan import WanConfig, load_wan, wan_apply
+from tts_jax.rewards.base import Reward
 
 Array = jax.Array
 Split = tuple[nnx.GraphDef, nnx.State]
@@ -416,11 +418,63 @@ def _load_vae(path: Path, dtype: Any) -> tuple[Split | None, str | None]:
 
 @functools.partial(jax.jit, static_argnames="stats")
 def _decode(vae: Split, latents: Array, stats: tuple[tuple[float, ...], tuple[float, ...]]):
+    """Normalised latents -> ``float32`` video in ``[-1, 1]`` (``stats`` = mean, std)."""
     shape = (1, len(stats[0]), 1, 1, 1)
     mean = jnp.asarray(stats[0], latents.dtype).reshape(shape)
     std = jnp.asarray(stats[1], latents.dtype).reshape(shape)
     video = nnx.merge(*vae).decode(latents * std + mean)
     return jnp.clip(video.astype(jnp.float32), -1.0, 1.0)
+
+
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+class DecodedVideoRewardParams(NamedTuple):
+    """``vae``: ``nnx.split`` of the video VAE; ``video``: the video reward's own params."""
+
+    vae: Split
+    video: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedVideoReward:
+    """Apply of :func:`decoded_video_reward`: ``video_apply(params.video, decode(x), cond)``.
+
+    Attributes:
+        video_apply: the reward on decoded videos.
+        stats: the VAE's ``(latents_mean, latents_std)`` (static, hashable).
+    """
+
+    video_apply: Any
+    stats: Stats
+
+    def __call__(self, params: DecodedVideoRewardParams, x: Array, cond: Any = None) -> Array:
+        return self.video_apply(params.video, _decode(params.vae, x, self.stats), cond)
+
+
+def decoded_video_reward(
+    pipeline: TextToVideoPipeline, video_apply: Any, video_params: Any = None, name: str = "video"
+) -> Reward:
+    """A :class:`~tts_jax.rewards.base.Reward` on video latents from a reward on decoded videos
+    (the video counterpart of :func:`~tts_jax.models.pipelines.text_to_image.decoded_reward`).
+
+    Args:
+        pipeline: gives the VAE (its weights become leaves of the reward's params).
+        video_apply: ``(video_params, video float32[N, 3, T, H, W] in [-1, 1], cond) -> [N]``, a
+            module-level function or frozen dataclass.
+        video_params: its params pytree.
+        name: the reward's name.
+
+    Raises:
+        NotImplementedError: the pipeline has no VAE (see :meth:`TextToVideoPipeline.decode`).
+    """
+    if pipeline.vae_params is None:
+        raise NotImplementedError(
+            f"a decoded-video reward needs the Wan video VAE: {pipeline.vae_missing}"
+        )
+    stats = (pipeline.latents.mean, pipeline.latents.std)
+    params = DecodedVideoRewardParams(pipeline.vae_params, video_params)
+    return Reward(params, DecodedVideoReward(video_apply, stats), name)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
