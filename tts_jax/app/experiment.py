@@ -31,7 +31,7 @@ from tts_jax import interpolants as I
 from tts_jax.app import plots, runs, sweeps
 from tts_jax.models.base import FlowModel, linear_to_vp
 from tts_jax.rewards.base import Reward
-from tts_jax.samplers.image import flow_particles, noise_search
+from tts_jax.samplers.image import dlbs, fk_correctors, flow_particles, noise_search
 from tts_jax.samplers.image.fk_steering import fk_steering
 from tts_jax.samplers.result import Result
 
@@ -359,6 +359,109 @@ def _particles(method: str):
     return run
 
 
+def _second_gmm() -> Any:
+    """The second mixture of the ``gmm`` model's pairs (FKC product and guidance): two broad
+    components overlapping the first mixture's."""
+    from tts_jax.models import gmm as G
+
+    return G.make_gmm(
+        [0.5, 0.5],
+        [[0.0, 0.5], [1.5, -1.0]],
+        [[[0.5, 0.0], [0.0, 0.5]], [[0.4, 0.1], [0.1, 0.3]]],
+    )
+
+
+def _model_pair(bundle: Bundle, config: RunConfig, method: str) -> tuple:
+    """``((model_a, cond_a), (model_b, cond_b))`` of FKC's two-model targets: for ``gmm`` the
+    bundle's mixture and :func:`_second_gmm`; for ``digits`` the DiT conditioned on
+    ``target_class`` and unconditioned (null label); for an SD3 text-to-image pipeline with
+    classifier-free guidance, its prompt and negative-prompt branches."""
+    if config.model == "gmm":
+        from tts_jax.models import gmm as G
+
+        return (bundle.model, None), (G.flow_model(_second_gmm()), None)
+    if config.model == "digits":
+        return (bundle.model, jnp.int32(config.target_class)), (bundle.model, None)
+    from tts_jax.models.pipelines.text_to_image import SD3Velocity
+
+    cond = bundle.cond
+    if isinstance(bundle.model.apply, SD3Velocity) and cond.negative_embeds is not None:
+        plain = FlowModel(
+            bundle.model.params,
+            SD3Velocity(False),
+            bundle.model.interpolant,
+            bundle.model.sample_shape,
+        )
+        null = cond._replace(embeds=cond.negative_embeds, pooled=cond.negative_pooled)
+        return (plain, cond), (plain, null)
+    raise ValueError(
+        f"{method} needs a pair of models: gmm (two mixtures), digits (conditional and "
+        "unconditional DiT) or an SD3 pipeline with classifier-free guidance"
+    )
+
+
+def _fkc(kind: str):
+    """Feynman-Kac correctors on the VP-converted path: ``anneal`` targets ``q^lam``,
+    ``product`` the product of :func:`_model_pair`, ``cfg`` its geometric mixture
+    ``q_a^lam q_b^(1 - lam)``; ``N = budget // (terms x num_steps)`` particles."""
+    method = f"fkc-{kind}"
+
+    def run(key, bundle: Bundle, config: RunConfig) -> Result:
+        if kind == "anneal":
+            target = fk_correctors.annealed(_vp(bundle.model), config.lam, bundle.cond)
+        else:
+            (model_a, cond_a), (model_b, cond_b) = _model_pair(bundle, config, method)
+            model_a, model_b = _vp(model_a), _vp(model_b)
+            if kind == "product":
+                target = fk_correctors.product(model_a, model_b, cond_a, cond_b)
+            else:
+                target = fk_correctors.geometric(model_a, model_b, config.lam, cond_a, cond_b)
+        terms = len(target.models)
+        n = config.budget // (terms * config.num_steps)
+        if n < 1:
+            raise ValueError(
+                f"{method}: budget {config.budget} NFE is below one particle "
+                f"({terms * config.num_steps} NFE: {terms} models x {config.num_steps} steps)"
+            )
+        return fk_correctors.fk_correctors(
+            key,
+            target,
+            n,
+            _grid(bundle, config, target.models[0]),
+            reward=bundle.reward,
+            cond=bundle.cond,
+            nan_policy=config.nan_policy,
+        )
+
+    run.__doc__ = f"FKC {kind} on the VP path"
+    return run
+
+
+def _dlbs(key, bundle: Bundle, config: RunConfig) -> Result:
+    """DLBS with K = 2 candidates and a 1-step lookahead on the VP-converted SDE, as many beams
+    as the budget buys."""
+    k, lookahead = 2, 1
+    per_beam, _ = dlbs.cost(dlbs.Plan(1, k, lookahead, config.num_steps))
+    if config.budget < per_beam:
+        raise ValueError(
+            f"dlbs: budget {config.budget} NFE is below one beam ({per_beam} NFE at "
+            f"{config.num_steps} steps, K = {k}, lookahead {lookahead})"
+        )
+    model = _vp(bundle.model)
+    return dlbs.dlbs(
+        key,
+        model,
+        bundle.reward,
+        _grid(bundle, config, model),
+        I.diffusion("square", config.diffusion_norm),
+        num_beams=config.budget // per_beam,
+        num_candidates=k,
+        lookahead=lookahead,
+        cond=bundle.cond,
+        nan_policy=config.nan_policy,
+    )
+
+
 class ImageMethod(NamedTuple):
     """A registry entry.
 
@@ -397,6 +500,24 @@ METHODS: dict[str, ImageMethod] = {
     "svdd": ImageMethod(_particles("svdd"), "SVDD (Kim et al. 2025)", SDE),
     "code": ImageMethod(_particles("code"), "CoDe (Kim et al. 2025)", SDE),
     "rbf": ImageMethod(_particles("rbf"), "rollover budget forcing (Kim et al. 2025)", SDE),
+    "fkc-anneal": ImageMethod(
+        _fkc("anneal"),
+        "Feynman-Kac correctors, q^beta with beta = lam (Skreta et al. 2025)",
+        frozenset({"budget", "num_steps", "lam"}),
+    ),
+    "fkc-product": ImageMethod(
+        _fkc("product"),
+        "Feynman-Kac correctors, product of two models (Skreta et al. 2025)",
+        SEARCH,
+    ),
+    "fkc-cfg": ImageMethod(
+        _fkc("cfg"),
+        "Feynman-Kac correctors, guidance q_c^lam q_u^(1 - lam) (Skreta et al. 2025)",
+        frozenset({"budget", "num_steps", "lam"}),
+    ),
+    "dlbs": ImageMethod(
+        _dlbs, "diffusion latent beam search, K = 2, lookahead 1 (Oshima et al. 2025)", SDE
+    ),
 }
 COMMON_OPTIONS = frozenset({"seed", "nan_policy", "out_dir"})
 
