@@ -1,4 +1,4 @@
-"""Diffusion latent beam search (docs/algorithms.md 7) on the 2-D Gaussian mixture.
+"""Diffusion latent beam search (docs/algorithms.md 6.4) on the 2-D Gaussian mixture.
 
 The reward ``-|x - c|^2`` with ``c`` the mean of the rare component (weight 0.1) has its maximum
 at ``c``; plain sampling rarely lands near it. Over paired seeds (the same keys for every size),

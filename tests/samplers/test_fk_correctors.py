@@ -1,4 +1,4 @@
-"""Feynman-Kac correctors (docs/algorithms.md 6) against exact targets on 2-D Gaussian mixtures.
+"""Feynman-Kac correctors (docs/algorithms.md 6.3) against exact targets on 2-D Gaussian mixtures.
 
 The targets: the product ``q_A q_B`` of two mixtures is a mixture in closed form (its moments are
 exact); the annealed ``q_A^2`` and the guidance mixture ``q_A^w q_B^{1 - w}`` are normalized on a

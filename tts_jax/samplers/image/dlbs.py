@@ -1,5 +1,5 @@
 """Diffusion latent beam search with a lookahead estimator (Oshima et al. 2025,
-docs/algorithms.md 7).
+docs/algorithms.md 6.4).
 
 Oshima, Omura, Iwasawa, Suzuki, Matsuo, Furuta 2025, "Inference-time Text-to-Video Alignment with
 Diffusion Latent Beam Search". A search: no target distribution, no weights.
@@ -119,7 +119,7 @@ def _check_size(name: str, value: Any) -> int:
 
 
 def sampler(num_beams: int, num_candidates: int, lookahead: int, num_steps: int) -> Sampler:
-    """DLBS (docs/algorithms.md 7) as a :class:`~tts_jax.samplers.base.Sampler` with one step per
+    """DLBS (docs/algorithms.md 6.4) as a :class:`~tts_jax.samplers.base.Sampler` with one step per
     grid step (memoized: equal sizes give the same sampler).
 
     Args:

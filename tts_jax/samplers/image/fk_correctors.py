@@ -1,5 +1,5 @@
 """Feynman-Kac correctors: weighted SDEs for annealed, product and guidance targets
-(Skreta et al. 2025, docs/algorithms.md 6).
+(Skreta et al. 2025, docs/algorithms.md 6.3).
 
 Skreta, Akhound-Sadegh, Ohanesian, Bondesan, Aspuru-Guzik, Doucet, Brekelmans, Tong, Neklyudov
 2025, "Feynman-Kac Correctors in Diffusion: Annealing, Guidance, and Product of Experts".
@@ -382,7 +382,7 @@ def sampler(
     num_terms: int,
     resampler: str | Resampler = "systematic",
 ) -> Sampler:
-    """FKC (docs/algorithms.md 6) as a :class:`~tts_jax.samplers.base.Sampler`.
+    """FKC (docs/algorithms.md 6.3) as a :class:`~tts_jax.samplers.base.Sampler`.
 
     Static configuration only (memoized: equal arguments give the same sampler); the target's
     models and exponents, the grid, the noise level and the schedule travel in :class:`Params`.
