@@ -84,6 +84,7 @@ from tts_jax.models.pipelines.schedule import (
 from tts_jax.models.pipelines.text_to_image import T2IFlowParams
 from tts_jax.models.t5 import load_t5_encoder, t5_encoder_apply
 from tts_jax.models.wan import WanConfig, load_wan, wan_apply
+from tts_jax.models.wan_vae import WanVAEConfig, load_wan_vae
 from tts_jax.rewards.base import Reward
 
 Array = jax.Array
@@ -365,7 +366,7 @@ def read_video_scheduler(path: Path) -> FlowMatchConfig | UniPCFlowConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VideoLatents:
-    """How video sizes map to latent sizes (read from the VAE's ``config.json``).
+    """How video sizes map to latent sizes (from the VAE's config).
 
     Attributes:
         channels: ``z_dim``.
@@ -381,52 +382,28 @@ class VideoLatents:
     std: tuple[float, ...]
 
 
-def read_video_latents(path: Path) -> VideoLatents:
-    """The latent geometry of an ``AutoencoderKLWan`` folder (``z_dim``, the scale factors as
-    the down levels give them, ``latents_mean`` / ``latents_std``)."""
-    file = checkpoint.read_config_file(path, _LOADER)
-    raw = file.check(
-        {
-            "z_dim": int,
-            "dim_mult": list[int],
-            "temperal_downsample": list[bool],
-            "latents_mean": list[float],
-            "latents_std": list[float],
-        },  # fmt: skip
-        ("z_dim", "latents_mean", "latents_std"),
-    )
-    levels = len(raw.get("dim_mult", [1, 2, 4, 4]))
-    halvings = sum(bool(t) for t in raw.get("temperal_downsample", [False, True, True]))
-    z = raw["z_dim"]
-    if len(raw["latents_mean"]) != z or len(raw["latents_std"]) != z:
-        raise checkpoint.CheckpointConfigError(
-            f"{file.where}: latents_mean and latents_std need z_dim = {z} entries"
-        )
+def video_latents(config: WanVAEConfig) -> VideoLatents:
+    """The latent geometry and normalisation of a Wan VAE config."""
     return VideoLatents(
-        z, 2**halvings, 2 ** (levels - 1), tuple(raw["latents_mean"]), tuple(raw["latents_std"])
+        config.z_dim,
+        config.temporal_factor,
+        config.spatial_factor,
+        tuple(float(m) for m in config.latents_mean),
+        tuple(float(v) for v in config.latents_std),
     )
 
 
-def _load_vae(path: Path, dtype: Any) -> tuple[Split | None, str | None]:
-    """``nnx.split`` of the video VAE, or ``(None, reason)`` when tts_jax has no Wan VAE."""
-    try:
-        from tts_jax.models.wan_vae import load_wan_vae
-    except ImportError as e:
-        return None, f"tts_jax.models.wan_vae is not available ({e})"
-    return nnx.split(load_wan_vae(path, dtype)), None
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 @functools.partial(jax.jit, static_argnames="stats")
-def _decode(vae: Split, latents: Array, stats: tuple[tuple[float, ...], tuple[float, ...]]):
+def _decode(vae: Split, latents: Array, stats: Stats) -> Array:
     """Normalised latents -> ``float32`` video in ``[-1, 1]`` (``stats`` = mean, std)."""
     shape = (1, len(stats[0]), 1, 1, 1)
     mean = jnp.asarray(stats[0], latents.dtype).reshape(shape)
     std = jnp.asarray(stats[1], latents.dtype).reshape(shape)
     video = nnx.merge(*vae).decode(latents * std + mean)
     return jnp.clip(video.astype(jnp.float32), -1.0, 1.0)
-
-
-Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 class DecodedVideoRewardParams(NamedTuple):
@@ -464,14 +441,7 @@ def decoded_video_reward(
             module-level function or frozen dataclass.
         video_params: its params pytree.
         name: the reward's name.
-
-    Raises:
-        NotImplementedError: the pipeline has no VAE (see :meth:`TextToVideoPipeline.decode`).
     """
-    if pipeline.vae_params is None:
-        raise NotImplementedError(
-            f"a decoded-video reward needs the Wan video VAE: {pipeline.vae_missing}"
-        )
     stats = (pipeline.latents.mean, pipeline.latents.std)
     params = DecodedVideoRewardParams(pipeline.vae_params, video_params)
     return Reward(params, DecodedVideoReward(video_apply, stats), name)
@@ -487,7 +457,7 @@ class TextToVideoPipeline:
         transformer_config: :class:`~tts_jax.models.wan.WanConfig`.
         transformer_params: ``nnx.split`` of the transformer.
         latents: :class:`VideoLatents` (the VAE's geometry and normalisation).
-        vae_params: ``nnx.split`` of the VAE, or ``None`` (then :attr:`vae_missing` says why).
+        vae_params: ``nnx.split`` of the video VAE (:class:`~tts_jax.models.wan_vae.WanVAE`).
         prompt_encoder: :class:`UMT5PromptEncoder`.
         scheduler: the scheduler config.
     """
@@ -497,10 +467,9 @@ class TextToVideoPipeline:
     transformer_config: WanConfig
     transformer_params: Split
     latents: VideoLatents
-    vae_params: Split | None
+    vae_params: Split
     prompt_encoder: UMT5PromptEncoder
     scheduler: FlowMatchConfig | UniPCFlowConfig
-    vae_missing: str | None = None
 
     @property
     def latent_channels(self) -> int:
@@ -598,15 +567,7 @@ class TextToVideoPipeline:
     def decode(self, latents: Array) -> Array:
         """Latents ``[N, C, F, h, w]`` -> video ``float32[N, 3, 1 + s_t (F - 1), s_s h, s_s w]``
         in ``[-1, 1]``: ``vae.decode(latents * std + mean)`` (jitted; the VAE decodes one latent
-        frame at a time with its causal caches).
-
-        Raises:
-            NotImplementedError: this installation has no Wan VAE module (the reason named).
-        """
-        if self.vae_params is None:
-            raise NotImplementedError(
-                f"decode needs the Wan video VAE (AutoencoderKLWan): {self.vae_missing}"
-            )
+        frame at a time with its causal caches)."""
         stats = (self.latents.mean, self.latents.std)
         return _decode(self.vae_params, jnp.asarray(latents), stats)
 
@@ -642,7 +603,8 @@ def load_text_to_video(
     folder = read_video_folder(F.resolve_pipeline(path_or_hub_id))
     scheduler = read_video_scheduler(folder.scheduler)
     config, transformer = load_wan(folder.transformer, dtype)
-    latents = read_video_latents(folder.vae)
+    vae = load_wan_vae(folder.vae, dtype)
+    latents = video_latents(vae.config)
     if latents.channels != config.in_channels:
         raise checkpoint.CheckpointConfigError(
             f"{_LOADER}: the VAE's z_dim {latents.channels} differs from the transformer's "
@@ -657,15 +619,13 @@ def load_text_to_video(
     prompt_encoder = UMT5PromptEncoder(
         load_tokenizer(folder.tokenizer, "t5"), nnx.split(encoder), int(max_sequence_length)
     )
-    vae_params, missing = _load_vae(folder.vae, dtype)
     return TextToVideoPipeline(
         folder=folder,
         dtype=dtype,
         transformer_config=config,
         transformer_params=nnx.split(transformer),
         latents=latents,
-        vae_params=vae_params,
+        vae_params=nnx.split(vae),
         prompt_encoder=prompt_encoder,
         scheduler=scheduler,
-        vae_missing=missing,
     )
