@@ -106,6 +106,19 @@ def test_planned_bytes_equal_the_materialised_modules_and_caches(tiny_plan):
     row = plan.rows[-1]
     assert plan.kv_bytes(n) == (_nbytes(state.cache), _nbytes(state.scorer_state.cache))
     assert (row.policy_kv_bytes, row.prm_kv_bytes) == plan.kv_bytes(n)
+    # The default PRM feeding is the model-card conversation: head + 2 x L positions.
+    assert plan.prm_positions == PROMPT + 2 * NEW and row.prm_kv_bytes == L.kv_cache_bytes(
+        PRM, n, PROMPT + 2 * NEW, jnp.float32
+    )
+    # Fed the policy's own tokens (cached_prm_scorer), the PRM cache has the policy's length.
+    cached = dataclasses.replace(plan, scoring=L.PRM_SCORINGS["cached"])
+    _, _, carry, _ = L.pf_step_inputs(plan.pair, n, PROMPT, NEW, STEP, scoring=cached.scoring)
+    prm_cache = carry.smc.particles.state.scorer_state.cache
+    assert (
+        cached.kv_bytes(n)[1]
+        == L._bytes(prm_cache)
+        == L.kv_cache_bytes(PRM, n, PROMPT + NEW, jnp.float32)
+    )
     # The analytic formula in another dtype against a cache allocated in it.
     assert L.kv_cache_bytes(PRM, 3, 10, jnp.bfloat16) == _nbytes(
         init_cache(PRM, 3, 10, jnp.bfloat16)
@@ -156,10 +169,12 @@ def test_bad_input_is_named(pair_dir):
         L.memory_plan_lm(pair_dir, ())
     with pytest.raises(ValueError, match="exceeds the policy's max_position_embeddings = 64"):
         L.memory_plan_lm(pair_dir, (1,), 60, prompt_length=8)
+    with pytest.raises(ValueError, match="token_ratio must be >= 1"):
+        L.PRMScoring(token_ratio=0)
     with pytest.raises(ValueError, match="--height do not apply"):
         P.run_plan(P.Plan(config=str(pair_dir), height=512))
-    with pytest.raises(ValueError, match="--max-new-tokens do not apply"):
-        P.run_plan(P.Plan(config="flux-dev", max_new_tokens=16))
+    with pytest.raises(ValueError, match="--max-new-tokens, --prm-scoring do not apply"):
+        P.run_plan(P.Plan(config="flux-dev", max_new_tokens=16, prm_scoring="cached"))
 
 
 def test_prm_that_is_not_a_prm_is_refused(pair_dir, tmp_path):

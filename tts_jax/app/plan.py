@@ -519,10 +519,19 @@ LM_DEFAULTS = {
     "prompt_length": 512,
     "max_step_tokens": 256,
     "cache_dtype": "float32",
+    "prm_scoring": "conversation",
+    "prm_token_ratio": 2,
 }
 """Defaults of the LM plan's options (:mod:`tts_jax.app.plan_lm`)."""
 T2I_ONLY = ("height", "width", "num_steps", "mode", "reward", "guidance_scale")
-LM_ONLY = ("max_new_tokens", "prompt_length", "max_step_tokens", "cache_dtype")
+LM_ONLY = (
+    "max_new_tokens",
+    "prompt_length",
+    "max_step_tokens",
+    "cache_dtype",
+    "prm_scoring",
+    "prm_token_ratio",
+)
 
 
 def plan_kind(config: str | Path) -> Literal["t2i", "lm"]:
@@ -598,6 +607,11 @@ class Plan:
     """LM: token limit of one step, the PRM's window (default 256, the math runner's)"""
     cache_dtype: Annotated[Literal["bfloat16", "float32"] | None, _PER_KIND] = None
     """LM: dtype of both KV caches (default float32, what the samplers allocate today)"""
+    prm_scoring: Annotated[Literal["conversation", "cached"] | None, _PER_KIND] = None
+    """LM: how the PRM is fed: conversation (default; the model-card format, incrementally, as
+    `tts-jax run lm-pf` does) or cached (the policy's own tokens)"""
+    prm_token_ratio: Annotated[int | None, _PER_KIND] = None
+    """LM: the conversation scorer's PRM tokens per policy token (default 2, the runner's)"""
 
 
 def _resolved(cmd: Plan, kind: str) -> dict[str, Any]:
@@ -629,6 +643,9 @@ def run_plan(cmd: Plan) -> MemoryPlan | plan_lm.LMMemoryPlan:
             prompt_length=o["prompt_length"],
             max_step_tokens=o["max_step_tokens"],
             cache_dtype=o["cache_dtype"],
+            scoring=dataclasses.replace(
+                plan_lm.PRM_SCORINGS[o["prm_scoring"]], token_ratio=o["prm_token_ratio"]
+            ),
         )
     else:
         result = memory_plan(

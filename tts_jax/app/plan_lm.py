@@ -6,14 +6,19 @@ weight is downloaded: the policy (``Qwen2ForCausalLM``) and the process reward m
 (``Qwen2ForProcessRewardModel``) are built from the public transformers ``config.json`` files
 shipped in ``tts_jax/assets/configs/`` (a pair folder's ``lm_pair.json`` names the two folders)
 as **abstract** modules (``nnx.eval_shape``: every parameter a ``jax.ShapeDtypeStruct``), and one
-step of the particle filter (:func:`tts_jax.samplers.lm.particle_filter.pf_sampler` with the
-cached PRM scorer :data:`tts_jax.models.lm_reward.cached_prm_scorer`) is lowered and compiled
-on those shapes for each particle count ``N``. One step is the peak of a run: up to
-``max_step_tokens`` policy decode steps over ``N`` rows (a ``lax.while_loop``) with a KV cache
-of ``P + L`` positions (prompt + ``max_new_tokens``), one PRM pass over the step's ``window =
-max_step_tokens`` new tokens per row against the PRM's own cache of ``P + L`` positions, the
-weights and the resampling gather of the whole particle state (both caches included). The
-carry is donated, as inside the run's ``lax.scan``, so the new state aliases the old.
+step of the particle filter (:func:`tts_jax.samplers.lm.particle_filter.pf_sampler`) is
+lowered and compiled on those shapes for each particle count ``N``. One step is the peak of a
+run: up to ``max_step_tokens`` policy decode steps over ``N`` rows (a ``lax.while_loop``) with a
+KV cache of ``P + L`` positions (prompt + ``max_new_tokens``), one PRM pass over the step's new
+tokens per row against the PRM's own cache, the weights and the resampling gather of the whole
+particle state (both caches included). The carry is donated, as inside the run's
+``lax.scan``, so the new state aliases the old. The PRM is fed as :class:`PRMScoring` says: by
+default the model-card conversation incrementally
+(:class:`~tts_jax.models.lm_reward.ConversationPRMScorer`, what ``tts-jax run lm-pf`` does:
+a cache of ``H + 2 L`` positions, ``2 x max_step_tokens`` tokens per update; its step encoder,
+a host callback, is compiled with the real one's shapes and never run), or the policy's own
+tokens (:data:`~tts_jax.models.lm_reward.cached_prm_scorer`: ``P + L`` and
+``max_step_tokens``).
 
 Next to the compiled ``memory_analysis()`` the plan gives the analytic sizes and checks them
 against the compiled program:
@@ -59,6 +64,7 @@ Assumptions behind the "fits" columns (printed with the numbers):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -73,7 +79,13 @@ import numpy as np
 from flax import nnx
 
 from tts_jax.models.lm import LM, KVCache, LMConfig, read_lm_config
-from tts_jax.models.lm_reward import REWARD_ARCHITECTURES, RewardModel, cached_prm_scorer
+from tts_jax.models.lm_reward import (
+    REWARD_ARCHITECTURES,
+    ConversationPRMScorer,
+    PRMConversation,
+    RewardModel,
+    cached_prm_scorer,
+)
 from tts_jax.samplers.lm.particle_filter import make_pf_params, pf_sampler
 
 CONFIGS = Path(__file__).resolve().parents[1] / "assets" / "configs"
@@ -271,6 +283,82 @@ def _caches(state: Any) -> tuple[KVCache, KVCache]:
     return lm.cache, lm.scorer_state.cache
 
 
+def _shape_only_encoder(completion, step_ends, fed, length, room, width):
+    """A :data:`~tts_jax.models.lm_reward.StepEncoder` with the shapes of the real one (a host
+    function behind ``jax.pure_callback``, opaque to XLA as the tokenizers' round trip is) that
+    is compiled, never run: the plan has no tokenizers."""
+    n = completion.shape[0]
+    shapes = (
+        jax.ShapeDtypeStruct((n, width), jnp.int32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    return jax.pure_callback(
+        _never_run, shapes, completion, step_ends, fed, length, room, vmap_method="sequential"
+    )
+
+
+def _never_run(*args):
+    raise RuntimeError("the memory plan's step encoder is compiled, never run")
+
+
+@dataclasses.dataclass(frozen=True)
+class PRMScoring:
+    """How the planned particle filter feeds its PRM (a value: :data:`PRM_SCORINGS` names the
+    two of the command line).
+
+    Attributes:
+        conversation: ``True``: the model-card conversation fed incrementally
+            (:class:`~tts_jax.models.lm_reward.ConversationPRMScorer`, the math runner's default
+            ``prm_scoring="incremental"``): its cache holds the conversation head (planned as
+            long as the policy prompt) plus ``token_ratio x max_new_tokens`` positions and an
+            update reads ``token_ratio x max_step_tokens`` tokens per particle; ``False``: the
+            policy's own tokens (:data:`~tts_jax.models.lm_reward.cached_prm_scorer`), a cache
+            of prompt + ``max_new_tokens`` and a window of ``max_step_tokens``.
+        token_ratio: the conversation scorer's bound on PRM tokens per policy token.
+    """
+
+    conversation: bool = True
+    token_ratio: int = 2
+
+    def __post_init__(self):
+        if self.token_ratio < 1:
+            raise ValueError(f"prm token_ratio must be >= 1, got {self.token_ratio}")
+
+    @property
+    def name(self) -> str:
+        return f"conversation (token ratio {self.token_ratio})" if self.conversation else "cached"
+
+    def positions(self, prompt_length: int, max_new_tokens: int) -> int:
+        """Slots of the PRM's cache per particle."""
+        return prompt_length + (self.token_ratio if self.conversation else 1) * max_new_tokens
+
+    def window(self, max_step_tokens: int) -> int:
+        """PRM tokens read per particle and update."""
+        return (self.token_ratio if self.conversation else 1) * max_step_tokens
+
+    def scorer(self):
+        """The step scorer (memoized per token ratio: one compile per value)."""
+        return _conversation_scorer(self.token_ratio) if self.conversation else cached_prm_scorer
+
+    def scorer_params(self, prm: RewardModel, prompt_length: int):
+        """The scorer's ``scorer_params``: the PRM, or a :class:`PRMConversation` whose head has
+        ``prompt_length`` tokens."""
+        if not self.conversation:
+            return prm
+        head = jnp.zeros((prompt_length,), jnp.int32)
+        return PRMConversation(prm, head, jnp.int32(prompt_length), jnp.int32(0))
+
+
+@functools.cache
+def _conversation_scorer(token_ratio: int) -> ConversationPRMScorer:
+    return ConversationPRMScorer(_shape_only_encoder, token_ratio)
+
+
+PRM_SCORINGS = {"conversation": PRMScoring(True), "cached": PRMScoring(False)}
+"""The PRM feedings of the command line (``--prm-token-ratio`` sets the conversation's)."""
+
+
 def pf_step_inputs(
     pair: AbstractLMPair,
     particles: int,
@@ -278,20 +366,22 @@ def pf_step_inputs(
     max_new_tokens: int,
     max_step_tokens: int,
     cache_dtype: Any = jnp.float32,
+    scoring: PRMScoring = PRMScoring(),
 ):
     """``(sampler, keys, carry, params)``: the particle filter's
     :class:`~tts_jax.samplers.base.Sampler` and the abstract inputs of its ``step`` (the carry
     from ``jax.eval_shape`` of the sampler's ``init``, its caches in ``cache_dtype``;
-    ``params`` holds ``pair``'s modules as they are). The scorer is the cached PRM scorer,
+    ``params`` holds ``pair``'s modules as they are). The scorer is ``scoring``'s,
     aggregation ``last``, Puri weights and multinomial resampling (the data of
     :class:`~tts_jax.samplers.lm.particle_filter.PFParams` changes no shape)."""
     max_steps = max(1, math.ceil(max_new_tokens / max_step_tokens))
     sampler = pf_sampler(
-        particles, max_steps, max_step_tokens, max_new_tokens, cached_prm_scorer, "last"
+        particles, max_steps, max_step_tokens, max_new_tokens, scoring.scorer(), "last"
     )
     prompt = jnp.zeros((prompt_length,), jnp.int32)
+    scorer_params = scoring.scorer_params(pair.prm, prompt_length)
     params = make_pf_params(
-        pair.policy, prompt, pair.prm, max_new_tokens=max_new_tokens, sep_id=0, stop_ids=[1]
+        pair.policy, prompt, scorer_params, max_new_tokens=max_new_tokens, sep_id=0, stop_ids=[1]
     )
     key = jax.random.key(0)
     carry = jax.eval_shape(sampler.init, key, params)
@@ -320,13 +410,14 @@ def compile_pf_step(
     max_step_tokens: int,
     *,
     cache_dtype: Any = jnp.float32,
+    scoring: PRMScoring = PRMScoring(),
     compiler_options: dict[str, Any] | None = None,
 ) -> LMPlanRow:
     """Lower and compile one particle-filter step for ``particles`` rows on abstract weights
     (carry donated, unused inputs kept); its :class:`LMPlanRow`."""
     start = time.perf_counter()
     sampler, keys, carry, params = pf_step_inputs(
-        pair, particles, prompt_length, max_new_tokens, max_step_tokens, cache_dtype
+        pair, particles, prompt_length, max_new_tokens, max_step_tokens, cache_dtype, scoring
     )
     jitted = jax.jit(sampler.step, donate_argnums=1, keep_unused=True)
     options = COMPILER_OPTIONS if compiler_options is None else compiler_options
@@ -363,13 +454,19 @@ class LMMemoryPlan:
     max_step_tokens: int
     dtype: str
     cache_dtype: str
+    scoring: PRMScoring
     rows: tuple[LMPlanRow, ...]
     seconds: float
 
     @property
     def positions(self) -> int:
-        """Cache slots per row: prompt + ``max_new_tokens``."""
+        """The policy's cache slots per row: prompt + ``max_new_tokens``."""
         return self.prompt_length + self.max_new_tokens
+
+    @property
+    def prm_positions(self) -> int:
+        """The PRM's cache slots per row (:meth:`PRMScoring.positions`)."""
+        return self.scoring.positions(self.prompt_length, self.max_new_tokens)
 
     @property
     def policy_weight_bytes(self) -> int:
@@ -388,7 +485,7 @@ class LMMemoryPlan:
         dtype = DTYPES[self.cache_dtype]
         return (
             kv_cache_bytes(self.pair.policy.config, particles, self.positions, dtype),
-            kv_cache_bytes(self.pair.prm.config, particles, self.positions, dtype),
+            kv_cache_bytes(self.pair.prm.config, particles, self.prm_positions, dtype),
         )
 
     def checks(self) -> dict[str, bool]:
@@ -455,8 +552,9 @@ class LMMemoryPlan:
             f"**{self.pair.name}**, {self.dtype} weights, {self.cache_dtype} KV caches, prompt "
             f"{self.prompt_length} + {self.max_new_tokens} new tokens = {self.positions} cache "
             f"positions; one particle-filter step (<= {self.max_step_tokens} policy decode steps, "
-            f"a PRM pass over {self.max_step_tokens} tokens per particle, resampling); planned "
-            f"in {self.seconds:.0f} s.",
+            f"a PRM pass over {self.scoring.window(self.max_step_tokens)} tokens per particle, "
+            f"resampling); PRM fed {self.scoring.name}, its cache {self.prm_positions} "
+            f"positions; planned in {self.seconds:.0f} s.",
             "",
             f"Weights (GiB): policy {self.policy_weight_bytes / GiB:.2f} "
             f"({parameter_count(p) / 1e9:.2f} B parameters), PRM "
@@ -464,9 +562,18 @@ class LMMemoryPlan:
             f"KV cache per particle (MiB), 2 x layers x kv_heads x head_dim x positions x bytes: "
             f"policy 2 x {p.num_hidden_layers} x {p.num_key_value_heads} x {p.head_dim} x "
             f"{self.positions} x {size} = {kv1[0] / 2**20:.1f}, PRM 2 x {q.num_hidden_layers} x "
-            f"{q.num_key_value_heads} x {q.head_dim} x {self.positions} x {size} = "
+            f"{q.num_key_value_heads} x {q.head_dim} x {self.prm_positions} x {size} = "
             f"{kv1[1] / 2**20:.1f}.",
             f"Analytic sizes equal the abstract modules / compiled step: {ok}.",
+            *(
+                [
+                    f"The PRM cache is allocated for {self.prm_positions} positions, beyond its "
+                    f"max_position_embeddings {q.max_position_embeddings} (a bound: about "
+                    f"{self.positions} plus a marker per step are written)."
+                ]
+                if self.prm_positions > q.max_position_embeddings
+                else []
+            ),
             "",
             "| N | weights (GiB) | policy KV (GiB) | PRM KV (GiB) | other state (GiB) "
             "| temporaries (GiB) | accelerator estimate (GiB) | "
@@ -516,6 +623,7 @@ def memory_plan_lm(
     prompt_length: int = 512,
     max_step_tokens: int = 256,
     cache_dtype: str = "float32",
+    scoring: PRMScoring = PRMScoring(),
     compiler_options: dict[str, Any] | None = None,
 ) -> LMMemoryPlan:
     """Compile one particle-filter step of the abstract pair ``config`` for each ``N``.
@@ -529,12 +637,15 @@ def memory_plan_lm(
         max_step_tokens: token limit of one step, also the PRM's window per step (the math
             runner's default 256).
         cache_dtype: dtype of both KV caches (``"float32"``: what the samplers allocate).
+        scoring: how the PRM is fed (default: the model-card conversation, incrementally, with
+            a token ratio of 2, as the math runner does).
         compiler_options: passed to XLA's ``compile``.
 
     Raises:
         ValueError: an unknown config, a dtype that is not one of :data:`DTYPES`, no or a
             non-positive particle count, non-positive lengths, or ``prompt_length +
-            max_new_tokens`` beyond a model's ``max_position_embeddings``.
+            max_new_tokens`` beyond the policy's ``max_position_embeddings`` (or the PRM's,
+            fed the policy's tokens; the conversation's cache is a bound, noted in the table).
     """
     for name, value in (("dtype", dtype), ("cache_dtype", cache_dtype)):
         if value not in DTYPES:
@@ -553,7 +664,8 @@ def memory_plan_lm(
     pair = abstract_pair(config, DTYPES[dtype])
     compiled = pair if dtype == "float32" else abstract_pair(config, jnp.float32)
     positions = prompt_length + max_new_tokens
-    for role, model in (("policy", pair.policy), ("PRM", pair.prm)):
+    checked = [("policy", pair.policy)] + ([] if scoring.conversation else [("PRM", pair.prm)])
+    for role, model in checked:
         limit = model.config.max_position_embeddings
         if positions > limit:
             raise ValueError(
@@ -568,11 +680,20 @@ def memory_plan_lm(
             max_new_tokens,
             max_step_tokens,
             cache_dtype=DTYPES[cache_dtype],
+            scoring=scoring,
             compiler_options=compiler_options,
         )
         for n in counts
     )
     seconds = time.perf_counter() - start
     return LMMemoryPlan(
-        pair, prompt_length, max_new_tokens, max_step_tokens, dtype, cache_dtype, rows, seconds
+        pair,
+        prompt_length,
+        max_new_tokens,
+        max_step_tokens,
+        dtype,
+        cache_dtype,
+        scoring,
+        rows,
+        seconds,
     )
