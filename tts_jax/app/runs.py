@@ -21,7 +21,7 @@ import os
 import pathlib
 import platform
 import re
-import tempfile
+import uuid
 from typing import Any
 
 import jax
@@ -68,15 +68,16 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     the same file at once never share one), flushed to disk, then renamed over ``path``."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # A unique name opened exclusively (mkstemp would make the file private to the user).
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
