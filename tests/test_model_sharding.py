@@ -107,14 +107,40 @@ SCRIPT = textwrap.dedent(
     assert float(jnp.abs(want).max()) > 0.1
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
-    # ---- a checkpoint loaded straight into the split layout
-    import tempfile
-    with tempfile.TemporaryDirectory() as folder:
+    # ---- checkpoints loaded into the split layout: staged on the host, or each device reading
+    # its own slices of the safetensors files
+    import pathlib, tempfile
+    from safetensors.numpy import load_file, save_file
+    from tts_jax.models.checkpoint import TensorMismatchError
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = pathlib.Path(tmp) / "dit"
         save_dit(folder, dcfg, dit)
-        _, loaded = part.load_sharded(lambda: load_dit(folder), mesh)
-    kernel = loaded.transformer_blocks[0].ff.proj_in.kernel[...]
-    split_rows(kernel, 1)
-    np.testing.assert_array_equal(kernel, dit.transformer_blocks[0].ff.proj_in.kernel[...])
+        _, staged = part.load_sharded(lambda: load_dit(folder), mesh)
+        _, sliced = part.load_dit_sharded(folder, mesh)
+        for path, var in nnx.to_flat_state(nnx.state(dit)):
+            for loaded in (staged, sliced):
+                got = dict(nnx.to_flat_state(nnx.state(loaded)))[path].get_value()
+                np.testing.assert_array_equal(got, var.get_value())
+                assert got.sharding.spec == part.dit_table(dcfg).spec(
+                    ".".join(map(str, path)), got.ndim), path
+        split_rows(sliced.transformer_blocks[0].ff.proj_in.kernel[...], 1)
+        split_rows(sliced.transformer_blocks[0].attn1.to_out.kernel[...], 0)
+        lm.save_lm(pathlib.Path(tmp) / "lm", config, model)
+        _, lm_sliced = part.load_lm_sharded(pathlib.Path(tmp) / "lm", mesh)
+        for path, var in nnx.to_flat_state(nnx.state(model)):
+            got = dict(nnx.to_flat_state(nnx.state(lm_sliced)))[path].get_value()
+            np.testing.assert_array_equal(got, var.get_value())
+        split_rows(lm_sliced.model.layers[0].self_attn.o_proj.weight[...], 1)
+        weights = folder / "diffusion_pytorch_model.safetensors"
+        tensors = load_file(weights)
+        tensors.pop("proj_out_2.bias")
+        save_file(tensors, weights)
+        try:
+            part.load_dit_sharded(folder, mesh)
+        except TensorMismatchError as err:
+            assert "missing tensor 'proj_out_2.bias'" in str(err), err
+        else:
+            raise AssertionError("a missing tensor accepted")
 
     # ---- FK steering on the DiT: particles over "particles", weights over "model"
     N, K = 8, 4

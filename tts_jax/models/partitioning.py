@@ -34,16 +34,20 @@ Tables are looked up from the module's class (:func:`partition_table`); build yo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from safetensors import safe_open
 
+from tts_jax.models import checkpoint
 from tts_jax.models.base import FlowModel
 from tts_jax.sharding import MODEL_AXIS, PARTICLE_AXIS
 
@@ -410,6 +414,118 @@ def load_sharded(load: Callable[[], Any], mesh: Mesh, table: PartitionTable | No
         config, module = loaded
         return config, shard_model(module, mesh, table)
     return shard_model(loaded, mesh, table)
+
+
+def read_sharded(
+    abstract: nnx.Module,
+    files: checkpoint.WeightFiles,
+    mesh: Mesh,
+    table: PartitionTable,
+    layout: checkpoint.Layout = checkpoint.IDENTITY,
+    *,
+    dtype: Any = None,
+    ignore: Iterable[str] = (),
+    ignore_suffixes: Sequence[str] = (),
+) -> nnx.Module:
+    """Fill an abstract module straight into its split layout: each device reads only its own
+    slice of every tensor from the safetensors files (no full copy on any device, nor on the
+    host).
+
+    The names, file shapes and axis permutations are ``layout``'s and the checks those of
+    :func:`tts_jax.models.checkpoint.load_params` (every parameter present with its shape, every
+    tensor used unless ignored), done on the files' headers before anything is read.
+
+    Args:
+        abstract: ``nnx.eval_shape`` of the module.
+        files: :func:`tts_jax.models.checkpoint.find_weights` of the folder.
+        mesh, table: as :func:`shard_model`.
+        layout: see :class:`~tts_jax.models.checkpoint.Layout`.
+        dtype: parameter dtype (``None``: the abstract variable's).
+        ignore, ignore_suffixes: tensors allowed to be unused.
+
+    Raises:
+        TensorMismatchError: naming every missing, mis-shaped and unexpected tensor.
+        ValueError: see :func:`state_shardings`.
+    """
+    graphdef, state = nnx.split(abstract)
+    shardings = state_shardings(state, mesh, table)
+    with contextlib.ExitStack() as stack:
+        opened = [stack.enter_context(safe_open(str(f), framework="numpy")) for f in files.files]
+        where = {name: handle for handle in opened for name in handle.keys()}
+        flat, used, missing, misshaped = [], set(ignore), [], []
+        for path, var in nnx.to_flat_state(state):
+            name, spec = layout.name(path), var.get_value()
+            want = layout.file_shape(path, spec.shape)
+            used.add(name)
+            if name not in where:
+                missing.append((name, want))
+                continue
+            tensor = where[name].get_slice(name)
+            if tuple(tensor.get_shape()) != want:
+                misshaped.append((name, f"has shape {tuple(tensor.get_shape())}", str(want)))
+                continue
+            flat.append((path, var, tensor, np.dtype(spec.dtype if dtype is None else dtype)))
+        unexpected = sorted(
+            k for k in where if k not in used and not k.endswith(tuple(ignore_suffixes))
+        )
+        if missing or misshaped or unexpected:
+            where_text = f"{files.loader}: the tensors of {files.source}"
+            raise checkpoint.TensorMismatchError(where_text, missing, misshaped, unexpected)
+        placed = []
+        for path, var, tensor, want_dtype in flat:
+            perm = layout._perm(path, len(var.get_value().shape))
+
+            def read(index, path=path, tensor=tensor, perm=perm, want_dtype=want_dtype):
+                file_index = index if perm is None else tuple(index[i] for i in perm)
+                block = layout.from_file(path, np.asarray(tensor[file_index]))
+                return np.ascontiguousarray(block.astype(want_dtype))
+
+            shape = var.get_value().shape
+            array = jax.make_array_from_callback(shape, shardings[_dotted(path)], read)
+            placed.append((path, var.replace(array)))
+    return nnx.merge(graphdef, nnx.from_flat_state(placed))
+
+
+def load_lm_sharded(
+    path: str | Path, mesh: Mesh, *, dtype: Any = None, table: PartitionTable | None = None
+) -> tuple[Any, nnx.Module]:
+    """:func:`tts_jax.models.lm.load_lm` straight into the split layout (:func:`read_sharded`;
+    default table :func:`lm_table`, dtype float32)."""
+    import jax.numpy as jnp
+
+    from tts_jax.models.lm.checkpoint import _IGNORED_SUFFIXES
+    from tts_jax.models.lm.config import CAUSAL_LM_ARCHITECTURES, read_lm_config
+    from tts_jax.models.lm.modules import LM
+
+    dtype = jnp.float32 if dtype is None else dtype
+    _, config = read_lm_config(path, CAUSAL_LM_ARCHITECTURES.values(), loader="load_lm")
+    abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0), dtype=dtype))
+    ignore = ("lm_head.weight",) if config.tie_word_embeddings else ()
+    files = checkpoint.find_weights(path, "load_lm")
+    table = lm_table(config) if table is None else table
+    model = read_sharded(
+        abstract, files, mesh, table, dtype=dtype, ignore=ignore, ignore_suffixes=_IGNORED_SUFFIXES
+    )
+    return config, model
+
+
+def load_dit_sharded(
+    path: str | Path, mesh: Mesh, table: PartitionTable | None = None
+) -> tuple[Any, nnx.Module]:
+    """:func:`tts_jax.models.dit.load_dit` straight into the split layout (:func:`read_sharded`
+    with the diffusers layout; default table :func:`dit_table`)."""
+    from tts_jax.models import dit, dit_checkpoint
+
+    config = dit.DiTConfig.from_dict(
+        dit_checkpoint.read_config(path, dit.DiTConfig, required=("patch_size",))
+    )
+    abstract = nnx.eval_shape(lambda: dit.DiT(config, rngs=nnx.Rngs(0)))
+    files = checkpoint.find_weights(
+        path, "load_dit", dit_checkpoint.WEIGHTS_NAME, "only safetensors are supported"
+    )
+    layout = dit_checkpoint.diffusers_layout(dit._torch_key)
+    table = dit_table(config) if table is None else table
+    return config, read_sharded(abstract, files, mesh, table, layout, dtype=np.float32)
 
 
 def device_bytes(tree: Any) -> dict[Any, int]:
