@@ -3,7 +3,9 @@
 One table per architecture says, for every weight of the model, which of its axes is split over
 the ``model`` axis of a device mesh (:func:`tts_jax.sharding.mesh`); :func:`shard_model` places
 an NNX module (or its state) with those ``NamedSharding`` s, so no device holds a full copy of a
-sharded weight, and :func:`load_sharded` loads a checkpoint into that layout. The particle axis
+sharded weight; :func:`load_lm_sharded` / :func:`load_dit_sharded` (:func:`read_sharded`) load a
+checkpoint straight into that layout, each device reading its own slices of the files, and
+:func:`load_sharded` stages any other loader on the host and scatters. The particle axis
 of the same mesh is for the particles (:func:`tts_jax.sharding.constrain_particles`); the
 weights are replicated over it.
 
