@@ -7,7 +7,7 @@ experiment; :func:`sweep` does the rest the same way for all of them:
 2. claim the folder for the sweep's shared configuration (:func:`runs.claim_sweep_folder`: a
    folder holds one configuration; another is refused with the differences named);
 3. skip the units whose identity (``config_id``: the whole resolved config and the package
-   versions) is already recorded in ``runs.jsonl``;
+   versions) is already recorded in ``runs.jsonl`` or a process shard (below);
 4. load the models once, check every remaining unit is feasible, then run the units, appending
    each finished record to ``runs.jsonl`` with one write and an fsync (a killed sweep loses at
    most the unit it was running);
@@ -35,7 +35,10 @@ experiment; :func:`sweep` does the rest the same way for all of them:
   ``jax.distributed`` group, all processes wait for each other at the end and process 0 merges
   (every process then returns all records); without one, every process that finds the plan
   complete when it finishes merges (the last one to finish always does; two merging at once
-  write the same lines).
+  write the same lines). A single process resuming a folder with shards merges them too;
+* each process runs its units on its own devices (the app's tasks use the default device, which
+  is local): a task must not build a mesh over the global ``jax.devices()``, which would need
+  every process to run the same unit.
 
 Every process must plan the same grid (the same settings): with a running group this is checked
 (the plan's unit ids must agree) before anything runs.
