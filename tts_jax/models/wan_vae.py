@@ -1,4 +1,7 @@
-"""Wan 2.1's causal 3D video VAE (``AutoencoderKLWan``, Wan Team 2025), Flax NNX, diffusers layout.
+"""Wan 2.1's causal 3D video VAE (``AutoencoderKLWan``), Flax NNX, diffusers layout.
+
+Reference: Wan Team, "Wan: Open and Advanced Large-Scale Video Generative Models" (2025), the
+Wan-VAE section; the layer-by-layer behaviour and names follow diffusers' ``AutoencoderKLWan``.
 
 Interface (what the text-to-video pipeline calls)::
 
@@ -36,14 +39,20 @@ convolution to twice the channels whose two halves become two consecutive frames
 Chunked, cached temporal processing (how diffusers runs it, reproduced exactly): the decoder
 sees one latent frame at a time, the encoder the first frame and then chunks of 4 frames. Each
 causal convolution keeps the last two frames of its input (its ``feat_cache``) from one chunk to
-the next, so a chunk's output equals the one of the whole sequence at a fraction of the memory.
+the next, so running chunk by chunk gives what convolving the whole sequence at once would, at a
+fraction of the memory.
 Here the caches are an explicit pytree (nested tuples of arrays mirroring the modules, see
 :class:`CausalConv3d`); the first chunk runs with ``cache=None`` (zeros: the causal padding) and
-the rest in one ``jax.lax.scan`` whose carry is the cache, so the program has one copy of the
-network whatever the number of frames and the activations held at once are those of one chunk.
+the rest in one ``jax.lax.scan`` whose carry is the cache, so the program holds two copies of the
+network (first chunk, scan body) whatever the number of frames and the activations alive at once
+are those of one chunk.
 The first chunk is separate because its shapes differ: the temporal upsamplers pass the first
 latent frame through without doubling it (diffusers' ``"Rep"`` case), and the temporal
-downsamplers only store it.
+downsamplers only store it. Measured (XLA's memory analysis of the compiled CPU decode, tiny
+test-sized VAE, 8 x 8 latents): scratch memory 2.7, 5.0 and 7.8 MB for 2, 6 and 21 latent frames
+(5, 21, 81 frames; outputs 0.23, 0.98, 3.8 MB), i.e. it grows only by buffers the size of the
+output video (the scan's stacked chunks before the final transpose), about 1.5x the output's
+growth, not with the network's activations.
 
 Layout: inputs and outputs are ``[N, C, T, H, W]`` like diffusers; the convolutions run
 channels-last ``[N, T, H, W, C]`` inside.
