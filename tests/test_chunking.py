@@ -200,8 +200,9 @@ def _first_token_scorer(table, tokens, step_ends):
 
 
 def test_lm_particle_filter_chunked_matches_unchunked():
-    """The step-level particle filter on the tiny LM, N = 8 rows in chunks of 3 (padded): the same
-    tokens; log-weights, scores and log Z within 1e-5."""
+    """The twisted step-level particle filter on the tiny LM (its weights read the LM's
+    log-probabilities), N = 8 rows in chunks of 3 (padded): the same tokens and ancestors;
+    log-weights, scores and log Z within 1e-5."""
 
     def run(model):
         return particle_filter.particle_filter(
@@ -214,7 +215,8 @@ def test_lm_particle_filter_chunked_matches_unchunked():
             max_steps=3,
             max_step_tokens=1,
             max_new_tokens=3,
-            temperature=1.0,
+            temperature=0.8,
+            weighting="twisted",
             sep_id=1,
             stop_ids=[EOS],
             pad_id=EOS,
