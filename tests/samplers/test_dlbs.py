@@ -17,82 +17,91 @@ from tts_jax import interpolants as I
 from tts_jax.models import gmm as G
 from tts_jax.models.base import FlowModel
 from tts_jax.rewards.analytic import distance_reward
-from tts_jax.samplers.base import run
 from tts_jax.samplers.image import dlbs as D
 
 MIXTURE = G.asymmetric_gmm_2d()
-MODEL = G.flow_model(MIXTURE, I.VP())
 REWARD = distance_reward(MIXTURE.means[2])
 NUM_STEPS, NUM_SEEDS = 10, 16
 GRID = I.uniform_grid(NUM_STEPS)
 DIFFUSION = I.diffusion("square", 3.0)
-_run_many = jax.jit(jax.vmap(run, in_axes=(0, None, None)), static_argnums=1)
-
-
-def _best_rewards(num_beams: int, num_candidates: int) -> np.ndarray:
-    sampler = D.sampler(num_beams, num_candidates, 1, NUM_STEPS)
-    params = D.make_params(MODEL, REWARD, GRID, DIFFUSION)
-    D.check_params(params, sampler)
-    keys = jax.random.split(jax.random.key(11), NUM_SEEDS)
-    result = _run_many(keys, sampler, params)
-    expected = D.cost(D.Plan(num_beams, num_candidates, 1, NUM_STEPS))
-    assert (np.asarray(result.cost.nfe) == expected[0]).all()
-    assert (np.asarray(result.cost.reward_calls) == expected[1]).all()
-    assert (np.asarray(result.best) == 0).all()  # the beams come back best first
-    return np.asarray(result.rewards[:, 0], np.float64)
-
-
-def test_best_reward_rises_with_beams_and_candidates():
-    plain, large = _best_rewards(1, 1), _best_rewards(4, 4)
-    gain = large - plain  # paired: the same keys
-    t = gain.mean() / (gain.std(ddof=1) / np.sqrt(NUM_SEEDS))
-    assert gain.mean() > 0 and t > 3, (gain.mean(), t)
-    # The largest search nearly always ends at the maximizer's neighbourhood.
-    assert np.median(large) > -0.5 and np.median(plain) < -2.0
+_CALLS: list[int] = []
 
 
 def _counting_velocity(params, x, t, cond=None):
+    """The exact mixture velocity on the VP path, counting its rows on the host."""
     jax.debug.callback(_CALLS.append, x.shape[0])
     return G.velocity(params, x, t, I.VP())
 
 
-_CALLS: list[int] = []
+MODEL = FlowModel(MIXTURE, _counting_velocity, I.VP(), (2,))
 
 
-def test_cost_equals_the_formula_and_the_calls_made():
-    model = FlowModel(MIXTURE, _counting_velocity, I.VP(), (2,))
-    b, k, la, s = 3, 2, 3, 4
+def _search(key, beams: int, candidates: int, reward=REWARD, diffusion=DIFFUSION, **kw):
+    """One DLBS run; returns the result and the model rows it evaluated."""
     _CALLS.clear()
     result = D.dlbs(
-        jax.random.key(0),
-        model,
-        REWARD,
-        I.uniform_grid(s),
-        DIFFUSION,
-        num_beams=b,
-        num_candidates=k,
-        lookahead=la,
+        key,
+        MODEL,
+        reward,
+        GRID,
+        diffusion,
+        num_beams=beams,
+        num_candidates=candidates,
+        lookahead=1,
+        **kw,
     )
     jax.effects_barrier()
-    assert int(result.cost.nfe) == s * b + (s - 1) * b * k * la == sum(_CALLS)
-    assert int(result.cost.reward_calls) == s * b * k
-    assert np.asarray(result.info.extra["nfe"])[-1] == int(result.cost.nfe)
-    assert result.samples.shape == (b, 2)
-    assert (np.diff(np.asarray(result.rewards)) <= 0).all()
+    return result, sum(_CALLS)
+
+
+def test_best_reward_rises_with_beams_and_candidates_at_the_stated_cost():
+    best = {}
+    for beams, candidates in ((1, 1), (4, 4)):
+        nfe, calls = D.cost(D.Plan(beams, candidates, 1, NUM_STEPS))
+        assert nfe == NUM_STEPS * beams + (NUM_STEPS - 1) * beams * candidates
+        rewards = []
+        for seed in range(NUM_SEEDS):
+            result, counted = _search(jax.random.key(seed), beams, candidates)
+            assert int(result.cost.nfe) == nfe == counted
+            assert int(result.cost.reward_calls) == calls == NUM_STEPS * beams * candidates
+            assert int(result.best) == 0 and (np.diff(np.asarray(result.rewards)) <= 0).all()
+            rewards.append(float(result.rewards[0]))
+        best[beams, candidates] = np.asarray(rewards)
+    gain = best[4, 4] - best[1, 1]  # paired: the same keys
+    t = gain.mean() / (gain.std(ddof=1) / np.sqrt(NUM_SEEDS))
+    assert gain.mean() > 0 and t > 3, (gain.mean(), t)
+    # The larger search nearly always ends in the maximizer's neighbourhood.
+    assert np.median(best[4, 4]) > -0.5 and np.median(best[1, 1]) < -2.0
+    # Another noise level reuses the compiled program.
+    before = D._run._cache_size()
+    _search(jax.random.key(0), 4, 4, diffusion=I.diffusion("square", 2.0))
+    assert D._run._cache_size() == before
+
+
+def test_nan_rewards_follow_the_shared_policy():
+    """A NaN score is an error, or under ``drop`` never kept (here every score is NaN)."""
+    reward = distance_reward(jnp.array([jnp.nan, 0.0]))  # same program as the test above
+    with pytest.raises(ValueError, match="neg_sq_distance.*returned NaN in 160 evaluations"):
+        _search(jax.random.key(0), 4, 4, reward=reward)
+    result, _ = _search(jax.random.key(0), 4, 4, reward=reward, nan_policy="drop")
+    assert int(result.info.num_nan) == NUM_STEPS * 16 and np.isneginf(result.rewards).all()
 
 
 def test_lookahead_converges_to_the_ode_endpoint():
     """More lookahead steps: the estimate approaches the probability-flow ODE endpoint."""
-    params = D.make_params(MODEL, REWARD, GRID, DIFFUSION)
+    params = D.make_params(G.flow_model(MIXTURE, I.VP()), REWARD, GRID, DIFFUSION)
     z = jax.random.normal(jax.random.key(2), (64, 2))
-    t = jnp.float32(0.6)
-    estimate = jax.jit(D.lookahead_x0, static_argnums=3)
-    reference = estimate(params, z, t, 256)
-    errors = [
-        float(jnp.mean(jnp.linalg.norm(estimate(params, z, t, n) - reference, axis=-1)))
-        for n in (2, 8, 32)
-    ]
-    assert errors[0] > 2 * errors[1] > 4 * errors[2]
+
+    @jax.jit
+    def errors(params, z, t):
+        reference = D.lookahead_x0(params, z, t, 64)
+        return [
+            jnp.mean(jnp.linalg.norm(D.lookahead_x0(params, z, t, n) - reference, axis=-1))
+            for n in (2, 8)
+        ]
+
+    coarse, fine = (float(e) for e in errors(params, z, jnp.float32(0.6)))
+    assert coarse > 2 * fine > 0
 
 
 def test_bad_arguments_are_named_errors():

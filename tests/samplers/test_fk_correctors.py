@@ -17,22 +17,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import gmm_expected_statistics
 from tts_jax import interpolants as I
 from tts_jax import smc
 from tts_jax.models import gmm as G
-from tts_jax.rewards.analytic import distance_reward
+from tts_jax.rewards.base import Reward
 from tts_jax.samplers.base import run
 from tts_jax.samplers.image import fk_correctors as F
 
 A = G.asymmetric_gmm_2d()
-B = G.make_gmm(
-    [0.5, 0.5],
-    [[0.0, 0.5], [1.5, -1.0]],
-    [[[0.5, 0.0], [0.0, 0.5]], [[0.4, 0.1], [0.1, 0.3]]],
+B = G.make_gmm(  # three components, as A: every target below shares one compiled program
+    [0.45, 0.45, 0.1],
+    [[0.0, 0.5], [1.5, -1.0], [-1.0, -1.0]],
+    [[[0.5, 0.0], [0.0, 0.5]], [[0.4, 0.1], [0.1, 0.3]], [[0.3, 0.0], [0.0, 0.3]]],
 )
 VP = I.VP()
 MODEL_A, MODEL_B = G.flow_model(A, VP), G.flow_model(B, VP)
-NUM_RUNS, NUM_PARTICLES, NUM_STEPS = 8, 1024, 200
+NUM_RUNS, NUM_PARTICLES, NUM_STEPS = 8, 512, 200
 GRID = I.uniform_grid(NUM_STEPS)
 _run_many = jax.jit(jax.vmap(run, in_axes=(0, None, None)), static_argnums=1)
 
@@ -66,12 +67,22 @@ def _statistics(x: np.ndarray) -> np.ndarray:
     )
 
 
+def _log_prob(gmm: G.GMM, x: np.ndarray) -> np.ndarray:
+    """``log q(x)`` of a mixture in float64 NumPy (for the grid of :func:`_grid_statistics`)."""
+    comps = []
+    for w, m, c in zip(*(np.asarray(a, np.float64) for a in gmm[:3]), strict=True):
+        d = x - m
+        quad = np.einsum("ni,ij,nj->n", d, np.linalg.inv(c), d)
+        comps.append(np.log(w) - 0.5 * quad - 0.5 * np.log(np.linalg.det(2 * np.pi * c)))
+    return np.logaddexp.reduce(np.stack(comps), axis=0)
+
+
 def _grid_statistics(log_density) -> np.ndarray:
     """Exact expectations of :func:`_statistics` under ``exp(log_density)`` normalized on a
     401 x 401 grid over ``[-5, 5]^2`` (the targets have no mass outside)."""
     axis = np.linspace(-5.0, 5.0, 401)
     pts = np.stack(np.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
-    lp = np.asarray(log_density(jnp.asarray(pts, jnp.float32)), np.float64)
+    lp = log_density(pts)
     p = np.exp(lp - lp.max())
     return (p / p.sum()) @ _statistics(pts)
 
@@ -118,8 +129,7 @@ def product_runs():
 def test_product_matches_the_closed_form_mixture(product_runs):
     (weighted, _, log_z), (_, unweighted, _) = product_runs
     exact_gmm, log_z0 = product_gmm(A, B)
-    x = _statistics(np.asarray(G.sample(exact_gmm, jax.random.key(0), 400_000)[0], np.float64))
-    exact = x.mean(axis=0)  # Monte Carlo of the closed form: se < 0.003, far below the tolerance
+    exact = gmm_expected_statistics(exact_gmm)[:5]  # mean and upper-triangle second moments
     _check(weighted, exact, slack=0.05)
     _unweighted_misses(unweighted, exact, margin=0.15)
     # log Z_0 - log Z_1: Z_1 = int N(0, I)^2 = 1 / (4 pi) (the noise end, up to alpha(1)^2).
@@ -137,17 +147,31 @@ def guided_runs():
 
 def test_guidance_matches_the_geometric_mixture(guided_runs):
     (weighted, _, _), (_, unweighted, _) = guided_runs
-    exact = _grid_statistics(lambda x: 2.5 * G.log_prob(A, x) - 1.5 * G.log_prob(B, x))
+    exact = _grid_statistics(lambda x: 2.5 * _log_prob(A, x) - 1.5 * _log_prob(B, x))
     _check(weighted, exact, slack=0.03)
     _unweighted_misses(unweighted, exact, margin=0.1)
 
 
 def test_annealing_matches_the_grid_normalized_power():
-    weighted, _, _ = _runs(F.annealed(MODEL_A, 2.0), smc.adaptive(NUM_STEPS))
-    _, unweighted, _ = _runs(F.annealed(MODEL_A, 2.0), smc.never(NUM_STEPS))
-    exact = _grid_statistics(lambda x: 2.0 * G.log_prob(A, x))
+    """``q^2`` run as the two-term target ``q^2 q^0`` (the compiled program of the other tests);
+    the one-term :func:`annealed` computes the same score and rate (below)."""
+    target = F.Target((MODEL_A, MODEL_A), (None, None), np.array([2.0, 0.0], np.float32))
+    weighted, _, _ = _runs(target, smc.adaptive(NUM_STEPS))
+    _, unweighted, _ = _runs(target, smc.never(NUM_STEPS))
+    exact = _grid_statistics(lambda x: 2.0 * _log_prob(A, x))
     _check(weighted, exact, slack=0.05)
     _unweighted_misses(unweighted, exact, margin=0.05)
+
+
+def test_annealed_target_score_and_rate():
+    """The one-term :func:`annealed` target: ``S = beta s`` and the rate
+    ``beta (beta - 1) g^2 / 2 |s|^2`` (what the two-term form above computes)."""
+    x, t = jax.random.normal(jax.random.key(5), (64, 2)), jnp.float32(0.3)
+    total, rate, _, g2 = F.scores_and_increment(F.annealed(MODEL_A, 2.0), x, t)
+    score = I.velocity_to_score(VP, MODEL_A.velocity(x, t), x, t)
+    np.testing.assert_allclose(np.asarray(total), 2.0 * np.asarray(score), rtol=1e-5, atol=1e-6)
+    expected = 2.0 * 0.5 * g2 * jnp.sum(score**2, axis=-1)
+    np.testing.assert_allclose(np.asarray(rate), np.asarray(expected), rtol=1e-5)
 
 
 def test_guided_exponents_sweep_without_recompiling(guided_runs):
@@ -156,17 +180,6 @@ def test_guided_exponents_sweep_without_recompiling(guided_runs):
     params = F.make_params(F.geometric(MODEL_A, MODEL_B, np.float32(1.5)), GRID)
     _run_many(jax.random.split(jax.random.key(1), NUM_RUNS), sampler, params)
     assert _run_many._cache_size() == before
-
-
-def test_cost_reward_and_convenience_entry_point():
-    reward = distance_reward(A.means[2])
-    result = F.fk_correctors(
-        jax.random.key(3), F.product(MODEL_A, MODEL_B), 16, I.uniform_grid(8), reward=reward
-    )
-    assert int(result.cost.nfe) == 2 * 8 * 16 and int(result.cost.reward_calls) == 16
-    assert result.log_weights.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(reward(result.samples)), np.asarray(result.rewards))
-    assert int(result.best) == int(np.argmax(np.asarray(result.rewards)))
 
 
 def test_bad_arguments_are_named_errors():
@@ -190,8 +203,17 @@ def test_guided_digits_dit_runs_finite():
 
     model = linear_to_vp(load_digits_flow())
     target = F.guided(model, 2.0, jnp.int32(3), None)
-    result = F.fk_correctors(jax.random.key(0), target, 4, I.uniform_grid(3))
+    reward = Reward({}, _brightness, "brightness")
+    result = F.fk_correctors(jax.random.key(0), target, 4, I.uniform_grid(3), reward=reward)
     assert result.samples.shape == (4, 1, 8, 8) and result.log_weights.dtype == jnp.float32
     assert np.isfinite(np.asarray(result.samples)).all()
     assert np.isfinite(np.asarray(result.log_weights)).all()
-    assert int(result.cost.nfe) == 2 * 3 * 4
+    assert int(result.cost.nfe) == 2 * 3 * 4 and int(result.cost.reward_calls) == 4
+    np.testing.assert_allclose(
+        np.asarray(reward(result.samples)), np.asarray(result.rewards), rtol=1e-5, atol=1e-6
+    )
+    assert int(result.best) == int(np.argmax(np.asarray(result.rewards)))
+
+
+def _brightness(params, x, cond=None):
+    return jnp.mean(x.reshape(x.shape[0], -1), axis=-1)
