@@ -92,11 +92,11 @@ def _classifier_out(dtype, name: str):
 
 
 VISION = blip.BlipVisionConfig(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
     image_size=16, patch_size=8,
 )  # fmt: skip
 TEXT = blip.BlipTextConfig(
-    vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
     num_attention_heads=4, max_position_embeddings=16, encoder_hidden_size=32,
 )  # fmt: skip
 
@@ -215,19 +215,19 @@ def test_particle_filter_on_a_bfloat16_lm_with_a_bfloat16_cache_weights_in_float
 
 
 def test_bfloat16_cache_is_lossless_for_a_bfloat16_lm():
-    """Keys and values are computed in the model dtype and read back in it, so a bfloat16 LM
-    gives bit-identical logits with a float32 or a bfloat16 cache (half the memory)."""
+    """Keys and values are computed in the model dtype and read back in it (a prefill writes the
+    cache and attends over it), so a bfloat16 LM gives bit-identical logits with a float32 or a
+    bfloat16 cache (half the memory)."""
     model = tiny_lm("qwen2", BF16)
     tokens = jax.random.randint(jax.random.key(5), (3, 5), 0, 5)
 
     @jax.jit
     def run(policy, tokens):
         cache = policy.init_cache(3, 8, F32)
-        first, cache = policy.prefill(tokens, cache, jnp.array([5, 2, 4], jnp.int32))
-        second, _ = policy.decode(tokens[:, 0], cache, jnp.ones((3,), bool))
-        return first, second
+        return policy.prefill(tokens, cache, jnp.array([5, 2, 4], jnp.int32))
 
-    wide = run(language_model(model), tokens)
-    narrow = run(language_model(model, cache_dtype=BF16), tokens)
-    jax.tree.map(np.testing.assert_array_equal, wide, narrow)
-    assert wide[0].dtype == F32  # logits accumulate in float32
+    wide, wide_cache = run(language_model(model), tokens)
+    narrow, narrow_cache = run(language_model(model, cache_dtype=BF16), tokens)
+    assert wide_cache.k[0].dtype == F32 and narrow_cache.k[0].dtype == BF16
+    np.testing.assert_array_equal(wide, narrow)
+    assert wide.dtype == F32  # logits accumulate in float32

@@ -20,7 +20,7 @@ TINY_DIT = DiTConfig(
     num_attention_heads=2,
     attention_head_dim=8,
     in_channels=1,
-    num_layers=2,
+    num_layers=1,
     sample_size=4,
     patch_size=2,
     num_embeds_ada_norm=3,
@@ -45,7 +45,7 @@ def filled(make, seed: int, scale: float = 0.2):
 
 @functools.cache
 def tiny_dit(dtype=jnp.float32, seed: int = 0) -> DiT:
-    """A 2-layer DiT on ``1 x 4 x 4`` images with 3 classes (label 3 = null)."""
+    """A 1-layer DiT on ``1 x 4 x 4`` images with 3 classes (label 3 = null)."""
     return filled(lambda: DiT(TINY_DIT, dtype=dtype, rngs=nnx.Rngs(0)), seed, scale=0.1)
 
 
