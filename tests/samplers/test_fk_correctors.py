@@ -187,6 +187,23 @@ def test_guided_exponents_sweep_without_recompiling(guided_runs):
     assert _run_many._cache_size() == before
 
 
+def test_non_finite_increments_follow_the_nan_policy(guided_runs):
+    """A model returning NaN scores: its particles are dropped and counted by the engine, and the
+    host check makes it an error (under ``drop``: every particle died here, also an error)."""
+    broken = G.flow_model(B._replace(means=B.means.at[0].set(jnp.nan)), VP)
+    sampler = F.sampler(NUM_PARTICLES, NUM_STEPS, 2)
+    params = F.make_params(F.product(MODEL_A, broken), GRID)
+    result = _run_many(jax.random.split(jax.random.key(1), NUM_RUNS), sampler, params)
+    first = jax.tree.map(lambda leaf: leaf[0], result)  # the same compiled program, run 0
+    assert int(first.info.extra["num_nan_weights"][0]) == NUM_PARTICLES
+    with pytest.raises(
+        ValueError, match=r"non-finite log-weight increments .* first at step 1 \(512 particles"
+    ):
+        F.check_result(first, None, "raise")
+    with pytest.raises(ValueError, match="every particle has zero weight"):
+        F.check_result(first, None, "drop")
+
+
 def test_bad_arguments_are_named_errors():
     grid = I.uniform_grid(8)
     with pytest.raises(ValueError, match="alpha'/alpha is infinite"):

@@ -551,9 +551,9 @@ def check_result(result: Result, reward: Reward | None, nan_policy: str) -> Resu
         if steps.size:
             raise ValueError(
                 f"{METHOD}: non-finite log-weight increments (a model returned NaN or "
-                f"overflowing scores) at steps {(steps + 1).tolist()}, "
-                f"{int(nan_weights.sum())} particles; pass nan_policy='drop' to give them zero "
-                "weight"
+                f"overflowing scores) at {steps.size} of {nan_weights.size} steps, first at "
+                f"step {steps[0] + 1} ({int(nan_weights[steps[0]])} particles there); pass "
+                "nan_policy='drop' to give such particles zero weight"
             )
         if reward is not None:
             nan, inf = to_host(result.info.num_nan, result.info.num_inf)
