@@ -32,9 +32,9 @@ Laplacian and every ``sigma_n`` term cancels: only scores are needed. The bracke
 free of cancellation for guidance): ``beta (beta - 1) |s|^2`` when annealing,
 ``2 <s_a, s_b>`` for a product, ``w (w - 1) |s_c - s_u|^2`` for guidance. The first term of
 ``G`` is the same for every particle: it enters the log-evidence only, never the weights, and
-each step's increments are shifted by their maximum before reweighting (the shift also goes to
-the log-evidence), so float32 weights stay exact for large ``D``. Weights are never clamped or
-centred per particle.
+each step's increments are shifted by their maximum over the live particles before reweighting
+(the shift also goes to the log-evidence), so float32 weights stay exact for large ``D``.
+Weights are never clamped or centred per particle.
 
 Initialization (the pitfall of starting from ``N(0, I)``): the particles start from
 ``N(0, sigma(t_0)^2 I / B)``, the product of the Gaussians ``q_{t_0}^i ~ N(0, sigma(t_0)^2 I)``
@@ -341,21 +341,23 @@ def _propagate(key, state, k, params):
     z = jax.random.normal(key, x.shape, x.dtype)
     x_next = x - h * drift + noise * jnp.sqrt(h) * z
     increment = h * rate
-    valid = jnp.isfinite(increment)
-    top = jnp.max(jnp.where(valid, increment, -jnp.inf))
+    finite = jnp.isfinite(increment)
+    alive = state["alive"] & finite  # a dropped particle's increments never matter again
+    top = jnp.max(jnp.where(alive, increment, -jnp.inf))
     shift = jnp.where(jnp.isfinite(top), top, 0.0)
     n = x.shape[0]
     new = {
         "x": x_next,
-        "flag": jnp.where(valid, 0.0, jnp.nan).astype(jnp.float32),
+        "flag": jnp.where(state["alive"] & ~finite, jnp.nan, 0.0).astype(jnp.float32),
         "shift": jnp.broadcast_to(shift, (n,)).astype(jnp.float32),
+        "alive": alive,
     }
-    return new, jnp.where(valid, increment - shift, 0.0).astype(jnp.float32)
+    return new, jnp.where(alive, increment - shift, 0.0).astype(jnp.float32)
 
 
 def _log_potential(state, k, params):
-    """0 for every particle, NaN where the step's increment was not finite (the engine then
-    drops the particle and counts it in ``num_nan_potentials``)."""
+    """0 for every particle, NaN where the step's increment of a live particle was not finite
+    (the engine then drops the particle and counts it in ``num_nan_potentials``, once)."""
     return state["flag"]
 
 
@@ -397,7 +399,7 @@ def sampler(
 
     Returns:
         A sampler over :class:`~tts_jax.smc.SMCState` of ``{"x" [N, ...], "flag" [N], "shift"
-        [N]}`` with ``keys_per_step = 2``; its result is the :class:`Result` of
+        [N], "alive" Bool[N]}`` with ``keys_per_step = 2``; its result is the :class:`Result` of
         :func:`fk_correctors`.
     """
     for name, value in (
@@ -426,6 +428,7 @@ def _sampler(n: int, num_steps: int, num_terms: int, resampler: Resampler) -> Sa
             "x": x,
             "flag": jnp.zeros((n,), jnp.float32),
             "shift": jnp.zeros((n,), jnp.float32),
+            "alive": jnp.ones((n,), bool),
         }
         return smc.init(state, _log_potential, params)
 
