@@ -30,6 +30,7 @@ from tts_jax.models.chunking import (
     chunked,
     chunked_language_model,
     chunked_reward,
+    chunked_scorer,
     map_rows,
     split_cond,
 )
@@ -198,15 +199,16 @@ def _first_token_scorer(table, tokens, step_ends):
 
 def test_lm_particle_filter_chunked_matches_unchunked():
     """The twisted step-level particle filter on the tiny LM (its weights read the LM's
-    log-probabilities), N = 8 rows in chunks of 3 (padded): the same tokens and ancestors;
-    log-weights, scores and log Z within 1e-5."""
+    log-probabilities), N = 8 rows in chunks of 3 (padded) and the step scorer in chunks of 5:
+    the same tokens and ancestors; log-weights, scores and log Z within 1e-5 (measured:
+    bit-identical)."""
 
-    def run(model):
+    def run(model, scorer=_first_token_scorer):
         return particle_filter.particle_filter(
             jax.random.key(6),
             model,
             np.array([2, 3], np.int32),
-            _first_token_scorer,
+            scorer,
             jnp.array([0.2, 0.5, 0.8, 0.35, 0.65], jnp.float32),
             num_particles=8,
             max_steps=3,
@@ -220,7 +222,7 @@ def test_lm_particle_filter_chunked_matches_unchunked():
         )
 
     base = run(tiny_policy())
-    chunks = run(chunked_language_model(tiny_policy(), 3))
+    chunks = run(chunked_language_model(tiny_policy(), 3), chunked_scorer(_first_token_scorer, 5))
     np.testing.assert_array_equal(chunks.samples.tokens, base.samples.tokens)
     np.testing.assert_array_equal(chunks.info.ancestors, base.info.ancestors)
     np.testing.assert_allclose(chunks.log_weights, base.log_weights, rtol=1e-5, atol=1e-6)

@@ -6,6 +6,7 @@ and hand the wrappers to any sampler, unchanged:
     flow = chunked(flow, max_batch=16)               # FlowModel: velocity in chunks of 16 rows
     reward = chunked_reward(reward, max_batch=16)    # Reward: scores in chunks of 16 rows
     policy = chunked_language_model(lm, max_batch=16)  # LanguageModel: prefill / decode in chunks
+    scorer = chunked_scorer(prm_scorer, max_batch=16)  # StepScorer: update / read in chunks
 
 Inside the sampler's compiled loop each call becomes one ``lax.map`` over ``ceil(N / max_batch)``
 chunks of ``max_batch`` rows: one compiled body, run sequentially, so peak activation memory is
@@ -49,7 +50,14 @@ import jax
 import jax.numpy as jnp
 
 from tts_jax.models.base import ApplyFn, FlowModel, LanguageModel, as_language_model
-from tts_jax.rewards.base import Reward, RewardFn
+from tts_jax.rewards.base import (
+    Aggregation,
+    Reward,
+    RewardFn,
+    SequenceScoreFn,
+    StepScorer,
+    as_step_scorer,
+)
 
 Array = jax.Array
 PyTree = Any
@@ -58,6 +66,7 @@ __all__ = [
     "chunked",
     "chunked_language_model",
     "chunked_reward",
+    "chunked_scorer",
     "map_rows",
     "split_cond",
 ]
@@ -259,3 +268,49 @@ def chunked_language_model(model: Any, max_batch: int) -> LanguageModel:
         ChunkedDecode(lm.decode_fn, max_batch),
         lm.vocab_size,
     )
+
+
+# --------------------------------------------------------------------------- step scorers
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkedScorer:
+    """A :class:`~tts_jax.rewards.base.StepScorer` whose ``update`` and ``read`` run ``max_batch``
+    rows at a time: the scorer state's rows (e.g. a PRM's KV cache) move with their completions.
+    ``init`` is the inner scorer's (the state is particle state, built for every row)."""
+
+    inner: StepScorer
+    max_batch: int
+
+    def init(self, params, prompt, prompt_length, num_particles: int, max_new_tokens: int):
+        return self.inner.init(params, prompt, prompt_length, num_particles, max_new_tokens)
+
+    def update(
+        self,
+        params,
+        state,
+        completion: Array,
+        length: Array,
+        step_ends: Array,
+        window: int,
+        how: Aggregation,
+        needed=True,
+    ):
+        def rows(chunk):
+            return self.inner.update(params, *chunk, window, how, needed)
+
+        return map_rows(rows, (state, completion, length, step_ends), self.max_batch)
+
+    def read(self, params, state, completion, length, step_ends, how, needed=True) -> Array:
+        def rows(chunk):
+            return self.inner.read(params, *chunk, how, needed)
+
+        return map_rows(rows, (state, completion, length, step_ends), self.max_batch)
+
+
+def chunked_scorer(scorer: StepScorer | SequenceScoreFn, max_batch: int) -> ChunkedScorer:
+    """``scorer`` (a :class:`~tts_jax.rewards.base.StepScorer`, or a whole-sequence function
+    ``fn(params, tokens, step_ends)``, made a ``RescoringScorer``) scoring ``max_batch`` particles
+    at a time; a frozen dataclass, so it is a static, hashable argument of the LM samplers."""
+    max_batch = _check_max_batch(max_batch, "chunked_scorer")
+    return ChunkedScorer(as_step_scorer(scorer), max_batch)

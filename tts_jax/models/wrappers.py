@@ -12,9 +12,9 @@ unconditional sampling; the label ``config.null_class`` is the unconditional emb
   continuous-time interpolant and the eps prediction is converted to a velocity
   (docs/algorithms.md 0.1, ``tts_jax.interpolants.eps_to_velocity``).
 
-Particle chunking of any flow model, reward or language model (:func:`chunked`,
-:func:`chunked_reward`, :func:`chunked_language_model`) lives in :mod:`tts_jax.models.chunking`
-and is re-exported here.
+Particle chunking of any flow model, reward, language model or step scorer (:func:`chunked`,
+:func:`chunked_reward`, :func:`chunked_language_model`, :func:`chunked_scorer`) lives in
+:mod:`tts_jax.models.chunking` and is re-exported here.
 
 Classifier-free guidance (Ho & Salimans 2022): with ``guided=True`` and labels given, the model is
 evaluated on a ``2N`` batch (labels and null labels) and returns ``u + w (c - u)`` of the two
@@ -46,7 +46,12 @@ from tts_jax.models.checkpoint import (
     require_file,
     require_folder,
 )
-from tts_jax.models.chunking import chunked, chunked_language_model, chunked_reward
+from tts_jax.models.chunking import (
+    chunked,
+    chunked_language_model,
+    chunked_reward,
+    chunked_scorer,
+)
 from tts_jax.models.dit import DiT, load_dit
 from tts_jax.models.vae import load_vae
 
@@ -57,6 +62,7 @@ __all__ = [
     "chunked",
     "chunked_language_model",
     "chunked_reward",
+    "chunked_scorer",
     "ddpm_dit_flow",
     "decode_images",
     "load_ddpm_dit_pipeline",
